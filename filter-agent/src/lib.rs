@@ -1,0 +1,8 @@
+//! filter-agent's library: everything but the process entry point, so that
+//! integration tests use the same code paths as the binary.
+
+pub mod cli;
+pub mod config;
+pub mod loader;
+pub mod packet;
+pub mod privileges;

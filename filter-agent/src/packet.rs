@@ -1,0 +1,291 @@
+//! Builds Ethernet frames from a description: for `filter-agent test`, the
+//! BPF_PROG_TEST_RUN fixtures and the differential tests.
+
+use std::net::IpAddr;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// TCP flag bits, as in the header's flags byte.
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
+}
+
+/// The transport part of a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// ICMP for IPv4 sources, ICMPv6 for IPv6.
+    Icmp {
+        icmp_type: u8,
+        code: u8,
+    },
+    /// Any other protocol number, with `payload` as its first bytes.
+    Other {
+        proto: u8,
+        payload: Vec<u8>,
+    },
+}
+
+impl Transport {
+    pub fn proto(&self, v6: bool) -> u8 {
+        match self {
+            Transport::Tcp { .. } => IPPROTO_TCP,
+            Transport::Udp { .. } => IPPROTO_UDP,
+            Transport::Icmp { .. } if v6 => IPPROTO_ICMPV6,
+            Transport::Icmp { .. } => IPPROTO_ICMP,
+            Transport::Other { proto, .. } => *proto,
+        }
+    }
+}
+
+/// An IP packet inside an Ethernet frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketSpec {
+    /// VLAN IDs, outermost first (the outer one is 802.1ad when there are two).
+    pub vlans: Vec<u16>,
+    /// Source and destination; both of one family.
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub transport: Transport,
+    /// IPv4 option bytes (padded to a multiple of 4); ignored for IPv6.
+    pub ipv4_options: Vec<u8>,
+    /// IPv6 extension headers before the transport (hop-by-hop, routing,
+    /// destination options: 8 bytes each); ignored for IPv4.
+    pub ipv6_extensions: Vec<u8>,
+    /// Fragment offset in 8-byte units; non-zero makes a non-first fragment
+    /// (IPv6 gets a fragment header).
+    pub fragment_offset: u16,
+    /// Adds an IPv6 fragment header even at offset 0 (a first fragment).
+    pub ipv6_fragment_header: bool,
+}
+
+impl PacketSpec {
+    pub fn new(src: IpAddr, dst: IpAddr, transport: Transport) -> Self {
+        Self {
+            vlans: Vec::new(),
+            src,
+            dst,
+            transport,
+            ipv4_options: Vec::new(),
+            ipv6_extensions: Vec::new(),
+            fragment_offset: 0,
+            ipv6_fragment_header: false,
+        }
+    }
+
+    /// The whole Ethernet frame.
+    pub fn build(&self) -> Vec<u8> {
+        let v6 = self.src.is_ipv6();
+        let mut frame = Vec::with_capacity(128);
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // destination MAC
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // source MAC
+        for (index, vlan) in self.vlans.iter().enumerate() {
+            let tpid = if index == 0 && self.vlans.len() > 1 {
+                ETH_P_8021AD
+            } else {
+                ETH_P_8021Q
+            };
+            frame.extend_from_slice(&tpid.to_be_bytes());
+            frame.extend_from_slice(&(vlan & 0x0fff).to_be_bytes());
+        }
+        frame.extend_from_slice(&(if v6 { ETH_P_IPV6 } else { ETH_P_IP }).to_be_bytes());
+        let l4 = if self.fragment_offset == 0 {
+            self.transport_bytes()
+        } else {
+            vec![0xaa; 8] // the middle of some datagram
+        };
+        if v6 {
+            self.push_ipv6(&mut frame, &l4);
+        } else {
+            self.push_ipv4(&mut frame, &l4);
+        }
+        frame
+    }
+
+    fn transport_bytes(&self) -> Vec<u8> {
+        match &self.transport {
+            Transport::Tcp {
+                sport,
+                dport,
+                flags,
+            } => {
+                let mut tcp = vec![0u8; 20];
+                tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+                tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+                tcp[12] = 5 << 4; // data offset: 5 words
+                tcp[13] = *flags;
+                tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                tcp
+            }
+            Transport::Udp { sport, dport } => {
+                let mut udp = vec![0u8; 8];
+                udp[0..2].copy_from_slice(&sport.to_be_bytes());
+                udp[2..4].copy_from_slice(&dport.to_be_bytes());
+                udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+                udp
+            }
+            Transport::Icmp { icmp_type, code } => vec![*icmp_type, *code, 0, 0, 0, 1, 0, 1],
+            Transport::Other { payload, .. } => payload.clone(),
+        }
+    }
+
+    fn push_ipv4(&self, frame: &mut Vec<u8>, l4: &[u8]) {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (self.src, self.dst) else {
+            panic!("PacketSpec: source and destination must be of one family");
+        };
+        let mut options = self.ipv4_options.clone();
+        options.resize(options.len().div_ceil(4) * 4, 0);
+        let header_len = 20 + options.len();
+        let total_len = (header_len + l4.len()) as u16;
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x40 | (header_len / 4) as u8;
+        ip[2..4].copy_from_slice(&total_len.to_be_bytes());
+        ip[6..8].copy_from_slice(&(self.fragment_offset & 0x1fff).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = self.transport.proto(false);
+        ip[12..16].copy_from_slice(&src.octets());
+        ip[16..20].copy_from_slice(&dst.octets());
+        ip.extend_from_slice(&options);
+        let checksum = internet_checksum(&ip);
+        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(l4);
+    }
+
+    fn push_ipv6(&self, frame: &mut Vec<u8>, l4: &[u8]) {
+        let (IpAddr::V6(src), IpAddr::V6(dst)) = (self.src, self.dst) else {
+            panic!("PacketSpec: source and destination must be of one family");
+        };
+        let proto = self.transport.proto(true);
+        // Chain: the given extension headers, then a fragment header if asked.
+        let mut chain: Vec<(u8, Vec<u8>)> = self
+            .ipv6_extensions
+            .iter()
+            .map(|kind| (*kind, vec![0u8; 8]))
+            .collect();
+        if self.fragment_offset != 0 || self.ipv6_fragment_header {
+            let mut fragment = vec![0u8; 8];
+            fragment[2..4].copy_from_slice(&(self.fragment_offset << 3).to_be_bytes());
+            chain.push((IPPROTO_FRAGMENT, fragment));
+        }
+        let mut extensions = Vec::new();
+        for (index, (_, body)) in chain.iter().enumerate() {
+            let next = chain.get(index + 1).map_or(proto, |(kind, _)| *kind);
+            let mut body = body.clone();
+            body[0] = next; // byte 1 (length) stays 0: 8 bytes
+            extensions.extend_from_slice(&body);
+        }
+        let first = chain.first().map_or(proto, |(kind, _)| *kind);
+        let payload_len = (extensions.len() + l4.len()) as u16;
+        frame.extend_from_slice(&[0x60, 0, 0, 0]);
+        frame.extend_from_slice(&payload_len.to_be_bytes());
+        frame.push(first);
+        frame.push(64);
+        frame.extend_from_slice(&src.octets());
+        frame.extend_from_slice(&dst.octets());
+        frame.extend_from_slice(&extensions);
+        frame.extend_from_slice(l4);
+    }
+}
+
+/// An ARP request: a frame that is not IP.
+pub fn arp_request() -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&[0u8; 20]);
+    frame
+}
+
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(src: &str, dst: &str) -> PacketSpec {
+        PacketSpec::new(
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            Transport::Tcp {
+                sport: 443,
+                dport: 51000,
+                flags: tcp_flag::SYN | tcp_flag::ACK,
+            },
+        )
+    }
+
+    #[test]
+    fn ipv4_tcp_layout() {
+        let frame = tcp("203.0.113.5", "10.0.0.11").build();
+        assert_eq!(frame.len(), 14 + 20 + 20);
+        assert_eq!(&frame[12..14], &[0x08, 0x00]);
+        assert_eq!(frame[14], 0x45);
+        assert_eq!(frame[23], IPPROTO_TCP);
+        assert_eq!(&frame[34..36], &443u16.to_be_bytes());
+        assert_eq!(frame[34 + 13], 0x12);
+        // A valid header checksums to zero.
+        assert_eq!(internet_checksum(&frame[14..34]), 0);
+    }
+
+    #[test]
+    fn vlan_tags_outer_is_8021ad() {
+        let mut spec = tcp("203.0.113.5", "10.0.0.11");
+        spec.vlans = vec![100, 200];
+        let frame = spec.build();
+        assert_eq!(&frame[12..14], &ETH_P_8021AD.to_be_bytes());
+        assert_eq!(&frame[16..18], &ETH_P_8021Q.to_be_bytes());
+        assert_eq!(&frame[20..22], &ETH_P_IP.to_be_bytes());
+    }
+
+    #[test]
+    fn ipv6_extension_chain() {
+        let mut spec = tcp("2001:db8::1", "2001:db8::2");
+        spec.ipv6_extensions = vec![IPPROTO_HOPOPTS, IPPROTO_DSTOPTS];
+        spec.ipv6_fragment_header = true;
+        let frame = spec.build();
+        assert_eq!(frame[14 + 6], IPPROTO_HOPOPTS);
+        assert_eq!(frame[54], IPPROTO_DSTOPTS);
+        assert_eq!(frame[62], IPPROTO_FRAGMENT);
+        assert_eq!(frame[70], IPPROTO_TCP);
+        assert_eq!(frame.len(), 14 + 40 + 24 + 20);
+    }
+}

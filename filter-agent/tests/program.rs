@@ -1,0 +1,234 @@
+//! The real XDP program in the real kernel, fed crafted frames through
+//! BPF_PROG_TEST_RUN. Needs root.
+
+use std::net::IpAddr;
+
+use filter_agent::{
+    config::{Action, FilterSettings, Mode},
+    loader::Filter,
+    packet::{self, PacketSpec, Transport, tcp_flag},
+};
+use filter_common::{Counter, reason};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const ETH_HLEN: usize = 14;
+
+fn load(default: Action, mode: Mode) -> Filter {
+    Filter::load(&FilterSettings { default, mode }).expect("the program loads")
+}
+
+fn addr(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn tcp_v4() -> PacketSpec {
+    PacketSpec::new(
+        addr("203.0.113.5"),
+        addr("10.0.0.11"),
+        Transport::Tcp {
+            sport: 443,
+            dport: 51000,
+            flags: tcp_flag::SYN | tcp_flag::ACK,
+        },
+    )
+}
+
+fn tcp_v6() -> PacketSpec {
+    PacketSpec {
+        src: addr("2001:db8::5"),
+        dst: addr("2001:db8::11"),
+        ..tcp_v4()
+    }
+}
+
+/// Runs `frame` and returns the verdict and which reason counter moved.
+fn verdict(filter: &Filter, frame: &[u8]) -> (u32, usize) {
+    let before = filter.counters().unwrap();
+    let action = filter.run_packet(frame).unwrap();
+    let after = filter.counters().unwrap();
+    let moved: Vec<usize> = (0..reason::COUNT as usize)
+        .filter(|&i| after[i] != before[i])
+        .collect();
+    assert_eq!(
+        moved.len(),
+        1,
+        "exactly one counter per packet, got {moved:?}"
+    );
+    let delta = Counter {
+        packets: after[moved[0]].packets - before[moved[0]].packets,
+        bytes: after[moved[0]].bytes - before[moved[0]].bytes,
+    };
+    assert_eq!(
+        delta,
+        Counter {
+            packets: 1,
+            bytes: frame.len() as u64
+        }
+    );
+    (action, moved[0])
+}
+
+const DEFAULT_ALLOW: usize = reason::DEFAULT_ALLOW as usize;
+const DEFAULT_DENY: usize = reason::DEFAULT_DENY as usize;
+const NON_IP: usize = reason::NON_IP as usize;
+const MALFORMED: usize = reason::MALFORMED as usize;
+
+#[test]
+fn default_action_decides_ip_packets() {
+    let allow = load(Action::Allow, Mode::Enforce);
+    let deny = load(Action::Deny, Mode::Enforce);
+    for spec in [tcp_v4(), tcp_v6()] {
+        let frame = spec.build();
+        assert_eq!(verdict(&allow, &frame), (XDP_PASS, DEFAULT_ALLOW));
+        assert_eq!(verdict(&deny, &frame), (XDP_DROP, DEFAULT_DENY));
+    }
+}
+
+#[test]
+fn monitor_mode_counts_but_never_drops() {
+    let monitor = load(Action::Deny, Mode::Monitor);
+    assert_eq!(
+        verdict(&monitor, &tcp_v4().build()),
+        (XDP_PASS, DEFAULT_DENY)
+    );
+    let truncated = &tcp_v4().build()[..ETH_HLEN + 3];
+    assert_eq!(verdict(&monitor, truncated), (XDP_PASS, MALFORMED));
+}
+
+#[test]
+fn non_ip_frames_always_pass() {
+    let deny = load(Action::Deny, Mode::Enforce);
+    assert_eq!(verdict(&deny, &packet::arp_request()), (XDP_PASS, NON_IP));
+}
+
+#[test]
+fn vlan_tags_are_parsed_up_to_two() {
+    let deny = load(Action::Deny, Mode::Enforce);
+    for tags in [vec![10], vec![10, 20]] {
+        for mut spec in [tcp_v4(), tcp_v6()] {
+            spec.vlans = tags.clone();
+            assert_eq!(
+                verdict(&deny, &spec.build()),
+                (XDP_DROP, DEFAULT_DENY),
+                "{tags:?}"
+            );
+        }
+    }
+    let allow = load(Action::Allow, Mode::Enforce);
+    let mut triple = tcp_v4();
+    triple.vlans = vec![10, 20, 30];
+    assert_eq!(verdict(&allow, &triple.build()), (XDP_DROP, MALFORMED));
+}
+
+#[test]
+fn ipv4_options_and_ipv6_extension_headers_are_skipped() {
+    let allow = load(Action::Allow, Mode::Enforce);
+    let mut with_options = tcp_v4();
+    with_options.ipv4_options = vec![1; 40]; // the maximum: 15-word header
+    assert_eq!(
+        verdict(&allow, &with_options.build()),
+        (XDP_PASS, DEFAULT_ALLOW)
+    );
+
+    let mut with_extensions = tcp_v6();
+    with_extensions.ipv6_extensions = vec![
+        packet::IPPROTO_HOPOPTS,
+        packet::IPPROTO_ROUTING,
+        packet::IPPROTO_DSTOPTS,
+    ];
+    with_extensions.ipv6_fragment_header = true;
+    assert_eq!(
+        verdict(&allow, &with_extensions.build()),
+        (XDP_PASS, DEFAULT_ALLOW)
+    );
+
+    // One more than the parser walks: counted as malformed, not passed blindly.
+    let mut too_many = tcp_v6();
+    too_many.ipv6_extensions = vec![packet::IPPROTO_DSTOPTS; 6];
+    assert_eq!(verdict(&allow, &too_many.build()), (XDP_DROP, MALFORMED));
+}
+
+#[test]
+fn invalid_headers_are_malformed() {
+    let allow = load(Action::Allow, Mode::Enforce);
+    let good = tcp_v4().build();
+    let ip = ETH_HLEN;
+    let tcp = ETH_HLEN + 20;
+    for (what, offset, value) in [
+        ("IPv4 version 5", ip, 0x55),
+        ("IPv4 header length 16", ip, 0x44),
+        ("TCP data offset 4", tcp + 12, 0x40),
+    ] {
+        let mut frame = good.clone();
+        frame[offset] = value;
+        assert_eq!(verdict(&allow, &frame), (XDP_DROP, MALFORMED), "{what}");
+    }
+    let mut v6 = tcp_v6().build();
+    v6[ETH_HLEN] = 0x40;
+    assert_eq!(
+        verdict(&allow, &v6),
+        (XDP_DROP, MALFORMED),
+        "IPv6 version 4"
+    );
+}
+
+/// Every prefix of every frame: malformed until the last header the parser
+/// needs is complete, then an ordinary verdict.
+#[test]
+fn truncation_at_every_byte() {
+    let allow = load(Action::Allow, Mode::Enforce);
+    let v4 = addr("198.51.100.1");
+    let v4_dst = addr("198.51.100.2");
+    let mut cases: Vec<(PacketSpec, usize)> = Vec::new();
+    for spec in [tcp_v4(), tcp_v6()] {
+        let (src, dst) = (spec.src, spec.dst);
+        let ip_len = if src.is_ipv6() { 40 } else { 20 };
+        cases.push((spec, ip_len + 20));
+        cases.push((
+            PacketSpec::new(
+                src,
+                dst,
+                Transport::Udp {
+                    sport: 53,
+                    dport: 40000,
+                },
+            ),
+            ip_len + 8,
+        ));
+        cases.push((
+            PacketSpec::new(
+                src,
+                dst,
+                Transport::Icmp {
+                    icmp_type: 3,
+                    code: 4,
+                },
+            ),
+            ip_len + 2, // type and code
+        ));
+    }
+    let mut fragment = PacketSpec::new(v4, v4_dst, Transport::Udp { sport: 1, dport: 2 });
+    fragment.fragment_offset = 100;
+    cases.push((fragment, 20)); // a non-first fragment needs no L4 header
+    let mut vlan = tcp_v4();
+    vlan.vlans = vec![7, 8];
+    cases.push((vlan, 8 + 20 + 20));
+
+    for (spec, needed_after_eth) in cases {
+        let frame = spec.build();
+        let complete = ETH_HLEN + needed_after_eth;
+        for len in ETH_HLEN..=frame.len() {
+            let expected = if len < complete {
+                (XDP_DROP, MALFORMED)
+            } else {
+                (XDP_PASS, DEFAULT_ALLOW)
+            };
+            assert_eq!(
+                verdict(&allow, &frame[..len]),
+                expected,
+                "{spec:?} cut at {len}"
+            );
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Throwaway network namespaces joined by veth, and real traffic across them.
+//!
+//! Used by the integration tests and by `cargo xtask demo`. Every name is
+//! unique per process and call, and everything is removed on drop, so runs
+//! never collide or leave debris, even when a test fails.
+
+mod daemon;
+mod netns;
+pub mod traffic;
+
+pub use daemon::Daemon;
+pub use netns::{Netns, Pair, TestbedError};

@@ -1,0 +1,204 @@
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum TestbedError {
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `{command}`: {source}")]
+    Spawn { command: String, source: io::Error },
+    #[error("cannot enter network namespace {name}: {source}")]
+    Enter { name: String, source: io::Error },
+    #[error("socket error in network namespace {name}: {source}")]
+    Socket { name: String, source: io::Error },
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self, TestbedError> {
+        ip(&["netns", "add", name])?;
+        let netns = Self {
+            name: name.to_owned(),
+        };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip ARGS` inside this namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<Output, TestbedError> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command that runs `program` inside this namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
+    /// Runs `f` on a thread that has entered this namespace, so sockets it
+    /// opens live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, TestbedError> {
+        let path = format!("/run/netns/{}", self.name);
+        let enter_error = |source| TestbedError::Enter {
+            name: self.name.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(enter_error)?;
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // SAFETY: setns on this thread only; the fd is open.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(enter_error(io::Error::last_os_error()));
+                    }
+                    Ok(f())
+                })
+                .join()
+                .expect("testbed thread panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth end inside it.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Two namespaces, `client` and `server`, joined by one veth pair with
+/// IPv4 and IPv6 addresses on both ends.
+#[derive(Debug)]
+pub struct Pair {
+    pub client: Netns,
+    pub server: Netns,
+    /// The veth end inside `client` / `server`.
+    pub client_if: String,
+    pub server_if: String,
+}
+
+impl Pair {
+    pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+    pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xfa, 0, 0, 0, 0, 0, 1);
+    pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xfa, 0, 0, 0, 0, 0, 2);
+
+    /// Creates a pair whose names contain `tag` (a few letters), the process
+    /// id and a per-process sequence number.
+    pub fn create(tag: &str) -> Result<Self, TestbedError> {
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{}{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = Netns::create(&format!("fa-{tag}-{id}-c"))?;
+        let server = Netns::create(&format!("fa-{tag}-{id}-s"))?;
+        // Interface names are limited to 15 bytes; the id keeps them unique.
+        let client_if = format!("fac{id}");
+        let server_if = format!("fas{id}");
+        ip(&[
+            "link",
+            "add",
+            &client_if,
+            "netns",
+            client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &server_if,
+            "netns",
+            server.name(),
+        ])?;
+        let pair = Self {
+            client,
+            server,
+            client_if,
+            server_if,
+        };
+        for (ns, dev, v4, v6) in [
+            (
+                &pair.client,
+                &pair.client_if,
+                Self::CLIENT_V4,
+                Self::CLIENT_V6,
+            ),
+            (
+                &pair.server,
+                &pair.server_if,
+                Self::SERVER_V4,
+                Self::SERVER_V6,
+            ),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        pair.wait_until_ready()?;
+        Ok(pair)
+    }
+}
+
+impl Pair {
+    /// Right after link-up, IPv6 loses packets for up to a second; wait
+    /// until both families answer an echo so tests start from a working link.
+    fn wait_until_ready(&self) -> Result<(), TestbedError> {
+        const ATTEMPTS: usize = 40;
+        for server in [IpAddr::from(Self::SERVER_V4), IpAddr::from(Self::SERVER_V6)] {
+            let mut answered = false;
+            for _ in 0..ATTEMPTS {
+                if crate::traffic::icmp_echo(&self.client, server)? {
+                    answered = true;
+                    break;
+                }
+            }
+            if !answered {
+                return Err(TestbedError::Command {
+                    command: format!("echo {server} from {}", self.client.name()),
+                    stderr: "the new veth pair does not carry traffic".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ip(args: &[&str]) -> Result<Output, TestbedError> {
+    let command = format!("ip {}", args.join(" "));
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| TestbedError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(TestbedError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(output)
+}

@@ -1,0 +1,193 @@
+//! Real traffic: TCP connects, UDP exchanges and ICMP echoes, sent from
+//! sockets that live in a chosen namespace.
+
+use std::{
+    io::{self, Read, Write},
+    mem::MaybeUninit,
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use crate::{Netns, TestbedError};
+
+/// How long one exchange may take before it counts as failed.
+pub const TIMEOUT: Duration = Duration::from_millis(500);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A TCP and UDP echo service on `[::]:port` (IPv4 and IPv6) in a
+/// namespace; stops on drop.
+pub struct Responder {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Responder {
+    pub fn start(ns: &Netns, port: u16) -> Result<Self, TestbedError> {
+        let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let (tcp, udp) = ns
+            .run(|| -> io::Result<_> {
+                let tcp = TcpListener::bind(any)?;
+                tcp.set_nonblocking(true)?;
+                let udp = UdpSocket::bind(any)?;
+                udp.set_read_timeout(Some(POLL))?;
+                Ok((tcp, udp))
+            })?
+            .map_err(|source| socket_error(ns, source))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let tcp_stop = Arc::clone(&stop);
+        let udp_stop = Arc::clone(&stop);
+        let threads = vec![
+            thread::spawn(move || {
+                while !tcp_stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            let _ = stream.set_read_timeout(Some(TIMEOUT));
+                            let mut buf = [0u8; 64];
+                            if let Ok(n) = stream.read(&mut buf) {
+                                let _ = stream.write_all(&buf[..n]);
+                            }
+                        }
+                        Err(_) => thread::sleep(POLL),
+                    }
+                }
+            }),
+            thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !udp_stop.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&buf[..n], peer);
+                    }
+                }
+            }),
+        ];
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Connects over TCP from `ns` (optionally from a fixed source port) and
+/// exchanges a few bytes; true when the echo came back.
+pub fn tcp_exchange(
+    ns: &Netns,
+    to: SocketAddr,
+    from_port: Option<u16>,
+) -> Result<bool, TestbedError> {
+    ns.run(|| -> io::Result<bool> {
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+        if let Some(port) = from_port {
+            socket.set_reuse_address(true)?;
+            socket.bind(&SockAddr::from(SocketAddr::new(unspecified(to.ip()), port)))?;
+        }
+        if socket.connect_timeout(&to.into(), TIMEOUT).is_err() {
+            return Ok(false);
+        }
+        let mut stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.write_all(b"filter-agent")?;
+        let mut buf = [0u8; 12];
+        Ok(stream.read_exact(&mut buf).is_ok())
+    })
+    .and_then(|result| result.map_err(|source| socket_error(ns, source)))
+}
+
+/// Sends one UDP datagram from `ns` and waits for its echo.
+pub fn udp_exchange(ns: &Netns, to: SocketAddr) -> Result<bool, TestbedError> {
+    ns.run(|| -> io::Result<bool> {
+        let socket = UdpSocket::bind(SocketAddr::new(unspecified(to.ip()), 0))?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.send_to(b"filter-agent", to)?;
+        let mut buf = [0u8; 64];
+        Ok(socket.recv_from(&mut buf).is_ok())
+    })
+    .and_then(|result| result.map_err(|source| socket_error(ns, source)))
+}
+
+/// Sends one ICMP/ICMPv6 echo request from `ns`; true when a reply came.
+pub fn icmp_echo(ns: &Netns, to: IpAddr) -> Result<bool, TestbedError> {
+    ns.run(|| -> io::Result<bool> {
+        let (domain, protocol, request_type, reply_type) = match to {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+        };
+        let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
+        socket.set_read_timeout(Some(POLL))?;
+        let id = (std::process::id() & 0xffff) as u16;
+        let mut request = [request_type, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
+        if to.is_ipv4() {
+            // The kernel fills in the checksum for ICMPv6 only.
+            let checksum = internet_checksum(&request);
+            request[2..4].copy_from_slice(&checksum.to_be_bytes());
+        }
+        socket.send_to(&request, &SocketAddr::new(to, 0).into())?;
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
+        while Instant::now() < deadline {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            // SAFETY: recv_from initialised the first `n` bytes.
+            let data: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            // Raw IPv4 sockets deliver the IP header too.
+            let icmp = match to {
+                IpAddr::V4(_) => data
+                    .get(usize::from(data[0] & 0x0f) * 4..)
+                    .unwrap_or_default(),
+                IpAddr::V6(_) => &data[..],
+            };
+            let from_target = from.as_socket().is_some_and(|from| from.ip() == to);
+            if from_target
+                && icmp.len() >= 6
+                && icmp[0] == reply_type
+                && icmp[4..6] == request[4..6]
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .and_then(|result| result.map_err(|source| socket_error(ns, source)))
+}
+
+fn unspecified(like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u8; 16]),
+    }
+}
+
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn socket_error(ns: &Netns, source: io::Error) -> TestbedError {
+    TestbedError::Socket {
+        name: ns.name().to_owned(),
+        source,
+    }
+}

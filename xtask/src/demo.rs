@@ -1,0 +1,114 @@
+//! `cargo xtask demo`: the real agent on a throwaway veth pair, real traffic
+//! across it, and what the agent counted.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use testbed::{
+    Daemon, Pair,
+    traffic::{self, Responder},
+};
+
+use crate::util::{cargo, workspace_root};
+
+const SERVICE_PORT: u16 = 8080;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Fails once Ctrl-C was pressed, so that everything unwinds and cleans up.
+fn checkpoint() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted; cleaned up");
+    }
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+    cargo(&["build", "--quiet", "--package", "filter-agent"])?;
+    let root = workspace_root();
+    let agent = root.join("target/debug/filter-agent");
+    let rules = root.join("examples/rules.toml");
+    checkpoint()?;
+
+    let pair = Pair::create("demo").context("creating the demo namespaces")?;
+    println!(
+        "demo: namespaces {} (client {}) and {} (server {}), joined by veth {} <-> {}",
+        pair.client.name(),
+        Pair::CLIENT_V4,
+        pair.server.name(),
+        Pair::SERVER_V4,
+        pair.client_if,
+        pair.server_if,
+    );
+    let _responder = Responder::start(&pair.server, SERVICE_PORT)?;
+
+    let mut command = pair
+        .server
+        .command(agent.to_str().context("non-UTF-8 path")?);
+    command
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(&rules);
+    println!(
+        "demo: starting {}",
+        format_args!(
+            "filter-agent --iface {} --rules {}",
+            pair.server_if,
+            rules.display()
+        )
+    );
+    let mut daemon = Daemon::start(command, Some("  agent | "))?;
+    if daemon
+        .wait_for("filter attached", Duration::from_secs(10))
+        .is_none()
+    {
+        bail!("filter-agent did not attach (its output is above)");
+    }
+    checkpoint()?;
+
+    println!(
+        "demo: sending real traffic from {} to {}",
+        pair.client.name(),
+        pair.server.name()
+    );
+    for server in [IpAddr::from(Pair::SERVER_V4), IpAddr::from(Pair::SERVER_V6)] {
+        let service = SocketAddr::new(server, SERVICE_PORT);
+        let results = [
+            (
+                "tcp",
+                service.to_string(),
+                traffic::tcp_exchange(&pair.client, service, None)?,
+            ),
+            (
+                "udp",
+                service.to_string(),
+                traffic::udp_exchange(&pair.client, service)?,
+            ),
+            (
+                "icmp echo",
+                server.to_string(),
+                traffic::icmp_echo(&pair.client, server)?,
+            ),
+        ];
+        for (what, to, answered) in results {
+            println!(
+                "  {what:<10} -> {to:<22} {}",
+                if answered { "answered" } else { "no answer" }
+            );
+            checkpoint()?;
+        }
+    }
+
+    println!("demo: stopping the agent; it reports what it counted");
+    let (status, _) = daemon.stop();
+    if !status.is_some_and(|status| status.success()) {
+        bail!("filter-agent exited with {status:?}");
+    }
+    println!("demo: done; namespaces removed");
+    Ok(())
+}

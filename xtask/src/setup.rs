@@ -1,0 +1,198 @@
+//! `cargo xtask setup`: idempotent bootstrap of everything the build and the
+//! tests need. Each step checks first and does nothing when already done.
+
+use std::{
+    env, fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{output, run as run_command};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests, demo and benchmarks use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "xdp-tools",
+    "iptables",
+    "nftables",
+    "hping3",
+    "tcpdump",
+];
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS: &str = "/sys/fs/bpf";
+
+pub fn run() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    ensure_rust_src(&sysroot)?;
+    ensure_bpf_linker(&sysroot)?;
+    ensure_bpffs()?;
+    ensure_packages()?;
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let print_sysroot =
+        || output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]));
+    let sysroot = match print_sysroot() {
+        Some(sysroot) => sysroot,
+        None => {
+            println!("setup: installing the nightly toolchain");
+            run_command(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))
+            .context("the eBPF program needs a nightly toolchain")?;
+            print_sysroot().context("nightly rustc does not run after installing it")?
+        }
+    };
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+fn ensure_rust_src(sysroot: &Path) -> anyhow::Result<()> {
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        println!("setup: rust-src (nightly) ok");
+        return Ok(());
+    }
+    println!("setup: installing rust-src for nightly");
+    run_command(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+}
+
+/// bpf-linker must use the same LLVM as the nightly rustc that emits the
+/// bitcode, so it is built against that toolchain's own libLLVM.
+fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
+    let libdir = sysroot.join("lib");
+    let llvm_lib = fs::read_dir(&libdir)
+        .with_context(|| format!("cannot list {}", libdir.display()))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+    // "libLLVM.so.22.1-rust-1.97.0-nightly" -> "22"
+    let major = llvm_lib["libLLVM.so.".len()..]
+        .split('.')
+        .next()
+        .filter(|major| major.parse::<u32>().is_ok())
+        .with_context(|| format!("cannot read the LLVM version from {llvm_lib}"))?;
+
+    if bpf_linker_uses(&llvm_lib) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} (LLVM {major}) ok");
+        return Ok(());
+    }
+
+    // A durable prefix whose lib/ holds the names the build looks for; the
+    // linker's rpath points here, so it must outlive this run.
+    let prefix = cargo_home()
+        .join("filter-agent")
+        .join(format!("llvm-{llvm_lib}"));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("cannot create {}", prefix_lib.display()))?;
+    for name in ["libLLVM.so", llvm_lib.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(libdir.join(&llvm_lib), &link)
+            .with_context(|| format!("cannot create {}", link.display()))?;
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (about a minute)"
+    );
+    run_command(
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "--force", "--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .env("LLVM_PREFIX", &prefix)
+            .current_dir(env::temp_dir()),
+    )
+    .context("building bpf-linker")?;
+    if !bpf_linker_uses(&llvm_lib) {
+        bail!("bpf-linker was built but does not run with {llvm_lib}; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+/// True when `bpf-linker` on PATH is our version, runs, and loads `llvm_lib`.
+fn bpf_linker_uses(llvm_lib: &str) -> bool {
+    let version_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|version| version.contains(BPF_LINKER_VERSION));
+    let Some(path) = output(Command::new("sh").args(["-c", "command -v bpf-linker"])) else {
+        return false;
+    };
+    let linked = output(Command::new("ldd").arg(path.trim())).is_some_and(|ldd| {
+        ldd.lines()
+            .any(|line| line.contains(llvm_lib) && !line.contains("not found"))
+    });
+    version_ok && linked
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        })
+}
+
+fn ensure_bpffs() -> anyhow::Result<()> {
+    if is_bpffs(BPF_FS) {
+        println!("setup: bpffs at {BPF_FS} ok");
+        return Ok(());
+    }
+    println!("setup: mounting bpffs at {BPF_FS}");
+    run_command(Command::new("mount").args(["-t", "bpf", "bpf", BPF_FS]))
+        .context("pinning needs bpffs; mounting it needs root")
+}
+
+fn is_bpffs(path: &str) -> bool {
+    let Ok(path) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: valid C string and a buffer of the right type.
+    let ok = unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) } == 0;
+    // SAFETY: statfs filled the buffer when it returned 0.
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's type differs between architectures"
+    )]
+    let is_bpf = ok && unsafe { stat.assume_init() }.f_type as i64 == BPF_FS_MAGIC;
+    is_bpf
+}
+
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+                .is_none_or(|status| !status.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages ok ({})", DEBIAN_PACKAGES.join(", "));
+        return Ok(());
+    }
+    println!("setup: installing {}", missing.join(", "));
+    run_command(Command::new("apt-get").args(["update", "-q"]))
+        .context("apt-get update (needs root)")?;
+    run_command(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing Debian packages")
+}

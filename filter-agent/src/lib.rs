@@ -2,7 +2,9 @@
 //! integration tests use the same code paths as the binary.
 
 pub mod cli;
+pub mod compile;
 pub mod config;
 pub mod loader;
 pub mod packet;
 pub mod privileges;
+pub mod reference;

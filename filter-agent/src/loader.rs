@@ -1,14 +1,22 @@
 //! Loads the embedded XDP program into the kernel and attaches it.
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
-    maps::{MapError, PerCpuArray},
+    Ebpf, EbpfError, EbpfLoader, Pod,
+    maps::{
+        Array, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode},
 };
-use filter_common::{Counter, names, reason};
+use filter_common::{Counter, fragments, names, reason};
 use thiserror::Error;
 
-use crate::{cli::XdpModeArg, config::FilterSettings};
+use crate::{
+    cli::XdpModeArg,
+    compile::{AddressDim, RuleSet, TableDim},
+    config::Fragments,
+    reference::Outcome,
+};
 
 /// The XDP object built by build.rs from filter-ebpf.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter"));
@@ -38,6 +46,10 @@ pub enum LoadError {
     },
     #[error("cannot read counters")]
     Counters(#[from] MapError),
+    #[error("a test packet moved {0} counters instead of one (is another packet flowing?)")]
+    Counted(usize),
+    #[error("cannot fill map {map}")]
+    Fill { map: String, source: MapError },
 }
 
 /// The loaded program and its maps. Dropping it detaches the program.
@@ -46,14 +58,67 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Loads the program with `settings` into the kernel (not yet attached).
-    pub fn load(settings: &FilterSettings) -> Result<Self, LoadError> {
+    /// Loads the program with `rules` into the kernel (not yet attached):
+    /// a fresh program and maps sized for this rule set, filled before the
+    /// program can see a packet.
+    pub fn load(rules: &RuleSet) -> Result<Self, LoadError> {
+        let settings = &rules.settings;
         let default_action = settings.default.raw();
         let mode = settings.mode.raw();
+        let fragments = match settings.fragments {
+            Fragments::MatchL3 => fragments::MATCH_L3,
+            Fragments::Allow => fragments::ALLOW,
+            Fragments::Deny => fragments::DENY,
+        };
+        let entries = |len: usize| (len as u32).max(1);
+        let rule_count = entries(rules.rules.len());
         let mut ebpf = EbpfLoader::new()
             .override_global(names::DEFAULT_ACTION, &default_action, true)
             .override_global(names::MODE, &mode, true)
+            .override_global(names::FRAGMENTS, &fragments, true)
+            .override_global(names::CHUNKS, &rules.chunks, true)
+            .map_max_entries(names::SRC_V4, entries(rules.src.v4.len()))
+            .map_max_entries(names::SRC_V6, entries(rules.src.v6.len()))
+            .map_max_entries(names::DST_V4, entries(rules.dst.v4.len()))
+            .map_max_entries(names::DST_V6, entries(rules.dst.v6.len()))
+            .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
+            .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
+            .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
+            .map_max_entries(names::SPORT_BITS, entries(rules.sport.bitmaps.len()))
+            .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
+            .map_max_entries(names::RULE_STATS, rule_count)
+            .map_max_entries(names::RULE_ACTIONS, rule_count)
             .load(PROGRAM_OBJECT)?;
+        fill_addresses(
+            &mut ebpf,
+            [names::SRC_V4, names::SRC_V6, names::SRC_BITS],
+            &rules.src,
+        )?;
+        fill_addresses(
+            &mut ebpf,
+            [names::DST_V4, names::DST_V6, names::DST_BITS],
+            &rules.dst,
+        )?;
+        fill_table(
+            &mut ebpf,
+            names::PROTO_CLASS,
+            names::PROTO_BITS,
+            &rules.proto,
+        )?;
+        fill_table(
+            &mut ebpf,
+            names::SPORT_CLASS,
+            names::SPORT_BITS,
+            &rules.sport,
+        )?;
+        fill_table(
+            &mut ebpf,
+            names::DPORT_CLASS,
+            names::DPORT_BITS,
+            &rules.dport,
+        )?;
+        let actions = rules.rules.iter().map(|rule| rule.action.raw());
+        fill_array(&mut ebpf, names::RULE_ACTIONS, actions.enumerate())?;
         program_mut(&mut ebpf)?.load()?;
         Ok(Self { ebpf })
     }
@@ -104,20 +169,135 @@ impl Filter {
         Ok(result.return_value)
     }
 
+    /// Runs `frame` through the program and reports the XDP action and the
+    /// one counter it moved (which rule, or why no rule decided).
+    pub fn classify_frame(&self, frame: &[u8]) -> Result<(u32, Outcome), LoadError> {
+        let reasons = self.counters()?;
+        let rules = self.rule_counters()?;
+        let action = self.run_packet(frame)?;
+        let moved_reason = (0u32..)
+            .zip(reasons.iter().zip(self.counters()?))
+            .filter(|(_, (before, after))| **before != *after)
+            .map(|(index, _)| Outcome::Reason(index));
+        let moved_rule = rules
+            .iter()
+            .zip(self.rule_counters()?)
+            .enumerate()
+            .filter(|(_, (before, after))| **before != *after)
+            .map(|(index, _)| Outcome::Rule(index));
+        let moved: Vec<Outcome> = moved_reason.chain(moved_rule).collect();
+        match moved.as_slice() {
+            [outcome] => Ok((action, *outcome)),
+            _ => Err(LoadError::Counted(moved.len())),
+        }
+    }
+
     /// Counters per `filter_common::reason`, summed over CPUs.
     pub fn counters(&self) -> Result<[Counter; reason::COUNT as usize], LoadError> {
-        let map = self.ebpf.map(names::STATS).ok_or(MapError::InvalidName {
-            name: names::STATS.to_owned(),
-        })?;
-        let stats = PerCpuArray::<_, Counter>::try_from(map)?;
         let mut totals = [Counter::default(); reason::COUNT as usize];
-        for (index, total) in (0u32..).zip(totals.iter_mut()) {
-            for per_cpu in stats.get(&index, 0)?.iter() {
-                total.add(per_cpu);
-            }
+        for (total, counter) in totals.iter_mut().zip(self.sum_counters(names::STATS)?) {
+            *total = counter;
         }
         Ok(totals)
     }
+
+    /// Counters per rule (in `RuleSet::rules` order), summed over CPUs.
+    pub fn rule_counters(&self) -> Result<Vec<Counter>, LoadError> {
+        self.sum_counters(names::RULE_STATS)
+    }
+
+    fn sum_counters(&self, name: &str) -> Result<Vec<Counter>, LoadError> {
+        let map = self.ebpf.map(name).ok_or_else(|| missing_map(name))?;
+        let per_cpu = PerCpuArray::<_, Counter>::try_from(map)?;
+        per_cpu
+            .iter()
+            .map(|values| {
+                let mut total = Counter::default();
+                for value in values?.iter() {
+                    total.add(value);
+                }
+                Ok(total)
+            })
+            .collect()
+    }
+}
+
+fn missing_map(name: &str) -> LoadError {
+    LoadError::Counters(MapError::InvalidName {
+        name: name.to_owned(),
+    })
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, LoadError> {
+    ebpf.map_mut(name).ok_or_else(|| missing_map(name))
+}
+
+/// Writes `(index, value)` pairs into array map `name`.
+fn fill_array<V: Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    values: impl IntoIterator<Item = (usize, V)>,
+) -> Result<(), LoadError> {
+    let mut array = Array::<_, V>::try_from(map_mut(ebpf, name)?)?;
+    for (index, value) in values {
+        array
+            .set(index as u32, value, 0)
+            .map_err(|source| LoadError::Fill {
+                map: name.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+fn fill_table(ebpf: &mut Ebpf, table: &str, bits: &str, dim: &TableDim) -> Result<(), LoadError> {
+    // Maps start zeroed and class 0 is the most common: skip those writes.
+    let nonzero = dim
+        .table
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, class)| class != 0);
+    fill_array(ebpf, table, nonzero)?;
+    fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
+}
+
+fn fill_addresses(
+    ebpf: &mut Ebpf,
+    [v4, v6, bits]: [&str; 3],
+    dim: &AddressDim,
+) -> Result<(), LoadError> {
+    let v4_keys = dim.v4.iter().map(|(net, class)| {
+        (
+            Key::new(u32::from(net.prefix_len()), net.network().octets()),
+            *class,
+        )
+    });
+    fill_prefixes(ebpf, v4, v4_keys)?;
+    let v6_keys = dim.v6.iter().map(|(net, class)| {
+        (
+            Key::new(u32::from(net.prefix_len()), net.network().octets()),
+            *class,
+        )
+    });
+    fill_prefixes(ebpf, v6, v6_keys)?;
+    fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
+}
+
+fn fill_prefixes<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    entries: impl Iterator<Item = (Key<[u8; N]>, u32)>,
+) -> Result<(), LoadError> {
+    let mut trie = LpmTrie::<_, [u8; N], u32>::try_from(map_mut(ebpf, name)?)?;
+    for (key, class) in entries {
+        trie.insert(&key, class, 0)
+            .map_err(|source| LoadError::Fill {
+                map: name.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {

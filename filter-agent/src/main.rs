@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use filter_agent::{
     cli::{self, Cli, Command, RunArgs},
-    config,
+    compile, config,
     loader::Filter,
     privileges,
 };
@@ -63,10 +63,10 @@ fn init_logging() {
 fn check(rules: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load(rules)?;
     println!(
-        "{}: ok (default {:?}, mode {:?})",
+        "{}: ok ({} rules, default {})",
         rules.display(),
-        config.filter.default,
-        config.filter.mode
+        config.rules.len(),
+        config.filter.default.name()
     );
     Ok(())
 }
@@ -76,8 +76,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         unreachable!("clap requires --iface and --rules without a subcommand");
     };
     let config = config::load(&rules)?;
+    let rule_set = compile::compile(&config)?;
     privileges::check()?;
-    let mut filter = Filter::load(&config.filter).context("loading the XDP program")?;
+    let mut filter = Filter::load(&rule_set).context("loading the XDP program")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -87,9 +88,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             forward_program_logs(logger)?;
         }
         let mode = filter.attach(&iface, args.xdp_mode)?;
-        info!(%iface, mode, rules = %rules.display(), "filter attached");
+        info!(
+            %iface,
+            mode,
+            rules = %rules.display(),
+            count = config.rules.len(),
+            default = config.filter.default.name(),
+            "filter attached"
+        );
         wait_for_shutdown().await?;
-        log_counters(&filter);
+        log_counters(&filter, &rule_set);
         info!(%iface, "detaching");
         Ok(())
     })
@@ -123,10 +131,22 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn log_counters(filter: &Filter) {
-    match filter.counters() {
-        Ok(counters) => {
-            for (name, counter) in reason::NAMES.iter().zip(counters) {
+fn log_counters(filter: &Filter, rule_set: &compile::RuleSet) {
+    let counters = filter
+        .counters()
+        .and_then(|reasons| Ok((reasons, filter.rule_counters()?)));
+    match counters {
+        Ok((reasons, rules)) => {
+            for (rule, counter) in rule_set.rules.iter().zip(rules) {
+                info!(
+                    rule = rule.name,
+                    action = rule.action.name(),
+                    packets = counter.packets,
+                    bytes = counter.bytes,
+                    "counted"
+                );
+            }
+            for (name, counter) in reason::NAMES.iter().zip(reasons) {
                 info!(
                     reason = name,
                     packets = counter.packets,

@@ -3,19 +3,31 @@
 
 use std::net::IpAddr;
 
+use std::path::Path;
+
 use filter_agent::{
-    config::{Action, FilterSettings, Mode},
+    compile::compile,
+    config,
     loader::Filter,
     packet::{self, PacketSpec, Transport, tcp_flag},
+    reference::Outcome,
 };
-use filter_common::{Counter, reason};
+use filter_common::reason;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const ETH_HLEN: usize = 14;
 
-fn load(default: Action, mode: Mode) -> Filter {
-    Filter::load(&FilterSettings { default, mode }).expect("the program loads")
+/// Loads the program with `[filter]` settings and no rules.
+fn load(default: &str, mode: &str) -> Filter {
+    load_rules(&format!(
+        "[filter]\ndefault = \"{default}\"\nmode = \"{mode}\"\n"
+    ))
+}
+
+fn load_rules(text: &str) -> Filter {
+    let config = config::parse(Path::new("rules.toml"), text).unwrap();
+    Filter::load(&compile(&config).unwrap()).expect("the program loads")
 }
 
 fn addr(text: &str) -> IpAddr {
@@ -42,42 +54,20 @@ fn tcp_v6() -> PacketSpec {
     }
 }
 
-/// Runs `frame` and returns the verdict and which reason counter moved.
-fn verdict(filter: &Filter, frame: &[u8]) -> (u32, usize) {
-    let before = filter.counters().unwrap();
-    let action = filter.run_packet(frame).unwrap();
-    let after = filter.counters().unwrap();
-    let moved: Vec<usize> = (0..reason::COUNT as usize)
-        .filter(|&i| after[i] != before[i])
-        .collect();
-    assert_eq!(
-        moved.len(),
-        1,
-        "exactly one counter per packet, got {moved:?}"
-    );
-    let delta = Counter {
-        packets: after[moved[0]].packets - before[moved[0]].packets,
-        bytes: after[moved[0]].bytes - before[moved[0]].bytes,
-    };
-    assert_eq!(
-        delta,
-        Counter {
-            packets: 1,
-            bytes: frame.len() as u64
-        }
-    );
-    (action, moved[0])
+/// Runs `frame` and returns the verdict and the counter it moved.
+fn verdict(filter: &Filter, frame: &[u8]) -> (u32, Outcome) {
+    filter.classify_frame(frame).unwrap()
 }
 
-const DEFAULT_ALLOW: usize = reason::DEFAULT_ALLOW as usize;
-const DEFAULT_DENY: usize = reason::DEFAULT_DENY as usize;
-const NON_IP: usize = reason::NON_IP as usize;
-const MALFORMED: usize = reason::MALFORMED as usize;
+const DEFAULT_ALLOW: Outcome = Outcome::Reason(reason::DEFAULT_ALLOW);
+const DEFAULT_DENY: Outcome = Outcome::Reason(reason::DEFAULT_DENY);
+const NON_IP: Outcome = Outcome::Reason(reason::NON_IP);
+const MALFORMED: Outcome = Outcome::Reason(reason::MALFORMED);
 
 #[test]
 fn default_action_decides_ip_packets() {
-    let allow = load(Action::Allow, Mode::Enforce);
-    let deny = load(Action::Deny, Mode::Enforce);
+    let allow = load("allow", "enforce");
+    let deny = load("deny", "enforce");
     for spec in [tcp_v4(), tcp_v6()] {
         let frame = spec.build();
         assert_eq!(verdict(&allow, &frame), (XDP_PASS, DEFAULT_ALLOW));
@@ -87,7 +77,7 @@ fn default_action_decides_ip_packets() {
 
 #[test]
 fn monitor_mode_counts_but_never_drops() {
-    let monitor = load(Action::Deny, Mode::Monitor);
+    let monitor = load("deny", "monitor");
     assert_eq!(
         verdict(&monitor, &tcp_v4().build()),
         (XDP_PASS, DEFAULT_DENY)
@@ -98,13 +88,13 @@ fn monitor_mode_counts_but_never_drops() {
 
 #[test]
 fn non_ip_frames_always_pass() {
-    let deny = load(Action::Deny, Mode::Enforce);
+    let deny = load("deny", "enforce");
     assert_eq!(verdict(&deny, &packet::arp_request()), (XDP_PASS, NON_IP));
 }
 
 #[test]
 fn vlan_tags_are_parsed_up_to_two() {
-    let deny = load(Action::Deny, Mode::Enforce);
+    let deny = load("deny", "enforce");
     for tags in [vec![10], vec![10, 20]] {
         for mut spec in [tcp_v4(), tcp_v6()] {
             spec.vlans = tags.clone();
@@ -115,7 +105,7 @@ fn vlan_tags_are_parsed_up_to_two() {
             );
         }
     }
-    let allow = load(Action::Allow, Mode::Enforce);
+    let allow = load("allow", "enforce");
     let mut triple = tcp_v4();
     triple.vlans = vec![10, 20, 30];
     assert_eq!(verdict(&allow, &triple.build()), (XDP_DROP, MALFORMED));
@@ -123,7 +113,7 @@ fn vlan_tags_are_parsed_up_to_two() {
 
 #[test]
 fn ipv4_options_and_ipv6_extension_headers_are_skipped() {
-    let allow = load(Action::Allow, Mode::Enforce);
+    let allow = load("allow", "enforce");
     let mut with_options = tcp_v4();
     with_options.ipv4_options = vec![1; 40]; // the maximum: 15-word header
     assert_eq!(
@@ -151,7 +141,7 @@ fn ipv4_options_and_ipv6_extension_headers_are_skipped() {
 
 #[test]
 fn invalid_headers_are_malformed() {
-    let allow = load(Action::Allow, Mode::Enforce);
+    let allow = load("allow", "enforce");
     let good = tcp_v4().build();
     let ip = ETH_HLEN;
     let tcp = ETH_HLEN + 20;
@@ -177,7 +167,7 @@ fn invalid_headers_are_malformed() {
 /// needs is complete, then an ordinary verdict.
 #[test]
 fn truncation_at_every_byte() {
-    let allow = load(Action::Allow, Mode::Enforce);
+    let allow = load("allow", "enforce");
     let v4 = addr("198.51.100.1");
     let v4_dst = addr("198.51.100.2");
     let mut cases: Vec<(PacketSpec, usize)> = Vec::new();
@@ -231,4 +221,17 @@ fn truncation_at_every_byte() {
             );
         }
     }
+}
+
+#[test]
+fn bytes_are_counted_per_rule() {
+    let filter = load_rules(
+        "[filter]\ndefault = \"deny\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\nproto = \"tcp\"\nsport = 443\n",
+    );
+    let frame = tcp_v4().build();
+    // Rule 0 is the implicit neighbour-discovery rule.
+    assert_eq!(verdict(&filter, &frame), (XDP_PASS, Outcome::Rule(1)));
+    assert_eq!(verdict(&filter, &frame), (XDP_PASS, Outcome::Rule(1)));
+    let web = filter.rule_counters().unwrap()[1];
+    assert_eq!((web.packets, web.bytes), (2, 2 * frame.len() as u64));
 }

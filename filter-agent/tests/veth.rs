@@ -7,11 +7,7 @@ use std::{
     time::Duration,
 };
 
-use filter_agent::{
-    cli::XdpModeArg,
-    config::{Action, FilterSettings, Mode},
-    loader::Filter,
-};
+use filter_agent::{cli::XdpModeArg, compile::compile, config, loader::Filter};
 use filter_common::reason;
 use testbed::{
     Daemon, Pair,
@@ -28,11 +24,12 @@ fn service(ip: impl Into<IpAddr>) -> SocketAddr {
 fn deny_by_default_drops_real_traffic_until_detached() {
     let pair = Pair::create("deny").unwrap();
     let _responder = Responder::start(&pair.server, PORT).unwrap();
-    let mut filter = Filter::load(&FilterSettings {
-        default: Action::Deny,
-        mode: Mode::Enforce,
-    })
+    let config = config::parse(
+        std::path::Path::new("r.toml"),
+        "[filter]\ndefault = \"deny\"\n",
+    )
     .unwrap();
+    let mut filter = Filter::load(&compile(&config).unwrap()).unwrap();
     let mode = pair
         .server
         .run(|| filter.attach(&pair.server_if, XdpModeArg::Native))

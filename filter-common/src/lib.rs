@@ -33,13 +33,55 @@ pub mod reason {
     pub const NON_IP: u32 = 2;
     /// A truncated or invalid Ethernet/VLAN/IP/L4 header.
     pub const MALFORMED: u32 = 3;
+    /// A non-first fragment, passed by `fragments = "allow"`.
+    pub const FRAGMENT_ALLOW: u32 = 4;
+    /// A non-first fragment, dropped by `fragments = "deny"`.
+    pub const FRAGMENT_DENY: u32 = 5;
     /// Number of reasons (size of the `STATS` map).
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
 
     /// Stable names, indexed by reason, used in CLI output and metrics.
-    pub const NAMES: [&str; COUNT as usize] =
-        ["default_allow", "default_deny", "non_ip", "malformed"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "default_allow",
+        "default_deny",
+        "non_ip",
+        "malformed",
+        "fragment_allow",
+        "fragment_deny",
+    ];
 }
+
+/// `FRAGMENTS` global: what to do with non-first fragments.
+pub mod fragments {
+    /// Match rules that have no port, flag or ICMP conditions.
+    pub const MATCH_L3: u32 = 0;
+    pub const ALLOW: u32 = 1;
+    pub const DENY: u32 = 2;
+}
+
+/// Rule bitmaps: one bit per rule, in rule order, stored in chunks of
+/// `RULES_PER_CHUNK` rules. `summary` has bit `i` set when `words[i]` is
+/// non-zero, so the matcher skips empty words.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapChunk {
+    pub summary: u64,
+    pub words: [u64; WORDS_PER_CHUNK],
+}
+
+pub const WORDS_PER_CHUNK: usize = 64;
+pub const RULES_PER_CHUNK: u32 = (WORDS_PER_CHUNK * 64) as u32;
+/// Bounds the matcher's loop; the rule capacity is `MAX_CHUNKS * RULES_PER_CHUNK`.
+pub const MAX_CHUNKS: u32 = 4;
+pub const MAX_RULES: u32 = MAX_CHUNKS * RULES_PER_CHUNK;
+
+/// Index into the `PROTO_CLASS` table: protocol, whether the packet has an
+/// L4 header (non-first fragments do not) and the TCP flags byte.
+pub const fn proto_index(proto: u8, has_l4: bool, tcp_flags: u8) -> u32 {
+    ((proto as u32) << 9) | ((has_l4 as u32) << 8) | tcp_flags as u32
+}
+pub const PROTO_TABLE_SIZE: u32 = 1 << 17;
+pub const PORT_TABLE_SIZE: u32 = 1 << 16;
 
 /// Rule and default actions, as stored in globals and maps.
 pub mod action {
@@ -59,15 +101,34 @@ pub mod mode {
 pub mod names {
     pub const PROGRAM: &str = "filter";
     pub const STATS: &str = "STATS";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    pub const RULE_ACTIONS: &str = "RULE_ACTIONS";
+    pub const SRC_V4: &str = "SRC_V4";
+    pub const DST_V4: &str = "DST_V4";
+    pub const SRC_V6: &str = "SRC_V6";
+    pub const DST_V6: &str = "DST_V6";
+    pub const PROTO_CLASS: &str = "PROTO_CLASS";
+    pub const SPORT_CLASS: &str = "SPORT_CLASS";
+    pub const DPORT_CLASS: &str = "DPORT_CLASS";
+    pub const SRC_BITS: &str = "SRC_BITS";
+    pub const DST_BITS: &str = "DST_BITS";
+    pub const PROTO_BITS: &str = "PROTO_BITS";
+    pub const SPORT_BITS: &str = "SPORT_BITS";
+    pub const DPORT_BITS: &str = "DPORT_BITS";
     pub const DEFAULT_ACTION: &str = "DEFAULT_ACTION";
     pub const MODE: &str = "MODE";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const CHUNKS: &str = "CHUNKS";
 }
 
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<BitmapChunk>() == 8 * (1 + WORDS_PER_CHUNK));
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: `Counter` is `repr(C)`, made of two u64 and has no padding
     // (asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Counter {}
+    // SAFETY: `BitmapChunk` is `repr(C)` and all u64 (size asserted above).
+    unsafe impl aya::Pod for super::BitmapChunk {}
 }

@@ -7,16 +7,17 @@
 #![no_main]
 
 mod parse;
+mod rules;
 
 use aya_ebpf::{
     Global,
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::error;
-use filter_common::{Counter, action, mode, reason};
+use filter_common::{Counter, action, fragments, mode, reason};
 
 use crate::parse::{Frame, parse};
 
@@ -28,46 +29,79 @@ static DEFAULT_ACTION: Global<u32> = Global::new(action::ALLOW);
 #[unsafe(no_mangle)]
 static MODE: Global<u32> = Global::new(mode::ENFORCE);
 
+/// `fragments::*`: non-first fragments; set by the agent at load time.
+#[unsafe(no_mangle)]
+static FRAGMENTS: Global<u32> = Global::new(fragments::MATCH_L3);
+
 /// Per-CPU packet/byte counters, indexed by `filter_common::reason`.
 #[map]
 static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(reason::COUNT, 0);
 
-#[xdp]
-pub fn filter(ctx: XdpContext) -> u32 {
-    let (why, act) = classify(&ctx);
-    finish(&ctx, why, act)
+/// Per-CPU packet/byte counters per rule (sized by the agent).
+#[map]
+static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
+
+/// `action::*` per rule (sized by the agent).
+#[map]
+static RULE_ACTIONS: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Which counter a verdict is recorded in.
+enum Slot {
+    Reason(u32),
+    Rule(u32),
 }
 
-/// Returns the reason and action for this packet.
+#[xdp]
+pub fn filter(ctx: XdpContext) -> u32 {
+    let (slot, act) = classify(&ctx);
+    finish(&ctx, slot, act)
+}
+
+/// Returns the counter slot and the action for this packet.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> (u32, u32) {
-    match parse(ctx) {
-        Err(_) => (reason::MALFORMED, action::DENY),
-        Ok(Frame::NonIp) => (reason::NON_IP, action::ALLOW),
-        Ok(Frame::Ip(_)) => {
-            let act = DEFAULT_ACTION.load();
-            if act == action::DENY {
-                (reason::DEFAULT_DENY, act)
-            } else {
-                (reason::DEFAULT_ALLOW, act)
-            }
+fn classify(ctx: &XdpContext) -> (Slot, u32) {
+    let packet = match parse(ctx) {
+        Err(_) => return (Slot::Reason(reason::MALFORMED), action::DENY),
+        Ok(Frame::NonIp) => return (Slot::Reason(reason::NON_IP), action::ALLOW),
+        Ok(Frame::Ip(packet)) => packet,
+    };
+    if packet.fragment {
+        match FRAGMENTS.load() {
+            fragments::ALLOW => return (Slot::Reason(reason::FRAGMENT_ALLOW), action::ALLOW),
+            fragments::DENY => return (Slot::Reason(reason::FRAGMENT_DENY), action::DENY),
+            _ => {}
         }
+    }
+    if let Some(rule) = rules::first_match(&packet)
+        && let Some(act) = RULE_ACTIONS.get(rule)
+    {
+        return (Slot::Rule(rule), *act);
+    }
+    let act = DEFAULT_ACTION.load();
+    if act == action::DENY {
+        (Slot::Reason(reason::DEFAULT_DENY), act)
+    } else {
+        (Slot::Reason(reason::DEFAULT_ALLOW), act)
     }
 }
 
-/// The single exit: counts the packet under `why` and turns `act` into an
+/// The single exit: counts the packet in its slot and turns `act` into an
 /// XDP verdict (monitor mode never drops).
 #[inline(always)]
-fn finish(ctx: &XdpContext, why: u32, act: u32) -> u32 {
+fn finish(ctx: &XdpContext, slot: Slot, act: u32) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    match STATS.get_ptr_mut(why) {
+    let counter = match slot {
+        Slot::Reason(why) => STATS.get_ptr_mut(why),
+        Slot::Rule(rule) => RULE_STATS.get_ptr_mut(rule),
+    };
+    match counter {
         Some(counter) => unsafe {
             (*counter).packets += 1;
             (*counter).bytes += len;
         },
-        // Cannot happen: `why` is always below `reason::COUNT`. Logged, not
-        // silently ignored, because it would mean the counters lie.
-        None => error!(ctx, "no STATS slot for reason {}", why),
+        // Cannot happen: every slot index is in range. Logged, not silently
+        // ignored, because it would mean the counters lie.
+        None => error!(ctx, "no counter slot for a verdict"),
     }
     if act == action::DENY && MODE.load() == mode::ENFORCE {
         xdp_action::XDP_DROP

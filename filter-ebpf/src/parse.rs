@@ -47,9 +47,15 @@ pub enum Frame {
 pub struct Packet {
     /// IPv6 (true) or IPv4 (false).
     pub v6: bool,
+    /// The source address in the packet; the destination follows it
+    /// directly (4 or 16 bytes each), in both IPv4 and IPv6 headers.
+    pub addresses: *const u8,
     /// Upper-layer protocol (after IPv6 extension headers).
     pub proto: u8,
-    /// False for non-first fragments, which carry no L4 header.
+    /// True for non-first fragments, which carry no L4 header.
+    pub fragment: bool,
+    /// True when ports, flags or ICMP type/code were read: false for
+    /// fragments and for ICMP of the other family.
     pub has_l4: bool,
     /// TCP/UDP ports; ICMP type (sport) and code (dport); 0 otherwise.
     pub sport: u16,
@@ -123,7 +129,8 @@ fn parse_ipv4(cur: &mut Cursor) -> Result<Packet, Malformed> {
     cur.skip(header_len - size_of::<Ipv4Hdr>())?;
     let fragment_offset = u16::from_be_bytes(unsafe { (*ip).frags }) & 0x1fff;
     let proto = unsafe { (*ip).proto };
-    parse_l4(cur, false, proto, fragment_offset == 0)
+    let addresses = unsafe { (*ip).src_addr.as_ptr() };
+    parse_l4(cur, addresses, false, proto, fragment_offset == 0)
 }
 
 #[inline(always)]
@@ -149,23 +156,34 @@ fn parse_ipv6(cur: &mut Cursor) -> Result<Packet, Malformed> {
                 next = frag[0];
                 first_fragment = u16::from_be_bytes([frag[2], frag[3]]) >> 3 == 0;
             }
-            _ => return parse_l4(cur, true, next, first_fragment),
+            _ => {
+                let addresses = unsafe { (*ip).src_addr.as_ptr() };
+                return parse_l4(cur, addresses, true, next, first_fragment);
+            }
         }
     }
     Err(Malformed)
 }
 
 #[inline(always)]
-fn parse_l4(cur: &mut Cursor, v6: bool, proto: u8, has_l4: bool) -> Result<Packet, Malformed> {
+fn parse_l4(
+    cur: &mut Cursor,
+    addresses: *const u8,
+    v6: bool,
+    proto: u8,
+    first_fragment: bool,
+) -> Result<Packet, Malformed> {
     let mut packet = Packet {
         v6,
+        addresses,
         proto,
-        has_l4,
+        fragment: !first_fragment,
+        has_l4: first_fragment,
         sport: 0,
         dport: 0,
         tcp_flags: 0,
     };
-    if !has_l4 {
+    if !first_fragment {
         return Ok(packet);
     }
     match proto {
@@ -191,6 +209,8 @@ fn parse_l4(cur: &mut Cursor, v6: bool, proto: u8, has_l4: bool) -> Result<Packe
             packet.sport = icmp_type as u16;
             packet.dport = icmp_code as u16;
         }
+        // ICMP of the other family: type and code mean nothing here.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => packet.has_l4 = false,
         _ => {}
     }
     Ok(packet)

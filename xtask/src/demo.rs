@@ -15,7 +15,10 @@ use testbed::{
 
 use crate::util::{cargo, workspace_root};
 
+/// Allowed by the example rules ("web").
 const SERVICE_PORT: u16 = 8080;
+/// Not allowed: falls through to the default deny.
+const OTHER_PORT: u16 = 9000;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -78,28 +81,36 @@ pub fn run() -> anyhow::Result<()> {
     );
     for server in [IpAddr::from(Pair::SERVER_V4), IpAddr::from(Pair::SERVER_V6)] {
         let service = SocketAddr::new(server, SERVICE_PORT);
+        let other = SocketAddr::new(server, OTHER_PORT);
         let results = [
             (
                 "tcp",
-                service.to_string(),
+                service,
                 traffic::tcp_exchange(&pair.client, service, None)?,
             ),
             (
+                "tcp",
+                other,
+                traffic::tcp_exchange(&pair.client, other, None)?,
+            ),
+            (
                 "udp",
-                service.to_string(),
+                service,
                 traffic::udp_exchange(&pair.client, service)?,
             ),
             (
                 "icmp echo",
-                server.to_string(),
+                SocketAddr::new(server, 0),
                 traffic::icmp_echo(&pair.client, server)?,
             ),
         ];
         for (what, to, answered) in results {
-            println!(
-                "  {what:<10} -> {to:<22} {}",
-                if answered { "answered" } else { "no answer" }
-            );
+            let result = if answered {
+                "answered"
+            } else {
+                "no answer (dropped)"
+            };
+            println!("  {what:<10} -> {to:<22} {result}");
             checkpoint()?;
         }
     }

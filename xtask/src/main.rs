@@ -47,5 +47,11 @@ fn main() -> ExitCode {
 fn test() -> anyhow::Result<()> {
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    util::cargo(&["test", "--all-targets"])
+    let (passed, failed) = util::cargo_test(&["test", "--all-targets"])?;
+    // One plain closing line for the whole run, after cargo's per-crate ones.
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        anyhow::bail!("{failed} tests failed");
+    }
+    Ok(())
 }

@@ -1,4 +1,5 @@
 use std::{
+    io::{BufRead as _, BufReader},
     path::PathBuf,
     process::{Command, Stdio},
 };
@@ -17,6 +18,42 @@ pub fn workspace_root() -> PathBuf {
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+/// Runs `cargo ARGS` (a test run), echoing its output, and returns the
+/// passed and failed counts summed over its "test result:" lines.
+pub fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        if let Some(summary) = line.strip_prefix("test result: ") {
+            passed += count_before(summary, " passed");
+            failed += count_before(summary, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed ({status})");
+    }
+    Ok((passed, failed))
+}
+
+/// The number just before `label` in "ok. 3 passed; 0 failed; ...".
+fn count_before(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(label))
+        .and_then(|part| part.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs `command` to completion, streaming its output; fails on non-zero exit.

@@ -1,0 +1,110 @@
+//! First-match classification at a cost that does not grow with the rule
+//! count: five equivalence-class lookups, then the AND of five rule bitmaps,
+//! skipping 64-rule words that are empty in any of them.
+
+use aya_ebpf::{
+    Global,
+    maps::{Array, LpmTrie, lpm_trie::Key},
+};
+use filter_common::{BitmapChunk, MAX_CHUNKS, WORDS_PER_CHUNK, proto_index};
+
+use crate::parse::Packet;
+
+/// Bitmap chunks per class in the `*_BITS` maps; set by the agent.
+#[unsafe(no_mangle)]
+static CHUNKS: Global<u32> = Global::new(1);
+
+// Every map is sized by the agent for its rule set at load time.
+#[aya_ebpf::macros::map]
+static SRC_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static DST_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static SRC_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static DST_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static PROTO_CLASS: Array<u32> = Array::with_max_entries(filter_common::PROTO_TABLE_SIZE, 0);
+#[aya_ebpf::macros::map]
+static SPORT_CLASS: Array<u32> = Array::with_max_entries(filter_common::PORT_TABLE_SIZE, 0);
+#[aya_ebpf::macros::map]
+static DPORT_CLASS: Array<u32> = Array::with_max_entries(filter_common::PORT_TABLE_SIZE, 0);
+#[aya_ebpf::macros::map]
+static SRC_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static DST_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static PROTO_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static SPORT_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static DPORT_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+
+/// The index of the first rule that matches `packet`, if any.
+#[inline(always)]
+pub fn first_match(packet: &Packet) -> Option<u32> {
+    let (src, dst) = address_classes(packet)?;
+    let proto = *PROTO_CLASS.get(proto_index(packet.proto, packet.has_l4, packet.tcp_flags))?;
+    let sport = *SPORT_CLASS.get(packet.sport as u32)?;
+    let dport = *DPORT_CLASS.get(packet.dport as u32)?;
+
+    let chunks = CHUNKS.load();
+    for chunk in 0..MAX_CHUNKS {
+        if chunk >= chunks {
+            break;
+        }
+        let src = SRC_BITS.get(src * chunks + chunk)?;
+        let dst = DST_BITS.get(dst * chunks + chunk)?;
+        let proto = PROTO_BITS.get(proto * chunks + chunk)?;
+        let sport = SPORT_BITS.get(sport * chunks + chunk)?;
+        let dport = DPORT_BITS.get(dport * chunks + chunk)?;
+        let mut candidates =
+            src.summary & dst.summary & proto.summary & sport.summary & dport.summary;
+        for _ in 0..WORDS_PER_CHUNK {
+            if candidates == 0 {
+                break;
+            }
+            let word = lowest_set_bit(candidates) as usize;
+            let hits = src.words[word]
+                & dst.words[word]
+                & proto.words[word]
+                & sport.words[word]
+                & dport.words[word];
+            if hits != 0 {
+                let bit = lowest_set_bit(hits);
+                return Some(chunk * filter_common::RULES_PER_CHUNK + (word as u32) * 64 + bit);
+            }
+            candidates &= candidates - 1;
+        }
+    }
+    None
+}
+
+/// Index of the lowest set bit of `x` (non-zero). `trailing_zeros` becomes
+/// a de Bruijn table lookup whose result the verifier cannot bound; LLVM
+/// knows it is below 64 and would drop a plain mask, so the mask sits behind
+/// an optimisation barrier.
+#[inline(always)]
+fn lowest_set_bit(x: u64) -> u32 {
+    core::hint::black_box(x.trailing_zeros()) & 63
+}
+
+/// Source and destination classes from the longest-prefix-match maps.
+#[inline(always)]
+fn address_classes(packet: &Packet) -> Option<(u32, u32)> {
+    if packet.v6 {
+        let src = unsafe { *(packet.addresses as *const [u8; 16]) };
+        let dst = unsafe { *(packet.addresses.add(16) as *const [u8; 16]) };
+        Some((
+            *SRC_V6.get(Key::new(128, src))?,
+            *DST_V6.get(Key::new(128, dst))?,
+        ))
+    } else {
+        let src = unsafe { *(packet.addresses as *const [u8; 4]) };
+        let dst = unsafe { *(packet.addresses.add(4) as *const [u8; 4]) };
+        Some((
+            *SRC_V4.get(Key::new(32, src))?,
+            *DST_V4.get(Key::new(32, dst))?,
+        ))
+    }
+}

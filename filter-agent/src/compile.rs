@@ -14,8 +14,8 @@
 use std::{collections::HashMap, sync::Arc};
 
 use filter_common::{
-    BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK, WORDS_PER_CHUNK,
-    proto_index,
+    AddressBlock, BitmapChunk, CHILD, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, ROOT_BLOCKS,
+    RULES_PER_CHUNK, V6_ROOT, WORDS_PER_CHUNK, proto_index,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
@@ -59,6 +59,8 @@ pub struct AddressDim {
     /// Every listed prefix and its class; always contains /0.
     pub v4: Vec<(Ipv4Net, u32)>,
     pub v6: Vec<(Ipv6Net, u32)>,
+    /// The same, expanded into the program's multibit trie.
+    pub blocks: Vec<AddressBlock>,
     pub bitmaps: Vec<BitmapChunk>,
 }
 
@@ -73,7 +75,7 @@ impl RuleSet {
             .sum::<usize>();
         let addresses = [&self.src, &self.dst]
             .iter()
-            .map(|dim| dim.v4.len() * (8 + 4) + dim.v6.len() * (20 + 4) + dim.bitmaps.len() * chunk)
+            .map(|dim| dim.blocks.len() * size_of::<AddressBlock>() + dim.bitmaps.len() * chunk)
             .sum::<usize>();
         tables + addresses + self.rules.len() * 4
     }
@@ -347,9 +349,79 @@ fn address_dim<'r>(
     let order: Vec<u32> = (0..classes.keys.len() as u32).collect();
     AddressDim {
         bitmaps: bitmap.all_chunks(&conditions, &classes, &order),
+        blocks: address_blocks(&v4, &v6),
         v4,
         v6,
     }
+}
+
+/// Expands prefixes into the program's multibit trie (controlled prefix
+/// expansion): shortest first, so a longer prefix overwrites the entries
+/// of the shorter ones it is inside of.
+pub fn address_blocks(v4: &[(Ipv4Net, u32)], v6: &[(Ipv6Net, u32)]) -> Vec<AddressBlock> {
+    let mut blocks = vec![[0u32; 256]; ROOT_BLOCKS as usize];
+    let mut prefixes: Vec<(u8, usize, [u8; 16], u32)> = Vec::with_capacity(v4.len() + v6.len());
+    for (net, class) in v4 {
+        let mut bytes = [0u8; 16];
+        bytes[..4].copy_from_slice(&net.network().octets());
+        prefixes.push((net.prefix_len(), 0, bytes, *class));
+    }
+    for (net, class) in v6 {
+        prefixes.push((
+            net.prefix_len(),
+            V6_ROOT as usize,
+            net.network().octets(),
+            *class,
+        ));
+    }
+    prefixes.sort_unstable_by_key(|&(len, ..)| len);
+    for (len, root, bytes, class) in prefixes {
+        insert_prefix(&mut blocks, root, &bytes, len, class);
+    }
+    blocks
+}
+
+fn insert_prefix(
+    blocks: &mut Vec<AddressBlock>,
+    root: usize,
+    bytes: &[u8; 16],
+    len: u8,
+    class: u32,
+) {
+    // The root covers the first 16 bits: 256 blocks of 256 entries.
+    let top = usize::from(bytes[0]) << 8 | usize::from(bytes[1]);
+    if len <= 16 {
+        let span = 1usize << (16 - len);
+        for slot in (top & !(span - 1))..(top & !(span - 1)) + span {
+            blocks[root + (slot >> 8)][slot & 255] = class;
+        }
+        return;
+    }
+    let mut block = child_block(blocks, root + (top >> 8), top & 255);
+    let mut remaining = len - 16;
+    for &byte in &bytes[2..] {
+        let byte = usize::from(byte);
+        if remaining <= 8 {
+            let span = 1usize << (8 - remaining);
+            blocks[block][byte & !(span - 1)..(byte & !(span - 1)) + span].fill(class);
+            return;
+        }
+        block = child_block(blocks, block, byte);
+        remaining -= 8;
+    }
+}
+
+/// The block below `blocks[block][slot]`, created (inheriting the entry's
+/// class) if the entry is still a class.
+fn child_block(blocks: &mut Vec<AddressBlock>, block: usize, slot: usize) -> usize {
+    let entry = blocks[block][slot];
+    if entry & CHILD != 0 {
+        return (entry & !CHILD) as usize;
+    }
+    let child = blocks.len();
+    blocks.push([entry; 256]);
+    blocks[block][slot] = CHILD | child as u32;
+    child
 }
 
 /// Identity of a shared address list.
@@ -546,6 +618,88 @@ mod tests {
             .unwrap()
             .1;
         assert_eq!(bits(&set.dst.bitmaps, dst_v4_any, 1), [0, 1, 2]);
+    }
+
+    /// The lookup the program does, in user space.
+    fn trie_lookup(blocks: &[AddressBlock], addr: std::net::IpAddr) -> u32 {
+        let (root, bytes) = match addr {
+            std::net::IpAddr::V4(a) => (0, a.octets().to_vec()),
+            std::net::IpAddr::V6(a) => (V6_ROOT as usize, a.octets().to_vec()),
+        };
+        let mut entry = blocks[root + usize::from(bytes[0])][usize::from(bytes[1])];
+        for &byte in &bytes[2..] {
+            if entry & CHILD == 0 {
+                break;
+            }
+            entry = blocks[(entry & !CHILD) as usize][usize::from(byte)];
+        }
+        entry
+    }
+
+    #[test]
+    fn trie_agrees_with_longest_prefix_match() {
+        let v4: Vec<(Ipv4Net, u32)> = [
+            "0.0.0.0/0",
+            "10.0.0.0/7",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/23",
+            "10.1.2.128/25",
+            "10.1.2.3/32",
+            "10.1.200.0/21",
+            "192.168.0.0/30",
+        ]
+        .iter()
+        .zip(1..)
+        .map(|(text, class)| (text.parse().unwrap(), class))
+        .collect();
+        let v6: Vec<(Ipv6Net, u32)> = [
+            "::/0",
+            "2001:db8::/32",
+            "2001:db8:0:1::/64",
+            "2001:db8::1/128",
+            "2001:db8::/33",
+            "fe80::/10",
+        ]
+        .iter()
+        .zip(100..)
+        .map(|(text, class)| (text.parse().unwrap(), class))
+        .collect();
+        let blocks = address_blocks(&v4, &v6);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            // Addresses near the prefixes, and random ones.
+            let (addr, expected): (std::net::IpAddr, u32) = if round % 2 == 0 {
+                let base = v4[(next() % v4.len() as u64) as usize].0;
+                let addr = std::net::Ipv4Addr::from(
+                    u32::from(base.network()) ^ (next() as u32 >> (next() % 33).min(31)),
+                );
+                let best = v4
+                    .iter()
+                    .filter(|(n, _)| n.contains(&addr))
+                    .max_by_key(|(n, _)| n.prefix_len())
+                    .unwrap();
+                (addr.into(), best.1)
+            } else {
+                let base = v6[(next() % v6.len() as u64) as usize].0;
+                let noise =
+                    (u128::from(next()) << 64 | u128::from(next())) >> (next() % 129).min(127);
+                let addr = std::net::Ipv6Addr::from(u128::from(base.network()) ^ noise);
+                let best = v6
+                    .iter()
+                    .filter(|(n, _)| n.contains(&addr))
+                    .max_by_key(|(n, _)| n.prefix_len())
+                    .unwrap();
+                (addr.into(), best.1)
+            };
+            assert_eq!(trie_lookup(&blocks, addr), expected, "{addr}");
+        }
     }
 
     #[test]

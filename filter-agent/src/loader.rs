@@ -2,10 +2,7 @@
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
-    maps::{
-        Array, MapError, PerCpuArray,
-        lpm_trie::{Key, LpmTrie},
-    },
+    maps::{Array, MapError, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode},
 };
 use filter_common::{Counter, fragments, names, reason};
@@ -77,10 +74,8 @@ impl Filter {
             .override_global(names::MODE, &mode, true)
             .override_global(names::FRAGMENTS, &fragments, true)
             .override_global(names::CHUNKS, &rules.chunks, true)
-            .map_max_entries(names::SRC_V4, entries(rules.src.v4.len()))
-            .map_max_entries(names::SRC_V6, entries(rules.src.v6.len()))
-            .map_max_entries(names::DST_V4, entries(rules.dst.v4.len()))
-            .map_max_entries(names::DST_V6, entries(rules.dst.v6.len()))
+            .map_max_entries(names::SRC_NODES, entries(rules.src.blocks.len()))
+            .map_max_entries(names::DST_NODES, entries(rules.dst.blocks.len()))
             .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
             .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
             .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
@@ -89,16 +84,8 @@ impl Filter {
             .map_max_entries(names::RULE_STATS, rule_count)
             .map_max_entries(names::RULE_ACTIONS, rule_count)
             .load(PROGRAM_OBJECT)?;
-        fill_addresses(
-            &mut ebpf,
-            [names::SRC_V4, names::SRC_V6, names::SRC_BITS],
-            &rules.src,
-        )?;
-        fill_addresses(
-            &mut ebpf,
-            [names::DST_V4, names::DST_V6, names::DST_BITS],
-            &rules.dst,
-        )?;
+        fill_addresses(&mut ebpf, names::SRC_NODES, names::SRC_BITS, &rules.src)?;
+        fill_addresses(&mut ebpf, names::DST_NODES, names::DST_BITS, &rules.dst)?;
         fill_table(
             &mut ebpf,
             names::PROTO_CLASS,
@@ -167,6 +154,16 @@ impl Filter {
             ..TestRunOptions::new()
         })?;
         Ok(result.return_value)
+    }
+
+    /// Runs `frame` `repeat` times and returns the kernel's mean time per run.
+    pub fn time_packet(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, LoadError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(names::PROGRAM)
+            .ok_or(LoadError::MissingProgram)?
+            .try_into()?;
+        time_program(program, frame, repeat)
     }
 
     /// Runs `frame` through the program and reports the XDP action and the
@@ -264,40 +261,27 @@ fn fill_table(ebpf: &mut Ebpf, table: &str, bits: &str, dim: &TableDim) -> Resul
 
 fn fill_addresses(
     ebpf: &mut Ebpf,
-    [v4, v6, bits]: [&str; 3],
+    nodes: &str,
+    bits: &str,
     dim: &AddressDim,
 ) -> Result<(), LoadError> {
-    let v4_keys = dim.v4.iter().map(|(net, class)| {
-        (
-            Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            *class,
-        )
-    });
-    fill_prefixes(ebpf, v4, v4_keys)?;
-    let v6_keys = dim.v6.iter().map(|(net, class)| {
-        (
-            Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            *class,
-        )
-    });
-    fill_prefixes(ebpf, v6, v6_keys)?;
+    fill_array(ebpf, nodes, dim.blocks.iter().copied().enumerate())?;
     fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
 }
 
-fn fill_prefixes<const N: usize>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    entries: impl Iterator<Item = (Key<[u8; N]>, u32)>,
-) -> Result<(), LoadError> {
-    let mut trie = LpmTrie::<_, [u8; N], u32>::try_from(map_mut(ebpf, name)?)?;
-    for (key, class) in entries {
-        trie.insert(&key, class, 0)
-            .map_err(|source| LoadError::Fill {
-                map: name.to_owned(),
-                source,
-            })?;
-    }
-    Ok(())
+/// Runs `frame` through any loaded XDP program `repeat` times
+/// (BPF_PROG_TEST_RUN) and returns the kernel's mean time per run.
+pub fn time_program(
+    program: &Xdp,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<std::time::Duration, LoadError> {
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..TestRunOptions::new()
+    })?;
+    Ok(result.duration)
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {

@@ -81,6 +81,17 @@ pub const fn proto_index(proto: u8, has_l4: bool, tcp_flags: u8) -> u32 {
     ((proto as u32) << 9) | ((has_l4 as u32) << 8) | tcp_flags as u32
 }
 pub const PROTO_TABLE_SIZE: u32 = 1 << 17;
+
+/// Address lookup tables: blocks of 256 entries, one per address byte
+/// (a multibit trie with a 16-bit root and 8-bit strides). Blocks
+/// `0..256` are the IPv4 root (first byte picks the block, second byte the
+/// entry), `V6_ROOT..V6_ROOT + 256` the IPv6 root. An entry with
+/// `CHILD` set points at the block for the next byte; otherwise it is the
+/// address's class.
+pub type AddressBlock = [u32; 256];
+pub const V6_ROOT: u32 = 256;
+pub const ROOT_BLOCKS: u32 = 512;
+pub const CHILD: u32 = 1 << 31;
 pub const PORT_TABLE_SIZE: u32 = 1 << 16;
 
 /// Rule and default actions, as stored in globals and maps.
@@ -103,10 +114,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const RULE_ACTIONS: &str = "RULE_ACTIONS";
-    pub const SRC_V4: &str = "SRC_V4";
-    pub const DST_V4: &str = "DST_V4";
-    pub const SRC_V6: &str = "SRC_V6";
-    pub const DST_V6: &str = "DST_V6";
+    pub const SRC_NODES: &str = "SRC_NODES";
+    pub const DST_NODES: &str = "DST_NODES";
     pub const PROTO_CLASS: &str = "PROTO_CLASS";
     pub const SPORT_CLASS: &str = "SPORT_CLASS";
     pub const DPORT_CLASS: &str = "DPORT_CLASS";

@@ -2,11 +2,10 @@
 //! count: five equivalence-class lookups, then the AND of five rule bitmaps,
 //! skipping 64-rule words that are empty in any of them.
 
-use aya_ebpf::{
-    Global,
-    maps::{Array, LpmTrie, lpm_trie::Key},
+use aya_ebpf::{Global, maps::Array};
+use filter_common::{
+    AddressBlock, BitmapChunk, CHILD, MAX_CHUNKS, V6_ROOT, WORDS_PER_CHUNK, proto_index,
 };
-use filter_common::{BitmapChunk, MAX_CHUNKS, WORDS_PER_CHUNK, proto_index};
 
 use crate::parse::Packet;
 
@@ -16,13 +15,9 @@ static CHUNKS: Global<u32> = Global::new(1);
 
 // Every map is sized by the agent for its rule set at load time.
 #[aya_ebpf::macros::map]
-static SRC_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
+static SRC_NODES: Array<AddressBlock> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
-static DST_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
-#[aya_ebpf::macros::map]
-static SRC_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, 0);
-#[aya_ebpf::macros::map]
-static DST_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, 0);
+static DST_NODES: Array<AddressBlock> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
 static PROTO_CLASS: Array<u32> = Array::with_max_entries(filter_common::PROTO_TABLE_SIZE, 0);
 #[aya_ebpf::macros::map]
@@ -89,22 +84,42 @@ fn lowest_set_bit(x: u64) -> u32 {
     core::hint::black_box(x.trailing_zeros()) & 63
 }
 
-/// Source and destination classes from the longest-prefix-match maps.
+/// Source and destination classes from the address tries.
 #[inline(always)]
 fn address_classes(packet: &Packet) -> Option<(u32, u32)> {
+    let src = packet.addresses;
     if packet.v6 {
-        let src = unsafe { *(packet.addresses as *const [u8; 16]) };
-        let dst = unsafe { *(packet.addresses.add(16) as *const [u8; 16]) };
-        Some((
-            *SRC_V6.get(Key::new(128, src))?,
-            *DST_V6.get(Key::new(128, dst))?,
-        ))
+        let dst = unsafe { src.add(16) };
+        Some((v6_class(&SRC_NODES, src)?, v6_class(&DST_NODES, dst)?))
     } else {
-        let src = unsafe { *(packet.addresses as *const [u8; 4]) };
-        let dst = unsafe { *(packet.addresses.add(4) as *const [u8; 4]) };
-        Some((
-            *SRC_V4.get(Key::new(32, src))?,
-            *DST_V4.get(Key::new(32, dst))?,
-        ))
+        let dst = unsafe { src.add(4) };
+        Some((v4_class(&SRC_NODES, src)?, v4_class(&DST_NODES, dst)?))
     }
+}
+
+/// Root entry for the first two bytes at `addr`, then one block per byte.
+#[inline(always)]
+fn v4_class(nodes: &Array<AddressBlock>, addr: *const u8) -> Option<u32> {
+    let byte = |i: usize| unsafe { *addr.add(i) } as usize;
+    let mut entry = nodes.get(byte(0) as u32)?[byte(1)];
+    if entry & CHILD != 0 {
+        entry = nodes.get(entry & !CHILD)?[byte(2)];
+        if entry & CHILD != 0 {
+            entry = nodes.get(entry & !CHILD)?[byte(3)];
+        }
+    }
+    Some(entry)
+}
+
+#[inline(always)]
+fn v6_class(nodes: &Array<AddressBlock>, addr: *const u8) -> Option<u32> {
+    let byte = |i: usize| unsafe { *addr.add(i) } as usize;
+    let mut entry = nodes.get(V6_ROOT + byte(0) as u32)?[byte(1)];
+    for i in 2..16 {
+        if entry & CHILD == 0 {
+            break;
+        }
+        entry = nodes.get(entry & !CHILD)?[byte(i)];
+    }
+    Some(entry)
 }

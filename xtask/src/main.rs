@@ -26,6 +26,16 @@ enum Task {
     Demo,
     /// Lint, then run every test (unit and real-kernel integration tests).
     Test,
+    /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
+    /// writes target/bench.json. Never part of CI's pass/fail.
+    Bench {
+        /// Measurement runs per rule-set size (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// BPF_PROG_TEST_RUN repetitions per frame and run.
+        #[arg(long, default_value_t = 20_000)]
+        repeat: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +44,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
+        Task::Bench { runs, repeat } => setup::run().and_then(|()| bench(runs, repeat)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,6 +53,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench(runs: u32, repeat: u32) -> anyhow::Result<()> {
+    let json = util::workspace_root().join("target/bench.json");
+    let (runs, repeat) = (runs.to_string(), repeat.to_string());
+    let json = json.to_str().unwrap_or("target/bench.json");
+    util::cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "filter-agent",
+        "--example",
+        "bench",
+        "--",
+        "--runs",
+        &runs,
+        "--repeat",
+        &repeat,
+        "--json",
+        json,
+    ])
 }
 
 fn test() -> anyhow::Result<()> {

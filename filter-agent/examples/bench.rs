@@ -1,0 +1,365 @@
+//! `cargo xtask bench`: ns/packet of the real program (BPF_PROG_TEST_RUN)
+//! for ClassBench-like rule sets of growing size, side by side with
+//! xdp-filter (Debian's xdp-tools) on the same frames, in one run.
+//!
+//! Usage: bench [--runs N] [--repeat N] [--json PATH] [--sizes 10,100,...]
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::Xdp;
+use filter_agent::{
+    compile::compile,
+    config::{Action, AddressList, Config, FilterSettings, Fragments, Location, Mode, Rule},
+    loader::{Filter, time_program},
+    packet::{self, PacketSpec, Transport, tcp_flag},
+    reference,
+};
+use ipnet::{IpNet, Ipv4Net};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+
+/// One line of the table, as written to the JSON file.
+#[derive(serde::Serialize)]
+struct Row {
+    rules: usize,
+    ns_per_packet: f64,
+    xdp_filter_ns_per_packet: Option<f64>,
+    map_bytes: usize,
+    compile_apply_ms: f64,
+}
+
+struct Options {
+    runs: usize,
+    repeat: u32,
+    sizes: Vec<usize>,
+    json: Option<PathBuf>,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut options = Options {
+        runs: 5,
+        repeat: 20_000,
+        sizes: vec![10, 100, 1_000, 10_000],
+        json: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--runs" => options.runs = value()?.parse()?,
+            "--repeat" => options.repeat = value()?.parse()?,
+            "--json" => options.json = Some(value()?.into()),
+            "--sizes" => {
+                options.sizes = value()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+            }
+            "--bench" => {} // added by `cargo bench`-style runners
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(options)
+}
+
+/// ClassBench-like (acl/fw shapes): prefixes of realistic lengths, well-known
+/// ports and port ranges, mostly TCP/UDP, a default deny at the end.
+fn rule_set(rng: &mut StdRng, count: usize) -> Config {
+    let prefix = |rng: &mut StdRng, wildcard: f64| -> Option<Arc<AddressList>> {
+        if rng.random_bool(wildcard) {
+            return None;
+        }
+        let len = *[8u8, 16, 16, 20, 24, 24, 24, 28, 32, 32]
+            .choose(rng)
+            .unwrap();
+        let addr = Ipv4Addr::from(rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000);
+        let net = IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc());
+        Some(Arc::new(AddressList {
+            set: None,
+            nets: vec![net],
+        }))
+    };
+    let rules = (0..count)
+        .map(|index| {
+            let proto = *[
+                packet::IPPROTO_TCP,
+                packet::IPPROTO_TCP,
+                packet::IPPROTO_TCP,
+                packet::IPPROTO_UDP,
+            ]
+            .choose(rng)
+            .unwrap();
+            let dport = match rng.random_range(0..10) {
+                0..3 => None,
+                3..7 => {
+                    let port = *[22u16, 25, 53, 80, 110, 123, 143, 443, 993, 3306, 5432, 8080]
+                        .choose(rng)
+                        .unwrap();
+                    Some(vec![(port, port)])
+                }
+                7..9 => Some(vec![
+                    *[(1024, 65535), (6000, 6063), (32768, 60999), (0, 1023)]
+                        .choose(rng)
+                        .unwrap(),
+                ]),
+                _ => {
+                    let port = rng.random();
+                    Some(vec![(port, port)])
+                }
+            };
+            let sport = rng.random_bool(0.15).then(|| vec![(1024, 65535)]);
+            Rule {
+                name: format!("r{index}"),
+                action: if rng.random_bool(0.7) {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                },
+                proto: Some(proto),
+                src: prefix(rng, 0.4),
+                dst: prefix(rng, 0.15),
+                sport,
+                dport,
+                tcp_flags: None,
+                icmp_type: None,
+                icmp_code: None,
+                location: Location {
+                    file: PathBuf::from("bench"),
+                    line: index + 1,
+                    column: 1,
+                },
+            }
+        })
+        .collect();
+    Config {
+        filter: FilterSettings {
+            default: Action::Deny,
+            mode: Mode::Enforce,
+            fragments: Fragments::MatchL3,
+        },
+        rules,
+        implicit_nd: None,
+    }
+}
+
+/// A frame that `rule` accepts (inside its prefixes and port ranges).
+fn frame_for(rng: &mut StdRng, rule: &Rule) -> Vec<u8> {
+    let address = |rng: &mut StdRng, list: &Option<Arc<AddressList>>| match list
+        .as_ref()
+        .map(|l| l.nets[0])
+    {
+        Some(IpNet::V4(net)) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(net.network()) | rng.random::<u32>() & !u32::from(net.netmask()),
+        )),
+        _ => IpAddr::V4(Ipv4Addr::from(
+            rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000,
+        )),
+    };
+    let port = |rng: &mut StdRng, ranges: &Option<Vec<(u16, u16)>>| match ranges {
+        Some(ranges) => rng.random_range(ranges[0].0..=ranges[0].1),
+        None => rng.random(),
+    };
+    let (sport, dport) = (port(rng, &rule.sport), port(rng, &rule.dport));
+    let transport = match rule.proto {
+        Some(packet::IPPROTO_UDP) => Transport::Udp { sport, dport },
+        _ => Transport::Tcp {
+            sport,
+            dport,
+            flags: tcp_flag::SYN,
+        },
+    };
+    PacketSpec::new(address(rng, &rule.src), address(rng, &rule.dst), transport).build()
+}
+
+/// A third each: matching an early rule, a late rule, and random traffic.
+fn packet_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u8>> {
+    let rules = &config.rules;
+    (0..count)
+        .map(|i| match i % 3 {
+            0 => {
+                let early = rng.random_range(0..rules.len().div_ceil(10));
+                frame_for(rng, &rules[early])
+            }
+            1 => {
+                let late = rng.random_range(rules.len() * 9 / 10..rules.len());
+                frame_for(rng, &rules[late])
+            }
+            _ => {
+                let any = Rule {
+                    src: None,
+                    dst: None,
+                    sport: None,
+                    dport: None,
+                    ..rules[0].clone()
+                };
+                frame_for(rng, &any)
+            }
+        })
+        .collect()
+}
+
+/// Median over runs of the mean ns/packet over the mix.
+fn measure(
+    runs: usize,
+    frames: &[Vec<u8>],
+    time: impl Fn(&[u8]) -> anyhow::Result<Duration>,
+) -> anyhow::Result<f64> {
+    let mut means = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let mut total = 0.0;
+        for frame in frames {
+            total += time(frame)?.as_nanos() as f64;
+        }
+        means.push(total / frames.len() as f64);
+    }
+    means.sort_by(f64::total_cmp);
+    Ok(means[means.len() / 2])
+}
+
+/// xdp-filter loaded on a throwaway veth with exact-match entries taken
+/// from `config` (its lookups are exact-match only), pinned so that it can
+/// be test-run like our program.
+struct XdpFilter {
+    netns: testbed::Netns,
+    pin: PathBuf,
+}
+
+impl XdpFilter {
+    fn load(config: &Config) -> anyhow::Result<(Self, Xdp)> {
+        let netns = testbed::Netns::create(&format!("fa-bench-{}", std::process::id()))?;
+        netns.ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"])?;
+        netns.ip(&["link", "set", "xf0", "up"])?;
+        let run = |args: &[&str]| -> anyhow::Result<String> {
+            // nsenter keeps our mount namespace (and so bpffs, which xdp-filter
+            // needs); `ip netns exec` would remount /sys without it.
+            let output = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", netns.name()))
+                .arg("xdp-filter")
+                .args(args)
+                .output()
+                .context("running xdp-filter (xdp-tools)")?;
+            if !output.status.success() {
+                bail!(
+                    "xdp-filter {args:?}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        };
+        run(&["load", "xf0", "--mode", "skb", "--policy", "deny"])?;
+        for rule in &config.rules {
+            if let Some(ranges) = &rule.dport {
+                let proto = if rule.proto == Some(packet::IPPROTO_UDP) {
+                    "udp"
+                } else {
+                    "tcp"
+                };
+                run(&["port", &ranges[0].0.to_string(), "--proto", proto])?;
+            }
+            if let Some(list) = &rule.src {
+                run(&["ip", &list.nets[0].addr().to_string(), "--mode", "src"])?;
+            }
+        }
+        let id = netns
+            .ip(&["-d", "link", "show", "xf0"])
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())?
+            .split_whitespace()
+            .skip_while(|word| *word != "id")
+            .nth(1)
+            .context("no XDP program id on the xdp-filter interface")?
+            .to_owned();
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/fa-bench-xdp-filter-{}",
+            std::process::id()
+        ));
+        let status = Command::new("bpftool")
+            .args(["prog", "pin", "id", &id])
+            .arg(&pin)
+            .status()?;
+        if !status.success() {
+            bail!("bpftool prog pin id {id} failed");
+        }
+        let program = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)?;
+        Ok((Self { netns, pin }, program))
+    }
+}
+
+impl Drop for XdpFilter {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pin);
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns.name()))
+            .args(["xdp-filter", "unload", "--all"])
+            .output();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = options()?;
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut rows = Vec::new();
+    let mut xdp_filter_ns = None;
+    println!(
+        "{:>7} {:>16} {:>14} {:>12} {:>18}",
+        "rules", "filter-agent ns", "xdp-filter ns", "map MiB", "compile+apply ms"
+    );
+    for &size in &options.sizes {
+        let config = rule_set(&mut rng, size);
+        let frames = packet_mix(&mut rng, &config, 60);
+        let started = Instant::now();
+        let rule_set = compile(&config)?;
+        let filter = Filter::load(&rule_set)?;
+        let apply_ms = started.elapsed().as_secs_f64() * 1e3;
+        // The benchmark is only meaningful if the program decides right.
+        for frame in &frames {
+            let (outcome, _) = reference::classify(&config, frame);
+            let (_, got) = filter.classify_frame(frame)?;
+            if got != outcome {
+                bail!("{size} rules: kernel says {got:?}, reference {outcome:?}");
+            }
+        }
+        let ns = measure(options.runs, &frames, |frame| {
+            Ok(filter.time_packet(frame, options.repeat)?)
+        })?;
+        let peer = if xdp_filter_ns.is_none() {
+            match XdpFilter::load(&config) {
+                Ok((_guard, program)) => {
+                    let measured = measure(options.runs, &frames, |frame| {
+                        Ok(time_program(&program, frame, options.repeat)?)
+                    })?;
+                    xdp_filter_ns = Some(measured);
+                    Some(measured)
+                }
+                Err(err) => {
+                    eprintln!("xdp-filter not measured: {err:#}");
+                    xdp_filter_ns = Some(f64::NAN);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let map_mib = rule_set.map_bytes() as f64 / (1 << 20) as f64;
+        let peer_text = peer.map_or("-".to_owned(), |ns| format!("{ns:.1}"));
+        println!("{size:>7} {ns:>16.1} {peer_text:>14} {map_mib:>12.2} {apply_ms:>18.1}");
+        rows.push(Row {
+            rules: size,
+            ns_per_packet: ns,
+            xdp_filter_ns_per_packet: peer,
+            map_bytes: rule_set.map_bytes(),
+            compile_apply_ms: apply_ms,
+        });
+        drop(filter);
+    }
+    if let Some(path) = options.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+        println!("written to {}", path.display());
+    }
+    Ok(())
+}

@@ -27,6 +27,18 @@ pub enum Command {
         #[arg(long)]
         rules: PathBuf,
     },
+    /// Run packets through the real XDP program (BPF_PROG_TEST_RUN, nothing
+    /// attached) and print each verdict and the rule that decided it.
+    Test {
+        /// The rules file (TOML).
+        #[arg(long)]
+        rules: PathBuf,
+        /// e.g. "tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA",
+        /// "udp [2001:db8::1]:53 -> [2001:db8::2]:40000 vlan 7",
+        /// "icmp 192.0.2.1 -> 192.0.2.2 type 3 code 4". Repeatable.
+        #[arg(long, required = true)]
+        packet: Vec<String>,
+    },
 }
 
 /// Running the filter: the default when no subcommand is given.

@@ -16,8 +16,12 @@ use filter_agent::{
     cli::{self, Cli, Command, RunArgs},
     compile, config,
     loader::Filter,
-    privileges,
+    packet, privileges,
+    reference::Outcome,
 };
+
+/// XDP_DROP, as BPF_PROG_TEST_RUN reports it.
+const XDP_DROP: u32 = 1;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Some(Command::Check { rules }) => check(&rules),
+        Some(Command::Test { rules, packet }) => test_packets(&rules, &packet),
         None => run(cli.run),
     };
     match result {
@@ -68,6 +73,52 @@ fn check(rules: &std::path::Path) -> anyhow::Result<()> {
         config.rules.len(),
         config.filter.default.name()
     );
+    Ok(())
+}
+
+/// `filter-agent test`: each packet through the real program, not attached.
+fn test_packets(rules: &std::path::Path, packets: &[String]) -> anyhow::Result<()> {
+    let config = config::load(rules)?;
+    let specs = packets
+        .iter()
+        .map(|text| {
+            packet::parse_description(text)
+                .map_err(|err| anyhow::anyhow!("--packet {text:?}: {err}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rule_set = compile::compile(&config)?;
+    privileges::check()?;
+    let filter = Filter::load(&rule_set).context("loading the XDP program")?;
+    for (text, spec) in packets.iter().zip(specs) {
+        let (xdp_action, outcome) = filter.classify_frame(&spec.build())?;
+        let verdict = if xdp_action == XDP_DROP {
+            "drop"
+        } else {
+            "pass"
+        };
+        let decided = match outcome {
+            Outcome::Rule(index) => {
+                let rule = &rule_set.rules[index];
+                format!("rule {:?} ({})", rule.name, rule.action.name())
+            }
+            Outcome::Reason(why) => reason::NAMES[why as usize].replace('_', " "),
+        };
+        let would_drop = match outcome {
+            Outcome::Rule(index) => rule_set.rules[index].action == config::Action::Deny,
+            Outcome::Reason(why) => [
+                reason::DEFAULT_DENY,
+                reason::MALFORMED,
+                reason::FRAGMENT_DENY,
+            ]
+            .contains(&why),
+        };
+        let note = if config.filter.mode == config::Mode::Monitor && would_drop {
+            " (monitor mode: enforce would drop)"
+        } else {
+            ""
+        };
+        println!("{text}: {verdict} by {decided}{note}");
+    }
     Ok(())
 }
 

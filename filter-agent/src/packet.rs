@@ -289,3 +289,169 @@ mod tests {
         assert_eq!(frame.len(), 14 + 40 + 24 + 20);
     }
 }
+
+/// Parses a one-line packet description:
+/// `PROTO SRC[:PORT] -> DST[:PORT] [flags LETTERS] [type N] [code N] [vlan N]...`
+/// where PROTO is tcp, udp or icmp (ICMPv6 for IPv6 addresses), IPv6
+/// addresses with a port are bracketed (`[2001:db8::1]:443`) and flags are
+/// tcpdump's letters (S, A, F, R, P, U, E, C).
+pub fn parse_description(text: &str) -> Result<PacketSpec, String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let [proto, src, arrow, dst, rest @ ..] = words.as_slice() else {
+        return Err(format!("expected \"PROTO SRC -> DST ...\", got {text:?}"));
+    };
+    if *arrow != "->" {
+        return Err(format!(
+            "expected \"->\" between source and destination, got {arrow:?}"
+        ));
+    }
+    let (src, sport) = endpoint(src)?;
+    let (dst, dport) = endpoint(dst)?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err("source and destination must be of one address family".into());
+    }
+    let mut options = rest.chunks(2);
+    let (mut flags, mut icmp_type, mut code, mut vlans) = (0u8, 8u8, 0u8, Vec::new());
+    for pair in options.by_ref() {
+        let [key, value] = pair else {
+            return Err(format!("{:?} needs a value", pair[0]));
+        };
+        let number = |what: &str| {
+            value
+                .parse::<u16>()
+                .map_err(|_| format!("{what} {value:?} is not a number"))
+        };
+        match *key {
+            "flags" => flags = tcp_flags(value)?,
+            "type" => {
+                icmp_type = u8::try_from(number("type")?).map_err(|_| "type is 0-255".to_owned())?
+            }
+            "code" => {
+                code = u8::try_from(number("code")?).map_err(|_| "code is 0-255".to_owned())?
+            }
+            "vlan" => vlans.push(number("vlan")?),
+            other => {
+                return Err(format!(
+                    "unknown word {other:?}: use flags, type, code or vlan"
+                ));
+            }
+        }
+    }
+    let ports = |name: &str| match (sport, dport) {
+        (Some(sport), Some(dport)) => Ok((sport, dport)),
+        _ => Err(format!("{name} needs ports: SRC:PORT -> DST:PORT")),
+    };
+    let transport = match *proto {
+        "tcp" => {
+            let (sport, dport) = ports("tcp")?;
+            Transport::Tcp {
+                sport,
+                dport,
+                flags,
+            }
+        }
+        "udp" => {
+            let (sport, dport) = ports("udp")?;
+            Transport::Udp { sport, dport }
+        }
+        "icmp" | "icmpv6" => Transport::Icmp { icmp_type, code },
+        other => return Err(format!("unknown protocol {other:?}: use tcp, udp or icmp")),
+    };
+    let mut spec = PacketSpec::new(src, dst, transport);
+    spec.vlans = vlans;
+    Ok(spec)
+}
+
+/// `ADDR`, `ADDR:PORT`, `[V6]` or `[V6]:PORT`.
+fn endpoint(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    let bad = || format!("{text:?} is not ADDR, ADDR:PORT or [IPv6]:PORT");
+    let (addr, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').ok_or_else(bad)?;
+        (addr, after.strip_prefix(':'))
+    } else if text.matches(':').count() == 1 {
+        let (addr, port) = text.split_once(':').ok_or_else(bad)?;
+        (addr, Some(port))
+    } else {
+        (text, None)
+    };
+    let addr = addr.parse().map_err(|_| bad())?;
+    let port = port
+        .map(|port| port.parse().map_err(|_| bad()))
+        .transpose()?;
+    Ok((addr, port))
+}
+
+fn tcp_flags(letters: &str) -> Result<u8, String> {
+    letters.chars().try_fold(0u8, |flags, letter| {
+        let bit = match letter.to_ascii_uppercase() {
+            'F' => tcp_flag::FIN,
+            'S' => tcp_flag::SYN,
+            'R' => tcp_flag::RST,
+            'P' => tcp_flag::PSH,
+            'A' => tcp_flag::ACK,
+            'U' => tcp_flag::URG,
+            'E' => tcp_flag::ECE,
+            'C' => tcp_flag::CWR,
+            '.' => 0,
+            _ => {
+                return Err(format!(
+                    "unknown TCP flag letter {letter:?}: use S A F R P U E C"
+                ));
+            }
+        };
+        Ok(flags | bit)
+    })
+}
+
+#[cfg(test)]
+mod description_tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let spec = parse_description("tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA").unwrap();
+        assert_eq!(
+            spec.transport,
+            Transport::Tcp {
+                sport: 443,
+                dport: 51000,
+                flags: tcp_flag::SYN | tcp_flag::ACK
+            }
+        );
+        let spec = parse_description("udp [2001:db8::1]:53 -> [2001:db8::2]:40000 vlan 10 vlan 20")
+            .unwrap();
+        assert_eq!(
+            spec.transport,
+            Transport::Udp {
+                sport: 53,
+                dport: 40000
+            }
+        );
+        assert_eq!(spec.vlans, [10, 20]);
+        let spec = parse_description("icmp 2001:db8::1 -> 2001:db8::2 type 135 code 0").unwrap();
+        assert_eq!(
+            spec.transport,
+            Transport::Icmp {
+                icmp_type: 135,
+                code: 0
+            }
+        );
+        assert_eq!(spec.transport.proto(true), IPPROTO_ICMPV6);
+    }
+
+    #[test]
+    fn rejects_with_a_reason() {
+        for (text, needle) in [
+            ("tcp 1.2.3.4 -> 5.6.7.8", "needs ports"),
+            ("tcp 1.2.3.4:1 5.6.7.8:2", "expected"),
+            ("tcp 1.2.3.4:1 -> [::1]:2", "one address family"),
+            ("sctp 1.2.3.4:1 -> 5.6.7.8:2", "unknown protocol"),
+            ("tcp 1.2.3.4:1 -> 5.6.7.8:2 flags SX", "unknown TCP flag"),
+            ("tcp 1.2.3.4:1 -> 5.6.7.8:99999", "is not ADDR"),
+            ("tcp 1.2.3.4:1 -> 5.6.7.8:2 vlan", "needs a value"),
+        ] {
+            let err = parse_description(text).unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

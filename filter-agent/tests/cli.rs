@@ -93,3 +93,54 @@ fn check_accepts_and_rejects() {
     let output = agent(&["check", "--rules", bad.path().to_str().unwrap()]);
     assert_one_line_error(&output, 1, ":3:1: ");
 }
+
+#[test]
+fn test_command_reports_verdict_and_rule() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rules.toml");
+    let output = agent(&[
+        "test",
+        "--rules",
+        rules,
+        "--packet",
+        "tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA",
+        "--packet",
+        "udp 192.0.2.53:53 -> 10.0.0.11:20000",
+        "--packet",
+        "tcp [2001:db8:bad::1]:5000 -> [2001:db8::11]:22 flags S",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA: pass by rule \"tcp-return\" (allow)",
+            "udp 192.0.2.53:53 -> 10.0.0.11:20000: drop by default deny",
+            "tcp [2001:db8:bad::1]:5000 -> [2001:db8::11]:22 flags S: drop by rule \"blocklist\" (deny)",
+        ]
+    );
+    let monitor = rules_file("[filter]\ndefault = \"deny\"\nmode = \"monitor\"\n");
+    let output = agent(&[
+        "test",
+        "--rules",
+        monitor.path().to_str().unwrap(),
+        "--packet",
+        "udp 192.0.2.1:1 -> 192.0.2.2:2",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("pass by default deny (monitor mode: enforce would drop)"),
+        "{stdout}"
+    );
+    assert_one_line_error(
+        &agent(&[
+            "test",
+            "--rules",
+            rules,
+            "--packet",
+            "tcp 1.2.3.4 -> 5.6.7.8",
+        ]),
+        1,
+        "needs ports",
+    );
+}

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use filter_agent::{
     cli::{self, Cli, Command, RunArgs},
-    compile, config,
+    compile, config, lint,
     loader::Filter,
     packet, privileges,
     reference::Outcome,
@@ -67,11 +67,18 @@ fn init_logging() {
 
 fn check(rules: &std::path::Path) -> anyhow::Result<()> {
     let config = config::load(rules)?;
+    let rule_set = compile::compile(&config)?;
+    let warnings = lint::lint(&config);
+    for warning in &warnings {
+        println!("{warning}");
+    }
     println!(
-        "{}: ok ({} rules, default {})",
+        "{}: ok ({} rules, default {}, {} warnings, {:.1} MiB of maps)",
         rules.display(),
         config.rules.len(),
-        config.filter.default.name()
+        config.filter.default.name(),
+        warnings.len(),
+        rule_set.map_bytes() as f64 / f64::from(1 << 20),
     );
     Ok(())
 }

@@ -89,6 +89,10 @@ fn check_accepts_and_rejects() {
     let good = rules_file("[filter]\ndefault = \"deny\"\n");
     let output = agent(&["check", "--rules", good.path().to_str().unwrap()]);
     assert!(output.status.success(), "{output:?}");
+    // Valid, but a bare default deny cuts return traffic and SSH: warned, exit 0.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.matches("warning: ").count(), 3, "{stdout}");
+    assert!(stdout.contains("no rule allows SSH"), "{stdout}");
     let bad = rules_file("[filter]\ndefault = \"deny\"\nextra = 1\n");
     let output = agent(&["check", "--rules", bad.path().to_str().unwrap()]);
     assert_one_line_error(&output, 1, ":3:1: ");

@@ -3,7 +3,7 @@
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode},
+    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use filter_common::{Counter, fragments, names, reason};
 use thiserror::Error;
@@ -26,6 +26,8 @@ pub enum LoadError {
     MissingProgram,
     #[error("the kernel rejected the XDP program")]
     Program(#[from] ProgramError),
+    #[error("the filter is not attached to an interface")]
+    NotAttached,
     #[error("no network interface named `{0}`")]
     UnknownInterface(String),
     #[error(
@@ -52,6 +54,8 @@ pub enum LoadError {
 /// The loaded program and its maps. Dropping it detaches the program.
 pub struct Filter {
     ebpf: Ebpf,
+    /// The attachment, once attached.
+    link: Option<XdpLinkId>,
 }
 
 impl Filter {
@@ -107,7 +111,7 @@ impl Filter {
         let actions = rules.rules.iter().map(|rule| rule.action.raw());
         fill_array(&mut ebpf, names::RULE_ACTIONS, actions.enumerate())?;
         program_mut(&mut ebpf)?.load()?;
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, link: None })
     }
 
     /// Returns the aya-log reader for the program, if it logs at all.
@@ -124,21 +128,35 @@ impl Filter {
         let try_mode = |program: &mut Xdp, xdp_mode, name: &'static str| {
             program
                 .attach(iface, xdp_mode)
-                .map(|_| name)
+                .map(|link| (link, name))
                 .map_err(|source| LoadError::Attach {
                     iface: iface.to_owned(),
                     mode: name,
                     source,
                 })
         };
-        match mode {
+        let (link, name) = match mode {
             XdpModeArg::Native => try_mode(program, XdpMode::Driver, "native"),
             XdpModeArg::Skb => try_mode(program, XdpMode::Skb, "skb"),
             XdpModeArg::Auto => try_mode(program, XdpMode::Driver, "native").or_else(|err| {
                 tracing::warn!(%err, "native XDP unavailable; falling back to skb (generic) mode, which is slower");
                 try_mode(program, XdpMode::Skb, "skb")
             }),
-        }
+        }?;
+        self.link = Some(link);
+        Ok(name)
+    }
+
+    /// Puts `next` in this filter's place on its interface in one step (one
+    /// `bpf_link_update`): every packet is classified by the old rule set or
+    /// by the new one, never by a mixture, and the interface is never
+    /// unfiltered. Afterwards `self` is the new filter; the old one is
+    /// returned, detached, so its last counters can still be read.
+    pub fn replace_with(&mut self, mut next: Filter) -> Result<Filter, LoadError> {
+        let id = self.link.take().ok_or(LoadError::NotAttached)?;
+        let link = program_mut(&mut self.ebpf)?.take_link(id)?;
+        next.link = Some(program_mut(&mut next.ebpf)?.attach_to_link(link)?);
+        Ok(std::mem::replace(self, next))
     }
 
     /// Runs `frame` through the loaded program (BPF_PROG_TEST_RUN) and

@@ -174,8 +174,8 @@ impl PacketSpec {
         ip[12..16].copy_from_slice(&src.octets());
         ip[16..20].copy_from_slice(&dst.octets());
         ip.extend_from_slice(&options);
-        let checksum = internet_checksum(&ip);
-        ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+        let checksum = internet_checksum::checksum(&ip);
+        ip[10..12].copy_from_slice(&checksum);
         frame.extend_from_slice(&ip);
         frame.extend_from_slice(l4);
     }
@@ -226,17 +226,6 @@ pub fn arp_request() -> Vec<u8> {
     frame
 }
 
-fn internet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +252,7 @@ mod tests {
         assert_eq!(&frame[34..36], &443u16.to_be_bytes());
         assert_eq!(frame[34 + 13], 0x12);
         // A valid header checksums to zero.
-        assert_eq!(internet_checksum(&frame[14..34]), 0);
+        assert_eq!(internet_checksum::checksum(&frame[14..34]), [0, 0]);
     }
 
     #[test]

@@ -131,8 +131,8 @@ pub fn icmp_echo(ns: &Netns, to: IpAddr) -> Result<bool, TestbedError> {
         let mut request = [request_type, 0, 0, 0, (id >> 8) as u8, id as u8, 0, 1];
         if to.is_ipv4() {
             // The kernel fills in the checksum for ICMPv6 only.
-            let checksum = internet_checksum(&request);
-            request[2..4].copy_from_slice(&checksum.to_be_bytes());
+            let checksum = internet_checksum::checksum(&request);
+            request[2..4].copy_from_slice(&checksum);
         }
         socket.send_to(&request, &SocketAddr::new(to, 0).into())?;
         let deadline = Instant::now() + TIMEOUT;
@@ -172,17 +172,6 @@ fn unspecified(like: IpAddr) -> IpAddr {
         IpAddr::V4(_) => IpAddr::from([0u8; 4]),
         IpAddr::V6(_) => IpAddr::from([0u8; 16]),
     }
-}
-
-fn internet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 fn socket_error(ns: &Netns, source: io::Error) -> TestbedError {

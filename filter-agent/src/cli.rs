@@ -39,6 +39,19 @@ pub enum Command {
         #[arg(long, required = true)]
         packet: Vec<String>,
     },
+    /// Run every packet of a pcap/pcapng capture (Ethernet) through the real
+    /// XDP program and print per-rule hits and a verdict summary.
+    Replay {
+        /// The rules file (TOML).
+        #[arg(long)]
+        rules: PathBuf,
+        /// The capture file.
+        #[arg(long)]
+        pcap: PathBuf,
+        /// One JSON object per packet instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Running the filter: the default when no subcommand is given.

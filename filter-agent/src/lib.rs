@@ -7,5 +7,6 @@ pub mod config;
 pub mod lint;
 pub mod loader;
 pub mod packet;
+pub mod pcap;
 pub mod privileges;
 pub mod reference;

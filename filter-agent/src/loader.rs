@@ -5,7 +5,7 @@ use aya::{
     maps::{Array, MapError, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
-use filter_common::{Counter, fragments, names, reason};
+use filter_common::{Counter, DECISION_RULE, fragments, names, reason};
 use thiserror::Error;
 
 use crate::{
@@ -63,6 +63,18 @@ impl Filter {
     /// a fresh program and maps sized for this rule set, filled before the
     /// program can see a packet.
     pub fn load(rules: &RuleSet) -> Result<Self, LoadError> {
+        Self::load_with(rules, false)
+    }
+
+    /// Loads an instance that records each verdict's slot, for
+    /// [`Filter::trace_frame`] (`filter-agent test` and `replay`). Never
+    /// attached: tracing costs a map write per packet.
+    pub fn load_traced(rules: &RuleSet) -> Result<Self, LoadError> {
+        Self::load_with(rules, true)
+    }
+
+    fn load_with(rules: &RuleSet, trace: bool) -> Result<Self, LoadError> {
+        let trace = u32::from(trace);
         let settings = &rules.settings;
         let default_action = settings.default.raw();
         let mode = settings.mode.raw();
@@ -78,6 +90,7 @@ impl Filter {
             .override_global(names::MODE, &mode, true)
             .override_global(names::FRAGMENTS, &fragments, true)
             .override_global(names::CHUNKS, &rules.chunks, true)
+            .override_global(names::TRACE, &trace, true)
             .map_max_entries(names::SRC_NODES, entries(rules.src.blocks.len()))
             .map_max_entries(names::DST_NODES, entries(rules.dst.blocks.len()))
             .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
@@ -182,6 +195,24 @@ impl Filter {
             .ok_or(LoadError::MissingProgram)?
             .try_into()?;
         time_program(program, frame, repeat)
+    }
+
+    /// Runs `frame` through an instance from [`Filter::load_traced`] and
+    /// reports the XDP action and the slot the program recorded: one map
+    /// read, however many rules there are.
+    pub fn trace_frame(&self, frame: &[u8]) -> Result<(u32, Outcome), LoadError> {
+        let action = self.run_packet(frame)?;
+        let map = self
+            .ebpf
+            .map(names::LAST_DECISION)
+            .ok_or_else(|| missing_map(names::LAST_DECISION))?;
+        let decision = Array::<_, u32>::try_from(map)?.get(&0, 0)?;
+        let outcome = if decision & DECISION_RULE != 0 {
+            Outcome::Rule((decision & !DECISION_RULE) as usize)
+        } else {
+            Outcome::Reason(decision)
+        };
+        Ok((action, outcome))
     }
 
     /// Runs `frame` through the program and reports the XDP action and the

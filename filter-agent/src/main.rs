@@ -1,7 +1,10 @@
 //! filter-agent: loads the stateless XDP filter onto an interface and keeps
 //! it there until told to stop.
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -16,7 +19,7 @@ use filter_agent::{
     cli::{self, Cli, Command, RunArgs},
     compile, config, lint,
     loader::Filter,
-    packet, privileges,
+    packet, pcap, privileges,
     reference::Outcome,
 };
 
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check { rules }) => check(&rules),
         Some(Command::Test { rules, packet }) => test_packets(&rules, &packet),
+        Some(Command::Replay { rules, pcap, json }) => replay(&rules, &pcap, json),
         None => run(cli.run),
     };
     match result {
@@ -95,9 +99,9 @@ fn test_packets(rules: &std::path::Path, packets: &[String]) -> anyhow::Result<(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rule_set = compile::compile(&config)?;
     privileges::check()?;
-    let filter = Filter::load(&rule_set).context("loading the XDP program")?;
+    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
     for (text, spec) in packets.iter().zip(specs) {
-        let (xdp_action, outcome) = filter.classify_frame(&spec.build())?;
+        let (xdp_action, outcome) = filter.trace_frame(&spec.build())?;
         let verdict = if xdp_action == XDP_DROP {
             "drop"
         } else {
@@ -126,6 +130,102 @@ fn test_packets(rules: &std::path::Path, packets: &[String]) -> anyhow::Result<(
         };
         println!("{text}: {verdict} by {decided}{note}");
     }
+    Ok(())
+}
+
+/// One line of `replay --json`.
+#[derive(serde::Serialize)]
+struct ReplayedPacket<'a> {
+    packet: u64,
+    /// What the program returned: "pass" or "drop".
+    verdict: &'static str,
+    /// What enforce mode does: "allow" or "deny" (differs from the verdict
+    /// in monitor mode).
+    action: &'static str,
+    /// The deciding rule, or null when no rule decided.
+    rule: Option<&'a str>,
+    /// "rule", or why no rule decided: "default_deny", "malformed", ...
+    reason: &'static str,
+}
+
+/// `filter-agent replay`: every packet of a capture through the program.
+fn replay(rules: &std::path::Path, capture: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let config = config::load(rules)?;
+    let rule_set = compile::compile(&config)?;
+    privileges::check()?;
+    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
+    let mut rule_hits = vec![0u64; rule_set.rules.len()];
+    let mut reason_hits = [0u64; reason::COUNT as usize];
+    let (mut passed, mut dropped, mut number) = (0u64, 0u64, 0u64);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    pcap::for_each_frame(capture, |frame| -> anyhow::Result<()> {
+        number += 1;
+        let (xdp_action, outcome) = filter.trace_frame(frame)?;
+        let verdict = if xdp_action == XDP_DROP {
+            dropped += 1;
+            "drop"
+        } else {
+            passed += 1;
+            "pass"
+        };
+        let (rule, reason, action) = match outcome {
+            Outcome::Rule(index) => {
+                rule_hits[index] += 1;
+                let rule = &rule_set.rules[index];
+                (Some(rule.name.as_str()), "rule", rule.action.name())
+            }
+            Outcome::Reason(why) => {
+                reason_hits[why as usize] += 1;
+                let denies = [
+                    reason::DEFAULT_DENY,
+                    reason::MALFORMED,
+                    reason::FRAGMENT_DENY,
+                ];
+                (
+                    None,
+                    reason::NAMES[why as usize],
+                    if denies.contains(&why) {
+                        "deny"
+                    } else {
+                        "allow"
+                    },
+                )
+            }
+        };
+        if json {
+            let line = ReplayedPacket {
+                packet: number,
+                verdict,
+                action,
+                rule,
+                reason,
+            };
+            writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        }
+        Ok(())
+    })?;
+    if !json {
+        writeln!(
+            out,
+            "{}: {number} packets, {passed} passed, {dropped} dropped",
+            capture.display()
+        )?;
+        for (rule, hits) in rule_set.rules.iter().zip(&rule_hits) {
+            writeln!(
+                out,
+                "  {hits:>10}  rule {:?} ({})",
+                rule.name,
+                rule.action.name()
+            )?;
+        }
+        for (name, hits) in reason::NAMES.iter().zip(reason_hits) {
+            if hits > 0 {
+                writeln!(out, "  {hits:>10}  {}", name.replace('_', " "))?;
+            }
+        }
+    }
+    out.flush()?;
     Ok(())
 }
 

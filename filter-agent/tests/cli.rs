@@ -148,3 +148,114 @@ fn test_command_reports_verdict_and_rule() {
         "needs ports",
     );
 }
+
+#[test]
+fn replay_reports_per_rule_hits_and_json_lines() {
+    use filter_agent::packet::{PacketSpec, Transport, tcp_flag};
+    use pcap_file::pcap::{PcapPacket, PcapWriter};
+
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rules.toml");
+    let frames = [
+        PacketSpec::new(
+            "203.0.113.5".parse().unwrap(),
+            "10.0.0.11".parse().unwrap(),
+            Transport::Tcp {
+                sport: 443,
+                dport: 51000,
+                flags: tcp_flag::ACK,
+            },
+        )
+        .build(),
+        PacketSpec::new(
+            "192.0.2.53".parse().unwrap(),
+            "10.0.0.11".parse().unwrap(),
+            Transport::Udp {
+                sport: 53,
+                dport: 20000,
+            },
+        )
+        .build(),
+        PacketSpec::new(
+            "198.51.100.1".parse().unwrap(),
+            "10.0.0.11".parse().unwrap(),
+            Transport::Tcp {
+                sport: 1,
+                dport: 22,
+                flags: tcp_flag::SYN,
+            },
+        )
+        .build(),
+    ];
+    let capture = tempfile::NamedTempFile::new().unwrap();
+    let mut writer = PcapWriter::new(capture.reopen().unwrap()).unwrap();
+    for frame in &frames {
+        writer
+            .write_packet(&PcapPacket::new(
+                std::time::Duration::ZERO,
+                frame.len() as u32,
+                frame,
+            ))
+            .unwrap();
+    }
+    drop(writer);
+    let capture = capture.path().to_str().unwrap();
+
+    let output = agent(&["replay", "--rules", rules, "--pcap", capture]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.starts_with(&format!("{capture}: 3 packets, 1 passed, 2 dropped\n")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("         1  rule \"tcp-return\" (allow)\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("         1  rule \"blocklist\" (deny)\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("         1  default deny\n"), "{stdout}");
+
+    let output = agent(&["replay", "--rules", rules, "--pcap", capture, "--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"packet": 1, "verdict": "pass", "action": "allow", "rule": "tcp-return", "reason": "rule"})
+    );
+    assert_eq!(
+        lines[1],
+        serde_json::json!({"packet": 2, "verdict": "drop", "action": "deny", "rule": null, "reason": "default_deny"})
+    );
+    assert_eq!(lines[2]["rule"], "blocklist");
+
+    let monitor = rules_file("[filter]\ndefault = \"deny\"\nmode = \"monitor\"\n");
+    let output = agent(&[
+        "replay",
+        "--rules",
+        monitor.path().to_str().unwrap(),
+        "--pcap",
+        capture,
+        "--json",
+    ]);
+    let first: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (first["verdict"].as_str(), first["action"].as_str()),
+        (Some("pass"), Some("deny"))
+    );
+
+    assert_one_line_error(
+        &agent(&["replay", "--rules", rules, "--pcap", "/nonexistent.pcap"]),
+        1,
+        "cannot read capture /nonexistent.pcap",
+    );
+}

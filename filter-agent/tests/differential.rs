@@ -273,7 +273,7 @@ fn kernel_agrees_with_reference() {
     let mut checked = 0;
     for set in 0..RULE_SETS {
         let config = random_config(&mut rng);
-        let filter = Filter::load(&compile(&config).unwrap())
+        let filter = Filter::load_traced(&compile(&config).unwrap())
             .unwrap_or_else(|err| panic!("seed {seed}, set {set}: {err:?}"));
         for _ in 0..FRAMES_PER_SET {
             let frame = random_frame(&mut rng);
@@ -287,6 +287,12 @@ fn kernel_agrees_with_reference() {
                 expected_outcome,
             );
             let got = filter.classify_frame(&frame).unwrap();
+            // What the program recorded is what it counted.
+            assert_eq!(
+                filter.trace_frame(&frame).unwrap(),
+                got,
+                "DIFFERENTIAL_SEED={seed}"
+            );
             assert_eq!(
                 got,
                 expected,

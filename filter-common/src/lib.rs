@@ -51,6 +51,10 @@ pub mod reason {
     ];
 }
 
+/// `LAST_DECISION` (written only when `TRACE` is set at load time): the
+/// counter slot of the last verdict: a `reason`, or `DECISION_RULE | index`.
+pub const DECISION_RULE: u32 = 1 << 31;
+
 /// `FRAGMENTS` global: what to do with non-first fragments.
 pub mod fragments {
     /// Match rules that have no port, flag or ICMP conditions.
@@ -128,6 +132,8 @@ pub mod names {
     pub const MODE: &str = "MODE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const CHUNKS: &str = "CHUNKS";
+    pub const TRACE: &str = "TRACE";
+    pub const LAST_DECISION: &str = "LAST_DECISION";
 }
 
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);

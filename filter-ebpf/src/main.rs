@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::error;
-use filter_common::{Counter, action, fragments, mode, reason};
+use filter_common::{Counter, DECISION_RULE, action, fragments, mode, reason};
 
 use crate::parse::{Frame, parse};
 
@@ -32,6 +32,15 @@ static MODE: Global<u32> = Global::new(mode::ENFORCE);
 /// `fragments::*`: non-first fragments; set by the agent at load time.
 #[unsafe(no_mangle)]
 static FRAGMENTS: Global<u32> = Global::new(fragments::MATCH_L3);
+
+/// Non-zero only in instances loaded for `filter-agent test`/`replay`: the
+/// verifier sees the frozen value and drops the tracing code otherwise.
+#[unsafe(no_mangle)]
+static TRACE: Global<u32> = Global::new(0);
+
+/// The last verdict's slot, when tracing (see `filter_common::DECISION_RULE`).
+#[map]
+static LAST_DECISION: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU packet/byte counters, indexed by `filter_common::reason`.
 #[map]
@@ -90,10 +99,15 @@ fn classify(ctx: &XdpContext) -> (Slot, u32) {
 #[inline(always)]
 fn finish(ctx: &XdpContext, slot: Slot, act: u32) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let counter = match slot {
-        Slot::Reason(why) => STATS.get_ptr_mut(why),
-        Slot::Rule(rule) => RULE_STATS.get_ptr_mut(rule),
+    let (counter, decision) = match slot {
+        Slot::Reason(why) => (STATS.get_ptr_mut(why), why),
+        Slot::Rule(rule) => (RULE_STATS.get_ptr_mut(rule), DECISION_RULE | rule),
     };
+    if TRACE.load() != 0
+        && let Some(last) = LAST_DECISION.get_ptr_mut(0)
+    {
+        unsafe { *last = decision };
+    }
     match counter {
         Some(counter) => unsafe {
             (*counter).packets += 1;

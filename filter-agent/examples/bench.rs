@@ -34,10 +34,32 @@ struct Row {
     compile_apply_ms: f64,
 }
 
+/// One line of the address-set table.
+#[derive(serde::Serialize)]
+struct SetRow {
+    prefixes: usize,
+    ns_per_packet: f64,
+    kernel_lpm_ns_per_packet: f64,
+    load_s: f64,
+    kernel_lpm_load_s: f64,
+    map_bytes: usize,
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    empty_program_ns: f64,
+    rules: Vec<Row>,
+    sets: Vec<SetRow>,
+}
+
+/// The `empty` and `lpm` reference programs (filter-ebpf/src/baseline.rs).
+static BASELINE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
+
 struct Options {
     runs: usize,
     repeat: u32,
     sizes: Vec<usize>,
+    set_sizes: Vec<usize>,
     json: Option<PathBuf>,
 }
 
@@ -46,6 +68,7 @@ fn options() -> anyhow::Result<Options> {
         runs: 5,
         repeat: 20_000,
         sizes: vec![10, 100, 1_000, 10_000],
+        set_sizes: vec![100_000, 1_000_000],
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -300,6 +323,119 @@ impl Drop for XdpFilter {
     }
 }
 
+/// Random IPv4 prefixes, mostly /24 as in real block lists.
+fn prefixes(rng: &mut StdRng, count: usize) -> Vec<Ipv4Net> {
+    (0..count)
+        .map(|_| {
+            let len = *[16u8, 20, 22, 24, 24, 24, 24, 24, 28, 32]
+                .choose(rng)
+                .unwrap();
+            Ipv4Net::new(Ipv4Addr::from(rng.random::<u32>()), len)
+                .unwrap()
+                .trunc()
+        })
+        .collect()
+}
+
+/// Half the frames from inside listed prefixes, half from anywhere.
+fn set_frames(rng: &mut StdRng, nets: &[Ipv4Net], count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let src = if i % 2 == 0 {
+                let net = nets.choose(rng).unwrap();
+                Ipv4Addr::from(
+                    u32::from(net.network()) | rng.random::<u32>() & !u32::from(net.netmask()),
+                )
+            } else {
+                Ipv4Addr::from(rng.random::<u32>())
+            };
+            let transport = Transport::Tcp {
+                sport: 40000,
+                dport: 443,
+                flags: tcp_flag::SYN,
+            };
+            PacketSpec::new(src.into(), Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
+        })
+        .collect()
+}
+
+/// A set of `count` prefixes behind one deny rule, against the same
+/// prefixes in a kernel LPM trie.
+fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Result<SetRow> {
+    let nets = prefixes(rng, count);
+    let frames = set_frames(rng, &nets, 60);
+    let list = Arc::new(AddressList {
+        set: Some("bench".into()),
+        nets: nets.iter().map(|&n| IpNet::V4(n)).collect(),
+    });
+    let mut config = rule_set(rng, 1);
+    config.filter.default = Action::Allow;
+    config.rules[0] = Rule {
+        src: Some(list),
+        dst: None,
+        proto: None,
+        sport: None,
+        dport: None,
+        action: Action::Deny,
+        ..config.rules[0].clone()
+    };
+    let started = Instant::now();
+    let rule_set = compile(&config)?;
+    let filter = Filter::load(&rule_set)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let ns = measure(options.runs, &frames, |frame| {
+        Ok(filter.time_packet(frame, options.repeat)?)
+    })?;
+    drop(filter);
+
+    let started = Instant::now();
+    let mut baseline = aya::EbpfLoader::new()
+        .map_max_entries("PREFIXES", count as u32)
+        .load(BASELINE_OBJECT)?;
+    let mut trie = aya::maps::LpmTrie::<_, [u8; 4], u32>::try_from(
+        baseline.map_mut("PREFIXES").context("PREFIXES map")?,
+    )?;
+    for net in &nets {
+        trie.insert(
+            &aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets()),
+            1,
+            0,
+        )?;
+    }
+    let lpm: &mut Xdp = baseline
+        .program_mut("lpm")
+        .context("lpm program")?
+        .try_into()?;
+    lpm.load()?;
+    let kernel_lpm_load_s = started.elapsed().as_secs_f64();
+    let lpm: &Xdp = baseline.program("lpm").context("lpm program")?.try_into()?;
+    let kernel_lpm_ns = measure(options.runs, &frames, |frame| {
+        Ok(time_program(lpm, frame, options.repeat)?)
+    })?;
+    Ok(SetRow {
+        prefixes: count,
+        ns_per_packet: ns,
+        kernel_lpm_ns_per_packet: kernel_lpm_ns,
+        load_s,
+        kernel_lpm_load_s,
+        map_bytes: rule_set.map_bytes(),
+    })
+}
+
+/// BPF_PROG_TEST_RUN of a program that does nothing: the floor under
+/// every other number.
+fn empty_program_ns(options: &Options, frames: &[Vec<u8>]) -> anyhow::Result<f64> {
+    let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
+    let empty: &mut Xdp = baseline
+        .program_mut("empty")
+        .context("empty program")?
+        .try_into()?;
+    empty.load()?;
+    measure(options.runs, frames, |frame| {
+        Ok(time_program(empty, frame, options.repeat)?)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let options = options()?;
     let mut rng = StdRng::seed_from_u64(7);
@@ -357,8 +493,35 @@ fn main() -> anyhow::Result<()> {
         });
         drop(filter);
     }
+    let small = rule_set(&mut rng, 10);
+    let empty_ns = empty_program_ns(&options, &packet_mix(&mut rng, &small, 60))?;
+    println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {empty_ns:.1} ns");
+
+    println!(
+        "\n{:>9} {:>16} {:>14} {:>12} {:>14} {:>9}",
+        "prefixes", "filter-agent ns", "kernel LPM ns", "load s", "LPM load s", "map MiB"
+    );
+    let mut sets = Vec::new();
+    for &count in &options.set_sizes {
+        let row = measure_set(&options, &mut rng, count)?;
+        println!(
+            "{:>9} {:>16.1} {:>14.1} {:>12.2} {:>14.2} {:>9.1}",
+            row.prefixes,
+            row.ns_per_packet,
+            row.kernel_lpm_ns_per_packet,
+            row.load_s,
+            row.kernel_lpm_load_s,
+            row.map_bytes as f64 / (1 << 20) as f64
+        );
+        sets.push(row);
+    }
     if let Some(path) = options.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+        let report = Report {
+            empty_program_ns: empty_ns,
+            rules: rows,
+            sets,
+        };
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         println!("written to {}", path.display());
     }
     Ok(())

@@ -65,7 +65,7 @@ struct Options {
 
 fn options() -> anyhow::Result<Options> {
     let mut options = Options {
-        runs: 5,
+        runs: 7,
         repeat: 20_000,
         sizes: vec![10, 100, 1_000, 10_000],
         set_sizes: vec![100_000, 1_000_000],
@@ -227,22 +227,43 @@ fn packet_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Median over runs of the mean ns/packet over the mix.
-fn measure(
-    runs: usize,
-    frames: &[Vec<u8>],
-    time: impl Fn(&[u8]) -> anyhow::Result<Duration>,
-) -> anyhow::Result<f64> {
-    let mut means = Vec::with_capacity(runs);
+/// A program to time, and the frames to time it on.
+struct Subject<'a> {
+    frames: &'a [Vec<u8>],
+    time: Box<dyn Fn(&[u8]) -> anyhow::Result<Duration> + 'a>,
+}
+
+/// Mean ns/packet over each subject's frames, median over `runs` rounds.
+/// Every round times every subject, so drift on a shared VM hits all of
+/// them alike instead of whichever happened to run during it.
+fn measure(runs: usize, subjects: &[Subject<'_>]) -> anyhow::Result<Vec<f64>> {
+    let mut means = vec![Vec::with_capacity(runs); subjects.len()];
     for _ in 0..runs {
-        let mut total = 0.0;
-        for frame in frames {
-            total += time(frame)?.as_nanos() as f64;
+        for (subject, means) in subjects.iter().zip(&mut means) {
+            let mut total = 0.0;
+            for frame in subject.frames {
+                total += (subject.time)(frame)?.as_nanos() as f64;
+            }
+            means.push(total / subject.frames.len() as f64);
         }
-        means.push(total / frames.len() as f64);
     }
-    means.sort_by(f64::total_cmp);
-    Ok(means[means.len() / 2])
+    Ok(means
+        .into_iter()
+        .map(|mut means| {
+            means.sort_by(f64::total_cmp);
+            means[means.len() / 2]
+        })
+        .collect())
+}
+
+/// BPF_PROG_TEST_RUN runs on the calling CPU: stay on one.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; the calls only read `set`.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 /// xdp-filter loaded on a throwaway veth with exact-match entries taken
@@ -366,7 +387,7 @@ fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Res
     let frames = set_frames(rng, &nets, 60);
     let list = Arc::new(AddressList {
         set: Some("bench".into()),
-        nets: nets.iter().map(|&n| IpNet::V4(n)).collect(),
+        nets: nets.iter().map(|&net| IpNet::V4(net)).collect(),
     });
     let mut config = rule_set(rng, 1);
     config.filter.default = Action::Allow;
@@ -383,24 +404,17 @@ fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Res
     let rule_set = compile(&config)?;
     let filter = Filter::load(&rule_set)?;
     let load_s = started.elapsed().as_secs_f64();
-    let ns = measure(options.runs, &frames, |frame| {
-        Ok(filter.time_packet(frame, options.repeat)?)
-    })?;
-    drop(filter);
 
     let started = Instant::now();
     let mut baseline = aya::EbpfLoader::new()
         .map_max_entries("PREFIXES", count as u32)
         .load(BASELINE_OBJECT)?;
-    let mut trie = aya::maps::LpmTrie::<_, [u8; 4], u32>::try_from(
-        baseline.map_mut("PREFIXES").context("PREFIXES map")?,
-    )?;
+    let map = baseline.map_mut("PREFIXES").context("PREFIXES map")?;
+    let mut trie = aya::maps::LpmTrie::<_, [u8; 4], u32>::try_from(map)?;
     for net in &nets {
-        trie.insert(
-            &aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            1,
-            0,
-        )?;
+        let key =
+            aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets());
+        trie.insert(&key, 1, 0)?;
     }
     let lpm: &mut Xdp = baseline
         .program_mut("lpm")
@@ -409,93 +423,137 @@ fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Res
     lpm.load()?;
     let kernel_lpm_load_s = started.elapsed().as_secs_f64();
     let lpm: &Xdp = baseline.program("lpm").context("lpm program")?.try_into()?;
-    let kernel_lpm_ns = measure(options.runs, &frames, |frame| {
-        Ok(time_program(lpm, frame, options.repeat)?)
-    })?;
+
+    let repeat = options.repeat;
+    let measured = measure(
+        options.runs,
+        &[
+            Subject {
+                frames: &frames,
+                time: Box::new(|frame| Ok(filter.time_packet(frame, repeat)?)),
+            },
+            Subject {
+                frames: &frames,
+                time: Box::new(|frame| Ok(time_program(lpm, frame, repeat)?)),
+            },
+        ],
+    )?;
     Ok(SetRow {
         prefixes: count,
-        ns_per_packet: ns,
-        kernel_lpm_ns_per_packet: kernel_lpm_ns,
+        ns_per_packet: measured[0],
+        kernel_lpm_ns_per_packet: measured[1],
         load_s,
         kernel_lpm_load_s,
         map_bytes: rule_set.map_bytes(),
     })
 }
 
-/// BPF_PROG_TEST_RUN of a program that does nothing: the floor under
-/// every other number.
-fn empty_program_ns(options: &Options, frames: &[Vec<u8>]) -> anyhow::Result<f64> {
+/// A rule set loaded for measurement.
+struct Loaded {
+    size: usize,
+    config: Config,
+    frames: Vec<Vec<u8>>,
+    filter: Filter,
+    map_bytes: usize,
+    apply_ms: f64,
+}
+
+fn load_rule_set(rng: &mut StdRng, size: usize) -> anyhow::Result<Loaded> {
+    let config = rule_set(rng, size);
+    let frames = packet_mix(rng, &config, 60);
+    let started = Instant::now();
+    let rule_set = compile(&config)?;
+    let filter = Filter::load(&rule_set)?;
+    let apply_ms = started.elapsed().as_secs_f64() * 1e3;
+    // The benchmark is only meaningful if the program decides right.
+    for frame in &frames {
+        let (outcome, _) = reference::classify(&config, frame);
+        let (_, got) = filter.classify_frame(frame)?;
+        if got != outcome {
+            bail!("{size} rules: kernel says {got:?}, reference {outcome:?}");
+        }
+    }
+    Ok(Loaded {
+        size,
+        config,
+        frames,
+        filter,
+        map_bytes: rule_set.map_bytes(),
+        apply_ms,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = options()?;
+    pin_to_cpu(0);
+    let mut rng = StdRng::seed_from_u64(7);
+    let loaded = options
+        .sizes
+        .iter()
+        .map(|&size| load_rule_set(&mut rng, size))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first = loaded.first().context("no rule-set sizes")?;
+    // xdp-filter with the smallest set's exact-match entries, on its frames.
+    let xdp_filter = XdpFilter::load(&first.config)
+        .map_err(|err| eprintln!("xdp-filter not measured: {err:#}"))
+        .ok();
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = baseline
         .program_mut("empty")
         .context("empty program")?
         .try_into()?;
     empty.load()?;
-    measure(options.runs, frames, |frame| {
-        Ok(time_program(empty, frame, options.repeat)?)
-    })
-}
+    let empty: &Xdp = baseline
+        .program("empty")
+        .context("empty program")?
+        .try_into()?;
 
-fn main() -> anyhow::Result<()> {
-    let options = options()?;
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut rows = Vec::new();
-    let mut xdp_filter_ns = None;
+    let repeat = options.repeat;
+    let mut subjects: Vec<Subject<'_>> = loaded
+        .iter()
+        .map(|set| Subject {
+            frames: &set.frames,
+            time: Box::new(|frame| Ok(set.filter.time_packet(frame, repeat)?)),
+        })
+        .collect();
+    subjects.push(Subject {
+        frames: &first.frames,
+        time: Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
+    });
+    if let Some((_, program)) = &xdp_filter {
+        subjects.push(Subject {
+            frames: &first.frames,
+            time: Box::new(|frame| Ok(time_program(program, frame, repeat)?)),
+        });
+    }
+    let measured = measure(options.runs, &subjects)?;
+    let empty_ns = measured[loaded.len()];
+    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 1]);
+
     println!(
         "{:>7} {:>16} {:>14} {:>12} {:>18}",
         "rules", "filter-agent ns", "xdp-filter ns", "map MiB", "compile+apply ms"
     );
-    for &size in &options.sizes {
-        let config = rule_set(&mut rng, size);
-        let frames = packet_mix(&mut rng, &config, 60);
-        let started = Instant::now();
-        let rule_set = compile(&config)?;
-        let filter = Filter::load(&rule_set)?;
-        let apply_ms = started.elapsed().as_secs_f64() * 1e3;
-        // The benchmark is only meaningful if the program decides right.
-        for frame in &frames {
-            let (outcome, _) = reference::classify(&config, frame);
-            let (_, got) = filter.classify_frame(frame)?;
-            if got != outcome {
-                bail!("{size} rules: kernel says {got:?}, reference {outcome:?}");
-            }
-        }
-        let ns = measure(options.runs, &frames, |frame| {
-            Ok(filter.time_packet(frame, options.repeat)?)
-        })?;
-        let peer = if xdp_filter_ns.is_none() {
-            match XdpFilter::load(&config) {
-                Ok((_guard, program)) => {
-                    let measured = measure(options.runs, &frames, |frame| {
-                        Ok(time_program(&program, frame, options.repeat)?)
-                    })?;
-                    xdp_filter_ns = Some(measured);
-                    Some(measured)
-                }
-                Err(err) => {
-                    eprintln!("xdp-filter not measured: {err:#}");
-                    xdp_filter_ns = Some(f64::NAN);
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let map_mib = rule_set.map_bytes() as f64 / (1 << 20) as f64;
+    let mut rows = Vec::new();
+    for (index, (set, ns)) in loaded.iter().zip(&measured).enumerate() {
+        let peer = xdp_filter_ns.filter(|_| index == 0);
         let peer_text = peer.map_or("-".to_owned(), |ns| format!("{ns:.1}"));
-        println!("{size:>7} {ns:>16.1} {peer_text:>14} {map_mib:>12.2} {apply_ms:>18.1}");
+        let map_mib = set.map_bytes as f64 / (1 << 20) as f64;
+        println!(
+            "{:>7} {ns:>16.1} {peer_text:>14} {map_mib:>12.2} {:>18.1}",
+            set.size, set.apply_ms
+        );
         rows.push(Row {
-            rules: size,
-            ns_per_packet: ns,
+            rules: set.size,
+            ns_per_packet: *ns,
             xdp_filter_ns_per_packet: peer,
-            map_bytes: rule_set.map_bytes(),
-            compile_apply_ms: apply_ms,
+            map_bytes: set.map_bytes,
+            compile_apply_ms: set.apply_ms,
         });
-        drop(filter);
     }
-    let small = rule_set(&mut rng, 10);
-    let empty_ns = empty_program_ns(&options, &packet_mix(&mut rng, &small, 60))?;
     println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {empty_ns:.1} ns");
+    drop(subjects);
+    drop(loaded);
 
     println!(
         "\n{:>9} {:>16} {:>14} {:>12} {:>14} {:>9}",

@@ -260,7 +260,11 @@ fn bad_rules_attach_nothing() {
     let pair = Pair::create("bad").unwrap();
     let _responder = Responder::start(&pair.server, PORT).unwrap();
     let mut rules = tempfile::NamedTempFile::new().unwrap();
-    writeln!(rules, "[filter]\ndefault = \"deny\"\n[[rule]]\nname = \"x\"\naction = \"allow\"\ndport = 22").unwrap();
+    writeln!(
+        rules,
+        "[filter]\ndefault = \"deny\"\n[[rule]]\nname = \"x\"\naction = \"allow\"\ndport = 22"
+    )
+    .unwrap();
     let output = pair
         .server
         .command(env!("CARGO_BIN_EXE_filter-agent"))
@@ -270,7 +274,10 @@ fn bad_rules_attach_nothing() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(":6:9: rule \"x\": dport needs proto"), "{stderr}");
+    assert!(
+        stderr.contains(":6:9: rule \"x\": dport needs proto"),
+        "{stderr}"
+    );
     let link = pair.server.ip(&["link", "show", &pair.server_if]).unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
     assert!(traffic::tcp_exchange(&pair.client, service(Pair::SERVER_V4), None).unwrap());

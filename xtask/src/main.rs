@@ -30,7 +30,7 @@ enum Task {
     /// writes target/bench.json. Never part of CI's pass/fail.
     Bench {
         /// Measurement runs per rule-set size (the median is reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 7)]
         runs: u32,
         /// BPF_PROG_TEST_RUN repetitions per frame and run.
         #[arg(long, default_value_t = 20_000)]

@@ -227,10 +227,13 @@ fn packet_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Times one frame through one program.
+type Timer<'a> = Box<dyn Fn(&[u8]) -> anyhow::Result<Duration> + 'a>;
+
 /// A program to time, and the frames to time it on.
 struct Subject<'a> {
     frames: &'a [Vec<u8>],
-    time: Box<dyn Fn(&[u8]) -> anyhow::Result<Duration> + 'a>,
+    time: Timer<'a>,
 }
 
 /// Mean ns/packet over each subject's frames, median over `runs` rounds.

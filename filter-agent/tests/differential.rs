@@ -23,8 +23,8 @@ use filter_agent::{
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
-const RULE_SETS: usize = 300;
-const FRAMES_PER_SET: usize = 150;
+const RULE_SETS: usize = 1_000;
+const FRAMES_PER_SET: usize = 60;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 

@@ -167,8 +167,8 @@ fn ssh_cut(config: &Config) -> Vec<Warning> {
             return vec![Warning {
                 location: Some(rule.location.clone()),
                 message: format!(
-                    "rule {:?} denies SSH (tcp/22) from everywhere and no earlier rule allows it: \
-                     check your management path",
+                    "rule {:?} denies new SSH connections (TCP SYN to port 22) from everywhere and \
+                     no earlier rule allows them: check your management path",
                     rule.name
                 ),
             }];
@@ -177,7 +177,7 @@ fn ssh_cut(config: &Config) -> Vec<Warning> {
     if config.filter.default == Action::Deny {
         return vec![Warning {
             location: None,
-            message: "default deny and no rule allows SSH (tcp/22): check your management path"
+            message: "default deny and no rule allows new SSH connections (TCP SYN to port 22): check your management path"
                 .into(),
         }];
     }
@@ -246,13 +246,15 @@ mod tests {
         assert!(
             found
                 .iter()
-                .any(|w| w.contains("rule \"no-tcp\" denies SSH")),
+                .any(|w| w.contains("rule \"no-tcp\" denies new SSH connections")),
             "{found:?}"
         );
         let no_ssh = RETURN_AND_SSH.replace("dport = 22\n", "dport = 2222\n");
         let found = warnings(&no_ssh);
         assert!(
-            found.iter().any(|w| w.contains("no rule allows SSH")),
+            found
+                .iter()
+                .any(|w| w.contains("no rule allows new SSH connections")),
             "{found:?}"
         );
     }

@@ -77,14 +77,20 @@ fn check(rules: &std::path::Path) -> anyhow::Result<()> {
         println!("{warning}");
     }
     println!(
-        "{}: ok ({} rules, default {}, {} warnings, {:.1} MiB of maps)",
+        "{}: ok ({} {}, default {}, {} {}, {:.1} MiB of maps)",
         rules.display(),
         config.rules.len(),
+        plural(config.rules.len(), "rule", "rules"),
         config.filter.default.name(),
         warnings.len(),
+        plural(warnings.len(), "warning", "warnings"),
         rule_set.map_bytes() as f64 / f64::from(1 << 20),
     );
     Ok(())
+}
+
+fn plural(count: usize, one: &'static str, many: &'static str) -> &'static str {
+    if count == 1 { one } else { many }
 }
 
 /// `filter-agent test`: each packet through the real program, not attached.

@@ -92,7 +92,10 @@ fn check_accepts_and_rejects() {
     // Valid, but a bare default deny cuts return traffic and SSH: warned, exit 0.
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.matches("warning: ").count(), 3, "{stdout}");
-    assert!(stdout.contains("no rule allows SSH"), "{stdout}");
+    assert!(
+        stdout.contains("no rule allows new SSH connections"),
+        "{stdout}"
+    );
     let bad = rules_file("[filter]\ndefault = \"deny\"\nextra = 1\n");
     let output = agent(&["check", "--rules", bad.path().to_str().unwrap()]);
     assert_one_line_error(&output, 1, ":3:1: ");

@@ -3,6 +3,7 @@
 //! xdp-filter (Debian's xdp-tools) on the same frames, in one run.
 //!
 //! Usage: bench [--runs N] [--repeat N] [--json PATH] [--sizes 10,100,...]
+//!              [--set-sizes 100000,...]
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -63,6 +64,11 @@ struct Options {
     json: Option<PathBuf>,
 }
 
+/// "10,100,1000" -> [10, 100, 1000]
+fn numbers(list: &str) -> anyhow::Result<Vec<usize>> {
+    Ok(list.split(',').map(str::parse).collect::<Result<_, _>>()?)
+}
+
 fn options() -> anyhow::Result<Options> {
     let mut options = Options {
         runs: 7,
@@ -78,12 +84,8 @@ fn options() -> anyhow::Result<Options> {
             "--runs" => options.runs = value()?.parse()?,
             "--repeat" => options.repeat = value()?.parse()?,
             "--json" => options.json = Some(value()?.into()),
-            "--sizes" => {
-                options.sizes = value()?
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?;
-            }
+            "--sizes" => options.sizes = numbers(&value()?)?,
+            "--set-sizes" => options.set_sizes = numbers(&value()?)?,
             "--bench" => {} // added by `cargo bench`-style runners
             other => bail!("unknown argument {other}"),
         }

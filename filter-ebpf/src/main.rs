@@ -8,6 +8,7 @@
 
 mod parse;
 mod rules;
+mod runtime;
 
 use aya_ebpf::{
     Global,
@@ -123,13 +124,3 @@ fn finish(ctx: &XdpContext, slot: Slot, act: u32) -> u32 {
         xdp_action::XDP_PASS
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

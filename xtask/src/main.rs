@@ -81,6 +81,26 @@ fn test() -> anyhow::Result<()> {
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     let (passed, failed) = util::cargo_test(&["test", "--all-targets"])?;
+    // The benchmark harness, with tiny counts, so that it cannot rot; its
+    // figures gate nothing.
+    util::cargo(&[
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "filter-agent",
+        "--example",
+        "bench",
+        "--",
+        "--runs",
+        "1",
+        "--repeat",
+        "100",
+        "--sizes",
+        "10,100",
+        "--set-sizes",
+        "1000",
+    ])?;
     // One plain closing line for the whole run, after cargo's per-crate ones.
     println!("{passed} passed, {failed} failed");
     if failed > 0 {

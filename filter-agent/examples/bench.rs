@@ -277,10 +277,15 @@ fn pin_to_cpu(cpu: usize) {
 struct XdpFilter {
     netns: testbed::Netns,
     pin: PathBuf,
+    /// libxdp creates this on bpffs; removed again if it was not there.
+    libxdp_dir_existed: bool,
 }
+
+const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
 
 impl XdpFilter {
     fn load(config: &Config) -> anyhow::Result<(Self, Xdp)> {
+        let libxdp_dir_existed = std::path::Path::new(LIBXDP_DIR).exists();
         let netns = testbed::Netns::create(&format!("fa-bench-{}", std::process::id()))?;
         netns.ip(&["link", "add", "xf0", "type", "veth", "peer", "name", "xf1"])?;
         netns.ip(&["link", "set", "xf0", "up"])?;
@@ -335,7 +340,14 @@ impl XdpFilter {
             bail!("bpftool prog pin id {id} failed");
         }
         let program = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)?;
-        Ok((Self { netns, pin }, program))
+        Ok((
+            Self {
+                netns,
+                pin,
+                libxdp_dir_existed,
+            },
+            program,
+        ))
     }
 }
 
@@ -346,6 +358,10 @@ impl Drop for XdpFilter {
             .arg(format!("--net=/run/netns/{}", self.netns.name()))
             .args(["xdp-filter", "unload", "--all"])
             .output();
+        if !self.libxdp_dir_existed {
+            // Only succeeds when empty: never removes anything else's pins.
+            let _ = std::fs::remove_dir(LIBXDP_DIR);
+        }
     }
 }
 

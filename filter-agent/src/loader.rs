@@ -15,6 +15,12 @@ use crate::{
     reference::Outcome,
 };
 
+/// XDP actions as BPF_PROG_TEST_RUN reports them.
+pub mod xdp_action {
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+}
+
 /// The XDP object built by build.rs from filter-ebpf.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter"));
 

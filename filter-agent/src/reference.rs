@@ -65,6 +65,20 @@ pub enum Outcome {
     Rule(usize),
 }
 
+impl Outcome {
+    /// The action enforce mode takes: the rule's, or the one a reason
+    /// implies. `rules` are in `Config::effective_rules` order.
+    pub fn action<R>(self, rules: &[R], action_of: impl Fn(&R) -> Action) -> Action {
+        match self {
+            Outcome::Rule(index) => action_of(&rules[index]),
+            Outcome::Reason(reason::DEFAULT_DENY | reason::MALFORMED | reason::FRAGMENT_DENY) => {
+                Action::Deny
+            }
+            Outcome::Reason(_) => Action::Allow,
+        }
+    }
+}
+
 /// Classifies one Ethernet frame.
 pub fn classify(config: &Config, frame: &[u8]) -> (Outcome, Action) {
     let fields = match parse(frame) {

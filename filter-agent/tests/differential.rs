@@ -16,7 +16,7 @@ use filter_agent::{
     config::{
         Action, AddressList, Config, FilterSettings, Fragments, Location, Mode, Rule, TcpFlags,
     },
-    loader::Filter,
+    loader::{Filter, xdp_action},
     packet::{self, PacketSpec, Transport},
     reference,
 };
@@ -25,8 +25,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 const RULE_SETS: usize = 1_000;
 const FRAMES_PER_SET: usize = 60;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+const XDP_DROP: u32 = xdp_action::DROP;
+const XDP_PASS: u32 = xdp_action::PASS;
 
 /// A few prefixes per family, nested, so rules overlap and packets hit them.
 const V4_PREFIXES: &[&str] = &[

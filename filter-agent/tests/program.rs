@@ -8,14 +8,14 @@ use std::path::Path;
 use filter_agent::{
     compile::compile,
     config,
-    loader::Filter,
+    loader::{Filter, xdp_action},
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference::Outcome,
 };
 use filter_common::reason;
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+const XDP_DROP: u32 = xdp_action::DROP;
+const XDP_PASS: u32 = xdp_action::PASS;
 const ETH_HLEN: usize = 14;
 
 /// Loads the program with `[filter]` settings and no rules.

@@ -4,6 +4,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, MapError, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    sys::SyscallError,
 };
 use filter_common::{Counter, DECISION_RULE, fragments, names, reason};
 use thiserror::Error;
@@ -36,6 +37,10 @@ pub enum LoadError {
     NotAttached,
     #[error("no network interface named `{0}`")]
     UnknownInterface(String),
+    #[error(
+        "{0} already has an XDP program attached (another filter-agent? see `ip link show {0}`)"
+    )]
+    AlreadyAttached(String),
     #[error(
         "cannot attach to {iface} in {mode} mode{hint}",
         hint = if *mode == "native" {
@@ -148,16 +153,26 @@ impl Filter {
             program
                 .attach(iface, xdp_mode)
                 .map(|link| (link, name))
-                .map_err(|source| LoadError::Attach {
-                    iface: iface.to_owned(),
-                    mode: name,
-                    source,
+                .map_err(|source| match &source {
+                    ProgramError::SyscallError(SyscallError { io_error, .. })
+                        if matches!(io_error.raw_os_error(), Some(libc::EEXIST | libc::EBUSY)) =>
+                    {
+                        LoadError::AlreadyAttached(iface.to_owned())
+                    }
+                    _ => LoadError::Attach {
+                        iface: iface.to_owned(),
+                        mode: name,
+                        source,
+                    },
                 })
         };
         let (link, name) = match mode {
             XdpModeArg::Native => try_mode(program, XdpMode::Driver, "native"),
             XdpModeArg::Skb => try_mode(program, XdpMode::Skb, "skb"),
             XdpModeArg::Auto => try_mode(program, XdpMode::Driver, "native").or_else(|err| {
+                if matches!(err, LoadError::AlreadyAttached(_)) {
+                    return Err(err);
+                }
                 tracing::warn!(%err, "native XDP unavailable; falling back to skb (generic) mode, which is slower");
                 try_mode(program, XdpMode::Skb, "skb")
             }),

@@ -75,6 +75,22 @@ fn agent_binary_attaches_counts_and_detaches() {
     let attached = pair.server.ip(&["link", "show", &pair.server_if]).unwrap();
     assert!(String::from_utf8_lossy(&attached.stdout).contains("xdp"));
 
+    // A second agent on the same interface refuses, in one line.
+    let second = pair
+        .server
+        .command(env!("CARGO_BIN_EXE_filter-agent"))
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(rules.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("already has an XDP program attached"),
+        "{stderr}"
+    );
+
     for server in [IpAddr::from(Pair::SERVER_V4), IpAddr::from(Pair::SERVER_V6)] {
         assert!(traffic::tcp_exchange(&pair.client, service(server), None).unwrap());
         assert!(traffic::udp_exchange(&pair.client, service(server)).unwrap());

@@ -644,12 +644,11 @@ fn parse_set_file(path: &Path, text: &str) -> Result<Vec<IpNet>, ConfigError> {
         if entry.is_empty() {
             continue;
         }
-        let column = content.find(entry).unwrap_or(0) + 1;
         let net = parse_net(entry).map_err(|message| ConfigError::Invalid {
             location: Location {
                 file: path.to_owned(),
                 line: index + 1,
-                column,
+                column: content.find(entry).unwrap_or(0) + 1,
             },
             message,
         })?;
@@ -660,7 +659,10 @@ fn parse_set_file(path: &Path, text: &str) -> Result<Vec<IpNet>, ConfigError> {
 
 /// A CIDR or a bare address (a /32 or /128). Host bits must be clear.
 pub fn parse_net(text: &str) -> Result<IpNet, String> {
-    if let Ok(addr) = text.parse::<IpAddr>() {
+    if !text.contains('/') {
+        let addr: IpAddr = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a CIDR or an address"))?;
         return Ok(IpNet::from(addr));
     }
     let net: IpNet = text

@@ -93,6 +93,11 @@ fn options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
+/// The IPv4 space the generated rules and random traffic share.
+fn pool_address(rng: &mut StdRng) -> Ipv4Addr {
+    Ipv4Addr::from(rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000)
+}
+
 /// ClassBench-like (acl/fw shapes): prefixes of realistic lengths, well-known
 /// ports and port ranges, mostly TCP/UDP, a default deny at the end.
 fn rule_set(rng: &mut StdRng, count: usize) -> Config {
@@ -103,7 +108,7 @@ fn rule_set(rng: &mut StdRng, count: usize) -> Config {
         let len = *[8u8, 16, 16, 20, 24, 24, 24, 28, 32, 32]
             .choose(rng)
             .unwrap();
-        let addr = Ipv4Addr::from(rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000);
+        let addr = pool_address(rng);
         let net = IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc());
         Some(Arc::new(AddressList {
             set: None,
@@ -175,16 +180,13 @@ fn rule_set(rng: &mut StdRng, count: usize) -> Config {
 
 /// A frame that `rule` accepts (inside its prefixes and port ranges).
 fn frame_for(rng: &mut StdRng, rule: &Rule) -> Vec<u8> {
-    let address = |rng: &mut StdRng, list: &Option<Arc<AddressList>>| match list
-        .as_ref()
-        .map(|l| l.nets[0])
-    {
-        Some(IpNet::V4(net)) => IpAddr::V4(Ipv4Addr::from(
-            u32::from(net.network()) | rng.random::<u32>() & !u32::from(net.netmask()),
-        )),
-        _ => IpAddr::V4(Ipv4Addr::from(
-            rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000,
-        )),
+    // The rule's prefix, or the 10.0.0.0/10 the generated rules draw from.
+    let address = |rng: &mut StdRng, list: &Option<Arc<AddressList>>| {
+        let any: IpNet = "10.0.0.0/10".parse().unwrap();
+        packet::address_in(
+            list.as_ref().map_or(&any, |list| &list.nets[0]),
+            rng.random(),
+        )
     };
     let port = |rng: &mut StdRng, ranges: &Option<Vec<(u16, u16)>>| match ranges {
         Some(ranges) => rng.random_range(ranges[0].0..=ranges[0].1),
@@ -384,19 +386,16 @@ fn set_frames(rng: &mut StdRng, nets: &[Ipv4Net], count: usize) -> Vec<Vec<u8>> 
     (0..count)
         .map(|i| {
             let src = if i % 2 == 0 {
-                let net = nets.choose(rng).unwrap();
-                Ipv4Addr::from(
-                    u32::from(net.network()) | rng.random::<u32>() & !u32::from(net.netmask()),
-                )
+                packet::address_in(&IpNet::V4(*nets.choose(rng).unwrap()), rng.random())
             } else {
-                Ipv4Addr::from(rng.random::<u32>())
+                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
             };
             let transport = Transport::Tcp {
                 sport: 40000,
                 dport: 443,
                 flags: tcp_flag::SYN,
             };
-            PacketSpec::new(src.into(), Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
+            PacketSpec::new(src, Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
         })
         .collect()
 }

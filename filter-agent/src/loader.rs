@@ -3,7 +3,9 @@
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode, xdp::XdpLinkId,
+    },
     sys::SyscallError,
 };
 use filter_common::{Counter, DECISION_RULE, fragments, names, reason};
@@ -196,26 +198,20 @@ impl Filter {
     /// Runs `frame` through the loaded program (BPF_PROG_TEST_RUN) and
     /// returns the XDP action it chose.
     pub fn run_packet(&self, frame: &[u8]) -> Result<u32, LoadError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(names::PROGRAM)
-            .ok_or(LoadError::MissingProgram)?
-            .try_into()?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ..TestRunOptions::new()
-        })?;
-        Ok(result.return_value)
+        Ok(test_run(self.program()?, frame, 1)?.return_value)
     }
 
     /// Runs `frame` `repeat` times and returns the kernel's mean time per run.
     pub fn time_packet(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration, LoadError> {
-        let program: &Xdp = self
+        time_program(self.program()?, frame, repeat)
+    }
+
+    fn program(&self) -> Result<&Xdp, LoadError> {
+        let program = self
             .ebpf
             .program(names::PROGRAM)
-            .ok_or(LoadError::MissingProgram)?
-            .try_into()?;
-        time_program(program, frame, repeat)
+            .ok_or(LoadError::MissingProgram)?;
+        Ok(program.try_into()?)
     }
 
     /// Runs `frame` through an instance from [`Filter::load_traced`] and
@@ -346,12 +342,15 @@ pub fn time_program(
     frame: &[u8],
     repeat: u32,
 ) -> Result<std::time::Duration, LoadError> {
-    let result = program.test_run(TestRunOptions {
+    Ok(test_run(program, frame, repeat)?.duration)
+}
+
+fn test_run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<TestRunResult, LoadError> {
+    Ok(program.test_run(TestRunOptions {
         data_in: Some(frame),
         repeat,
         ..TestRunOptions::new()
-    })?;
-    Ok(result.duration)
+    })?)
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {

@@ -216,6 +216,21 @@ impl PacketSpec {
     }
 }
 
+/// The address inside `net` whose host part is taken from `host_bits`
+/// (the low 32 or 128 bits), for generating traffic that a prefix matches.
+pub fn address_in(net: &ipnet::IpNet, host_bits: u128) -> IpAddr {
+    match net {
+        ipnet::IpNet::V4(net) => {
+            let host = host_bits as u32 & !u32::from(net.netmask());
+            IpAddr::from(std::net::Ipv4Addr::from(u32::from(net.network()) | host))
+        }
+        ipnet::IpNet::V6(net) => {
+            let host = host_bits & !u128::from(net.netmask());
+            IpAddr::from(std::net::Ipv6Addr::from(u128::from(net.network()) | host))
+        }
+    }
+}
+
 /// An ARP request: a frame that is not IP.
 pub fn arp_request() -> Vec<u8> {
     let mut frame = vec![0xff; 6];
@@ -253,6 +268,21 @@ mod tests {
         assert_eq!(frame[34 + 13], 0x12);
         // A valid header checksums to zero.
         assert_eq!(internet_checksum::checksum(&frame[14..34]), [0, 0]);
+    }
+
+    #[test]
+    fn address_in_keeps_the_network_part() {
+        let net: ipnet::IpNet = "10.1.2.0/23".parse().unwrap();
+        assert_eq!(
+            address_in(&net, u128::MAX),
+            "10.1.3.255".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(address_in(&net, 0), "10.1.2.0".parse::<IpAddr>().unwrap());
+        let net: ipnet::IpNet = "2001:db8::/120".parse().unwrap();
+        assert_eq!(
+            address_in(&net, 0x1234),
+            "2001:db8::34".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

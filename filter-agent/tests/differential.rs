@@ -5,11 +5,7 @@
 //!
 //! `DIFFERENTIAL_SEED=N` replays one run; the seed is printed on failure.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use filter_agent::{
     compile::compile,
@@ -182,16 +178,7 @@ fn random_config(rng: &mut StdRng) -> Config {
 fn random_address(rng: &mut StdRng, v6: bool) -> IpAddr {
     let pool = if v6 { V6_PREFIXES } else { V4_PREFIXES };
     let net: IpNet = pool.choose(rng).unwrap().parse().unwrap();
-    match net {
-        IpNet::V4(net) => {
-            let host = rng.random::<u32>() & !u32::from(net.netmask());
-            IpAddr::V4(Ipv4Addr::from(u32::from(net.network()) | host))
-        }
-        IpNet::V6(net) => {
-            let host = rng.random::<u128>() & !u128::from(net.netmask());
-            IpAddr::V6(Ipv6Addr::from(u128::from(net.network()) | host))
-        }
-    }
+    packet::address_in(&net, rng.random())
 }
 
 fn random_port(rng: &mut StdRng) -> u16 {

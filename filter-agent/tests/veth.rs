@@ -16,6 +16,15 @@ use testbed::{
 
 const PORT: u16 = 8080;
 
+/// The agent binary on the server end of `pair`.
+fn agent_command(pair: &Pair, rules: &std::path::Path) -> std::process::Command {
+    let mut command = pair.server.command(env!("CARGO_BIN_EXE_filter-agent"));
+    command
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(rules);
+    command
+}
+
 fn service(ip: impl Into<IpAddr>) -> SocketAddr {
     SocketAddr::new(ip.into(), PORT)
 }
@@ -59,11 +68,8 @@ fn agent_binary_attaches_counts_and_detaches() {
     let mut rules = tempfile::NamedTempFile::new().unwrap();
     writeln!(rules, "[filter]\ndefault = \"allow\"").unwrap();
 
-    let mut command = pair.server.command(env!("CARGO_BIN_EXE_filter-agent"));
-    command
-        .args(["--iface", &pair.server_if, "--rules"])
-        .arg(rules.path())
-        .env("RUST_LOG", "info");
+    let mut command = agent_command(&pair, rules.path());
+    command.env("RUST_LOG", "info");
     let mut agent = Daemon::start(command, None).unwrap();
     assert!(
         agent
@@ -76,13 +82,7 @@ fn agent_binary_attaches_counts_and_detaches() {
     assert!(String::from_utf8_lossy(&attached.stdout).contains("xdp"));
 
     // A second agent on the same interface refuses, in one line.
-    let second = pair
-        .server
-        .command(env!("CARGO_BIN_EXE_filter-agent"))
-        .args(["--iface", &pair.server_if, "--rules"])
-        .arg(rules.path())
-        .output()
-        .unwrap();
+    let second = agent_command(&pair, rules.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -281,13 +281,7 @@ fn bad_rules_attach_nothing() {
         "[filter]\ndefault = \"deny\"\n[[rule]]\nname = \"x\"\naction = \"allow\"\ndport = 22"
     )
     .unwrap();
-    let output = pair
-        .server
-        .command(env!("CARGO_BIN_EXE_filter-agent"))
-        .args(["--iface", &pair.server_if, "--rules"])
-        .arg(rules.path())
-        .output()
-        .unwrap();
+    let output = agent_command(&pair, rules.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(

@@ -85,22 +85,22 @@ pub fn run() -> anyhow::Result<()> {
         let results = [
             (
                 "tcp",
-                service,
+                service.to_string(),
                 traffic::tcp_exchange(&pair.client, service, None)?,
             ),
             (
                 "tcp",
-                other,
+                other.to_string(),
                 traffic::tcp_exchange(&pair.client, other, None)?,
             ),
             (
                 "udp",
-                service,
+                service.to_string(),
                 traffic::udp_exchange(&pair.client, service)?,
             ),
             (
                 "icmp echo",
-                SocketAddr::new(server, 0),
+                server.to_string(),
                 traffic::icmp_echo(&pair.client, server)?,
             ),
         ];

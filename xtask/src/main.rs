@@ -57,9 +57,14 @@ fn main() -> ExitCode {
 
 fn bench(runs: u32, repeat: u32) -> anyhow::Result<()> {
     let json = util::workspace_root().join("target/bench.json");
-    let (runs, repeat) = (runs.to_string(), repeat.to_string());
     let json = json.to_str().unwrap_or("target/bench.json");
-    util::cargo(&[
+    let (runs, repeat) = (runs.to_string(), repeat.to_string());
+    run_bench(&["--runs", &runs, "--repeat", &repeat, "--json", json])
+}
+
+/// `filter-agent/examples/bench.rs`, built in release, with `args`.
+fn run_bench(args: &[&str]) -> anyhow::Result<()> {
+    let mut command = vec![
         "run",
         "--quiet",
         "--release",
@@ -68,13 +73,9 @@ fn bench(runs: u32, repeat: u32) -> anyhow::Result<()> {
         "--example",
         "bench",
         "--",
-        "--runs",
-        &runs,
-        "--repeat",
-        &repeat,
-        "--json",
-        json,
-    ])
+    ];
+    command.extend_from_slice(args);
+    util::cargo(&command)
 }
 
 fn test() -> anyhow::Result<()> {
@@ -83,15 +84,7 @@ fn test() -> anyhow::Result<()> {
     let (passed, failed) = util::cargo_test(&["test", "--all-targets"])?;
     // The benchmark harness, with tiny counts, so that it cannot rot; its
     // figures gate nothing.
-    util::cargo(&[
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "filter-agent",
-        "--example",
-        "bench",
-        "--",
+    run_bench(&[
         "--runs",
         "1",
         "--repeat",

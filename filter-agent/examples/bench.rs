@@ -17,7 +17,10 @@ use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
     compile::compile,
-    config::{Action, AddressList, Config, FilterSettings, Fragments, Location, Mode, Rule},
+    config::{
+        Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings,
+        Location, Mode, Rule,
+    },
     loader::{Filter, time_program},
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference,
@@ -49,6 +52,8 @@ struct SetRow {
 #[derive(serde::Serialize)]
 struct Report {
     empty_program_ns: f64,
+    /// The smallest rule set with `[guard] action = "off"`.
+    guard_off_ns: f64,
     rules: Vec<Row>,
     sets: Vec<SetRow>,
 }
@@ -173,6 +178,7 @@ fn rule_set(rng: &mut StdRng, count: usize) -> Config {
             mode: Mode::Enforce,
             fragments: Fragments::MatchL3,
         },
+        guard: GuardSettings::default(),
         rules,
         implicit_nd: None,
     }
@@ -517,6 +523,10 @@ fn main() -> anyhow::Result<()> {
     let xdp_filter = XdpFilter::load(&first.config)
         .map_err(|err| eprintln!("xdp-filter not measured: {err:#}"))
         .ok();
+    // The smallest set again, without the guard, for its per-packet cost.
+    let mut unguarded = first.config.clone();
+    unguarded.guard.action = GuardAction::Off;
+    let unguarded = Filter::load(&compile(&unguarded)?)?;
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = baseline
         .program_mut("empty")
@@ -540,6 +550,10 @@ fn main() -> anyhow::Result<()> {
         frames: &first.frames,
         time: Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
     });
+    subjects.push(Subject {
+        frames: &first.frames,
+        time: Box::new(|frame| Ok(unguarded.time_packet(frame, repeat)?)),
+    });
     if let Some((_, program)) = &xdp_filter {
         subjects.push(Subject {
             frames: &first.frames,
@@ -548,7 +562,8 @@ fn main() -> anyhow::Result<()> {
     }
     let measured = measure(options.runs, &subjects)?;
     let empty_ns = measured[loaded.len()];
-    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 1]);
+    let guard_off_ns = measured[loaded.len() + 1];
+    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 2]);
 
     println!(
         "{:>7} {:>16} {:>14} {:>12} {:>18}",
@@ -572,6 +587,10 @@ fn main() -> anyhow::Result<()> {
         });
     }
     println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {empty_ns:.1} ns");
+    println!(
+        "guard on (above) vs off, {} rules: {:.1} vs {guard_off_ns:.1} ns",
+        first.size, measured[0]
+    );
     drop(subjects);
     drop(loaded);
 
@@ -596,6 +615,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = options.json {
         let report = Report {
             empty_program_ns: empty_ns,
+            guard_off_ns,
             rules: rows,
             sets,
         };

@@ -20,12 +20,15 @@ use filter_common::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 
-use crate::config::{Action, AddressList, Config, FilterSettings, Rule, TcpFlags};
+use crate::config::{
+    Action, AddressList, Config, FilterSettings, GuardSettings, Rule, TcpFlags,
+};
 
 /// Everything the program needs for one rule set.
 #[derive(Clone, Debug)]
 pub struct RuleSet {
     pub settings: FilterSettings,
+    pub guard: GuardSettings,
     /// In kernel order (the index is the rule's bit and counter slot).
     pub rules: Vec<RuleInfo>,
     /// Bitmap chunks per class.
@@ -94,6 +97,7 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
     let bitmap = BitmapBuilder { chunks };
     Ok(RuleSet {
         settings: config.filter,
+        guard: config.guard.clone(),
         rules: rules
             .iter()
             .map(|rule| RuleInfo {

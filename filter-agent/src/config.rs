@@ -24,6 +24,7 @@ use crate::packet::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, tcp_
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub filter: FilterSettings,
+    pub guard: GuardSettings,
     /// In file order: the first match decides.
     pub rules: Vec<Rule>,
     /// Lets IPv6 neighbour discovery through ahead of every rule, unless a
@@ -50,6 +51,52 @@ pub struct FilterSettings {
     pub default: Action,
     pub mode: Mode,
     pub fragments: Fragments,
+}
+
+/// The `[guard]` table: the ephemeral-port guard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardSettings {
+    pub action: GuardAction,
+    /// The range return traffic is allowed to reach, inclusive.
+    pub ephemeral: (u16, u16),
+    /// Local service ports (TCP and UDP) besides the discovered listeners;
+    /// also counted as remote service ports.
+    pub services: Vec<(u16, u16)>,
+}
+
+/// Linux's default `ip_local_port_range`.
+pub const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        Self {
+            action: GuardAction::Count,
+            ephemeral: DEFAULT_EPHEMERAL,
+            services: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardAction {
+    /// No guard programs at all.
+    Off,
+    /// Count and record out-of-range traffic.
+    #[default]
+    Count,
+    /// Also drop out-of-range return traffic.
+    Drop,
+}
+
+impl GuardAction {
+    pub fn raw(self) -> u32 {
+        match self {
+            GuardAction::Off => filter_common::guard::OFF,
+            GuardAction::Count => filter_common::guard::COUNT,
+            GuardAction::Drop => filter_common::guard::DROP,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
@@ -186,6 +233,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     filter: RawFilter,
+    guard: Option<RawGuard>,
     #[serde(default)]
     sets: BTreeMap<String, Spanned<Value>>,
     #[serde(default, rename = "rule")]
@@ -200,6 +248,15 @@ struct RawFilter {
     mode: Mode,
     #[serde(default)]
     fragments: Fragments,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    #[serde(default)]
+    action: GuardAction,
+    ephemeral: Option<Spanned<Value>>,
+    services: Option<Spanned<Value>>,
 }
 
 #[derive(Deserialize)]
@@ -272,12 +329,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 .as_ref()
                 .is_some_and(|types| types.iter().any(|t| ND_TYPES.contains(t)))
     });
+    let guard = match &raw.guard {
+        Some(guard) => source.guard(guard)?,
+        None => GuardSettings::default(),
+    };
     Ok(Config {
         filter: FilterSettings {
             default: raw.filter.default,
             mode: raw.filter.mode,
             fragments: raw.filter.fragments,
         },
+        guard,
         rules,
         implicit_nd: (!denies_nd).then(|| Rule {
             name: IMPLICIT_ND_RULE.into(),
@@ -470,6 +532,28 @@ impl<'a> Source<'a> {
                 .map_err(|_| self.error(value.span(), format!("proto {number} is not in 0-255"))),
             _ => Err(self.error(value.span(), "proto must be a name or a number 0-255")),
         }
+    }
+
+    fn guard(&self, raw: &RawGuard) -> Result<GuardSettings, ConfigError> {
+        let ephemeral = match &raw.ephemeral {
+            None => DEFAULT_EPHEMERAL,
+            Some(value) => match self.ports(value)?.as_slice() {
+                [(lo, hi)] if lo < hi => (*lo, *hi),
+                _ => {
+                    let message = "ephemeral is one port range \"lo-hi\", e.g. \"32768-60999\"";
+                    return Err(self.error(value.span(), message));
+                }
+            },
+        };
+        let services = match &raw.services {
+            Some(value) => self.ports(value)?,
+            None => Vec::new(),
+        };
+        Ok(GuardSettings {
+            action: raw.action,
+            ephemeral,
+            services,
+        })
     }
 
     fn ports(&self, value: &Spanned<Value>) -> Result<Vec<(u16, u16)>, ConfigError> {
@@ -986,5 +1070,35 @@ mod tests {
             message.contains("cannot read set file /nonexistent/p.txt"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn guard_defaults_to_counting_the_linux_range() {
+        let config = parse_ok(HEAD);
+        assert_eq!(config.guard, GuardSettings::default());
+        assert_eq!(config.guard.action, GuardAction::Count);
+        assert_eq!(config.guard.ephemeral, (32768, 60999));
+    }
+
+    #[test]
+    fn reads_guard_settings() {
+        let config = parse_ok(&format!(
+            "{HEAD}[guard]\nephemeral = \"49152-65535\"\nservices = [22, \"8000-8080\"]\naction = \"drop\"\n"
+        ));
+        assert_eq!(config.guard.action, GuardAction::Drop);
+        assert_eq!(config.guard.ephemeral, (49152, 65535));
+        assert_eq!(config.guard.services, vec![(22, 22), (8000, 8080)]);
+    }
+
+    #[test]
+    fn bad_guard_settings_are_located() {
+        let message = error_of(&format!("{HEAD}[guard]\nephemeral = [1, 2]\n"));
+        assert!(message.starts_with("rules.toml:4:13: ephemeral is one port range"), "{message}");
+        let message = error_of(&format!("{HEAD}[guard]\nephemeral = \"60999-32768\"\n"));
+        assert!(message.contains("inverted port range"), "{message}");
+        let message = error_of(&format!("{HEAD}[guard]\naction = \"log\"\n"));
+        assert!(message.starts_with("rules.toml:4:10: "), "{message}");
+        let message = error_of(&format!("{HEAD}[guard]\nrange = \"1-2\"\n"));
+        assert!(message.contains("unknown field `range`"), "{message}");
     }
 }

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod guard;
 pub mod lint;
 pub mod loader;
 pub mod packet;

@@ -1,10 +1,13 @@
 //! Loads the embedded XDP program into the kernel and attaches it.
 
+use std::path::{Path, PathBuf};
+
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, MapError, PerCpuArray},
     programs::{
-        ProgramError, TestRun as _, TestRunOptions, TestRunResult, Xdp, XdpMode, xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult,
+        Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
     },
     sys::SyscallError,
 };
@@ -14,9 +17,27 @@ use thiserror::Error;
 use crate::{
     cli::XdpModeArg,
     compile::{AddressDim, RuleSet, TableDim},
-    config::Fragments,
+    config::{Fragments, GuardAction},
+    guard::{self, GuardError, GuardReport, Listeners},
     reference::Outcome,
 };
+
+/// Where the agent pins the maps that outlive a rule swap (the guard's).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/filter-agent";
+
+/// The pin directory for one interface.
+pub fn pin_dir(iface: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(iface)
+}
+
+/// Maps shared by every program instance on an interface: the guard's
+/// counters keep counting across rule swaps.
+const PINNED_MAPS: [&str; 4] = [
+    names::GUARD_STATS,
+    names::GUARD_PORTS,
+    names::GUARD_PEERS,
+    names::UDP_FLOWS,
+];
 
 /// XDP actions as BPF_PROG_TEST_RUN reports them.
 pub mod xdp_action {
@@ -31,8 +52,8 @@ static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub enum LoadError {
     #[error("cannot load the eBPF object")]
     Object(#[from] EbpfError),
-    #[error("the eBPF object has no program named `{}`", names::PROGRAM)]
-    MissingProgram,
+    #[error("the eBPF object has no program named `{0}`")]
+    MissingProgram(&'static str),
     #[error("the kernel rejected the XDP program")]
     Program(#[from] ProgramError),
     #[error("the filter is not attached to an interface")]
@@ -62,6 +83,10 @@ pub enum LoadError {
     Counted(usize),
     #[error("cannot fill map {map}")]
     Fill { map: String, source: MapError },
+    #[error("cannot attach the guard's egress program to {iface}")]
+    AttachEgress { iface: String, source: ProgramError },
+    #[error(transparent)]
+    Guard(#[from] GuardError),
 }
 
 /// The loaded program and its maps. Dropping it detaches the program.
@@ -69,6 +94,9 @@ pub struct Filter {
     ebpf: Ebpf,
     /// The attachment, once attached.
     link: Option<XdpLinkId>,
+    /// The guard's egress attachment (absent with `[guard] action = "off"`).
+    egress: Option<SchedClassifierLinkId>,
+    guard_on: bool,
 }
 
 impl Filter {
@@ -76,17 +104,24 @@ impl Filter {
     /// a fresh program and maps sized for this rule set, filled before the
     /// program can see a packet.
     pub fn load(rules: &RuleSet) -> Result<Self, LoadError> {
-        Self::load_with(rules, false)
+        Self::load_with(rules, false, None)
+    }
+
+    /// Like [`Filter::load`], with the guard's maps pinned in `dir` (and
+    /// reused when already there), for the agent: `filter-agent guard` reads
+    /// them, and they keep their counts across rule swaps.
+    pub fn load_pinned(rules: &RuleSet, dir: &Path) -> Result<Self, LoadError> {
+        Self::load_with(rules, false, Some(dir))
     }
 
     /// Loads an instance that records each verdict's slot, for
     /// [`Filter::trace_frame`] (`filter-agent test` and `replay`). Never
     /// attached: tracing costs a map write per packet.
     pub fn load_traced(rules: &RuleSet) -> Result<Self, LoadError> {
-        Self::load_with(rules, true)
+        Self::load_with(rules, true, None)
     }
 
-    fn load_with(rules: &RuleSet, trace: bool) -> Result<Self, LoadError> {
+    fn load_with(rules: &RuleSet, trace: bool, pins: Option<&Path>) -> Result<Self, LoadError> {
         let trace = u32::from(trace);
         let settings = &rules.settings;
         let default_action = settings.default.raw();
@@ -96,9 +131,21 @@ impl Filter {
             Fragments::Allow => fragments::ALLOW,
             Fragments::Deny => fragments::DENY,
         };
+        let guard_mode = rules.guard.action.raw();
+        let (low, high) = rules.guard.ephemeral;
+        let (low, high) = (u32::from(low), u32::from(high));
         let entries = |len: usize| (len as u32).max(1);
         let rule_count = entries(rules.rules.len());
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .override_global(names::GUARD_MODE, &guard_mode, true)
+            .override_global(names::EPHEMERAL_LOW, &low, true)
+            .override_global(names::EPHEMERAL_HIGH, &high, true)
             .override_global(names::DEFAULT_ACTION, &default_action, true)
             .override_global(names::MODE, &mode, true)
             .override_global(names::FRAGMENTS, &fragments, true)
@@ -136,8 +183,46 @@ impl Filter {
         )?;
         let actions = rules.rules.iter().map(|rule| rule.action.raw());
         fill_array(&mut ebpf, names::RULE_ACTIONS, actions.enumerate())?;
+        let services = guard::service_words(&rules.guard.services, &Listeners::default());
+        fill_array(&mut ebpf, names::SERVICE_PORTS, services.into_iter().enumerate())?;
         program_mut(&mut ebpf)?.load()?;
-        Ok(Self { ebpf, link: None })
+        let guard_on = rules.guard.action != GuardAction::Off;
+        if guard_on {
+            egress_mut(&mut ebpf)?.load()?;
+        }
+        Ok(Self {
+            ebpf,
+            link: None,
+            egress: None,
+            guard_on,
+        })
+    }
+
+    /// Replaces the local service ports the guard ignores: the configured
+    /// ones plus `listeners`. Takes effect at once, without a swap.
+    pub fn set_services(
+        &mut self,
+        services: &[(u16, u16)],
+        listeners: &Listeners,
+    ) -> Result<(), LoadError> {
+        let words = guard::service_words(services, listeners);
+        fill_array(&mut self.ebpf, names::SERVICE_PORTS, words.into_iter().enumerate())
+    }
+
+    /// The guard's counters, summed over CPUs (`filter_common::guard` order).
+    pub fn guard_counters(
+        &self,
+    ) -> Result<[Counter; filter_common::guard::STAT_COUNT as usize], LoadError> {
+        let map = self
+            .ebpf
+            .map(names::GUARD_STATS)
+            .ok_or_else(|| missing_map(names::GUARD_STATS))?;
+        Ok(guard::read_stats(map)?)
+    }
+
+    /// What the guard has counted (the pinned maps, when pinned).
+    pub fn guard_report(&self) -> Result<GuardReport, LoadError> {
+        Ok(GuardReport::read(|name| self.ebpf.map(name))?)
     }
 
     /// Returns the aya-log reader for the program, if it logs at all.
@@ -180,7 +265,30 @@ impl Filter {
             }),
         }?;
         self.link = Some(link);
+        self.attach_egress(iface)?;
         Ok(name)
+    }
+
+    /// Attaches the guard's egress program (TCX on kernels >= 6.6, else a
+    /// clsact qdisc), unless the guard is off.
+    fn attach_egress(&mut self, iface: &str) -> Result<(), LoadError> {
+        if !self.guard_on {
+            return Ok(());
+        }
+        let program = egress_mut(&mut self.ebpf)?;
+        let link = program
+            .attach(iface, TcAttachType::Egress)
+            .or_else(|_| {
+                // Before TCX (Linux 6.6) the program needs a clsact qdisc.
+                let _ = aya::programs::tc::qdisc_add_clsact(iface);
+                program.attach(iface, TcAttachType::Egress)
+            })
+            .map_err(|source| LoadError::AttachEgress {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        self.egress = Some(link);
+        Ok(())
     }
 
     /// Puts `next` in this filter's place on its interface in one step (one
@@ -188,10 +296,15 @@ impl Filter {
     /// by the new one, never by a mixture, and the interface is never
     /// unfiltered. Afterwards `self` is the new filter; the old one is
     /// returned, detached, so its last counters can still be read.
-    pub fn replace_with(&mut self, mut next: Filter) -> Result<Filter, LoadError> {
+    ///
+    /// The guard's egress program of `next` is attached next to the old
+    /// one, which stays until the returned filter is dropped: an outbound
+    /// packet in between may be counted twice, never missed.
+    pub fn replace_with(&mut self, mut next: Filter, iface: &str) -> Result<Filter, LoadError> {
         let id = self.link.take().ok_or(LoadError::NotAttached)?;
         let link = program_mut(&mut self.ebpf)?.take_link(id)?;
         next.link = Some(program_mut(&mut next.ebpf)?.attach_to_link(link)?);
+        next.attach_egress(iface)?;
         Ok(std::mem::replace(self, next))
     }
 
@@ -210,7 +323,7 @@ impl Filter {
         let program = self
             .ebpf
             .program(names::PROGRAM)
-            .ok_or(LoadError::MissingProgram)?;
+            .ok_or(LoadError::MissingProgram(names::PROGRAM))?;
         Ok(program.try_into()?)
     }
 
@@ -356,7 +469,14 @@ fn test_run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<TestRunResult, L
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     let program = ebpf
         .program_mut(names::PROGRAM)
-        .ok_or(LoadError::MissingProgram)?;
+        .ok_or(LoadError::MissingProgram(names::PROGRAM))?;
+    Ok(program.try_into()?)
+}
+
+fn egress_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(names::EGRESS_PROGRAM)
+        .ok_or(LoadError::MissingProgram(names::EGRESS_PROGRAM))?;
     Ok(program.try_into()?)
 }
 

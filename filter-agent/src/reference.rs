@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use filter_common::reason;
 
 use crate::{
-    config::{Action, Config, Fragments, Rule},
+    config::{Action, Config, Fragments, GuardAction, GuardSettings, Rule},
     packet::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
         IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
@@ -71,9 +71,12 @@ impl Outcome {
     pub fn action<R>(self, rules: &[R], action_of: impl Fn(&R) -> Action) -> Action {
         match self {
             Outcome::Rule(index) => action_of(&rules[index]),
-            Outcome::Reason(reason::DEFAULT_DENY | reason::MALFORMED | reason::FRAGMENT_DENY) => {
-                Action::Deny
-            }
+            Outcome::Reason(
+                reason::DEFAULT_DENY
+                | reason::MALFORMED
+                | reason::FRAGMENT_DENY
+                | reason::GUARD_DROP,
+            ) => Action::Deny,
             Outcome::Reason(_) => Action::Allow,
         }
     }
@@ -86,6 +89,11 @@ pub fn classify(config: &Config, frame: &[u8]) -> (Outcome, Action) {
         Parsed::NonIp => return (Outcome::Reason(reason::NON_IP), Action::Allow),
         Parsed::Ip(fields) => fields,
     };
+    if config.guard.action == GuardAction::Drop
+        && guard_inbound(&config.guard, &fields) == GuardView::OutOfRange
+    {
+        return (Outcome::Reason(reason::GUARD_DROP), Action::Deny);
+    }
     if fields.fragment {
         match config.filter.fragments {
             Fragments::Allow => return (Outcome::Reason(reason::FRAGMENT_ALLOW), Action::Allow),
@@ -101,6 +109,36 @@ pub fn classify(config: &Config, frame: &[u8]) -> (Outcome, Action) {
     match config.filter.default {
         Action::Allow => (Outcome::Reason(reason::DEFAULT_ALLOW), Action::Allow),
         Action::Deny => (Outcome::Reason(reason::DEFAULT_DENY), Action::Deny),
+    }
+}
+
+/// How the ephemeral-port guard sees an inbound packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardView {
+    /// Not return traffic, or the guard is off.
+    Ignored,
+    InRange,
+    OutOfRange,
+}
+
+/// Return traffic is TCP with ACK set, or UDP from a remote service port
+/// (below 1024 or a configured service), to a port that is not a local
+/// service; where that port lies decides the view. Only configured services
+/// count here: discovered listeners are the daemon's addition.
+pub fn guard_inbound(guard: &GuardSettings, fields: &Fields) -> GuardView {
+    let service = |port: u16| guard.services.iter().any(|&(lo, hi)| lo <= port && port <= hi);
+    let local_port = match fields.transport {
+        Transport::Tcp { dport, flags, .. } if flags & crate::packet::tcp_flag::ACK != 0 => dport,
+        Transport::Udp { sport, dport } if sport < 1024 || service(sport) => dport,
+        _ => return GuardView::Ignored,
+    };
+    let (low, high) = guard.ephemeral;
+    if guard.action == GuardAction::Off || service(local_port) {
+        GuardView::Ignored
+    } else if (low..=high).contains(&local_port) {
+        GuardView::InRange
+    } else {
+        GuardView::OutOfRange
     }
 }
 

@@ -10,12 +10,14 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc};
 use filter_agent::{
     compile::compile,
     config::{
-        Action, AddressList, Config, FilterSettings, Fragments, Location, Mode, Rule, TcpFlags,
+        Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings,
+        Location, Mode, Rule, TcpFlags,
     },
     loader::{Filter, xdp_action},
     packet::{self, PacketSpec, Transport},
-    reference,
+    reference::{self, GuardView},
 };
+use filter_common::guard;
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -169,8 +171,26 @@ fn random_config(rng: &mut StdRng) -> Config {
                 .choose(rng)
                 .unwrap(),
         },
+        guard: random_guard(rng),
         rules,
         implicit_nd,
+    }
+}
+
+/// Ranges and services that the pool's ports fall inside, outside and on
+/// the edges of.
+fn random_guard(rng: &mut StdRng) -> GuardSettings {
+    let ranges = [(32768, 60999), (1024, 65535), (8000, 8100), (22, 443)];
+    let services = [(22, 22), (53, 53), (8000, 8100), (40000, 40010)];
+    GuardSettings {
+        action: *[GuardAction::Off, GuardAction::Count, GuardAction::Drop]
+            .choose(rng)
+            .unwrap(),
+        ephemeral: *ranges.choose(rng).unwrap(),
+        services: services
+            .into_iter()
+            .filter(|_| rng.random_bool(0.3))
+            .collect(),
     }
 }
 
@@ -258,6 +278,8 @@ fn kernel_agrees_with_reference() {
         });
     let mut rng = StdRng::seed_from_u64(seed);
     let mut checked = 0;
+    // Frames per guard view (ignored, in range, out of range): all must occur.
+    let mut guard_views = [0usize; 3];
     for set in 0..RULE_SETS {
         let config = random_config(&mut rng);
         let filter = Filter::load_traced(&compile(&config).unwrap())
@@ -273,7 +295,28 @@ fn kernel_agrees_with_reference() {
                 },
                 expected_outcome,
             );
+            let guard_before = filter.guard_counters().unwrap();
             let got = filter.classify_frame(&frame).unwrap();
+            let guard_after = filter.guard_counters().unwrap();
+            let guard_moved: Vec<u32> = (0..guard::STAT_COUNT)
+                .filter(|&i| guard_before[i as usize].packets != guard_after[i as usize].packets)
+                .collect();
+            let guard_expected = match reference::parse(&frame) {
+                reference::Parsed::Ip(fields) => {
+                    match reference::guard_inbound(&config.guard, &fields) {
+                        GuardView::Ignored => vec![],
+                        GuardView::InRange => vec![guard::RETURN_IN_RANGE],
+                        GuardView::OutOfRange => vec![guard::RETURN_OUT_OF_RANGE],
+                    }
+                }
+                _ => vec![],
+            };
+            guard_views[guard_expected.first().map_or(0, |&i| i as usize + 1)] += 1;
+            assert_eq!(
+                guard_moved, guard_expected,
+                "DIFFERENTIAL_SEED={seed}, set {set}: guard counters\nframe {frame:02x?}\nguard {:?}",
+                config.guard
+            );
             // What the program recorded is what it counted.
             assert_eq!(
                 filter.trace_frame(&frame).unwrap(),
@@ -289,5 +332,8 @@ fn kernel_agrees_with_reference() {
             checked += 1;
         }
     }
-    println!("seed {seed}: {checked} frames over {RULE_SETS} rule sets agree");
+    println!(
+        "seed {seed}: {checked} frames over {RULE_SETS} rule sets agree; guard views {guard_views:?}"
+    );
+    assert!(guard_views.iter().all(|&n| n > 100), "{guard_views:?}");
 }

@@ -228,7 +228,12 @@ fn rule_set_swaps_are_atomic_under_traffic() {
         } else {
             rules(PORT_A, PORT_B)
         };
-        let old = filter.replace_with(next).unwrap();
+        // The guard's egress program attaches by name: from inside the namespace.
+        let old = pair
+            .server
+            .run(|| filter.replace_with(next, &pair.server_if))
+            .unwrap()
+            .unwrap();
         // Let packets already inside the old program finish.
         thread::sleep(Duration::from_millis(5));
         record(&old, a_allowed_now);

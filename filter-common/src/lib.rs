@@ -37,8 +37,11 @@ pub mod reason {
     pub const FRAGMENT_ALLOW: u32 = 4;
     /// A non-first fragment, dropped by `fragments = "deny"`.
     pub const FRAGMENT_DENY: u32 = 5;
+    /// Return traffic to a port outside the ephemeral range, dropped by the
+    /// guard (`[guard] action = "drop"`) before any rule is consulted.
+    pub const GUARD_DROP: u32 = 6;
     /// Number of reasons (size of the `STATS` map).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     /// Stable names, indexed by reason, used in CLI output and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -48,6 +51,7 @@ pub mod reason {
         "malformed",
         "fragment_allow",
         "fragment_deny",
+        "guard_drop",
     ];
 }
 
@@ -112,6 +116,75 @@ pub mod mode {
     pub const MONITOR: u32 = 1;
 }
 
+/// The ephemeral-port guard: which traffic it counts and where.
+pub mod guard {
+    /// `GUARD_MODE` global.
+    pub const OFF: u32 = 0;
+    pub const COUNT: u32 = 1;
+    pub const DROP: u32 = 2;
+
+    /// Indices into the `GUARD_STATS` per-CPU array.
+    /// Inbound return traffic (TCP with ACK, UDP from a service port) to a
+    /// local port inside / outside the ephemeral range.
+    pub const RETURN_IN_RANGE: u32 = 0;
+    pub const RETURN_OUT_OF_RANGE: u32 = 1;
+    /// Outbound connection attempts (TCP SYN, a UDP flow's first packet to
+    /// a service port) from a local port inside / outside the range.
+    pub const OUTBOUND_IN_RANGE: u32 = 2;
+    pub const OUTBOUND_OUT_OF_RANGE: u32 = 3;
+    pub const STAT_COUNT: u32 = 4;
+    pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+        "return_in_range",
+        "return_out_of_range",
+        "outbound_in_range",
+        "outbound_out_of_range",
+    ];
+
+    /// `GuardPort::direction` / `GuardPeer::direction`.
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+
+    /// `SERVICE_PORTS`: one bit per port, TCP words first, then UDP.
+    pub const SERVICE_WORDS_PER_PROTO: u32 = 65536 / 64;
+    pub const SERVICE_WORDS: u32 = 2 * SERVICE_WORDS_PER_PROTO;
+    /// Ports below this are remote services (well-known), whatever the map says.
+    pub const WELL_KNOWN_END: u16 = 1024;
+
+    /// Entries in each LRU map of out-of-range ports, peers and UDP flows.
+    pub const LRU_ENTRIES: u32 = 4096;
+    /// A UDP flow's packet counts as a new attempt after this much silence.
+    pub const UDP_FLOW_IDLE_NS: u64 = 30_000_000_000;
+}
+
+/// Key of `GUARD_PORTS`: a local port that out-of-range traffic used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuardPort {
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+}
+
+/// Key of `GUARD_PEERS`: the remote address and port of out-of-range
+/// traffic. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuardPeer {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+}
+
+/// Key of `UDP_FLOWS`: which outbound UDP flows were seen recently.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpFlow {
+    pub addr: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+}
+
 /// Names of the maps and globals the agent looks up in the object file.
 pub mod names {
     pub const PROGRAM: &str = "filter";
@@ -134,10 +207,22 @@ pub mod names {
     pub const CHUNKS: &str = "CHUNKS";
     pub const TRACE: &str = "TRACE";
     pub const LAST_DECISION: &str = "LAST_DECISION";
+    pub const EGRESS_PROGRAM: &str = "guard_egress";
+    pub const GUARD_MODE: &str = "GUARD_MODE";
+    pub const EPHEMERAL_LOW: &str = "EPHEMERAL_LOW";
+    pub const EPHEMERAL_HIGH: &str = "EPHEMERAL_HIGH";
+    pub const SERVICE_PORTS: &str = "SERVICE_PORTS";
+    pub const GUARD_STATS: &str = "GUARD_STATS";
+    pub const GUARD_PORTS: &str = "GUARD_PORTS";
+    pub const GUARD_PEERS: &str = "GUARD_PEERS";
+    pub const UDP_FLOWS: &str = "UDP_FLOWS";
 }
 
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<BitmapChunk>() == 8 * (1 + WORDS_PER_CHUNK));
+const _: () = assert!(core::mem::size_of::<GuardPort>() == 4);
+const _: () = assert!(core::mem::size_of::<GuardPeer>() == 20);
+const _: () = assert!(core::mem::size_of::<UdpFlow>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -146,4 +231,9 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: `BitmapChunk` is `repr(C)` and all u64 (size asserted above).
     unsafe impl aya::Pod for super::BitmapChunk {}
+    // SAFETY: the guard keys are `repr(C)` integers and byte arrays with no
+    // padding (sizes asserted above).
+    unsafe impl aya::Pod for super::GuardPort {}
+    unsafe impl aya::Pod for super::GuardPeer {}
+    unsafe impl aya::Pod for super::UdpFlow {}
 }

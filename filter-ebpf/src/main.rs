@@ -6,16 +6,17 @@
 #![no_std]
 #![no_main]
 
+mod guard;
 mod parse;
 mod rules;
 mod runtime;
 
 use aya_ebpf::{
     Global,
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
 use filter_common::{Counter, DECISION_RULE, action, fragments, mode, reason};
@@ -67,14 +68,30 @@ pub fn filter(ctx: XdpContext) -> u32 {
     finish(&ctx, slot, act)
 }
 
+/// The guard's egress half (TC): counts outbound connection attempts from
+/// ports outside the ephemeral range. Never drops; `TC_ACT_UNSPEC` lets
+/// the next program on the interface decide.
+#[classifier]
+pub fn guard_egress(ctx: TcContext) -> i32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if let Ok(Frame::Ip(packet)) = parse(data, end) {
+        guard::inspect_outbound(&packet, ctx.len() as u64);
+    }
+    TC_ACT_UNSPEC
+}
+
 /// Returns the counter slot and the action for this packet.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> (Slot, u32) {
-    let packet = match parse(ctx) {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let packet = match parse(data, end) {
         Err(_) => return (Slot::Reason(reason::MALFORMED), action::DENY),
         Ok(Frame::NonIp) => return (Slot::Reason(reason::NON_IP), action::ALLOW),
         Ok(Frame::Ip(packet)) => packet,
     };
+    if guard::inspect_inbound(&packet, (end - data) as u64) {
+        return (Slot::Reason(reason::GUARD_DROP), action::DENY);
+    }
     if packet.fragment {
         match FRAGMENTS.load() {
             fragments::ALLOW => return (Slot::Reason(reason::FRAGMENT_ALLOW), action::ALLOW),

@@ -5,7 +5,6 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -24,14 +23,14 @@ const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked before the packet counts as malformed.
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 
-pub const IPPROTO_HOPOPTS: u8 = 0;
-pub const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ROUTING: u8 = 43;
-pub const IPPROTO_FRAGMENT: u8 = 44;
-pub const IPPROTO_ICMPV6: u8 = 58;
-pub const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
 
 /// The header was truncated or invalid.
 pub struct Malformed;
@@ -93,12 +92,10 @@ impl Cursor {
     }
 }
 
+/// Parses the frame in packet memory `start..end` (XDP or TC data).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Frame, Malformed> {
-    let mut cur = Cursor {
-        pos: ctx.data(),
-        end: ctx.data_end(),
-    };
+pub fn parse(start: usize, end: usize) -> Result<Frame, Malformed> {
+    let mut cur = Cursor { pos: start, end };
     let eth: *const EthHdr = cur.take()?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     for _ in 0..MAX_VLAN_TAGS {

@@ -1,0 +1,290 @@
+//! The ephemeral-port guard, user-space side: which local ports are
+//! services (so that traffic to them is not return traffic), and reading
+//! what the program recorded about out-of-range traffic.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    fs,
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::{
+    Pod,
+    maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+};
+use filter_common::{
+    Counter, GuardPeer, GuardPort,
+    guard::{EGRESS, SERVICE_WORDS, SERVICE_WORDS_PER_PROTO, STAT_COUNT},
+    names,
+};
+use thiserror::Error;
+
+use crate::packet::{IPPROTO_TCP, IPPROTO_UDP};
+
+#[derive(Debug, Error)]
+pub enum GuardError {
+    #[error("no guard maps under {0} (is filter-agent running on that interface?)")]
+    NotPinned(String),
+    #[error("cannot read guard map {name}")]
+    Map { name: String, source: MapError },
+}
+
+/// Listening sockets, by protocol.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listeners {
+    pub tcp: BTreeSet<u16>,
+    pub udp: BTreeSet<u16>,
+}
+
+impl Listeners {
+    /// Ports listening in any network namespace on the host: one process
+    /// per namespace is enough, as `/proc/PID/net/*` shows its namespace.
+    pub fn discover() -> Self {
+        let mut seen = HashSet::new();
+        let mut listeners = Listeners::default();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return listeners;
+        };
+        for entry in entries.flatten() {
+            let pid = entry.path();
+            let Ok(netns) = fs::read_link(pid.join("ns/net")) else {
+                continue;
+            };
+            if !seen.insert(netns) {
+                continue;
+            }
+            for (file, tcp) in [("tcp", true), ("tcp6", true), ("udp", false), ("udp6", false)] {
+                if let Ok(text) = fs::read_to_string(pid.join("net").join(file)) {
+                    let set = if tcp {
+                        &mut listeners.tcp
+                    } else {
+                        &mut listeners.udp
+                    };
+                    set.extend(listening_ports(&text, tcp));
+                }
+            }
+        }
+        listeners
+    }
+
+    /// Ports in both `self` and `other`.
+    pub fn intersection(&self, other: &Listeners) -> Listeners {
+        Listeners {
+            tcp: self.tcp.intersection(&other.tcp).copied().collect(),
+            udp: self.udp.intersection(&other.udp).copied().collect(),
+        }
+    }
+}
+
+/// Local ports of listening sockets in a `/proc/net/{tcp,tcp6,udp,udp6}`
+/// table: TCP in LISTEN, UDP bound with no remote peer.
+pub fn listening_ports(table: &str, tcp: bool) -> Vec<u16> {
+    const TCP_LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let local = fields.next()?;
+            let remote = fields.next()?;
+            let state = fields.next()?;
+            let port = |address: &str| u16::from_str_radix(address.rsplit_once(':')?.1, 16).ok();
+            let listening = if tcp {
+                state == TCP_LISTEN
+            } else {
+                port(remote) == Some(0)
+            };
+            listening.then(|| port(local)).flatten()
+        })
+        .filter(|&port| port != 0)
+        .collect()
+}
+
+/// The `SERVICE_PORTS` bitmap: configured services (both protocols) and
+/// discovered listeners.
+pub fn service_words(services: &[(u16, u16)], listeners: &Listeners) -> Vec<u64> {
+    let mut words = vec![0u64; SERVICE_WORDS as usize];
+    let mut set = |base: u32, port: u16| {
+        words[(base + u32::from(port) / 64) as usize] |= 1 << (port % 64);
+    };
+    for &(lo, hi) in services {
+        for port in lo..=hi {
+            set(0, port);
+            set(SERVICE_WORDS_PER_PROTO, port);
+        }
+    }
+    listeners.tcp.iter().for_each(|&port| set(0, port));
+    listeners
+        .udp
+        .iter()
+        .for_each(|&port| set(SERVICE_WORDS_PER_PROTO, port));
+    words
+}
+
+/// What the guard has counted on one interface.
+#[derive(Clone, Debug, Default)]
+pub struct GuardReport {
+    /// Indexed by `filter_common::guard::RETURN_IN_RANGE` and friends.
+    pub stats: [Counter; STAT_COUNT as usize],
+    /// Out-of-range traffic per local port, most packets first.
+    pub ports: Vec<(GuardPort, Counter)>,
+    /// Out-of-range traffic per remote peer, most packets first.
+    pub peers: Vec<(GuardPeer, Counter)>,
+}
+
+impl GuardReport {
+    /// Reads the maps of a loaded program, given a lookup by name.
+    pub fn read<'a>(map: impl Fn(&str) -> Option<&'a Map>) -> Result<Self, GuardError> {
+        let get = |name: &str| map(name).ok_or_else(|| map_error(name, missing(name)));
+        Ok(GuardReport {
+            stats: read_stats(get(names::GUARD_STATS)?)?,
+            ports: summed(get(names::GUARD_PORTS)?, names::GUARD_PORTS)?,
+            peers: summed(get(names::GUARD_PEERS)?, names::GUARD_PEERS)?,
+        })
+    }
+
+    /// Reads the maps the agent pinned under `dir`.
+    pub fn read_pinned(dir: &Path) -> Result<Self, GuardError> {
+        let open = |name: &str| {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(GuardError::NotPinned(dir.display().to_string()));
+            }
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(|source| map_error(name, source))
+        };
+        let maps = [
+            (names::GUARD_STATS, open(names::GUARD_STATS)?),
+            (names::GUARD_PORTS, open(names::GUARD_PORTS)?),
+            (names::GUARD_PEERS, open(names::GUARD_PEERS)?),
+        ];
+        Self::read(|name| {
+            maps.iter()
+                .find(|(known, _)| *known == name)
+                .map(|(_, map)| map)
+        })
+    }
+}
+
+/// The `GUARD_STATS` counters, summed over CPUs.
+pub fn read_stats(map: &Map) -> Result<[Counter; STAT_COUNT as usize], GuardError> {
+    let error = |source| map_error(names::GUARD_STATS, source);
+    let stats = PerCpuArray::<_, Counter>::try_from(map).map_err(error)?;
+    let mut totals = [Counter::default(); STAT_COUNT as usize];
+    for (index, total) in totals.iter_mut().enumerate() {
+        let values = stats.get(&(index as u32), 0).map_err(error)?;
+        values.iter().for_each(|value| total.add(value));
+    }
+    Ok(totals)
+}
+
+fn summed<K: Pod + Eq + std::hash::Hash>(
+    map: &Map,
+    name: &str,
+) -> Result<Vec<(K, Counter)>, GuardError> {
+    let hash = PerCpuHashMap::<_, K, Counter>::try_from(map).map_err(|e| map_error(name, e))?;
+    let mut entries = Vec::new();
+    for entry in hash.iter() {
+        // An LRU entry can be evicted between the key walk and the lookup.
+        let Ok((key, values)) = entry else { continue };
+        let mut total = Counter::default();
+        values.iter().for_each(|value| total.add(value));
+        entries.push((key, total));
+    }
+    entries.sort_by(|a, b| b.1.packets.cmp(&a.1.packets));
+    Ok(entries)
+}
+
+fn map_error(name: &str, source: MapError) -> GuardError {
+    GuardError::Map {
+        name: name.to_owned(),
+        source,
+    }
+}
+
+fn missing(name: &str) -> MapError {
+    MapError::InvalidName {
+        name: name.to_owned(),
+    }
+}
+
+/// "ingress" or "egress".
+pub fn direction_name(direction: u8) -> &'static str {
+    if direction == EGRESS {
+        "egress"
+    } else {
+        "ingress"
+    }
+}
+
+/// "tcp", "udp" or the number.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The peer's address, IPv4-mapped addresses shown as IPv4.
+pub fn peer_address(peer: &GuardPeer) -> IpAddr {
+    let v6 = Ipv6Addr::from(peer.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP_TABLE: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+";
+    const UDP6_TABLE: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  10: 00000000000000000000000000000000:0035 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3 2 0 0
+  11: 00000000000000000000000001000000:A1B2 00000000000000000000000001000000:0035 01 00000000:00000000 00:00000000 00000000     0        0 4 2 0 0
+";
+
+    #[test]
+    fn finds_tcp_listeners_and_unconnected_udp() {
+        assert_eq!(listening_ports(TCP_TABLE, true), vec![22]);
+        assert_eq!(listening_ports(UDP6_TABLE, false), vec![53]);
+        assert!(listening_ports("header only\n", true).is_empty());
+    }
+
+    #[test]
+    fn service_bits_per_protocol() {
+        let listeners = Listeners {
+            tcp: [8080].into(),
+            udp: [53].into(),
+        };
+        let words = service_words(&[(22, 23)], &listeners);
+        let bit = |base: u32, port: u16| {
+            words[(base + u32::from(port) / 64) as usize] & (1 << (port % 64)) != 0
+        };
+        let udp = SERVICE_WORDS_PER_PROTO;
+        assert!(bit(0, 22) && bit(0, 23) && bit(udp, 22) && bit(udp, 23));
+        assert!(bit(0, 8080) && !bit(udp, 8080));
+        assert!(bit(udp, 53) && !bit(0, 53));
+        assert!(!bit(0, 24) && !bit(0, 21));
+    }
+
+    #[test]
+    fn mapped_peers_show_as_ipv4() {
+        let mut peer = GuardPeer {
+            addr: [0; 16],
+            port: 1,
+            proto: IPPROTO_TCP,
+            direction: EGRESS,
+        };
+        peer.addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 1]);
+        assert_eq!(peer_address(&peer).to_string(), "10.0.0.1");
+        peer.addr = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(peer_address(&peer).to_string(), "::1");
+    }
+}

@@ -1,0 +1,222 @@
+//! The ephemeral-port guard: return traffic (ingress, in XDP) and outbound
+//! connection attempts (egress, in TC) whose local port lies outside the
+//! ephemeral range are counted, remembered per port and peer, and (ingress,
+//! `action = "drop"`) dropped.
+//!
+//! Stateless like the filter: a packet is "return traffic" by its TCP flags
+//! and ports alone, as an upstream ACL would judge it.
+
+use aya_ebpf::{
+    Global,
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+};
+use filter_common::{
+    Counter, GuardPeer, GuardPort, UdpFlow,
+    guard::{self, EGRESS, INGRESS},
+};
+
+use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, Packet};
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// `guard::OFF`, `COUNT` or `DROP`; set by the agent at load time.
+#[unsafe(no_mangle)]
+static GUARD_MODE: Global<u32> = Global::new(guard::OFF);
+/// The ephemeral range, inclusive; set by the agent at load time.
+#[unsafe(no_mangle)]
+static EPHEMERAL_LOW: Global<u32> = Global::new(32768);
+#[unsafe(no_mangle)]
+static EPHEMERAL_HIGH: Global<u32> = Global::new(60999);
+
+/// Local service ports (configured and discovered listeners), one bit each;
+/// kept up to date by the agent while the program runs.
+#[map]
+static SERVICE_PORTS: Array<u64> = Array::with_max_entries(guard::SERVICE_WORDS, 0);
+/// Per-CPU counters indexed by `guard::RETURN_IN_RANGE` and friends.
+#[map]
+static GUARD_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(guard::STAT_COUNT, 0);
+/// Out-of-range traffic per local port and per remote peer.
+#[map]
+static GUARD_PORTS: LruPerCpuHashMap<GuardPort, Counter> =
+    LruPerCpuHashMap::with_max_entries(guard::LRU_ENTRIES, 0);
+#[map]
+static GUARD_PEERS: LruPerCpuHashMap<GuardPeer, Counter> =
+    LruPerCpuHashMap::with_max_entries(guard::LRU_ENTRIES, 0);
+/// Outbound UDP flows to service ports, with when each was last seen, so
+/// that only a flow's first packet counts as a connection attempt.
+#[map]
+static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(guard::LRU_ENTRIES, 0);
+
+/// Counts inbound return traffic; true when the guard drops the packet.
+#[inline(always)]
+pub fn inspect_inbound(packet: &Packet, len: u64) -> bool {
+    if GUARD_MODE.load() == guard::OFF || !packet.has_l4 {
+        return false;
+    }
+    let (local_port, remote_port) = (packet.dport, packet.sport);
+    let returning = match packet.proto {
+        IPPROTO_TCP => packet.tcp_flags & TCP_ACK != 0,
+        IPPROTO_UDP => is_remote_service(IPPROTO_UDP, remote_port),
+        _ => false,
+    };
+    if !returning || is_local_service(packet.proto, local_port) {
+        return false;
+    }
+    if in_range(local_port) {
+        count(guard::RETURN_IN_RANGE, len);
+        return false;
+    }
+    count(guard::RETURN_OUT_OF_RANGE, len);
+    let remote = unsafe { address(packet, 0) };
+    record(packet.proto, INGRESS, local_port, remote, remote_port, len);
+    GUARD_MODE.load() == guard::DROP
+}
+
+/// Counts an outbound connection attempt (never drops).
+#[inline(always)]
+pub fn inspect_outbound(packet: &Packet, len: u64) {
+    if !packet.has_l4 {
+        return;
+    }
+    let (local_port, remote_port) = (packet.sport, packet.dport);
+    let remote = unsafe { address(packet, 1) };
+    let attempt = match packet.proto {
+        IPPROTO_TCP => packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        IPPROTO_UDP => {
+            is_remote_service(IPPROTO_UDP, remote_port)
+                && first_udp_packet(remote, remote_port, local_port)
+        }
+        _ => false,
+    };
+    if !attempt || is_local_service(packet.proto, local_port) {
+        return;
+    }
+    if in_range(local_port) {
+        count(guard::OUTBOUND_IN_RANGE, len);
+        return;
+    }
+    count(guard::OUTBOUND_OUT_OF_RANGE, len);
+    record(packet.proto, EGRESS, local_port, remote, remote_port, len);
+}
+
+#[inline(always)]
+fn in_range(port: u16) -> bool {
+    let port = port as u32;
+    EPHEMERAL_LOW.load() <= port && port <= EPHEMERAL_HIGH.load()
+}
+
+#[inline(always)]
+fn is_local_service(proto: u8, port: u16) -> bool {
+    let base = if proto == IPPROTO_UDP {
+        guard::SERVICE_WORDS_PER_PROTO
+    } else {
+        0
+    };
+    SERVICE_PORTS
+        .get(base + (port as u32) / 64)
+        .is_some_and(|word| word & (1 << (port % 64)) != 0)
+}
+
+/// Well-known ports and the configured or discovered service ports.
+#[inline(always)]
+fn is_remote_service(proto: u8, port: u16) -> bool {
+    port < guard::WELL_KNOWN_END || is_local_service(proto, port)
+}
+
+/// True when no packet of this flow left within `UDP_FLOW_IDLE_NS`.
+#[inline(always)]
+fn first_udp_packet(addr: [u8; 16], remote_port: u16, local_port: u16) -> bool {
+    let flow = UdpFlow {
+        addr,
+        remote_port,
+        local_port,
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    match UDP_FLOWS.get_ptr_mut(&flow) {
+        Some(seen) => unsafe {
+            let first = now - *seen > guard::UDP_FLOW_IDLE_NS;
+            *seen = now;
+            first
+        },
+        None => {
+            let _ = UDP_FLOWS.insert(&flow, &now, 0);
+            true
+        }
+    }
+}
+
+#[inline(always)]
+fn count(index: u32, len: u64) {
+    if let Some(counter) = GUARD_STATS.get_ptr_mut(index) {
+        unsafe { add(counter, len) };
+    }
+}
+
+/// Adds the packet to the per-port and per-peer LRU maps.
+#[inline(always)]
+fn record(proto: u8, direction: u8, local_port: u16, addr: [u8; 16], port: u16, len: u64) {
+    let port_key = GuardPort {
+        port: local_port,
+        proto,
+        direction,
+    };
+    bump(&GUARD_PORTS, &port_key, len);
+    let peer_key = GuardPeer {
+        addr,
+        port,
+        proto,
+        direction,
+    };
+    bump(&GUARD_PEERS, &peer_key, len);
+}
+
+#[inline(always)]
+fn bump<K>(map: &LruPerCpuHashMap<K, Counter>, key: &K, len: u64) {
+    match map.get_ptr_mut(key) {
+        Some(counter) => unsafe { add(counter, len) },
+        None => {
+            let first = Counter {
+                packets: 1,
+                bytes: len,
+            };
+            let _ = map.insert(key, &first, 0);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn add(counter: *mut Counter, len: u64) {
+    unsafe {
+        (*counter).packets += 1;
+        (*counter).bytes += len;
+    }
+}
+
+/// The packet's source (`which = 0`) or destination (`1`) address, IPv4
+/// addresses mapped into IPv6.
+///
+/// # Safety
+/// `packet.addresses` points at the bounds-checked addresses of an IP header.
+#[inline(always)]
+unsafe fn address(packet: &Packet, which: usize) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    unsafe {
+        if packet.v6 {
+            let from = packet.addresses.add(which * 16);
+            for (i, byte) in addr.iter_mut().enumerate() {
+                *byte = *from.add(i);
+            }
+        } else {
+            let from = packet.addresses.add(which * 4);
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            for i in 0..4 {
+                addr[12 + i] = *from.add(i);
+            }
+        }
+    }
+    addr
+}

@@ -52,6 +52,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the ephemeral-port guard's counters and the local ports and
+    /// peers of out-of-range traffic, from the maps the agent pinned.
+    Guard {
+        /// Only this interface (default: every interface with an agent).
+        #[arg(long)]
+        iface: Option<String>,
+        /// How many ports and peers to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every network namespace with its ephemeral port range and NAT
+    /// rules, and flag those that do not fit the guard's range.
+    Audit {
+        /// Take the range from this rules file's [guard] (default 32768-60999).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Running the filter: the default when no subcommand is given.

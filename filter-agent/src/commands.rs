@@ -1,17 +1,19 @@
-//! The one-shot subcommands: `check`, `test` and `replay`.
+//! The one-shot subcommands: `check`, `test`, `replay`, `guard` and `audit`.
 
 use std::{io::Write as _, path::Path};
 
 use anyhow::Context as _;
 use filter_agent::{
-    compile,
+    audit, compile,
     config::{self, Action},
+    guard::{self, GuardReport},
     lint,
-    loader::{Filter, xdp_action},
+    loader::{self, Filter, xdp_action},
     packet, pcap, privileges,
     reference::Outcome,
 };
-use filter_common::reason;
+use filter_common::{guard as guard_stat, reason};
+use serde_json::json;
 
 fn verdict_name(xdp_action: u32) -> &'static str {
     if xdp_action == xdp_action::DROP {
@@ -158,5 +160,157 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `filter-agent guard`: the guard's counters from the pinned maps.
+pub fn guard(iface: Option<&str>, top: usize, json: bool) -> anyhow::Result<()> {
+    let ifaces: Vec<String> = match iface {
+        Some(iface) => vec![iface.to_owned()],
+        None => {
+            let dirs = std::fs::read_dir(loader::PIN_ROOT).with_context(|| {
+                format!(
+                    "no filter-agent state under {} (is the agent running?)",
+                    loader::PIN_ROOT
+                )
+            })?;
+            let mut names: Vec<String> = dirs
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    let mut documents = Vec::new();
+    for iface in &ifaces {
+        let report = GuardReport::read_pinned(&loader::pin_dir(iface))?;
+        if json {
+            documents.push(guard_json(iface, &report, top));
+        } else {
+            print_guard(iface, &report, top);
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&documents)?);
+    }
+    Ok(())
+}
+
+fn print_guard(iface: &str, report: &GuardReport, top: usize) {
+    let packets = |index: u32| report.stats[index as usize].packets;
+    println!(
+        "{iface}: return traffic {} in range, {} out of range; outbound attempts {} in range, {} out of range",
+        packets(guard_stat::RETURN_IN_RANGE),
+        packets(guard_stat::RETURN_OUT_OF_RANGE),
+        packets(guard_stat::OUTBOUND_IN_RANGE),
+        packets(guard_stat::OUTBOUND_OUT_OF_RANGE),
+    );
+    if !report.ports.is_empty() {
+        println!("  out-of-range local ports (packets):");
+    }
+    for (port, counter) in report.ports.iter().take(top) {
+        println!(
+            "  {:>10}  {} {}/{}",
+            counter.packets,
+            guard::direction_name(port.direction),
+            guard::proto_name(port.proto),
+            port.port
+        );
+    }
+    if !report.peers.is_empty() {
+        println!("  out-of-range peers (packets):");
+    }
+    for (peer, counter) in report.peers.iter().take(top) {
+        let remote = std::net::SocketAddr::new(guard::peer_address(peer), peer.port);
+        println!(
+            "  {:>10}  {} {} {remote}",
+            counter.packets,
+            guard::direction_name(peer.direction),
+            guard::proto_name(peer.proto),
+        );
+    }
+}
+
+fn guard_json(iface: &str, report: &GuardReport, top: usize) -> serde_json::Value {
+    let stats: serde_json::Map<String, serde_json::Value> = guard_stat::STAT_NAMES
+        .iter()
+        .zip(&report.stats)
+        .map(|(name, counter)| {
+            let value = json!({"packets": counter.packets, "bytes": counter.bytes});
+            ((*name).to_owned(), value)
+        })
+        .collect();
+    let ports: Vec<_> = report
+        .ports
+        .iter()
+        .take(top)
+        .map(|(port, counter)| {
+            json!({
+                "direction": guard::direction_name(port.direction),
+                "proto": guard::proto_name(port.proto),
+                "port": port.port,
+                "packets": counter.packets,
+                "bytes": counter.bytes,
+            })
+        })
+        .collect();
+    let peers: Vec<_> = report
+        .peers
+        .iter()
+        .take(top)
+        .map(|(peer, counter)| {
+            json!({
+                "direction": guard::direction_name(peer.direction),
+                "proto": guard::proto_name(peer.proto),
+                "address": guard::peer_address(peer).to_string(),
+                "port": peer.port,
+                "packets": counter.packets,
+                "bytes": counter.bytes,
+            })
+        })
+        .collect();
+    json!({"iface": iface, "counters": stats, "ports": ports, "peers": peers})
+}
+
+/// `filter-agent audit`: every namespace's ephemeral range and NAT rules.
+pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let range = match rules {
+        Some(rules) => config::load(rules)?.guard.ephemeral,
+        None => config::DEFAULT_EPHEMERAL,
+    };
+    privileges::check()?;
+    let namespaces = audit::run(range);
+    if json {
+        let document = json!({"range": [range.0, range.1], "namespaces": namespaces});
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    let findings: usize = namespaces.iter().map(|ns| ns.findings.len()).sum();
+    println!(
+        "{} network namespaces, {findings} {} against the return range {}-{}",
+        namespaces.len(),
+        plural(findings, "finding", "findings"),
+        range.0,
+        range.1
+    );
+    for ns in &namespaces {
+        let ports = ns
+            .port_range
+            .map_or("?".to_owned(), |(low, high)| format!("{low}-{high}"));
+        let status = if ns.findings.is_empty() {
+            "ok"
+        } else {
+            "FLAGGED"
+        };
+        println!("{status:<8} ephemeral {ports:<12} {}", ns.label());
+        if let Some(error) = &ns.error {
+            println!("         note: {error}");
+        }
+        for finding in &ns.findings {
+            println!("         problem: {}", finding.problem);
+            println!("         fix: {}", finding.fix);
+        }
+    }
     Ok(())
 }

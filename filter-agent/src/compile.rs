@@ -20,9 +20,7 @@ use filter_common::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 
-use crate::config::{
-    Action, AddressList, Config, FilterSettings, GuardSettings, Rule, TcpFlags,
-};
+use crate::config::{Action, AddressList, Config, FilterSettings, GuardSettings, Rule, TcpFlags};
 
 /// Everything the program needs for one rule set.
 #[derive(Clone, Debug)]

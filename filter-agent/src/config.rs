@@ -1093,7 +1093,10 @@ mod tests {
     #[test]
     fn bad_guard_settings_are_located() {
         let message = error_of(&format!("{HEAD}[guard]\nephemeral = [1, 2]\n"));
-        assert!(message.starts_with("rules.toml:4:13: ephemeral is one port range"), "{message}");
+        assert!(
+            message.starts_with("rules.toml:4:13: ephemeral is one port range"),
+            "{message}"
+        );
         let message = error_of(&format!("{HEAD}[guard]\nephemeral = \"60999-32768\"\n"));
         assert!(message.contains("inverted port range"), "{message}");
         let message = error_of(&format!("{HEAD}[guard]\naction = \"log\"\n"));

@@ -54,7 +54,12 @@ impl Listeners {
             if !seen.insert(netns) {
                 continue;
             }
-            for (file, tcp) in [("tcp", true), ("tcp6", true), ("udp", false), ("udp6", false)] {
+            for (file, tcp) in [
+                ("tcp", true),
+                ("tcp6", true),
+                ("udp", false),
+                ("udp6", false),
+            ] {
                 if let Ok(text) = fs::read_to_string(pid.join("net").join(file)) {
                     let set = if tcp {
                         &mut listeners.tcp

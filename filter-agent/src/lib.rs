@@ -1,6 +1,7 @@
 //! filter-agent's library: everything but the process entry point, so that
 //! integration tests use the same code paths as the binary.
 
+pub mod audit;
 pub mod cli;
 pub mod compile;
 pub mod config;

@@ -30,6 +30,16 @@ pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(iface)
 }
 
+/// Removes what [`Filter::load_pinned`] pinned in `dir`, and `dir` and
+/// [`PIN_ROOT`] when that leaves them empty.
+pub fn remove_pins(dir: &Path) {
+    for name in PINNED_MAPS {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(dir);
+    let _ = std::fs::remove_dir(PIN_ROOT);
+}
+
 /// Maps shared by every program instance on an interface: the guard's
 /// counters keep counting across rule swaps.
 const PINNED_MAPS: [&str; 4] = [
@@ -184,7 +194,11 @@ impl Filter {
         let actions = rules.rules.iter().map(|rule| rule.action.raw());
         fill_array(&mut ebpf, names::RULE_ACTIONS, actions.enumerate())?;
         let services = guard::service_words(&rules.guard.services, &Listeners::default());
-        fill_array(&mut ebpf, names::SERVICE_PORTS, services.into_iter().enumerate())?;
+        fill_array(
+            &mut ebpf,
+            names::SERVICE_PORTS,
+            services.into_iter().enumerate(),
+        )?;
         program_mut(&mut ebpf)?.load()?;
         let guard_on = rules.guard.action != GuardAction::Off;
         if guard_on {
@@ -206,7 +220,11 @@ impl Filter {
         listeners: &Listeners,
     ) -> Result<(), LoadError> {
         let words = guard::service_words(services, listeners);
-        fill_array(&mut self.ebpf, names::SERVICE_PORTS, words.into_iter().enumerate())
+        fill_array(
+            &mut self.ebpf,
+            names::SERVICE_PORTS,
+            words.into_iter().enumerate(),
+        )
     }
 
     /// The guard's counters, summed over CPUs (`filter_common::guard` order).

@@ -2,24 +2,13 @@
 //! it there until told to stop.
 
 mod commands;
+mod daemon;
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
-use anyhow::Context as _;
 use clap::Parser as _;
-use filter_common::reason;
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
-};
-use tracing::{info, warn};
 
-use filter_agent::{
-    cli::{self, Cli, Command, RunArgs},
-    compile, config,
-    loader::Filter,
-    privileges,
-};
+use filter_agent::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -39,7 +28,9 @@ fn main() -> ExitCode {
         Some(Command::Check { rules }) => commands::check(&rules),
         Some(Command::Test { rules, packet }) => commands::test_packets(&rules, &packet),
         Some(Command::Replay { rules, pcap, json }) => commands::replay(&rules, &pcap, json),
-        None => run(cli.run),
+        Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
+        Some(Command::Audit { rules, json }) => commands::audit(rules.as_deref(), json),
+        None => daemon::run(cli.run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,92 +53,4 @@ fn init_logging() {
         )
         .with(filter)
         .init();
-}
-
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (Some(iface), Some(rules)) = (args.iface, args.rules) else {
-        unreachable!("clap requires --iface and --rules without a subcommand");
-    };
-    let config = config::load(&rules)?;
-    let rule_set = compile::compile(&config)?;
-    privileges::check()?;
-    let mut filter = Filter::load(&rule_set).context("loading the XDP program")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
-        if let Some(logger) = filter.logger() {
-            forward_program_logs(logger)?;
-        }
-        let mode = filter.attach(&iface, args.xdp_mode)?;
-        info!(
-            %iface,
-            mode,
-            rules = %rules.display(),
-            count = config.rules.len(),
-            default = config.filter.default.name(),
-            "filter attached"
-        );
-        wait_for_shutdown().await?;
-        log_counters(&filter, &rule_set);
-        info!(%iface, "detaching");
-        Ok(())
-    })
-}
-
-/// Forwards aya-log records from the program to `log` (and so to tracing).
-fn forward_program_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> anyhow::Result<()> {
-    // SAFETY: the AsyncFd owns the logger, so its fd outlives the registration.
-    let mut logger =
-        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-            .context("watching the eBPF log buffer")?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = logger.readable_mut().await else {
-                break;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-    Ok(())
-}
-
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM received"),
-        _ = interrupt.recv() => info!("SIGINT received"),
-    }
-    Ok(())
-}
-
-fn log_counters(filter: &Filter, rule_set: &compile::RuleSet) {
-    let counters = filter
-        .counters()
-        .and_then(|reasons| Ok((reasons, filter.rule_counters()?)));
-    match counters {
-        Ok((reasons, rules)) => {
-            for (rule, counter) in rule_set.rules.iter().zip(rules) {
-                info!(
-                    rule = rule.name,
-                    action = rule.action.name(),
-                    packets = counter.packets,
-                    bytes = counter.bytes,
-                    "counted"
-                );
-            }
-            for (name, counter) in reason::NAMES.iter().zip(reasons) {
-                info!(
-                    reason = name,
-                    packets = counter.packets,
-                    bytes = counter.bytes,
-                    "counted"
-                );
-            }
-        }
-        Err(err) => warn!(%err, "cannot read counters"),
-    }
 }

@@ -126,7 +126,12 @@ pub enum GuardView {
 /// service; where that port lies decides the view. Only configured services
 /// count here: discovered listeners are the daemon's addition.
 pub fn guard_inbound(guard: &GuardSettings, fields: &Fields) -> GuardView {
-    let service = |port: u16| guard.services.iter().any(|&(lo, hi)| lo <= port && port <= hi);
+    let service = |port: u16| {
+        guard
+            .services
+            .iter()
+            .any(|&(lo, hi)| lo <= port && port <= hi)
+    };
     let local_port = match fields.transport {
         Transport::Tcp { dport, flags, .. } if flags & crate::packet::tcp_flag::ACK != 0 => dport,
         Transport::Udp { sport, dport } if sport < 1024 || service(sport) => dport,

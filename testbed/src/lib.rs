@@ -4,9 +4,11 @@
 //! unique per process and call, and everything is removed on drop, so runs
 //! never collide or leave debris, even when a test fails.
 
+mod chain;
 mod daemon;
 mod netns;
 pub mod traffic;
 
+pub use chain::Chain;
 pub use daemon::Daemon;
 pub use netns::{Netns, Pair, TestbedError};

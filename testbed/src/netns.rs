@@ -49,11 +49,26 @@ impl Netns {
         ip(&full)
     }
 
-    /// A command that runs `program` inside this namespace.
+    /// A command that runs `program` inside this namespace. `nsenter`
+    /// rather than `ip netns exec`, which remounts /sys and so hides bpffs.
     pub fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name, program]);
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{}", self.name));
+        command.arg(program);
         command
+    }
+
+    /// Runs `program ARGS` inside this namespace; fails unless it succeeds.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, TestbedError> {
+        let mut command = self.command(program);
+        command.args(args);
+        checked(command, format!("{program} {} (in {})", args.join(" "), self.name))
+    }
+
+    /// Sets a sysctl of this namespace (`net.*` keys are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), TestbedError> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     /// Runs `f` on a thread that has entered this namespace, so sockets it
@@ -107,12 +122,7 @@ impl Pair {
     /// Creates a pair whose names contain `tag` (a few letters), the process
     /// id and a per-process sequence number.
     pub fn create(tag: &str) -> Result<Self, TestbedError> {
-        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "{}{}",
-            std::process::id(),
-            SEQUENCE.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = unique_id();
         let client = Netns::create(&format!("fa-{tag}-{id}-c"))?;
         let server = Netns::create(&format!("fa-{tag}-{id}-s"))?;
         // Interface names are limited to 15 bytes; the id keeps them unique.
@@ -185,18 +195,31 @@ impl Pair {
     }
 }
 
-fn ip(args: &[&str]) -> Result<Output, TestbedError> {
-    let command = format!("ip {}", args.join(" "));
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| TestbedError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+/// The process id and a per-process sequence number: part of every name.
+pub(crate) fn unique_id() -> String {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub(crate) fn ip(args: &[&str]) -> Result<Output, TestbedError> {
+    let mut command = Command::new("ip");
+    command.args(args);
+    checked(command, format!("ip {}", args.join(" ")))
+}
+
+/// Runs `command` (described as `description`); fails unless it succeeds.
+fn checked(mut command: Command, description: String) -> Result<Output, TestbedError> {
+    let output = command.output().map_err(|source| TestbedError::Spawn {
+        command: description.clone(),
+        source,
+    })?;
     if !output.status.success() {
         return Err(TestbedError::Command {
-            command,
+            command: description,
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }

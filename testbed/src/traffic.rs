@@ -88,20 +88,37 @@ pub fn tcp_exchange(
     to: SocketAddr,
     from_port: Option<u16>,
 ) -> Result<bool, TestbedError> {
-    ns.run(|| -> io::Result<bool> {
+    tcp_attempt(ns, to, from_port).map(|(answered, _)| answered)
+}
+
+/// [`tcp_exchange`], also returning the local port used (the one the
+/// kernel picked from `ip_local_port_range` when `from_port` is `None`).
+/// A connection that is not answered sends exactly one SYN: the attempt
+/// ends before the first retransmission.
+pub fn tcp_attempt(
+    ns: &Netns,
+    to: SocketAddr,
+    from_port: Option<u16>,
+) -> Result<(bool, u16), TestbedError> {
+    ns.run(|| -> io::Result<(bool, u16)> {
         let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
         if let Some(port) = from_port {
             socket.set_reuse_address(true)?;
             socket.bind(&SockAddr::from(SocketAddr::new(unspecified(to.ip()), port)))?;
         }
-        if socket.connect_timeout(&to.into(), TIMEOUT).is_err() {
-            return Ok(false);
+        let connected = socket.connect_timeout(&to.into(), TIMEOUT).is_ok();
+        let local_port = socket
+            .local_addr()?
+            .as_socket()
+            .map_or(0, |local| local.port());
+        if !connected {
+            return Ok((false, local_port));
         }
         let mut stream = TcpStream::from(socket);
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.write_all(b"filter-agent")?;
         let mut buf = [0u8; 12];
-        Ok(stream.read_exact(&mut buf).is_ok())
+        Ok((stream.read_exact(&mut buf).is_ok(), local_port))
     })
     .and_then(|result| result.map_err(|source| socket_error(ns, source)))
 }

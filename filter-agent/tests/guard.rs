@@ -1,0 +1,293 @@
+//! The ephemeral-port guard with real traffic: a client namespace routed
+//! through a host namespace that runs the agent on its uplink, to a server
+//! namespace (sometimes behind a middle one that plays the cloud ACL).
+//! Needs root; every test makes its own namespaces and removes them.
+
+use std::{
+    collections::BTreeSet,
+    io::Write as _,
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+use testbed::{
+    Chain, Daemon, Netns,
+    traffic::{self, Responder},
+};
+
+const PORT: u16 = 8080;
+const ALLOWED: (u16, u16) = (32768, 60999);
+const ATTEMPTS: usize = 40;
+const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
+
+/// A stateless host filter that lets TCP return traffic reach only the
+/// ephemeral range, as the cloud ACL in incident 1 did.
+const STATELESS_ACL: &str = r#"
+[filter]
+default = "deny"
+
+[guard]
+ephemeral = "32768-60999"
+
+[[rule]]
+name = "tcp-return"
+action = "allow"
+proto = "tcp"
+tcp_flags = "ack"
+dport = "32768-60999"
+"#;
+
+/// Filters nothing; the guard only counts.
+const ALLOW_ALL: &str = "[filter]\ndefault = \"allow\"\n[guard]\nephemeral = \"32768-60999\"\n";
+
+fn rules_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+/// The agent in `host` on `iface`, once it has attached.
+fn start_agent(host: &Netns, iface: &str, rules: &Path) -> Daemon {
+    let mut command = host.command(AGENT);
+    command.args(["--iface", iface, "--rules"]).arg(rules);
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("filter attached", Duration::from_secs(10))
+            .is_some(),
+        "{:?}",
+        agent.seen()
+    );
+    agent
+}
+
+/// `ATTEMPTS` connections from the client's ephemeral ports: the local
+/// ports of those answered and of those not.
+fn connect_many(chain: &Chain) -> (BTreeSet<u16>, BTreeSet<u16>) {
+    let server = SocketAddr::from((chain.server_addr(), PORT));
+    let (mut answered, mut failed) = (BTreeSet::new(), BTreeSet::new());
+    for _ in 0..ATTEMPTS {
+        let (ok, port) = traffic::tcp_attempt(chain.client(), server, None).unwrap();
+        if ok { &mut answered } else { &mut failed }.insert(port);
+    }
+    (answered, failed)
+}
+
+fn in_allowed(port: u16) -> bool {
+    (ALLOWED.0..=ALLOWED.1).contains(&port)
+}
+
+/// `filter-agent guard --iface IFACE --json` for one interface.
+fn guard_report(iface: &str) -> Value {
+    let output = Command::new(AGENT)
+        .args(["guard", "--top", "1000", "--json", "--iface", iface])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let reports: Value = serde_json::from_slice(&output.stdout).unwrap();
+    reports[0].clone()
+}
+
+fn packets(report: &Value, counter: &str) -> u64 {
+    report["counters"][counter]["packets"].as_u64().unwrap()
+}
+
+/// The local ports of the report's out-of-range TCP traffic in `direction`.
+fn ports(report: &Value, direction: &str) -> BTreeSet<u16> {
+    report["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["direction"] == direction && entry["proto"] == "tcp")
+        .map(|entry| entry["port"].as_u64().unwrap() as u16)
+        .collect()
+}
+
+/// `filter-agent audit --json` with the guard range of `rules`.
+fn audit(rules: &Path) -> Vec<Value> {
+    let output = Command::new(AGENT)
+        .args(["audit", "--json", "--rules"])
+        .arg(rules)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let document: Value = serde_json::from_slice(&output.stdout).unwrap();
+    document["namespaces"].as_array().unwrap().clone()
+}
+
+/// The audit entry of the namespace named `name`.
+fn audited<'a>(namespaces: &'a [Value], name: &str) -> &'a Value {
+    namespaces
+        .iter()
+        .find(|ns| ns["names"].as_array().unwrap().iter().any(|n| n == name))
+        .unwrap_or_else(|| panic!("{name} not audited"))
+}
+
+#[test]
+fn sakura_low_ports_fail_and_the_guard_names_them() {
+    let chain = Chain::create("gsak", &["c", "h", "s"]).unwrap();
+    let (client, host) = (chain.client(), &chain.namespaces[1]);
+    client
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .unwrap();
+    let _responder = Responder::start(chain.server(), PORT).unwrap();
+    let rules = rules_file(STATELESS_ACL);
+    let uplink = chain.left_if(1);
+    let agent = start_agent(host, &uplink, rules.path());
+
+    let (answered, failed) = connect_many(&chain);
+    // Exactly the connections from ports outside the allowed range fail.
+    assert!(answered.iter().all(|&port| in_allowed(port)), "{answered:?}");
+    assert!(failed.iter().all(|&port| !in_allowed(port)), "{failed:?}");
+    assert!(
+        !failed.is_empty() && !answered.is_empty(),
+        "{answered:?} {failed:?}"
+    );
+
+    let report = guard_report(&uplink);
+    // One SYN per attempt leaves the uplink, from the client's own port.
+    assert_eq!(packets(&report, "outbound_out_of_range"), failed.len() as u64);
+    assert_eq!(packets(&report, "outbound_in_range"), answered.len() as u64);
+    assert_eq!(ports(&report, "egress"), failed);
+    // Each SYN-ACK to a low port arrives (the server may retransmit it).
+    assert!(packets(&report, "return_out_of_range") >= failed.len() as u64);
+    assert_eq!(ports(&report, "ingress"), failed);
+
+    let namespaces = audit(rules.path());
+    let flagged = audited(&namespaces, client.name());
+    assert_eq!(flagged["port_range"], serde_json::json!([1024, 65000]));
+    let fix = flagged["findings"][0]["fix"].as_str().unwrap();
+    assert_eq!(
+        fix,
+        format!(
+            "ip netns exec {} sysctl -w net.ipv4.ip_local_port_range=\"32768 60999\"",
+            client.name()
+        )
+    );
+    let (status, log) = agent.stop();
+    assert!(status.is_some_and(|status| status.success()), "{log:?}");
+    assert!(
+        !loader_pins(&uplink).exists(),
+        "pins left behind: {}",
+        loader_pins(&uplink).display()
+    );
+}
+
+#[test]
+fn correctly_configured_namespace_counts_nothing_out_of_range() {
+    let chain = Chain::create("gok", &["c", "h", "s"]).unwrap();
+    chain
+        .client()
+        .sysctl("net.ipv4.ip_local_port_range", "32768 60999")
+        .unwrap();
+    let _responder = Responder::start(chain.server(), PORT).unwrap();
+    let rules = rules_file(STATELESS_ACL);
+    let uplink = chain.left_if(1);
+    let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
+
+    let (answered, failed) = connect_many(&chain);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(answered.len(), ATTEMPTS);
+    let report = guard_report(&uplink);
+    assert_eq!(packets(&report, "return_out_of_range"), 0);
+    assert_eq!(packets(&report, "outbound_out_of_range"), 0);
+    assert_eq!(packets(&report, "outbound_in_range"), ATTEMPTS as u64);
+    assert!(packets(&report, "return_in_range") >= ATTEMPTS as u64);
+    let namespaces = audit(rules.path());
+    let client = audited(&namespaces, chain.client().name());
+    assert_eq!(client["findings"], serde_json::json!([]));
+}
+
+#[test]
+fn docker_style_nat_ports_are_seen_after_translation() {
+    let chain = Chain::create("gnat", &["c", "h", "s"]).unwrap();
+    let host = &chain.namespaces[1];
+    let uplink = chain.left_if(1);
+    // Like Docker's MASQUERADE picking low ports: the client's own range
+    // is fine, the port on the wire is not.
+    host.exec(
+        "iptables",
+        &[
+            "-t", "nat", "-A", "POSTROUTING", "-o", &uplink, "-p", "tcp", "-j", "MASQUERADE",
+            "--to-ports", "20000-20999",
+        ],
+    )
+    .unwrap();
+    let _responder = Responder::start(chain.server(), PORT).unwrap();
+    let rules = rules_file(ALLOW_ALL);
+    let _agent = start_agent(host, &uplink, rules.path());
+
+    let (answered, failed) = connect_many(&chain);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(answered.iter().all(|&port| in_allowed(port)));
+
+    let report = guard_report(&uplink);
+    assert_eq!(packets(&report, "outbound_out_of_range"), ATTEMPTS as u64);
+    assert_eq!(packets(&report, "outbound_in_range"), 0);
+    let translated = ports(&report, "egress");
+    assert!(!translated.is_empty());
+    assert!(
+        translated.iter().all(|port| (20000..=20999).contains(port)),
+        "{translated:?}"
+    );
+
+    let namespaces = audit(rules.path());
+    let nat_host = audited(&namespaces, host.name());
+    let problems: Vec<&str> = nat_host["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|finding| finding["problem"].as_str().unwrap())
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|problem| problem.contains("source NAT maps to ports 20000-20999")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn upstream_acl_eats_replies_and_only_egress_sees_it() {
+    let chain = Chain::create("gup", &["c", "h", "m", "s"]).unwrap();
+    chain
+        .client()
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .unwrap();
+    // The middle namespace is the stateless cloud ACL: replies from the
+    // server side reach only the allowed range.
+    let middle = &chain.namespaces[2];
+    middle
+        .exec(
+            "iptables",
+            &[
+                "-A", "FORWARD", "-i", &chain.right_if(1), "-p", "tcp", "!", "--dport",
+                "32768:60999", "-j", "DROP",
+            ],
+        )
+        .unwrap();
+    let _responder = Responder::start(chain.server(), PORT).unwrap();
+    let rules = rules_file(ALLOW_ALL);
+    let uplink = chain.left_if(1);
+    let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
+
+    let (answered, failed) = connect_many(&chain);
+    assert!(answered.iter().all(|&port| in_allowed(port)), "{answered:?}");
+    assert!(failed.iter().all(|&port| !in_allowed(port)), "{failed:?}");
+    assert!(!failed.is_empty());
+
+    let report = guard_report(&uplink);
+    // Nothing out of range ever reaches the host...
+    assert_eq!(packets(&report, "return_out_of_range"), 0);
+    assert!(ports(&report, "ingress").is_empty());
+    // ...but every attempt that left from a low port is on record.
+    assert_eq!(packets(&report, "outbound_out_of_range"), failed.len() as u64);
+    assert_eq!(ports(&report, "egress"), failed);
+}
+
+fn loader_pins(iface: &str) -> std::path::PathBuf {
+    filter_agent::loader::pin_dir(iface)
+}

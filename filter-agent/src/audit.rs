@@ -227,7 +227,7 @@ fn entry_for(found: &mut BTreeMap<u64, Namespace>, own: Option<u64>, inode: u64)
 /// A container id (12 hex digits) in a `/proc/PID/cgroup` file, as Docker,
 /// containerd and Podman name their cgroups.
 pub fn container_id(cgroup: &str) -> Option<String> {
-    cgroup.split(['/', '-', '.', ':']).find_map(|part| {
+    cgroup.split(['/', '-', '.', ':', '\n']).find_map(|part| {
         (part.len() == 64 && part.bytes().all(|b| b.is_ascii_hexdigit()))
             .then(|| part[..12].to_owned())
     })

@@ -124,7 +124,11 @@ impl GuardWatch {
 
     fn refresh(&mut self, filter: &mut Filter) {
         let mut found = Listeners::discover();
-        let stable_udp = found.udp.intersection(&self.previous_udp).copied().collect();
+        let stable_udp = found
+            .udp
+            .intersection(&self.previous_udp)
+            .copied()
+            .collect();
         self.previous_udp = std::mem::replace(&mut found.udp, stable_udp);
         if let Err(err) = filter.set_services(&self.settings.services, &found) {
             warn!(%err, "cannot update the guard's service ports");
@@ -174,7 +178,10 @@ impl GuardWatch {
     fn report_audit(&mut self, namespaces: &[audit::Namespace]) {
         for ns in namespaces {
             for finding in &ns.findings {
-                if self.logged_findings.insert((ns.inode, finding.problem.clone())) {
+                if self
+                    .logged_findings
+                    .insert((ns.inode, finding.problem.clone()))
+                {
                     warn!(
                         namespace = %ns.label(),
                         fix = %finding.fix,

@@ -72,14 +72,6 @@ impl Listeners {
         }
         listeners
     }
-
-    /// Ports in both `self` and `other`.
-    pub fn intersection(&self, other: &Listeners) -> Listeners {
-        Listeners {
-            tcp: self.tcp.intersection(&other.tcp).copied().collect(),
-            udp: self.udp.intersection(&other.udp).copied().collect(),
-        }
-    }
 }
 
 /// Local ports of listening sockets in a `/proc/net/{tcp,tcp6,udp,udp6}`
@@ -198,7 +190,7 @@ fn summed<K: Pod + Eq + std::hash::Hash>(
         values.iter().for_each(|value| total.add(value));
         entries.push((key, total));
     }
-    entries.sort_by(|a, b| b.1.packets.cmp(&a.1.packets));
+    entries.sort_by_key(|(_, counter)| std::cmp::Reverse(counter.packets));
     Ok(entries)
 }
 

@@ -10,8 +10,6 @@ use crate::{
     packet::{IPPROTO_TCP, IPPROTO_UDP, tcp_flag},
 };
 
-/// Linux's default ephemeral port range (`ip_local_port_range`).
-pub const EPHEMERAL: (u16, u16) = (32768, 60999);
 const SSH: u16 = 22;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,7 +109,9 @@ fn return_traffic(config: &Config) -> Vec<Warning> {
     if config.filter.default != Action::Deny {
         return Vec::new();
     }
-    let (lo, hi) = EPHEMERAL;
+    // The range the guard expects return traffic at (Linux's default
+    // unless `[guard] ephemeral` says otherwise).
+    let (lo, hi) = config.guard.ephemeral;
     // Allowed for every peer: an allow without a source restriction (a
     // destination is usually the host itself) before any deny that
     // applies to every address.
@@ -235,6 +235,16 @@ mod tests {
         // A return rule for part of the range is not enough.
         let partial = warnings(&RETURN_AND_SSH.replace("32768-60999", "32768-40000"));
         assert_eq!(partial.len(), 1, "{partial:?}");
+    }
+
+    #[test]
+    fn return_rules_are_held_to_the_guard_range() {
+        let found = warnings(&format!(
+            "[guard]\nephemeral = \"49152-65535\"\n{RETURN_AND_SSH}"
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("UDP replies"), "{found:?}");
+        assert!(found[0].contains("49152-65535"), "{found:?}");
     }
 
     #[test]

@@ -4,11 +4,7 @@
 //! Needs root; every test makes its own namespaces and removes them.
 
 use std::{
-    collections::BTreeSet,
-    io::Write as _,
-    net::SocketAddr,
-    path::Path,
-    process::Command,
+    collections::BTreeSet, io::Write as _, net::SocketAddr, path::Path, process::Command,
     time::Duration,
 };
 
@@ -140,7 +136,10 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
 
     let (answered, failed) = connect_many(&chain);
     // Exactly the connections from ports outside the allowed range fail.
-    assert!(answered.iter().all(|&port| in_allowed(port)), "{answered:?}");
+    assert!(
+        answered.iter().all(|&port| in_allowed(port)),
+        "{answered:?}"
+    );
     assert!(failed.iter().all(|&port| !in_allowed(port)), "{failed:?}");
     assert!(
         !failed.is_empty() && !answered.is_empty(),
@@ -149,7 +148,10 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
 
     let report = guard_report(&uplink);
     // One SYN per attempt leaves the uplink, from the client's own port.
-    assert_eq!(packets(&report, "outbound_out_of_range"), failed.len() as u64);
+    assert_eq!(
+        packets(&report, "outbound_out_of_range"),
+        failed.len() as u64
+    );
     assert_eq!(packets(&report, "outbound_in_range"), answered.len() as u64);
     assert_eq!(ports(&report, "egress"), failed);
     // Each SYN-ACK to a low port arrives (the server may retransmit it).
@@ -211,8 +213,18 @@ fn docker_style_nat_ports_are_seen_after_translation() {
     host.exec(
         "iptables",
         &[
-            "-t", "nat", "-A", "POSTROUTING", "-o", &uplink, "-p", "tcp", "-j", "MASQUERADE",
-            "--to-ports", "20000-20999",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            &uplink,
+            "-p",
+            "tcp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            "20000-20999",
         ],
     )
     .unwrap();
@@ -264,8 +276,17 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
         .exec(
             "iptables",
             &[
-                "-A", "FORWARD", "-i", &chain.right_if(1), "-p", "tcp", "!", "--dport",
-                "32768:60999", "-j", "DROP",
+                "-A",
+                "FORWARD",
+                "-i",
+                &chain.right_if(1),
+                "-p",
+                "tcp",
+                "!",
+                "--dport",
+                "32768:60999",
+                "-j",
+                "DROP",
             ],
         )
         .unwrap();
@@ -275,7 +296,10 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
     let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
 
     let (answered, failed) = connect_many(&chain);
-    assert!(answered.iter().all(|&port| in_allowed(port)), "{answered:?}");
+    assert!(
+        answered.iter().all(|&port| in_allowed(port)),
+        "{answered:?}"
+    );
     assert!(failed.iter().all(|&port| !in_allowed(port)), "{failed:?}");
     assert!(!failed.is_empty());
 
@@ -284,7 +308,10 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
     assert_eq!(packets(&report, "return_out_of_range"), 0);
     assert!(ports(&report, "ingress").is_empty());
     // ...but every attempt that left from a low port is on record.
-    assert_eq!(packets(&report, "outbound_out_of_range"), failed.len() as u64);
+    assert_eq!(
+        packets(&report, "outbound_out_of_range"),
+        failed.len() as u64
+    );
     assert_eq!(ports(&report, "egress"), failed);
 }
 

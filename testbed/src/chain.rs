@@ -32,11 +32,27 @@ impl Chain {
             let (left, right) = (&chain.namespaces[link], &chain.namespaces[link + 1]);
             let (left_if, right_if) = (chain.left_if(link), chain.right_if(link));
             ip(&[
-                "link", "add", &left_if, "netns", left.name(), "type", "veth", "peer", "name",
-                &right_if, "netns", right.name(),
+                "link",
+                "add",
+                &left_if,
+                "netns",
+                left.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &right_if,
+                "netns",
+                right.name(),
             ])?;
             for (ns, dev, host) in [(left, &left_if, 1), (right, &right_if, 2)] {
-                ns.ip(&["addr", "add", &format!("{}/24", Self::address(link, host)), "dev", dev])?;
+                ns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{}/24", Self::address(link, host)),
+                    "dev",
+                    dev,
+                ])?;
                 ns.ip(&["link", "set", dev, "up"])?;
             }
         }
@@ -79,7 +95,9 @@ impl Chain {
         &self.namespaces[0]
     }
     pub fn server(&self) -> &Netns {
-        self.namespaces.last().expect("a chain has two namespaces or more")
+        self.namespaces
+            .last()
+            .expect("a chain has two namespaces or more")
     }
 
     /// The interface of link `link` in its left / right namespace.

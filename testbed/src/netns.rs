@@ -62,7 +62,10 @@ impl Netns {
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, TestbedError> {
         let mut command = self.command(program);
         command.args(args);
-        checked(command, format!("{program} {} (in {})", args.join(" "), self.name))
+        checked(
+            command,
+            format!("{program} {} (in {})", args.join(" "), self.name),
+        )
     }
 
     /// Sets a sysctl of this namespace (`net.*` keys are per namespace).

@@ -16,7 +16,10 @@ use testbed::{
 
 const PORT: u16 = 8080;
 const ALLOWED: (u16, u16) = (32768, 60999);
-const ATTEMPTS: usize = 40;
+const ATTEMPTS: usize = 30;
+const TOTAL_ATTEMPTS: usize = ATTEMPTS + 5;
+/// The misconfigured container range of incident 1.
+const WIDE: (u16, u16) = (1024, 65000);
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 
 /// A stateless host filter that lets TCP return traffic reach only the
@@ -60,16 +63,30 @@ fn start_agent(host: &Netns, iface: &str, rules: &Path) -> Daemon {
     agent
 }
 
-/// `ATTEMPTS` connections from the client's ephemeral ports: the local
-/// ports of those answered and of those not.
-fn connect_many(chain: &Chain) -> (BTreeSet<u16>, BTreeSet<u16>) {
+/// Connections from the client: one from each end and quartile of `range`
+/// (its `ip_local_port_range`), so that every part of it is tried, then
+/// `ATTEMPTS` from ports the kernel picks (which come in runs of nearby
+/// ports). Returns the local ports answered and not.
+fn connect_many(chain: &Chain, range: (u16, u16)) -> (BTreeSet<u16>, BTreeSet<u16>) {
     let server = SocketAddr::from((chain.server_addr(), PORT));
+    let (low, high) = (u32::from(range.0), u32::from(range.1));
+    let spread = (0..=4).map(|quarter| Some((low + (high - low) * quarter / 4) as u16));
     let (mut answered, mut failed) = (BTreeSet::new(), BTreeSet::new());
-    for _ in 0..ATTEMPTS {
-        let (ok, port) = traffic::tcp_attempt(chain.client(), server, None).unwrap();
+    // The fixed ports first: the kernel's picks then avoid them.
+    for from in spread.chain(std::iter::repeat_n(None, ATTEMPTS)) {
+        let (ok, port) = traffic::tcp_attempt(chain.client(), server, from).unwrap();
         if ok { &mut answered } else { &mut failed }.insert(port);
     }
+    assert_eq!(
+        answered.len() + failed.len(),
+        TOTAL_ATTEMPTS,
+        "a port was used twice"
+    );
     (answered, failed)
+}
+
+fn port_range((low, high): (u16, u16)) -> String {
+    format!("{low} {high}")
 }
 
 fn in_allowed(port: u16) -> bool {
@@ -127,14 +144,14 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
     let chain = Chain::create("gsak", &["c", "h", "s"]).unwrap();
     let (client, host) = (chain.client(), &chain.namespaces[1]);
     client
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .sysctl("net.ipv4.ip_local_port_range", &port_range(WIDE))
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
     let rules = rules_file(STATELESS_ACL);
     let uplink = chain.left_if(1);
     let agent = start_agent(host, &uplink, rules.path());
 
-    let (answered, failed) = connect_many(&chain);
+    let (answered, failed) = connect_many(&chain, WIDE);
     // Exactly the connections from ports outside the allowed range fail.
     assert!(
         answered.iter().all(|&port| in_allowed(port)),
@@ -183,21 +200,21 @@ fn correctly_configured_namespace_counts_nothing_out_of_range() {
     let chain = Chain::create("gok", &["c", "h", "s"]).unwrap();
     chain
         .client()
-        .sysctl("net.ipv4.ip_local_port_range", "32768 60999")
+        .sysctl("net.ipv4.ip_local_port_range", &port_range(ALLOWED))
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
     let rules = rules_file(STATELESS_ACL);
     let uplink = chain.left_if(1);
     let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
 
-    let (answered, failed) = connect_many(&chain);
+    let (answered, failed) = connect_many(&chain, ALLOWED);
     assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(answered.len(), ATTEMPTS);
+    assert_eq!(answered.len(), TOTAL_ATTEMPTS);
     let report = guard_report(&uplink);
     assert_eq!(packets(&report, "return_out_of_range"), 0);
     assert_eq!(packets(&report, "outbound_out_of_range"), 0);
-    assert_eq!(packets(&report, "outbound_in_range"), ATTEMPTS as u64);
-    assert!(packets(&report, "return_in_range") >= ATTEMPTS as u64);
+    assert_eq!(packets(&report, "outbound_in_range"), TOTAL_ATTEMPTS as u64);
+    assert!(packets(&report, "return_in_range") >= TOTAL_ATTEMPTS as u64);
     let namespaces = audit(rules.path());
     let client = audited(&namespaces, chain.client().name());
     assert_eq!(client["findings"], serde_json::json!([]));
@@ -232,12 +249,15 @@ fn docker_style_nat_ports_are_seen_after_translation() {
     let rules = rules_file(ALLOW_ALL);
     let _agent = start_agent(host, &uplink, rules.path());
 
-    let (answered, failed) = connect_many(&chain);
+    let (answered, failed) = connect_many(&chain, ALLOWED);
     assert!(failed.is_empty(), "{failed:?}");
     assert!(answered.iter().all(|&port| in_allowed(port)));
 
     let report = guard_report(&uplink);
-    assert_eq!(packets(&report, "outbound_out_of_range"), ATTEMPTS as u64);
+    assert_eq!(
+        packets(&report, "outbound_out_of_range"),
+        TOTAL_ATTEMPTS as u64
+    );
     assert_eq!(packets(&report, "outbound_in_range"), 0);
     let translated = ports(&report, "egress");
     assert!(!translated.is_empty());
@@ -267,7 +287,7 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
     let chain = Chain::create("gup", &["c", "h", "m", "s"]).unwrap();
     chain
         .client()
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .sysctl("net.ipv4.ip_local_port_range", &port_range(WIDE))
         .unwrap();
     // The middle namespace is the stateless cloud ACL: replies from the
     // server side reach only the allowed range.
@@ -279,7 +299,7 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
                 "-A",
                 "FORWARD",
                 "-i",
-                &chain.right_if(1),
+                &chain.left_if(2),
                 "-p",
                 "tcp",
                 "!",
@@ -295,7 +315,7 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
     let uplink = chain.left_if(1);
     let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
 
-    let (answered, failed) = connect_many(&chain);
+    let (answered, failed) = connect_many(&chain, WIDE);
     assert!(
         answered.iter().all(|&port| in_allowed(port)),
         "{answered:?}"

@@ -3,6 +3,8 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -14,6 +16,9 @@ use testbed::{
 };
 
 use crate::util::{cargo, workspace_root};
+
+/// Outbound connections the guard demo makes from the filtered namespace.
+const GUARD_ATTEMPTS: usize = 12;
 
 /// Allowed by the example rules ("web").
 const SERVICE_PORT: u16 = 8080;
@@ -115,11 +120,56 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
 
+    show_guard(&pair, &agent, &rules)?;
+
     println!("demo: stopping the agent; it reports what it counted");
     let (status, _) = daemon.stop();
     if !status.is_some_and(|status| status.success()) {
         bail!("filter-agent exited with {status:?}");
     }
     println!("demo: done; namespaces removed");
+    Ok(())
+}
+
+/// Incident 1 in miniature: the filtered namespace picks client ports from
+/// 1024-65000 while the rules let return traffic reach only 32768-60999.
+fn show_guard(pair: &Pair, agent: &Path, rules: &Path) -> anyhow::Result<()> {
+    let host = &pair.server;
+    println!(
+        "demo: the guard: {} now opens connections from ip_local_port_range 1024-65000",
+        host.name()
+    );
+    host.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    let _peer = Responder::start(&pair.client, SERVICE_PORT)?;
+    let peer = SocketAddr::from((Pair::CLIENT_V4, SERVICE_PORT));
+    for _ in 0..GUARD_ATTEMPTS {
+        let (answered, port) = traffic::tcp_attempt(host, peer, None)?;
+        let result = if answered {
+            "answered"
+        } else {
+            "no answer (reply dropped)"
+        };
+        println!("  tcp from port {port:<6} -> {peer:<17} {result}");
+        checkpoint()?;
+    }
+    for args in [
+        vec!["guard", "--iface", &pair.server_if],
+        vec![
+            "audit",
+            "--rules",
+            rules.to_str().context("non-UTF-8 path")?,
+        ],
+    ] {
+        println!("demo: filter-agent {}", args.join(" "));
+        let output = Command::new(agent).args(&args).output()?;
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        if !output.status.success() {
+            bail!(
+                "filter-agent {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@ use filter_common::{guard as guard_stat, reason};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
-    time::{MissedTickBehavior, interval},
+    time::{Instant, MissedTickBehavior, interval, interval_at},
 };
 use tracing::{info, warn};
 
@@ -51,6 +51,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(logger) = filter.logger() {
             forward_program_logs(logger)?;
         }
+        // Services first: ACKs to local listeners are not return traffic.
+        let mut watch = GuardWatch::new(&config.guard);
+        if config.guard.action != GuardAction::Off {
+            watch.refresh(&mut filter);
+        }
         let mode = filter.attach(&iface, args.xdp_mode)?;
         info!(
             %iface,
@@ -62,7 +67,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             ephemeral = %format!("{}-{}", config.guard.ephemeral.0, config.guard.ephemeral.1),
             "filter attached"
         );
-        let result = serve(&mut filter, &config.guard).await;
+        let result = serve(&mut filter, watch).await;
         log_counters(&filter, &rule_set);
         info!(%iface, "detaching");
         drop(filter);
@@ -72,22 +77,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Runs until SIGINT or SIGTERM.
-async fn serve(filter: &mut Filter, settings: &GuardSettings) -> anyhow::Result<()> {
+async fn serve(filter: &mut Filter, mut watch: GuardWatch) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut watch = GuardWatch::new(settings);
-    let mut services = interval(SERVICES_EVERY);
+    let mut services = interval_at(Instant::now() + SERVICES_EVERY, SERVICES_EVERY);
     let mut audits = interval(AUDIT_EVERY);
     services.set_missed_tick_behavior(MissedTickBehavior::Delay);
     audits.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let guard_on = settings.action != GuardAction::Off;
+    let guard_on = watch.settings.action != GuardAction::Off;
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM received"); break; }
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
             _ = services.tick(), if guard_on => watch.refresh(filter),
             _ = audits.tick(), if guard_on => {
-                let range = settings.ephemeral;
+                let range = watch.settings.ephemeral;
                 match tokio::task::spawn_blocking(move || audit::run(range)).await {
                     Ok(namespaces) => watch.report_audit(&namespaces),
                     Err(err) => warn!(%err, "namespace audit failed"),

@@ -153,6 +153,58 @@ fn test_command_reports_verdict_and_rule() {
 }
 
 #[test]
+fn guard_drop_decides_before_the_rules() {
+    let rules = rules_file(
+        "[filter]\ndefault = \"allow\"\n[guard]\nephemeral = \"49152-65535\"\naction = \"drop\"\nservices = [8080]\n\
+         [[rule]]\nname = \"all-tcp\"\naction = \"allow\"\nproto = \"tcp\"\n",
+    );
+    let output = agent(&[
+        "test",
+        "--rules",
+        rules.path().to_str().unwrap(),
+        "--packet",
+        "tcp 192.0.2.1:443 -> 10.0.0.1:40000 flags SA",
+        "--packet",
+        "tcp 192.0.2.1:443 -> 10.0.0.1:50000 flags SA",
+        "--packet",
+        "tcp 192.0.2.1:40000 -> 10.0.0.1:8080 flags A",
+        "--packet",
+        "udp 192.0.2.1:53 -> 10.0.0.1:1024",
+        "--packet",
+        "udp 192.0.2.1:5353 -> 10.0.0.1:1024",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let verdicts: Vec<&str> = stdout
+        .lines()
+        .map(|line| line.rsplit_once(": ").unwrap().1)
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            "drop by guard drop",
+            "pass by rule \"all-tcp\" (allow)",
+            // An ACK to a local service is not return traffic.
+            "pass by rule \"all-tcp\" (allow)",
+            "drop by guard drop",
+            // Not from a service port: not a reply.
+            "pass by default allow",
+        ],
+        "{stdout}"
+    );
+}
+
+#[test]
+fn guard_without_an_agent_says_so() {
+    let output = agent(&["guard", "--iface", "no-such-iface0"]);
+    assert_one_line_error(
+        &output,
+        1,
+        "no guard maps under /sys/fs/bpf/filter-agent/no-such-iface0",
+    );
+}
+
+#[test]
 fn replay_reports_per_rule_hits_and_json_lines() {
     use filter_agent::packet::{PacketSpec, Transport, tcp_flag};
     use pcap_file::pcap::{PcapPacket, PcapWriter};

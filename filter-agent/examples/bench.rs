@@ -54,6 +54,9 @@ struct Report {
     empty_program_ns: f64,
     /// The smallest rule set with `[guard] action = "off"`.
     guard_off_ns: f64,
+    /// The smallest rule set on return traffic, with and without the guard.
+    replies_guard_on_ns: f64,
+    replies_guard_off_ns: f64,
     rules: Vec<Row>,
     sets: Vec<SetRow>,
 }
@@ -208,6 +211,26 @@ fn frame_for(rng: &mut StdRng, rule: &Rule) -> Vec<u8> {
         },
     };
     PacketSpec::new(address(rng, &rule.src), address(rng, &rule.dst), transport).build()
+}
+
+/// Replies to this host's connections (TCP with ACK from a service port,
+/// to any port): the traffic the guard inspects most closely.
+fn return_traffic(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
+    let any: IpNet = "10.0.0.0/10".parse().unwrap();
+    (0..count)
+        .map(|_| {
+            let transport = Transport::Tcp {
+                sport: 443,
+                dport: rng.random_range(1024..=65535),
+                flags: tcp_flag::ACK,
+            };
+            let (src, dst) = (
+                packet::address_in(&any, rng.random()),
+                packet::address_in(&any, rng.random()),
+            );
+            PacketSpec::new(src, dst, transport).build()
+        })
+        .collect()
 }
 
 /// A third each: matching an early rule, a late rule, and random traffic.
@@ -527,6 +550,7 @@ fn main() -> anyhow::Result<()> {
     let mut unguarded = first.config.clone();
     unguarded.guard.action = GuardAction::Off;
     let unguarded = Filter::load(&compile(&unguarded)?)?;
+    let replies = return_traffic(&mut rng, 60);
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = baseline
         .program_mut("empty")
@@ -554,6 +578,14 @@ fn main() -> anyhow::Result<()> {
         frames: &first.frames,
         time: Box::new(|frame| Ok(unguarded.time_packet(frame, repeat)?)),
     });
+    subjects.push(Subject {
+        frames: &replies,
+        time: Box::new(|frame| Ok(first.filter.time_packet(frame, repeat)?)),
+    });
+    subjects.push(Subject {
+        frames: &replies,
+        time: Box::new(|frame| Ok(unguarded.time_packet(frame, repeat)?)),
+    });
     if let Some((_, program)) = &xdp_filter {
         subjects.push(Subject {
             frames: &first.frames,
@@ -563,7 +595,9 @@ fn main() -> anyhow::Result<()> {
     let measured = measure(options.runs, &subjects)?;
     let empty_ns = measured[loaded.len()];
     let guard_off_ns = measured[loaded.len() + 1];
-    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 2]);
+    let (replies_guard_on_ns, replies_guard_off_ns) =
+        (measured[loaded.len() + 2], measured[loaded.len() + 3]);
+    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 4]);
 
     println!(
         "{:>7} {:>16} {:>14} {:>12} {:>18}",
@@ -588,7 +622,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {empty_ns:.1} ns");
     println!(
-        "guard on (above) vs off, {} rules: {:.1} vs {guard_off_ns:.1} ns",
+        "guard on (above) vs off, {} rules: {:.1} vs {guard_off_ns:.1} ns; \
+         on return traffic (TCP ACK to random ports): {replies_guard_on_ns:.1} vs {replies_guard_off_ns:.1} ns",
         first.size, measured[0]
     );
     drop(subjects);
@@ -616,6 +651,8 @@ fn main() -> anyhow::Result<()> {
         let report = Report {
             empty_program_ns: empty_ns,
             guard_off_ns,
+            replies_guard_on_ns,
+            replies_guard_off_ns,
             rules: rows,
             sets,
         };

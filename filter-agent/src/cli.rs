@@ -65,6 +65,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the filter and everything pinned for it from an interface
+    /// (refused while an agent runs for it).
+    Detach {
+        #[arg(long, required = true)]
+        iface: Vec<String>,
+    },
     /// List every network namespace with its ephemeral port range and NAT
     /// rules, and flag those that do not fit the guard's range.
     Audit {
@@ -80,9 +86,10 @@ pub enum Command {
 /// Running the filter: the default when no subcommand is given.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Network interface to filter.
+    /// Network interface to filter; repeat for several, each gets its own
+    /// attachment.
     #[arg(long, required = true)]
-    pub iface: Option<String>,
+    pub iface: Vec<String>,
     /// The rules file (TOML).
     #[arg(long, required = true)]
     pub rules: Option<PathBuf>,
@@ -90,6 +97,10 @@ pub struct RunArgs {
     /// generic mode every interface supports, `auto` tries native first.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
+    /// Remove the filter when the agent stops. By default it stays in
+    /// place (fail-static) and the next start takes it over without a gap.
+    #[arg(long)]
+    pub detach_on_exit: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -11,6 +11,7 @@ use filter_agent::{
     loader::{self, Filter, xdp_action},
     packet, pcap, privileges,
     reference::Outcome,
+    state,
 };
 use filter_common::{guard as guard_stat, reason};
 use serde_json::json;
@@ -311,6 +312,25 @@ pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
             println!("         problem: {}", finding.problem);
             println!("         fix: {}", finding.fix);
         }
+    }
+    Ok(())
+}
+
+/// `filter-agent detach`: removes the pins, which detaches the filter.
+pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
+    privileges::check()?;
+    for iface in ifaces {
+        let dir = loader::pin_dir(iface);
+        if !dir.exists() {
+            anyhow::bail!(
+                "no filter-agent state for {iface} under {}",
+                loader::PIN_ROOT
+            );
+        }
+        let lock = state::InterfaceLock::acquire(iface)?;
+        loader::remove_pins(&dir);
+        drop(lock);
+        println!("{iface}: detached");
     }
     Ok(())
 }

@@ -3,10 +3,14 @@
 //! traffic and namespace findings as summaries, and detaches on SIGINT or
 //! SIGTERM.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use filter_common::{guard as guard_stat, reason};
+use filter_common::{Counter, guard as guard_stat, reason};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -16,12 +20,13 @@ use tracing::{info, warn};
 
 use filter_agent::{
     audit,
-    cli::RunArgs,
-    compile,
+    cli::{RunArgs, XdpModeArg},
+    compile::{self, RuleInfo, RuleSet},
     config::{self, GuardAction, GuardSettings},
     guard::{self, Listeners},
-    loader::{self, Filter},
+    loader::{self, Attached, Filter},
     privileges,
+    state::{self, InterfaceLock},
 };
 
 /// How often listening sockets are rescanned (and out-of-range traffic
@@ -33,51 +38,142 @@ const AUDIT_EVERY: Duration = Duration::from_secs(60);
 const SUMMARY_TOP: usize = 5;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (Some(iface), Some(rules)) = (args.iface, args.rules) else {
+    let Some(rules) = args.rules else {
         unreachable!("clap requires --iface and --rules without a subcommand");
     };
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check()?;
-    let pins = loader::pin_dir(&iface);
-    std::fs::create_dir_all(&pins)
-        .with_context(|| format!("creating {} (is bpffs mounted?)", pins.display()))?;
-    let mut filter = Filter::load_pinned(&rule_set, &pins).context("loading the XDP program")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        if let Some(logger) = filter.logger() {
-            forward_program_logs(logger)?;
-        }
         // Services first: ACKs to local listeners are not return traffic.
         let mut watch = GuardWatch::new(&config.guard);
-        if config.guard.action != GuardAction::Off {
-            watch.refresh(&mut filter);
+        let listeners = watch.scan();
+        let mut interfaces = Vec::new();
+        for iface in &args.iface {
+            let interface = Interface::attach(iface, &rule_set, &listeners, args.xdp_mode)?;
+            interfaces.push(interface);
         }
-        let mode = filter.attach(&iface, args.xdp_mode)?;
         info!(
-            %iface,
-            mode,
             rules = %rules.display(),
             count = config.rules.len(),
             default = config.filter.default.name(),
             guard = ?config.guard.action,
             ephemeral = %format!("{}-{}", config.guard.ephemeral.0, config.guard.ephemeral.1),
-            "filter attached"
+            "rules loaded"
         );
-        let result = serve(&mut filter, watch).await;
-        log_counters(&filter, &rule_set);
-        info!(%iface, "detaching");
-        drop(filter);
-        loader::remove_pins(&pins);
+        let result = serve(&mut interfaces, watch).await;
+        for interface in interfaces {
+            interface.stop(args.detach_on_exit);
+        }
         result
     })
 }
 
+/// Pauses after a program swap so that packets already inside the old
+/// program are counted before its counters are read.
+const SWAP_SETTLE: Duration = Duration::from_millis(10);
+
+/// One interface the agent filters.
+struct Interface {
+    name: String,
+    dir: PathBuf,
+    filter: Filter,
+    rules: Vec<RuleInfo>,
+    /// Per rule: what it counted under earlier rule sets.
+    bases: Vec<Counter>,
+    _lock: InterfaceLock,
+}
+
+impl Interface {
+    /// Locks the interface, loads `rule_set` and attaches it, taking over
+    /// the links a previous agent left pinned (without a gap) if any.
+    fn attach(
+        iface: &str,
+        rule_set: &RuleSet,
+        listeners: &Listeners,
+        mode: XdpModeArg,
+    ) -> anyhow::Result<Self> {
+        let lock = InterfaceLock::acquire(iface)?;
+        let dir = loader::pin_dir(iface);
+        let pinned_before = dir.join(loader::XDP_LINK_PIN).exists();
+        let attached = (|| -> anyhow::Result<_> {
+            let mut filter =
+                Filter::load_pinned(rule_set, &dir).context("loading the XDP program")?;
+            filter.set_services(&rule_set.guard.services, listeners)?;
+            if let Some(logger) = filter.logger() {
+                forward_program_logs(logger)?;
+            }
+            let attached = filter.attach_pinned(iface, mode, &dir)?;
+            Ok((filter, attached))
+        })();
+        let (filter, attached) = match attached {
+            Ok(done) => done,
+            Err(err) => {
+                // Only what this attempt pinned goes; a filter left in
+                // place by an earlier agent stays.
+                if !pinned_before {
+                    loader::remove_pins(&dir);
+                }
+                return Err(err);
+            }
+        };
+        if attached == Attached::Adopted {
+            std::thread::sleep(SWAP_SETTLE);
+        }
+        let bases = state::publish_rules(&filter, &rule_set.rules, &dir)?;
+        match attached {
+            Attached::Fresh(mode) => info!(%iface, mode, "filter attached"),
+            Attached::Adopted => info!(
+                %iface,
+                "filter attached: took over the pinned filter, new rules swapped in without a gap"
+            ),
+        }
+        Ok(Self {
+            name: iface.to_owned(),
+            dir,
+            filter,
+            rules: rule_set.rules.clone(),
+            bases,
+            _lock: lock,
+        })
+    }
+
+    /// Logs the counters and leaves the filter in place, or removes it.
+    fn stop(self, detach: bool) {
+        log_counters(&self);
+        if detach {
+            info!(iface = %self.name, "detaching");
+            loader::remove_pins(&self.dir);
+        } else {
+            info!(
+                iface = %self.name,
+                "leaving the filter in place (fail-static); `filter-agent detach` removes it"
+            );
+        }
+    }
+
+    /// Per rule: name, action, total count (earlier rule sets included).
+    fn rule_totals(&self) -> anyhow::Result<Vec<(&RuleInfo, Counter)>> {
+        let counters = self.filter.rule_counters()?;
+        Ok(self
+            .rules
+            .iter()
+            .zip(counters.iter().zip(&self.bases))
+            .map(|(rule, (counter, base))| {
+                let mut total = *base;
+                total.add(counter);
+                (rule, total)
+            })
+            .collect())
+    }
+}
+
 /// Runs until SIGINT or SIGTERM.
-async fn serve(filter: &mut Filter, mut watch: GuardWatch) -> anyhow::Result<()> {
+async fn serve(interfaces: &mut [Interface], mut watch: GuardWatch) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut services = interval_at(Instant::now() + SERVICES_EVERY, SERVICES_EVERY);
@@ -89,7 +185,12 @@ async fn serve(filter: &mut Filter, mut watch: GuardWatch) -> anyhow::Result<()>
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM received"); break; }
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
-            _ = services.tick(), if guard_on => watch.refresh(filter),
+            _ = services.tick(), if guard_on => {
+                let listeners = watch.scan();
+                for interface in interfaces.iter_mut() {
+                    watch.refresh(interface, &listeners);
+                }
+            }
             _ = audits.tick(), if guard_on => {
                 let range = watch.settings.ephemeral;
                 match tokio::task::spawn_blocking(move || audit::run(range)).await {
@@ -108,9 +209,9 @@ struct GuardWatch {
     /// UDP listeners of the previous scan: a UDP port becomes a service
     /// only when seen twice, so short-lived client sockets do not.
     previous_udp: BTreeSet<u16>,
-    /// Out-of-range counts at the last summary.
-    last_return: u64,
-    last_outbound: u64,
+    /// Per interface: out-of-range return and outbound counts at the last
+    /// summary.
+    last: HashMap<String, (u64, u64)>,
     /// Findings already logged, so each is logged once.
     logged_findings: BTreeSet<(u64, String)>,
 }
@@ -120,13 +221,14 @@ impl GuardWatch {
         Self {
             settings: settings.clone(),
             previous_udp: BTreeSet::new(),
-            last_return: 0,
-            last_outbound: 0,
+            last: HashMap::new(),
             logged_findings: BTreeSet::new(),
         }
     }
 
-    fn refresh(&mut self, filter: &mut Filter) {
+    /// Listening sockets now; UDP ones only when the previous scan saw
+    /// them too.
+    fn scan(&mut self) -> Listeners {
         let mut found = Listeners::discover();
         let stable_udp = found
             .udp
@@ -134,25 +236,33 @@ impl GuardWatch {
             .copied()
             .collect();
         self.previous_udp = std::mem::replace(&mut found.udp, stable_udp);
-        if let Err(err) = filter.set_services(&self.settings.services, &found) {
-            warn!(%err, "cannot update the guard's service ports");
+        found
+    }
+
+    fn refresh(&mut self, interface: &mut Interface, listeners: &Listeners) {
+        let services = &self.settings.services;
+        if let Err(err) = interface.filter.set_services(services, listeners) {
+            warn!(iface = %interface.name, %err, "cannot update the guard's service ports");
         }
-        self.summarise(filter);
+        self.summarise(interface);
     }
 
     /// One warning per interval in which out-of-range traffic was seen.
-    fn summarise(&mut self, filter: &Filter) {
-        let report = match filter.guard_report() {
+    fn summarise(&mut self, interface: &Interface) {
+        let report = match interface.filter.guard_report() {
             Ok(report) => report,
-            Err(err) => return warn!(%err, "cannot read the guard's counters"),
+            Err(err) => {
+                return warn!(iface = %interface.name, %err, "cannot read the guard's counters");
+            }
         };
         let returned = report.stats[guard_stat::RETURN_OUT_OF_RANGE as usize].packets;
         let outbound = report.stats[guard_stat::OUTBOUND_OUT_OF_RANGE as usize].packets;
+        let last = self.last.entry(interface.name.clone()).or_default();
         let (new_return, new_outbound) = (
-            returned.saturating_sub(self.last_return),
-            outbound.saturating_sub(self.last_outbound),
+            returned.saturating_sub(last.0),
+            outbound.saturating_sub(last.1),
         );
-        (self.last_return, self.last_outbound) = (returned, outbound);
+        *last = (returned, outbound);
         if new_return == 0 && new_outbound == 0 {
             return;
         }
@@ -172,6 +282,7 @@ impl GuardWatch {
             .collect();
         let (low, high) = self.settings.ephemeral;
         warn!(
+            iface = %interface.name,
             return_packets = new_return,
             outbound_attempts = new_outbound,
             top_ports = %ports.join(", "),
@@ -215,14 +326,13 @@ fn forward_program_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> a
     Ok(())
 }
 
-fn log_counters(filter: &Filter, rule_set: &compile::RuleSet) {
-    let counters = filter
-        .counters()
-        .and_then(|reasons| Ok((reasons, filter.rule_counters()?)));
-    match counters {
-        Ok((reasons, rules)) => {
-            for (rule, counter) in rule_set.rules.iter().zip(rules) {
+fn log_counters(interface: &Interface) {
+    let iface = &interface.name;
+    match interface.rule_totals() {
+        Ok(totals) => {
+            for (rule, counter) in totals {
                 info!(
+                    %iface,
                     rule = rule.name,
                     action = rule.action.name(),
                     packets = counter.packets,
@@ -230,8 +340,14 @@ fn log_counters(filter: &Filter, rule_set: &compile::RuleSet) {
                     "counted"
                 );
             }
+        }
+        Err(err) => warn!(%iface, %err, "cannot read rule counters"),
+    }
+    match interface.filter.counters() {
+        Ok(reasons) => {
             for (name, counter) in reason::NAMES.iter().zip(reasons) {
                 info!(
+                    %iface,
                     reason = name,
                     packets = counter.packets,
                     bytes = counter.bytes,
@@ -239,11 +355,12 @@ fn log_counters(filter: &Filter, rule_set: &compile::RuleSet) {
                 );
             }
         }
-        Err(err) => warn!(%err, "cannot read counters"),
+        Err(err) => warn!(%iface, %err, "cannot read counters"),
     }
-    if let Ok(report) = filter.guard_report() {
+    if let Ok(report) = interface.filter.guard_report() {
         for (name, counter) in guard_stat::STAT_NAMES.iter().zip(report.stats) {
             info!(
+                %iface,
                 guard = name,
                 packets = counter.packets,
                 bytes = counter.bytes,

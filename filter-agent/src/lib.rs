@@ -12,3 +12,4 @@ pub mod packet;
 pub mod pcap;
 pub mod privileges;
 pub mod reference;
+pub mod state;

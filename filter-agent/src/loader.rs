@@ -5,9 +5,13 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, MapError, PerCpuArray},
+    pin::PinError,
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult,
-        Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
     sys::SyscallError,
 };
@@ -30,19 +34,92 @@ pub fn pin_dir(iface: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(iface)
 }
 
-/// Removes what [`Filter::load_pinned`] pinned in `dir`, and `dir` and
-/// [`PIN_ROOT`] when that leaves them empty.
+/// Removes everything pinned in `dir` (which detaches the filter once no
+/// process holds its links any more), `dir` itself, and [`PIN_ROOT`] when
+/// that leaves it empty.
 pub fn remove_pins(dir: &Path) {
-    for name in PINNED_MAPS {
-        let _ = std::fs::remove_file(dir.join(name));
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
     let _ = std::fs::remove_dir(dir);
     let _ = std::fs::remove_dir(PIN_ROOT);
 }
 
-/// Maps shared by every program instance on an interface: the guard's
-/// counters keep counting across rule swaps.
-const PINNED_MAPS: [&str; 4] = [
+/// The pinned XDP link and the guard's egress (TCX) link.
+pub const XDP_LINK_PIN: &str = "xdp_link";
+pub const EGRESS_LINK_PIN: &str = "egress_link";
+
+/// How [`Filter::attach_pinned`] attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment, in this XDP mode.
+    Fresh(&'static str),
+    /// The pinned links now run this program.
+    Adopted,
+}
+
+/// Hands the link pinned at `path` to `update` (a `bpf_link_update`):
+/// `Ok(false)` when there is none to adopt. A pinned link that cannot be
+/// updated because its interface is gone is unpinned and reported as none.
+fn adopt<L: TryFrom<FdLink, Error = LinkError>>(
+    path: &Path,
+    update: impl FnOnce(L) -> Result<(), LoadError>,
+) -> Result<bool, LoadError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let link = PinnedLink::from_pin(path)?;
+    let link = L::try_from(FdLink::from(link))?;
+    match update(link) {
+        Ok(()) => Ok(true),
+        Err(LoadError::Program(ProgramError::SyscallError(SyscallError { io_error, .. })))
+            if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+        {
+            tracing::warn!(path = %path.display(), "replacing a pinned link whose interface is gone");
+            std::fs::remove_file(path).map_err(|source| LoadError::Unpin {
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(false)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), LoadError> {
+    link.pin(path).map(drop).map_err(|source| LoadError::Pin {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Pins something at a staging name next to `path` with `pin`, then
+/// renames it over `path`, so readers see the old object or the new one.
+pub fn replace_pin(
+    path: &Path,
+    pin: impl FnOnce(&Path) -> Result<(), PinError>,
+) -> Result<(), LoadError> {
+    // bpffs refuses names with a dot.
+    let mut staged = path.as_os_str().to_owned();
+    staged.push("_staged");
+    let staged = PathBuf::from(staged);
+    let _ = std::fs::remove_file(&staged);
+    pin(&staged).map_err(|source| LoadError::Pin {
+        path: staged.clone(),
+        source,
+    })?;
+    std::fs::rename(&staged, path).map_err(|source| LoadError::Unpin {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Maps shared by every program instance on an interface: the reason and
+/// guard counters keep counting across rule swaps and restarts.
+const PINNED_MAPS: [&str; 5] = [
+    names::STATS,
     names::GUARD_STATS,
     names::GUARD_PORTS,
     names::GUARD_PEERS,
@@ -97,6 +174,15 @@ pub enum LoadError {
     AttachEgress { iface: String, source: ProgramError },
     #[error(transparent)]
     Guard(#[from] GuardError),
+    #[error("cannot pin {}", path.display())]
+    Pin { path: PathBuf, source: PinError },
+    #[error("cannot replace or remove {}", path.display())]
+    Unpin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the pinned link is not usable")]
+    Link(#[from] LinkError),
 }
 
 /// The loaded program and its maps. Dropping it detaches the program.
@@ -250,6 +336,67 @@ impl Filter {
 
     /// Attaches to `iface`; returns the mode actually used.
     pub fn attach(&mut self, iface: &str, mode: XdpModeArg) -> Result<&'static str, LoadError> {
+        let mode = self.attach_xdp(iface, mode)?;
+        self.attach_egress(iface)?;
+        Ok(mode)
+    }
+
+    /// Attaches through the links pinned in `dir`, which outlive the agent
+    /// (fail-static): when they exist, swaps this program in with one
+    /// `bpf_link_update` each, so the interface is never unfiltered;
+    /// otherwise attaches and pins them. A pin whose interface is gone (a
+    /// defunct link) is replaced.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: XdpModeArg,
+        dir: &Path,
+    ) -> Result<Attached, LoadError> {
+        let xdp_pin = dir.join(XDP_LINK_PIN);
+        let attached = match adopt(&xdp_pin, |link: XdpLink| {
+            program_mut(&mut self.ebpf)?.attach_to_link(link)?;
+            Ok(())
+        }) {
+            Ok(true) => Attached::Adopted,
+            Ok(false) => {
+                let mode = self.attach_xdp(iface, mode)?;
+                let id = self.link.take().ok_or(LoadError::NotAttached)?;
+                let link = program_mut(&mut self.ebpf)?.take_link(id)?;
+                pin_link(FdLink::try_from(link)?, &xdp_pin)?;
+                Attached::Fresh(mode)
+            }
+            Err(err) => return Err(err),
+        };
+        let egress_pin = dir.join(EGRESS_LINK_PIN);
+        if !self.guard_on {
+            // The guard was switched off: its egress half goes.
+            let _ = std::fs::remove_file(&egress_pin);
+            return Ok(attached);
+        }
+        let adopted = adopt(&egress_pin, |link: SchedClassifierLink| {
+            egress_mut(&mut self.ebpf)?.attach_to_link(link)?;
+            Ok(())
+        })?;
+        if !adopted {
+            self.attach_egress(iface)?;
+            let id = self.egress.take().ok_or(LoadError::NotAttached)?;
+            let link = egress_mut(&mut self.ebpf)?.take_link(id)?;
+            pin_link(FdLink::try_from(link)?, &egress_pin)?;
+        }
+        Ok(attached)
+    }
+
+    /// Pins this instance's per-rule counters at `path`, replacing what is
+    /// there in one rename.
+    pub fn pin_rule_stats(&self, path: &Path) -> Result<(), LoadError> {
+        let map = self
+            .ebpf
+            .map(names::RULE_STATS)
+            .ok_or_else(|| missing_map(names::RULE_STATS))?;
+        replace_pin(path, |staged| map.pin(staged))
+    }
+
+    fn attach_xdp(&mut self, iface: &str, mode: XdpModeArg) -> Result<&'static str, LoadError> {
         if if_index(iface).is_none() {
             return Err(LoadError::UnknownInterface(iface.to_owned()));
         }
@@ -283,7 +430,6 @@ impl Filter {
             }),
         }?;
         self.link = Some(link);
-        self.attach_egress(iface)?;
         Ok(name)
     }
 

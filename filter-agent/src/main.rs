@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Some(Command::Replay { rules, pcap, json }) => commands::replay(&rules, &pcap, json),
         Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
         Some(Command::Audit { rules, json }) => commands::audit(rules.as_deref(), json),
+        Some(Command::Detach { iface }) => commands::detach(&iface),
         None => daemon::run(cli.run),
     };
     match result {

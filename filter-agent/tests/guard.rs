@@ -51,7 +51,9 @@ fn rules_file(text: &str) -> tempfile::NamedTempFile {
 /// The agent in `host` on `iface`, once it has attached.
 fn start_agent(host: &Netns, iface: &str, rules: &Path) -> Daemon {
     let mut command = host.command(AGENT);
-    command.args(["--iface", iface, "--rules"]).arg(rules);
+    command
+        .args(["--detach-on-exit", "--iface", iface, "--rules"])
+        .arg(rules);
     let mut agent = Daemon::start(command, None).unwrap();
     assert!(
         agent

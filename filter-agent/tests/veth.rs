@@ -20,7 +20,7 @@ const PORT: u16 = 8080;
 fn agent_command(pair: &Pair, rules: &std::path::Path) -> std::process::Command {
     let mut command = pair.server.command(env!("CARGO_BIN_EXE_filter-agent"));
     command
-        .args(["--iface", &pair.server_if, "--rules"])
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
         .arg(rules);
     command
 }
@@ -87,7 +87,10 @@ fn agent_binary_attaches_counts_and_detaches() {
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("already has an XDP program attached"),
+        stderr.contains(&format!(
+            "another filter-agent is already running for {}",
+            pair.server_if
+        )),
         "{stderr}"
     );
 

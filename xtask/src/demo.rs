@@ -60,7 +60,7 @@ pub fn run() -> anyhow::Result<()> {
         .server
         .command(agent.to_str().context("non-UTF-8 path")?);
     command
-        .args(["--iface", &pair.server_if, "--rules"])
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
         .arg(&rules);
     println!(
         "demo: starting {}",

@@ -1,0 +1,211 @@
+//! The agent's lifecycle with real processes and real traffic: the filter
+//! stays when the agent stops (fail-static), a restart takes it over
+//! without a gap and keeps counting, `detach` removes it. Needs root.
+
+use std::{
+    io::Write as _,
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use filter_agent::{cli::XdpModeArg, compile::compile, config, loader};
+use testbed::{Daemon, Pair};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
+const DENIED_PORT: u16 = 9000;
+const RESTARTS: usize = 3;
+
+const RULES: &str = r#"
+[filter]
+default = "allow"
+
+[[rule]]
+name = "deny-9000"
+action = "deny"
+proto = "udp"
+dport = 9000
+"#;
+
+/// Removes the interface's pins when the test ends, also on failure.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        loader::remove_pins(&self.0);
+    }
+}
+
+fn start_agent(pair: &Pair, rules: &Path) -> Daemon {
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(rules);
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("filter attached", Duration::from_secs(10))
+            .is_some(),
+        "{:?}",
+        agent.seen()
+    );
+    agent
+}
+
+/// The `packets=` of the agent's last "counted" line for `rule`.
+fn counted(lines: &[String], rule: &str) -> u64 {
+    let needle = format!("rule=\"{rule}\"");
+    let line = lines
+        .iter()
+        .rev()
+        .find(|line| line.contains("counted") && line.contains(&needle))
+        .unwrap_or_else(|| panic!("no count for {rule}: {lines:?}"));
+    let packets = line.split("packets=").nth(1).unwrap();
+    packets.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn restarts_leave_no_gap_and_keep_counting() {
+    let pair = Pair::create("life").unwrap();
+    let pins = Pins(loader::pin_dir(&pair.server_if));
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(RULES.as_bytes()).unwrap();
+
+    let received = Arc::new(AtomicU64::new(0));
+    let receiver = pair
+        .server
+        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
+        .unwrap()
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let sending = Arc::new(AtomicBool::new(true));
+    let receiving = Arc::new(AtomicBool::new(true));
+    let receiver_thread = {
+        let (received, receiving) = (Arc::clone(&received), Arc::clone(&receiving));
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while receiving.load(Ordering::Relaxed) {
+                if receiver.recv(&mut buf).is_ok() {
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    let mut agent = start_agent(&pair, rules.path());
+    let sender = pair
+        .client
+        .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
+        .unwrap()
+        .unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let sending_thread = {
+        let (sent, sending) = (Arc::clone(&sent), Arc::clone(&sending));
+        thread::spawn(move || {
+            while sending.load(Ordering::Relaxed) {
+                if sender
+                    .send_to(b"gap?", (Pair::SERVER_V4, DENIED_PORT))
+                    .is_ok()
+                {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    for _ in 0..RESTARTS {
+        thread::sleep(Duration::from_millis(150));
+        let (status, log) = agent.stop();
+        assert!(status.is_some_and(|s| s.success()), "{log:?}");
+        // The agent is down: the pinned filter keeps dropping.
+        thread::sleep(Duration::from_millis(150));
+        agent = start_agent(&pair, rules.path());
+        assert!(
+            agent.seen().iter().any(|line| line.contains("took over")),
+            "{:?}",
+            agent.seen()
+        );
+    }
+    thread::sleep(Duration::from_millis(150));
+    sending.store(false, Ordering::Relaxed);
+    sending_thread.join().unwrap();
+    thread::sleep(Duration::from_millis(100));
+    let (_, log) = agent.stop();
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent > 1000, "only {sent} datagrams sent");
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        0,
+        "a denied datagram passed"
+    );
+    // Every datagram was counted once, across four agents and the gaps
+    // between them.
+    assert_eq!(counted(&log, "deny-9000"), sent, "{log:?}");
+
+    // A running agent's interface cannot be detached; a stopped one can.
+    let agent = start_agent(&pair, rules.path());
+    let refused = Command::new(AGENT)
+        .args(["detach", "--iface", &pair.server_if])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already running"));
+    drop(agent);
+    let detached = Command::new(AGENT)
+        .args(["detach", "--iface", &pair.server_if])
+        .output()
+        .unwrap();
+    assert!(detached.status.success(), "{detached:?}");
+    assert!(!pins.0.exists());
+    let link = pair.server.ip(&["link", "show", &pair.server_if]).unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
+
+    // Unfiltered now: the same datagrams arrive.
+    let probe = pair
+        .client
+        .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
+        .unwrap()
+        .unwrap();
+    probe
+        .send_to(b"open", (Pair::SERVER_V4, DENIED_PORT))
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    receiving.store(false, Ordering::Relaxed);
+    receiver_thread.join().unwrap();
+    assert_eq!(received.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_foreign_xdp_program_is_not_replaced() {
+    let pair = Pair::create("foreign").unwrap();
+    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let config = config::parse(Path::new("r.toml"), "[filter]\ndefault = \"allow\"\n").unwrap();
+    let mut foreign = loader::Filter::load(&compile(&config).unwrap()).unwrap();
+    pair.server
+        .run(|| foreign.attach(&pair.server_if, XdpModeArg::Native))
+        .unwrap()
+        .unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(RULES.as_bytes()).unwrap();
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(rules.path());
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("already has an XDP program attached"),
+        "{stderr}"
+    );
+    // Nothing of the failed start is left behind.
+    assert!(!loader::pin_dir(&pair.server_if).exists());
+}

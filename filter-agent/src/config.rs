@@ -719,6 +719,22 @@ impl<'a> Source<'a> {
     }
 }
 
+/// The set files a rules file at `path` names (for watching them), as far
+/// as `text` can be read; an unreadable file names none.
+pub fn set_files(path: &Path, text: &str) -> Vec<PathBuf> {
+    let Ok(raw) = toml::from_str::<toml::Table>(text) else {
+        return Vec::new();
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    raw.get("sets")
+        .and_then(Value::as_table)
+        .into_iter()
+        .flat_map(|sets| sets.values())
+        .filter_map(|set| set.get("file")?.as_str())
+        .map(|file| base.join(file))
+        .collect()
+}
+
 /// One CIDR per line; '#' starts a comment.
 fn parse_set_file(path: &Path, text: &str) -> Result<Vec<IpNet>, ConfigError> {
     let mut nets = Vec::new();
@@ -1070,6 +1086,18 @@ mod tests {
             message.contains("cannot read set file /nonexistent/p.txt"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn set_files_are_found_for_watching() {
+        let text = format!(
+            "{HEAD}[sets]\na = {{ file = \"a.txt\" }}\nb = [\"10.0.0.0/8\"]\nc = {{ file = \"/etc/c.txt\" }}\n"
+        );
+        assert_eq!(
+            set_files(Path::new("/srv/rules.toml"), &text),
+            vec![PathBuf::from("/srv/a.txt"), PathBuf::from("/etc/c.txt")]
+        );
+        assert!(set_files(Path::new("r.toml"), "not toml [").is_empty());
     }
 
     #[test]

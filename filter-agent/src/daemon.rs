@@ -4,19 +4,25 @@
 //! SIGTERM.
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    path::PathBuf,
+    collections::{BTreeSet, HashMap, HashSet},
+    ffi::OsString,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use filter_common::{Counter, guard as guard_stat, reason};
+use notify::{
+    Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode},
+};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
     time::{Instant, MissedTickBehavior, interval, interval_at},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use filter_agent::{
     audit,
@@ -34,6 +40,10 @@ use filter_agent::{
 const SERVICES_EVERY: Duration = Duration::from_secs(10);
 /// How often every namespace is audited.
 const AUDIT_EVERY: Duration = Duration::from_secs(60);
+/// How long to let a writer finish after the first change is seen.
+const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// The symlink Kubernetes swaps when a mounted ConfigMap changes.
+const KUBERNETES_DATA_LINK: &str = "..data";
 /// Ports and peers named in a summary line.
 const SUMMARY_TOP: usize = 5;
 
@@ -51,10 +61,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         // Services first: ACKs to local listeners are not return traffic.
         let mut watch = GuardWatch::new(&config.guard);
-        let listeners = watch.scan();
+        watch.listeners = watch.scan();
         let mut interfaces = Vec::new();
         for iface in &args.iface {
-            let interface = Interface::attach(iface, &rule_set, &listeners, args.xdp_mode)?;
+            let interface = Interface::attach(iface, &rule_set, &watch.listeners, args.xdp_mode)?;
             interfaces.push(interface);
         }
         info!(
@@ -65,7 +75,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             ephemeral = %format!("{}-{}", config.guard.ephemeral.0, config.guard.ephemeral.1),
             "rules loaded"
         );
-        let result = serve(&mut interfaces, watch).await;
+        let result = serve(&mut interfaces, watch, &rules).await;
         for interface in interfaces {
             interface.stop(args.detach_on_exit);
         }
@@ -81,6 +91,7 @@ const SWAP_SETTLE: Duration = Duration::from_millis(10);
 struct Interface {
     name: String,
     dir: PathBuf,
+    mode: XdpModeArg,
     filter: Filter,
     rules: Vec<RuleInfo>,
     /// Per rule: what it counted under earlier rule sets.
@@ -100,18 +111,14 @@ impl Interface {
         let lock = InterfaceLock::acquire(iface)?;
         let dir = loader::pin_dir(iface);
         let pinned_before = dir.join(loader::XDP_LINK_PIN).exists();
-        let attached = (|| -> anyhow::Result<_> {
-            let mut filter =
-                Filter::load_pinned(rule_set, &dir).context("loading the XDP program")?;
-            filter.set_services(&rule_set.guard.services, listeners)?;
+        let installed = load_filter(rule_set, &dir, listeners).and_then(|mut filter| {
             if let Some(logger) = filter.logger() {
                 forward_program_logs(logger)?;
             }
-            let attached = filter.attach_pinned(iface, mode, &dir)?;
-            Ok((filter, attached))
-        })();
-        let (filter, attached) = match attached {
-            Ok(done) => done,
+            install(iface, &dir, filter, rule_set, mode)
+        });
+        let (filter, bases, attached) = match installed {
+            Ok(installed) => installed,
             Err(err) => {
                 // Only what this attempt pinned goes; a filter left in
                 // place by an earlier agent stays.
@@ -121,10 +128,6 @@ impl Interface {
                 return Err(err);
             }
         };
-        if attached == Attached::Adopted {
-            std::thread::sleep(SWAP_SETTLE);
-        }
-        let bases = state::publish_rules(&filter, &rule_set.rules, &dir)?;
         match attached {
             Attached::Fresh(mode) => info!(%iface, mode, "filter attached"),
             Attached::Adopted => info!(
@@ -135,11 +138,21 @@ impl Interface {
         Ok(Self {
             name: iface.to_owned(),
             dir,
+            mode,
             filter,
             rules: rule_set.rules.clone(),
             bases,
             _lock: lock,
         })
+    }
+
+    /// Puts `filter` (loaded with `rule_set`) in place of the running one.
+    fn swap(&mut self, filter: Filter, rule_set: &RuleSet) -> anyhow::Result<()> {
+        let (filter, bases, _) = install(&self.name, &self.dir, filter, rule_set, self.mode)?;
+        self.filter = filter;
+        self.rules = rule_set.rules.clone();
+        self.bases = bases;
+        Ok(())
     }
 
     /// Logs the counters and leaves the filter in place, or removes it.
@@ -172,24 +185,143 @@ impl Interface {
     }
 }
 
+/// Loads `rule_set` with the interface's shared maps from `dir`.
+fn load_filter(rule_set: &RuleSet, dir: &Path, listeners: &Listeners) -> anyhow::Result<Filter> {
+    let mut filter = Filter::load_pinned(rule_set, dir).context("loading the XDP program")?;
+    filter.set_services(&rule_set.guard.services, listeners)?;
+    Ok(filter)
+}
+
+/// Attaches `filter` through the pins in `dir` (taking over what is there
+/// in one step) and publishes its rules; returns it with the rules' bases.
+fn install(
+    iface: &str,
+    dir: &Path,
+    mut filter: Filter,
+    rule_set: &RuleSet,
+    mode: XdpModeArg,
+) -> anyhow::Result<(Filter, Vec<Counter>, Attached)> {
+    let attached = filter.attach_pinned(iface, mode, dir)?;
+    if attached == Attached::Adopted {
+        std::thread::sleep(SWAP_SETTLE);
+    }
+    let bases = state::publish_rules(&filter, &rule_set.rules, dir)?;
+    Ok((filter, bases, attached))
+}
+
+/// Validates, compiles and loads the rules file for every interface, then
+/// swaps each in. Any error before the swaps leaves every interface as it
+/// was: nothing is half-applied.
+fn reload(
+    interfaces: &mut [Interface],
+    rules: &Path,
+    watch: &mut GuardWatch,
+) -> anyhow::Result<usize> {
+    let config = config::load(rules)?;
+    let rule_set = compile::compile(&config)?;
+    let loaded = interfaces
+        .iter()
+        .map(|interface| load_filter(&rule_set, &interface.dir, &watch.listeners))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (interface, filter) in interfaces.iter_mut().zip(loaded) {
+        interface
+            .swap(filter, &rule_set)
+            .with_context(|| format!("swapping the new rules in on {}", interface.name))?;
+    }
+    watch.settings = config.guard.clone();
+    Ok(config.rules.len())
+}
+
+/// Watches the rules file and its set files through their directories, so
+/// that editors that write by rename and Kubernetes ConfigMap updates (a
+/// symlink swap of `..data`) are seen as well as writes in place.
+struct FileWatch {
+    _watcher: RecommendedWatcher,
+    changes: UnboundedReceiver<()>,
+}
+
+impl FileWatch {
+    fn new(rules: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(rules).unwrap_or_default();
+        let mut files = vec![rules.to_owned()];
+        files.extend(config::set_files(rules, &text));
+        let mut names: HashSet<OsString> = files
+            .iter()
+            .filter_map(|file| file.file_name().map(ToOwned::to_owned))
+            .collect();
+        names.insert(OsString::from(KUBERNETES_DATA_LINK));
+        let dirs: BTreeSet<PathBuf> = files
+            .iter()
+            .map(|file| match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        let (sender, changes) = unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+            let Ok(event) = event else { return };
+            let written = !matches!(
+                event.kind,
+                EventKind::Access(AccessKind::Open(_) | AccessKind::Read)
+                    | EventKind::Access(AccessKind::Close(AccessMode::Read))
+            );
+            let ours = event
+                .paths
+                .iter()
+                .any(|path| path.file_name().is_some_and(|name| names.contains(name)));
+            if written && ours {
+                let _ = sender.send(());
+            }
+        })
+        .context("watching the rules file")?;
+        for dir in &dirs {
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+        }
+        Ok(Self {
+            _watcher: watcher,
+            changes,
+        })
+    }
+
+    /// Waits for a change, then for the writer to finish.
+    async fn changed(&mut self) {
+        if self.changes.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(RELOAD_DEBOUNCE).await;
+        while self.changes.try_recv().is_ok() {}
+    }
+}
+
 /// Runs until SIGINT or SIGTERM.
-async fn serve(interfaces: &mut [Interface], mut watch: GuardWatch) -> anyhow::Result<()> {
+async fn serve(
+    interfaces: &mut [Interface],
+    mut watch: GuardWatch,
+    rules: &Path,
+) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut files = FileWatch::new(rules)?;
     let mut services = interval_at(Instant::now() + SERVICES_EVERY, SERVICES_EVERY);
     let mut audits = interval(AUDIT_EVERY);
     services.set_missed_tick_behavior(MissedTickBehavior::Delay);
     audits.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let guard_on = watch.settings.action != GuardAction::Off;
     loop {
-        tokio::select! {
+        let guard_on = watch.settings.action != GuardAction::Off;
+        let why = tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM received"); break; }
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
+            _ = hangup.recv() => "SIGHUP",
+            () = files.changed() => "the rules file changed",
             _ = services.tick(), if guard_on => {
-                let listeners = watch.scan();
+                watch.listeners = watch.scan();
                 for interface in interfaces.iter_mut() {
-                    watch.refresh(interface, &listeners);
+                    watch.refresh(interface);
                 }
+                continue;
             }
             _ = audits.tick(), if guard_on => {
                 let range = watch.settings.ephemeral;
@@ -197,7 +329,22 @@ async fn serve(interfaces: &mut [Interface], mut watch: GuardWatch) -> anyhow::R
                     Ok(namespaces) => watch.report_audit(&namespaces),
                     Err(err) => warn!(%err, "namespace audit failed"),
                 }
+                continue;
             }
+        };
+        match reload(interfaces, rules, &mut watch) {
+            Ok(count) => {
+                info!(rules = %rules.display(), count, trigger = why, "rules reloaded");
+                // Set files may have come or gone.
+                match FileWatch::new(rules) {
+                    Ok(new) => files = new,
+                    Err(err) => warn!(err = %format!("{err:#}"), "cannot watch the rules file"),
+                }
+            }
+            Err(err) => error!(
+                trigger = why,
+                "reload rejected, the previous rules stay in force: {err:#}"
+            ),
         }
     }
     Ok(())
@@ -212,6 +359,8 @@ struct GuardWatch {
     /// Per interface: out-of-range return and outbound counts at the last
     /// summary.
     last: HashMap<String, (u64, u64)>,
+    /// The last scan's result.
+    listeners: Listeners,
     /// Findings already logged, so each is logged once.
     logged_findings: BTreeSet<(u64, String)>,
 }
@@ -222,6 +371,7 @@ impl GuardWatch {
             settings: settings.clone(),
             previous_udp: BTreeSet::new(),
             last: HashMap::new(),
+            listeners: Listeners::default(),
             logged_findings: BTreeSet::new(),
         }
     }
@@ -239,9 +389,9 @@ impl GuardWatch {
         found
     }
 
-    fn refresh(&mut self, interface: &mut Interface, listeners: &Listeners) {
+    fn refresh(&mut self, interface: &mut Interface) {
         let services = &self.settings.services;
-        if let Err(err) = interface.filter.set_services(services, listeners) {
+        if let Err(err) = interface.filter.set_services(services, &self.listeners) {
             warn!(iface = %interface.name, %err, "cannot update the guard's service ports");
         }
         self.summarise(interface);

@@ -209,3 +209,129 @@ fn a_foreign_xdp_program_is_not_replaced() {
     // Nothing of the failed start is left behind.
     assert!(!loader::pin_dir(&pair.server_if).exists());
 }
+
+/// A rules file in a directory laid out like a mounted Kubernetes
+/// ConfigMap: `rules.toml -> ..data/rules.toml`, `..data -> ..v1`.
+struct ConfigMapDir {
+    dir: tempfile::TempDir,
+    version: usize,
+}
+
+impl ConfigMapDir {
+    fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut this = Self { dir, version: 0 };
+        this.publish(text);
+        std::os::unix::fs::symlink("..data/rules.toml", this.rules()).unwrap();
+        this
+    }
+
+    fn rules(&self) -> PathBuf {
+        self.dir.path().join("rules.toml")
+    }
+
+    /// What kubelet does: a new versioned directory, then an atomic
+    /// rename of a fresh `..data` symlink over the old one.
+    fn publish(&mut self, text: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        let versioned = self.dir.path().join(&version);
+        std::fs::create_dir(&versioned).unwrap();
+        std::fs::write(versioned.join("rules.toml"), text).unwrap();
+        let staging = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &staging).unwrap();
+        std::fs::rename(&staging, self.dir.path().join("..data")).unwrap();
+    }
+}
+
+/// Sends one datagram to the denied port; true when it arrived.
+fn probe(pair: &Pair, receiver: &UdpSocket) -> bool {
+    let sender = pair
+        .client
+        .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
+        .unwrap()
+        .unwrap();
+    sender
+        .send_to(b"probe", (Pair::SERVER_V4, DENIED_PORT))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    receiver.recv(&mut buf).is_ok()
+}
+
+const ALLOW_9000: &str = "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"deny-9000\"\naction = \"allow\"\nproto = \"udp\"\ndport = 9000\n";
+
+#[test]
+fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
+    let pair = Pair::create("reload").unwrap();
+    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let receiver = pair
+        .server
+        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
+        .unwrap()
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut config_map = ConfigMapDir::new(RULES);
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+        .arg(config_map.rules());
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("filter attached", Duration::from_secs(10))
+            .is_some()
+    );
+    let reloaded = |agent: &mut Daemon| {
+        agent
+            .wait_for("rules reloaded", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no reload: {:?}", agent.seen()))
+    };
+    assert!(!probe(&pair, &receiver));
+
+    // Kubernetes: the ..data symlink swap.
+    config_map.publish(ALLOW_9000);
+    reloaded(&mut agent);
+    assert!(probe(&pair, &receiver));
+
+    // A broken file: rejected with its location, the old rules stay.
+    config_map.publish(
+        "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"x\"\naction = \"deny\"\ndport = 9000\n",
+    );
+    let rejected = agent
+        .wait_for("reload rejected", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no rejection: {:?}", agent.seen()));
+    assert!(rejected.contains("rules.toml:6:9: "), "{rejected}");
+    assert!(probe(&pair, &receiver));
+
+    // An editor's rename-write of a plain file, then SIGHUP.
+    let plain = tempfile::tempdir().unwrap();
+    let path = plain.path().join("rules.toml");
+    std::fs::write(&path, ALLOW_9000).unwrap();
+    drop(agent);
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+        .arg(&path);
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("filter attached", Duration::from_secs(10))
+            .is_some()
+    );
+    assert!(probe(&pair, &receiver));
+    let staged = plain.path().join(".rules.toml.swp");
+    std::fs::write(&staged, RULES).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    reloaded(&mut agent);
+    assert!(!probe(&pair, &receiver));
+    agent.signal(libc::SIGHUP);
+    let line = reloaded(&mut agent);
+    assert!(line.contains("SIGHUP"), "{line}");
+    assert!(!probe(&pair, &receiver));
+
+    // The rule kept its name through every reload: its count continues.
+    let (_, log) = agent.stop();
+    assert!(counted(&log, "deny-9000") >= 3, "{log:?}");
+}

@@ -79,6 +79,12 @@ impl Daemon {
         (status, std::mem::take(&mut self.seen))
     }
 
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
     /// Every stderr line seen so far.
     pub fn seen(&self) -> &[String] {
         &self.seen
@@ -95,8 +101,7 @@ impl Daemon {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Some(status);
         }
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        self.signal(libc::SIGINT);
         let deadline = Instant::now() + GRACE;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {

@@ -54,6 +54,8 @@ pub struct NatRule {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
+    /// "port_range" or "nat".
+    pub kind: &'static str,
     pub problem: String,
     pub fix: String,
 }
@@ -106,6 +108,7 @@ pub fn findings(ns: &Namespace, range: (u16, u16)) -> Vec<Finding> {
         && (from < low || to > high)
     {
         found.push(Finding {
+            kind: "port_range",
             problem: format!(
                 "ephemeral ports {from}-{to} are not inside the allowed return range \
                  {low}-{high}: connections from ports outside it will fail at random"
@@ -127,6 +130,7 @@ pub fn findings(ns: &Namespace, range: (u16, u16)) -> Vec<Finding> {
             Some(_) => continue,
         };
         found.push(Finding {
+            kind: "nat",
             problem,
             fix: format!(
                 "pin the ports: nft `masquerade to :{low}-{high}` / `snat to ADDR:{low}-{high}`, \

@@ -97,6 +97,9 @@ pub struct RunArgs {
     /// generic mode every interface supports, `auto` tries native first.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469")]
+    pub metrics: std::net::SocketAddr,
     /// Remove the filter when the agent stops. By default it stays in
     /// place (fail-static) and the next start takes it over without a gap.
     #[arg(long)]

@@ -7,15 +7,18 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     ffi::OsString,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context as _;
+use axum::{Router, http::header::CONTENT_TYPE, routing::get};
 use filter_common::{Counter, guard as guard_stat, reason};
 use notify::{
     Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode},
 };
+use prometheus_client::registry::Registry;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::{
     io::unix::AsyncFd,
@@ -31,6 +34,7 @@ use filter_agent::{
     config::{self, GuardAction, GuardSettings},
     guard::{self, Listeners},
     loader::{self, Attached, Filter},
+    metrics::{self, Metrics, Status},
     privileges,
     state::{self, InterfaceLock},
 };
@@ -44,6 +48,8 @@ const AUDIT_EVERY: Duration = Duration::from_secs(60);
 const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
 /// The symlink Kubernetes swaps when a mounted ConfigMap changes.
 const KUBERNETES_DATA_LINK: &str = "..data";
+/// The content type of `/metrics`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Ports and peers named in a summary line.
 const SUMMARY_TOP: usize = 5;
 
@@ -54,6 +60,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check()?;
+    // Before anything is attached: a busy port fails the start cleanly.
+    let metrics_listener = std::net::TcpListener::bind(args.metrics)
+        .with_context(|| format!("cannot listen for metrics on {} (--metrics)", args.metrics))?;
+    let status = Arc::new(Mutex::new(Status {
+        rules_loaded: config.rules.len() as u64,
+        ..Status::default()
+    }));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,7 +88,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             ephemeral = %format!("{}-{}", config.guard.ephemeral.0, config.guard.ephemeral.1),
             "rules loaded"
         );
-        let result = serve(&mut interfaces, watch, &rules).await;
+        let registry = Metrics::registry(args.iface.clone(), Arc::clone(&status));
+        info!(address = %args.metrics, "serving metrics at /metrics");
+        let result = tokio::select! {
+            result = serve(&mut interfaces, watch, &rules, &status) => result,
+            result = serve_metrics(metrics_listener, registry) => {
+                result.context("serving metrics")
+            }
+        };
         for interface in interfaces {
             interface.stop(args.detach_on_exit);
         }
@@ -209,6 +229,28 @@ fn install(
     Ok((filter, bases, attached))
 }
 
+/// Serves `/metrics` and `/healthz` until the agent stops.
+async fn serve_metrics(listener: std::net::TcpListener, registry: Registry) -> anyhow::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let registry = Arc::new(registry);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = Arc::clone(&registry);
+                async move { ([(CONTENT_TYPE, OPENMETRICS)], metrics::render(&registry)) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
+    status.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
 /// Validates, compiles and loads the rules file for every interface, then
 /// swaps each in. Any error before the swaps leaves every interface as it
 /// was: nothing is half-applied.
@@ -300,6 +342,7 @@ async fn serve(
     interfaces: &mut [Interface],
     mut watch: GuardWatch,
     rules: &Path,
+    status: &Mutex<Status>,
 ) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -326,13 +369,24 @@ async fn serve(
             _ = audits.tick(), if guard_on => {
                 let range = watch.settings.ephemeral;
                 match tokio::task::spawn_blocking(move || audit::run(range)).await {
-                    Ok(namespaces) => watch.report_audit(&namespaces),
+                    Ok(namespaces) => watch.report_audit(&namespaces, status),
                     Err(err) => warn!(%err, "namespace audit failed"),
                 }
                 continue;
             }
         };
-        match reload(interfaces, rules, &mut watch) {
+        let result = reload(interfaces, rules, &mut watch);
+        {
+            let mut status = lock(status);
+            match &result {
+                Ok(count) => {
+                    status.reloads_succeeded += 1;
+                    status.rules_loaded = *count as u64;
+                }
+                Err(_) => status.reloads_failed += 1,
+            }
+        }
+        match result {
             Ok(count) => {
                 info!(rules = %rules.display(), count, trigger = why, "rules reloaded");
                 // Set files may have come or gone.
@@ -440,9 +494,11 @@ impl GuardWatch {
         );
     }
 
-    fn report_audit(&mut self, namespaces: &[audit::Namespace]) {
+    fn report_audit(&mut self, namespaces: &[audit::Namespace], status: &Mutex<Status>) {
+        let mut open = Vec::new();
         for ns in namespaces {
             for finding in &ns.findings {
+                open.push((ns.label(), finding.kind));
                 if self
                     .logged_findings
                     .insert((ns.inode, finding.problem.clone()))
@@ -455,6 +511,7 @@ impl GuardWatch {
                 }
             }
         }
+        lock(status).findings = open;
     }
 }
 

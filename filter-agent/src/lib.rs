@@ -8,6 +8,7 @@ pub mod config;
 pub mod guard;
 pub mod lint;
 pub mod loader;
+pub mod metrics;
 pub mod packet;
 pub mod pcap;
 pub mod privileges;

@@ -335,3 +335,123 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let (_, log) = agent.stop();
     assert!(counted(&log, "deny-9000") >= 3, "{log:?}");
 }
+
+/// `GET path` from inside `ns`; the response body.
+fn http_get(ns: &testbed::Netns, address: &str, path: &str) -> String {
+    use std::io::Read as _;
+    let response = ns
+        .run(|| -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect(address)?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// Samples of a Prometheus text exposition: (name and labels, value).
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            (
+                series.to_owned(),
+                value.parse().unwrap_or_else(|_| panic!("{line}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_are_served_and_count_what_the_filter_did() {
+    let pair = Pair::create("metrics").unwrap();
+    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let receiver = pair
+        .server
+        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
+        .unwrap()
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(RULES.as_bytes()).unwrap();
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+        .arg(rules.path());
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("serving metrics", Duration::from_secs(10))
+            .is_some()
+    );
+    for _ in 0..3 {
+        assert!(!probe(&pair, &receiver));
+    }
+    let address = "127.0.0.1:9469";
+    assert_eq!(http_get(&pair.server, address, "/healthz"), "ok\n");
+    let text = http_get(&pair.server, address, "/metrics");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let samples = samples(&text);
+    let value = |series: &str| {
+        samples
+            .iter()
+            .find(|(name, _)| name == series)
+            .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+            .1
+    };
+    let iface = &pair.server_if;
+    assert_eq!(
+        value(&format!(
+            "filter_agent_rule_packets_total{{iface=\"{iface}\",rule=\"deny-9000\",action=\"deny\"}}"
+        )),
+        3.0
+    );
+    assert!(
+        value(&format!(
+            "filter_agent_rule_bytes_total{{iface=\"{iface}\",rule=\"deny-9000\",action=\"deny\"}}"
+        )) >= 3.0 * 42.0
+    );
+    assert!(
+        value(&format!(
+            "filter_agent_packets_total{{iface=\"{iface}\",reason=\"default_allow\"}}"
+        )) >= 0.0
+    );
+    assert_eq!(value("filter_agent_reloads_total{result=\"success\"}"), 0.0);
+    assert_eq!(value("filter_agent_rules_loaded"), 1.0);
+    assert_eq!(
+        value(&format!(
+            "filter_agent_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+    assert!(text.contains(&format!(
+        "filter_agent_guard_packets_total{{iface=\"{iface}\",kind=\"return_in_range\"}}"
+    )));
+    agent.signal(libc::SIGHUP);
+    assert!(
+        agent
+            .wait_for("rules reloaded", Duration::from_secs(5))
+            .is_some()
+    );
+    let text = http_get(&pair.server, address, "/metrics");
+    assert!(
+        text.contains("filter_agent_reloads_total{result=\"success\"} 1\n"),
+        "{text}"
+    );
+    // Counts continue across the reload.
+    assert!(
+        text.contains("rule=\"deny-9000\",action=\"deny\"} 3\n"),
+        "{text}"
+    );
+}

@@ -1,0 +1,190 @@
+//! Prometheus metrics. Counters are read from the pinned maps at scrape
+//! time, so they are exactly what `filter-agent stats` shows and continue
+//! across reloads and restarts; the agent's own state (reloads, audit
+//! findings) comes from [`Status`]. Per-CPU values are summed.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
+    metrics::{MetricType, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::{guard::GuardReport, loader, state};
+
+/// Every metric name starts with this.
+pub const PREFIX: &str = "filter_agent";
+
+/// What the agent itself knows, shared with the scrape handler.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    /// Rules in the running rule set (implicit ones included).
+    pub rules_loaded: u64,
+    /// Open audit findings: (namespace, kind).
+    pub findings: Vec<(String, &'static str)>,
+}
+
+/// The collector behind `/metrics`.
+#[derive(Debug)]
+pub struct Metrics {
+    ifaces: Vec<String>,
+    status: Arc<Mutex<Status>>,
+}
+
+impl Metrics {
+    /// A registry with the collector for `ifaces`.
+    pub fn registry(ifaces: Vec<String>, status: Arc<Mutex<Status>>) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Metrics { ifaces, status }));
+        registry
+    }
+}
+
+/// One sample of a labelled family.
+type Sample = (Vec<(&'static str, String)>, u64);
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut rule_packets = Vec::new();
+        let mut rule_bytes = Vec::new();
+        let mut reason_packets = Vec::new();
+        let mut reason_bytes = Vec::new();
+        let mut guard_packets = Vec::new();
+        let mut guard_bytes = Vec::new();
+        for iface in &self.ifaces {
+            let dir = loader::pin_dir(iface);
+            // An interface whose pins cannot be read is left out of this
+            // scrape rather than failing all of it.
+            if let Ok(snapshot) = state::read_snapshot(&dir) {
+                for rule in &snapshot.rules {
+                    let labels = vec![
+                        ("iface", iface.clone()),
+                        ("rule", rule.name.clone()),
+                        ("action", rule.action.name().to_owned()),
+                    ];
+                    rule_packets.push((labels.clone(), rule.counter.packets));
+                    rule_bytes.push((labels, rule.counter.bytes));
+                }
+                for (name, counter) in filter_common::reason::NAMES.iter().zip(&snapshot.reasons) {
+                    let labels = vec![("iface", iface.clone()), ("reason", (*name).to_owned())];
+                    reason_packets.push((labels.clone(), counter.packets));
+                    reason_bytes.push((labels, counter.bytes));
+                }
+            }
+            if let Ok(report) = GuardReport::read_pinned(&dir) {
+                for (name, counter) in filter_common::guard::STAT_NAMES.iter().zip(&report.stats) {
+                    let labels = vec![("iface", iface.clone()), ("kind", (*name).to_owned())];
+                    guard_packets.push((labels.clone(), counter.packets));
+                    guard_bytes.push((labels, counter.bytes));
+                }
+            }
+        }
+        let counters: [(&str, &str, &[Sample]); 6] = [
+            (
+                "rule_packets",
+                "Packets decided by each rule.",
+                &rule_packets,
+            ),
+            ("rule_bytes", "Bytes decided by each rule.", &rule_bytes),
+            (
+                "packets",
+                "Packets no rule decided, by reason (default_allow, default_deny, malformed, ...).",
+                &reason_packets,
+            ),
+            ("bytes", "Bytes no rule decided, by reason.", &reason_bytes),
+            (
+                "guard_packets",
+                "Ephemeral-port guard: return traffic and outbound attempts inside and outside the range.",
+                &guard_packets,
+            ),
+            (
+                "guard_bytes",
+                "Ephemeral-port guard, in bytes.",
+                &guard_bytes,
+            ),
+        ];
+        for (name, help, samples) in counters {
+            let name = format!("{PREFIX}_{name}");
+            let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            for (labels, value) in samples {
+                family
+                    .encode_family(labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(value, None)?;
+            }
+        }
+
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let reloads = [
+            (
+                vec![("result", "success".to_owned())],
+                status.reloads_succeeded,
+            ),
+            (
+                vec![("result", "failure".to_owned())],
+                status.reloads_failed,
+            ),
+        ];
+        let name = format!("{PREFIX}_reloads");
+        let mut family = encoder.encode_descriptor(
+            &name,
+            "Rule reloads (SIGHUP or a changed file), by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, value) in &reloads {
+            family
+                .encode_family(labels)?
+                .encode_counter::<NoLabelSet, _, u64>(value, None)?;
+        }
+
+        let rules = ConstGauge::new(status.rules_loaded as i64);
+        let name = format!("{PREFIX}_rules_loaded");
+        rules.encode(encoder.encode_descriptor(
+            &name,
+            "Rules in the running rule set.",
+            None,
+            rules.metric_type(),
+        )?)?;
+
+        let name = format!("{PREFIX}_audit_findings");
+        let mut family = encoder.encode_descriptor(
+            &name,
+            "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (namespace, kind) in &status.findings {
+            let labels = vec![
+                ("namespace", namespace.clone()),
+                ("kind", (*kind).to_owned()),
+            ];
+            family.encode_family(&labels)?.encode_gauge(&1i64)?;
+        }
+
+        let name = format!("{PREFIX}_build_info");
+        let mut info = encoder.encode_descriptor(
+            &name,
+            "The running filter-agent's version.",
+            None,
+            MetricType::Gauge,
+        )?;
+        info.encode_family(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])?
+            .encode_gauge(&1i64)?;
+        Ok(())
+    }
+}
+
+/// The registry in Prometheus/OpenMetrics text.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}

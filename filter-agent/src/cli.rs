@@ -65,6 +65,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show per-rule and per-reason counters from the pinned maps (works
+    /// while the agent is down).
+    Stats {
+        /// Only these interfaces (default: every interface with a filter).
+        #[arg(long)]
+        iface: Vec<String>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Print again every SECONDS with per-second rates, until interrupted.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+    },
     /// Remove the filter and everything pinned for it from an interface
     /// (refused while an agent runs for it).
     Detach {

@@ -164,25 +164,29 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The interfaces asked for, or every one with pinned state.
+fn pinned_interfaces(asked: &[String]) -> anyhow::Result<Vec<String>> {
+    if !asked.is_empty() {
+        return Ok(asked.to_vec());
+    }
+    let dirs = std::fs::read_dir(loader::PIN_ROOT).with_context(|| {
+        format!(
+            "no filter-agent state under {} (is the agent running?)",
+            loader::PIN_ROOT
+        )
+    })?;
+    let mut names: Vec<String> = dirs
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// `filter-agent guard`: the guard's counters from the pinned maps.
 pub fn guard(iface: Option<&str>, top: usize, json: bool) -> anyhow::Result<()> {
-    let ifaces: Vec<String> = match iface {
-        Some(iface) => vec![iface.to_owned()],
-        None => {
-            let dirs = std::fs::read_dir(loader::PIN_ROOT).with_context(|| {
-                format!(
-                    "no filter-agent state under {} (is the agent running?)",
-                    loader::PIN_ROOT
-                )
-            })?;
-            let mut names: Vec<String> = dirs
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        }
-    };
+    let asked: Vec<String> = iface.map(ToOwned::to_owned).into_iter().collect();
+    let ifaces = pinned_interfaces(&asked)?;
     let mut documents = Vec::new();
     for iface in &ifaces {
         let report = GuardReport::read_pinned(&loader::pin_dir(iface))?;
@@ -332,5 +336,137 @@ pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
         drop(lock);
         println!("{iface}: detached");
     }
+    Ok(())
+}
+
+/// `filter-agent stats`: counters from the pinned maps, optionally again
+/// every `watch` seconds with rates.
+pub fn stats(asked: &[String], json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    privileges::check()?;
+    let ifaces = pinned_interfaces(asked)?;
+    let read = || -> anyhow::Result<Vec<(String, state::Snapshot)>> {
+        ifaces
+            .iter()
+            .map(|iface| {
+                Ok((
+                    iface.clone(),
+                    state::read_snapshot(&loader::pin_dir(iface))?,
+                ))
+            })
+            .collect()
+    };
+    let mut previous = read()?;
+    print_stats(&previous, None, json)?;
+    let Some(seconds) = watch else {
+        return Ok(());
+    };
+    let interval = std::time::Duration::from_secs(seconds.max(1));
+    loop {
+        std::thread::sleep(interval);
+        let current = read()?;
+        print_stats(&current, Some((&previous, interval.as_secs_f64())), json)?;
+        previous = current;
+    }
+}
+
+type Snapshots = [(String, state::Snapshot)];
+
+/// One row of `stats`: a rule or a reason, its counter and its rate.
+struct StatsRow<'a> {
+    name: &'a str,
+    action: &'static str,
+    counter: filter_common::Counter,
+    per_second: Option<f64>,
+}
+
+/// The rows of one interface; rates against `before` (a snapshot taken
+/// `seconds` earlier) when given. A rule's rate needs the same rule in the
+/// same slot, which a reload may have changed.
+fn stats_rows<'a>(
+    snapshot: &'a state::Snapshot,
+    before: Option<(&state::Snapshot, f64)>,
+) -> Vec<StatsRow<'a>> {
+    let rate = |now: u64, earlier: Option<u64>| {
+        let (_, seconds) = before?;
+        Some(now.saturating_sub(earlier?) as f64 / seconds)
+    };
+    let rules = snapshot.rules.iter().enumerate().map(|(i, rule)| {
+        let earlier = before.and_then(|(b, _)| {
+            let old = b.rules.get(i).filter(|old| old.name == rule.name)?;
+            Some(old.counter.packets)
+        });
+        StatsRow {
+            name: &rule.name,
+            action: rule.action.name(),
+            counter: rule.counter,
+            per_second: rate(rule.counter.packets, earlier),
+        }
+    });
+    let reasons =
+        reason::NAMES
+            .iter()
+            .zip(&snapshot.reasons)
+            .enumerate()
+            .map(|(i, (name, counter))| {
+                let earlier = before.and_then(|(b, _)| Some(b.reasons.get(i)?.packets));
+                StatsRow {
+                    name,
+                    action: "",
+                    counter: *counter,
+                    per_second: rate(counter.packets, earlier),
+                }
+            });
+    rules.chain(reasons).collect()
+}
+
+/// Prints `current`; with `since`, also packets per second since then.
+fn print_stats(
+    current: &Snapshots,
+    since: Option<(&Snapshots, f64)>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut documents = Vec::new();
+    for (index, (iface, snapshot)) in current.iter().enumerate() {
+        let before = since.and_then(|(previous, seconds)| Some((&previous.get(index)?.1, seconds)));
+        let rows = stats_rows(snapshot, before);
+        let rule_count = snapshot.rules.len();
+        if json {
+            let row_json = |row: &StatsRow<'_>| {
+                json!({"packets": row.counter.packets, "bytes": row.counter.bytes,
+                       "packets_per_second": row.per_second})
+            };
+            let rules: Vec<_> = rows[..rule_count]
+                .iter()
+                .map(|row| {
+                    let mut value = row_json(row);
+                    value["rule"] = json!(row.name);
+                    value["action"] = json!(row.action);
+                    value
+                })
+                .collect();
+            let reasons: serde_json::Map<String, serde_json::Value> = rows[rule_count..]
+                .iter()
+                .map(|row| (row.name.to_owned(), row_json(row)))
+                .collect();
+            documents.push(json!({"iface": iface, "rules": rules, "reasons": reasons}));
+            continue;
+        }
+        println!("{iface}");
+        println!(
+            "  {:<28} {:<6} {:>14} {:>16} {:>12}",
+            "rule / reason", "action", "packets", "bytes", "packets/s"
+        );
+        for row in &rows {
+            let rate = row.per_second.map_or("-".to_owned(), |r| format!("{r:.1}"));
+            println!(
+                "  {:<28} {:<6} {:>14} {:>16} {:>12}",
+                row.name, row.action, row.counter.packets, row.counter.bytes, rate
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&documents)?);
+    }
+    std::io::stdout().flush()?;
     Ok(())
 }

@@ -455,3 +455,77 @@ fn metrics_are_served_and_count_what_the_filter_did() {
         "{text}"
     );
 }
+
+/// `filter-agent stats --json` for one interface: packets of `rule`.
+fn stats_packets(json: &str, rule: &str) -> u64 {
+    let document: serde_json::Value = serde_json::from_str(json).unwrap();
+    document[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["rule"] == rule)
+        .unwrap_or_else(|| panic!("{rule} not in {json}"))["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn stats_read_the_pins_while_the_agent_is_down() {
+    use std::io::BufRead as _;
+    let pair = Pair::create("stats").unwrap();
+    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let receiver = pair
+        .server
+        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
+        .unwrap()
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(RULES.as_bytes()).unwrap();
+    let agent = start_agent(&pair, rules.path());
+    assert!(!probe(&pair, &receiver));
+    let (status, _) = agent.stop();
+    assert!(status.is_some_and(|s| s.success()));
+    // Down, but still filtering and counting.
+    assert!(!probe(&pair, &receiver));
+    let stats = |extra: &[&str]| {
+        let output = Command::new(AGENT)
+            .args(["stats", "--json", "--iface", &pair.server_if])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(stats_packets(&stats(&[]), "deny-9000"), 2);
+
+    // --watch prints again with rates.
+    let mut watch = std::process::Command::new(AGENT)
+        .args([
+            "stats",
+            "--json",
+            "--watch",
+            "1",
+            "--iface",
+            &pair.server_if,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(!probe(&pair, &receiver));
+    let second = lines.next().unwrap().unwrap();
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    assert_eq!(stats_packets(&first, "deny-9000"), 2);
+    assert_eq!(stats_packets(&second, "deny-9000"), 3);
+    let second: serde_json::Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(second[0]["rules"][1]["rule"], "deny-9000");
+    let rate = second[0]["rules"][1]["packets_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(rate > 0.0, "{second}");
+}

@@ -19,6 +19,7 @@ use notify::{
     event::{AccessKind, AccessMode},
 };
 use prometheus_client::registry::Registry;
+use sd_notify::NotifyState;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tokio::{
     io::unix::AsyncFd,
@@ -90,12 +91,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         let registry = Metrics::registry(args.iface.clone(), Arc::clone(&status));
         info!(address = %args.metrics, "serving metrics at /metrics");
+        let ready = format!("filtering {}", args.iface.join(", "));
+        notify(&[NotifyState::Ready, NotifyState::Status(&ready)]);
         let result = tokio::select! {
             result = serve(&mut interfaces, watch, &rules, &status) => result,
             result = serve_metrics(metrics_listener, registry) => {
                 result.context("serving metrics")
             }
         };
+        notify(&[NotifyState::Stopping]);
         for interface in interfaces {
             interface.stop(args.detach_on_exit);
         }
@@ -247,6 +251,14 @@ async fn serve_metrics(listener: std::net::TcpListener, registry: Registry) -> a
     Ok(())
 }
 
+/// Tells systemd (`Type=notify`) about the agent's state; a no-op when not
+/// run by systemd.
+fn notify(state: &[NotifyState]) {
+    if let Err(err) = sd_notify::notify(false, state) {
+        warn!(%err, "cannot notify systemd");
+    }
+}
+
 fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
     status.lock().unwrap_or_else(|poison| poison.into_inner())
 }
@@ -350,6 +362,10 @@ async fn serve(
     let mut files = FileWatch::new(rules)?;
     let mut services = interval_at(Instant::now() + SERVICES_EVERY, SERVICES_EVERY);
     let mut audits = interval(AUDIT_EVERY);
+    // systemd's watchdog (WatchdogSec=): ping at half the deadline.
+    let mut watchdog_usec = 0;
+    let watchdog_on = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut watchdog = interval(Duration::from_micros(watchdog_usec.max(2_000_000) / 2));
     services.set_missed_tick_behavior(MissedTickBehavior::Delay);
     audits.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -358,6 +374,10 @@ async fn serve(
             _ = terminate.recv() => { info!("SIGTERM received"); break; }
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
             _ = hangup.recv() => "SIGHUP",
+            _ = watchdog.tick(), if watchdog_on => {
+                notify(&[NotifyState::Watchdog]);
+                continue;
+            }
             () = files.changed() => "the rules file changed",
             _ = services.tick(), if guard_on => {
                 watch.listeners = watch.scan();
@@ -375,7 +395,9 @@ async fn serve(
                 continue;
             }
         };
+        notify(&[NotifyState::Reloading]);
         let result = reload(interfaces, rules, &mut watch);
+        notify(&[NotifyState::Ready]);
         {
             let mut status = lock(status);
             match &result {

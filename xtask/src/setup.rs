@@ -22,6 +22,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "hping3",
     "tcpdump",
+    // systemd-analyze, for verifying the unit file.
+    "systemd",
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";

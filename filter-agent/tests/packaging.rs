@@ -1,0 +1,112 @@
+//! The systemd unit verifies, and the agent speaks sd_notify to a real
+//! notify socket: READY once the rules are attached, watchdog pings,
+//! RELOADING/READY around a reload, STOPPING at the end. Needs root.
+
+use std::{
+    io::Write as _,
+    os::unix::net::UnixDatagram,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use filter_agent::loader;
+use testbed::{Daemon, Pair};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
+const UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../packaging/filter-agent.service"
+);
+
+#[test]
+fn systemd_unit_verifies_cleanly() {
+    let unit = std::fs::read_to_string(UNIT).unwrap();
+    for needed in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "WatchdogSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/sys/fs/bpf",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(unit.contains(needed), "{needed} missing from the unit");
+    }
+    // systemd-analyze checks that ExecStart's binary exists: point it at
+    // the one just built.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("filter-agent.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/filter-agent", AGENT)).unwrap();
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    // Unknown keys are only warnings: stderr must be empty too.
+    assert!(
+        output.status.success() && output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Waits for a notify message containing `needle`; returns it.
+fn expect(socket: &UnixDatagram, needle: &str, seen: &mut Vec<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            seen.push(message.clone());
+            if message.lines().any(|line| line == needle) {
+                return message;
+            }
+        }
+    }
+    panic!("no {needle} in {seen:?}");
+}
+
+#[test]
+fn sd_notify_ready_watchdog_reload_and_stop() {
+    let pair = Pair::create("notify").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(b"[filter]\ndefault = \"allow\"\n").unwrap();
+    // systemd names the watched process in WATCHDOG_PID: the shell's pid,
+    // which nsenter and then the agent inherit through exec.
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", "nsenter"])
+        .arg(format!("--net=/run/netns/{}", pair.server.name()))
+        .arg(AGENT)
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+        .arg(rules.path())
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut agent = Daemon::start(command, None).unwrap();
+    let mut seen = Vec::new();
+    let ready = expect(&socket, "READY=1", &mut seen);
+    assert!(
+        ready.contains(&format!("STATUS=filtering {}", pair.server_if)),
+        "{ready}"
+    );
+    // By READY the filter is attached.
+    let link = pair.server.ip(&["link", "show", &pair.server_if]).unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains("xdp"));
+    expect(&socket, "WATCHDOG=1", &mut seen);
+    agent.signal(libc::SIGHUP);
+    expect(&socket, "RELOADING=1", &mut seen);
+    expect(&socket, "READY=1", &mut seen);
+    assert!(agent.wait_for("rules reloaded", Duration::from_secs(5)).is_some());
+    agent.signal(libc::SIGTERM);
+    expect(&socket, "STOPPING=1", &mut seen);
+    let (status, log) = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log:?}");
+    assert!(!loader::pin_dir(&pair.server_if).exists());
+}

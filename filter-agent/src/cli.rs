@@ -78,6 +78,13 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS")]
         watch: Option<u64>,
     },
+    /// Print the running agent's sampled drop and guard events as they
+    /// happen, one line each.
+    Watch {
+        /// Only these interfaces (default: every interface with an agent).
+        #[arg(long)]
+        iface: Vec<String>,
+    },
     /// Remove the filter and everything pinned for it from an interface
     /// (refused while an agent runs for it).
     Detach {
@@ -113,6 +120,10 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469")]
     pub metrics: std::net::SocketAddr,
+    /// Drop and guard events sent to the agent (and `filter-agent watch`)
+    /// per second and CPU, sampled in the kernel; 0 turns them off.
+    #[arg(long, value_name = "N", default_value_t = filter_common::event::DEFAULT_RATE)]
+    pub events_per_second: u32,
     /// Remove the filter when the agent stops. By default it stays in
     /// place (fail-static) and the next start takes it over without a gap.
     #[arg(long)]

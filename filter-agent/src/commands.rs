@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use filter_agent::{
     audit, compile,
     config::{self, Action},
+    events,
     guard::{self, GuardReport},
     lint,
     loader::{self, Filter, xdp_action},
@@ -468,5 +469,67 @@ fn print_stats(
         println!("{}", serde_json::to_string(&documents)?);
     }
     std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// `filter-agent watch`: the running agents' event lines, as they come.
+pub fn watch(asked: &[String]) -> anyhow::Result<()> {
+    let sockets: Vec<(String, std::path::PathBuf)> = if asked.is_empty() {
+        let dir = std::fs::read_dir(events::SOCKET_DIR).with_context(|| {
+            format!(
+                "no running filter-agent (nothing in {})",
+                events::SOCKET_DIR
+            )
+        })?;
+        dir.flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let iface = name.strip_suffix(".sock")?.to_owned();
+                Some((iface, entry.path()))
+            })
+            .collect()
+    } else {
+        asked
+            .iter()
+            .map(|iface| (iface.clone(), events::socket_path(iface)))
+            .collect()
+    };
+    if sockets.is_empty() {
+        anyhow::bail!(
+            "no running filter-agent (nothing in {})",
+            events::SOCKET_DIR
+        );
+    }
+    let streams = sockets
+        .iter()
+        .map(|(iface, path)| {
+            std::os::unix::net::UnixStream::connect(path)
+                .map(|stream| (iface.clone(), stream))
+                .with_context(|| format!("no filter-agent is running for {iface}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let prefix = streams.len() > 1;
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|(iface, stream)| {
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if prefix {
+                        println!("{iface}: {line}");
+                    } else {
+                        println!("{line}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        let _ = reader.join();
+    }
+    eprintln!("filter-agent stopped");
     Ok(())
 }

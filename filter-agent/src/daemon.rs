@@ -13,14 +13,23 @@ use std::{
 
 use anyhow::Context as _;
 use axum::{Router, http::header::CONTENT_TYPE, routing::get};
+use aya::maps::{Map, MapData, RingBuf};
 use filter_common::{Counter, guard as guard_stat, reason};
+use filter_common::{Event, event, names};
 use notify::{
-    Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
+    EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode},
 };
 use prometheus_client::registry::Registry;
 use sd_notify::NotifyState;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::UnixListener,
+    sync::{
+        broadcast::{self, error::RecvError},
+        mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
+    },
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -33,6 +42,7 @@ use filter_agent::{
     cli::{RunArgs, XdpModeArg},
     compile::{self, RuleInfo, RuleSet},
     config::{self, GuardAction, GuardSettings},
+    events,
     guard::{self, Listeners},
     loader::{self, Attached, Filter},
     metrics::{self, Metrics, Status},
@@ -61,9 +71,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check()?;
+    // Another agent on one of the interfaces is the likelier conflict: say
+    // so before anything else can fail.
+    let locks = args
+        .iface
+        .iter()
+        .map(|iface| InterfaceLock::acquire(iface))
+        .collect::<Result<Vec<_>, _>>()?;
     // Before anything is attached: a busy port fails the start cleanly.
-    let metrics_listener = std::net::TcpListener::bind(args.metrics)
-        .with_context(|| format!("cannot listen for metrics on {} (--metrics)", args.metrics))?;
+    let metrics_listener = std::net::TcpListener::bind(args.metrics).map_err(|err| {
+        // Nothing was attached: the lock directories just made go again.
+        for iface in &args.iface {
+            let _ = std::fs::remove_dir(loader::pin_dir(iface));
+        }
+        let _ = std::fs::remove_dir(loader::PIN_ROOT);
+        anyhow::anyhow!(
+            "cannot listen for metrics on {} (--metrics): {err}",
+            args.metrics
+        )
+    })?;
     let status = Arc::new(Mutex::new(Status {
         rules_loaded: config.rules.len() as u64,
         ..Status::default()
@@ -77,8 +103,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut watch = GuardWatch::new(&config.guard);
         watch.listeners = watch.scan();
         let mut interfaces = Vec::new();
-        for iface in &args.iface {
-            let interface = Interface::attach(iface, &rule_set, &watch.listeners, args.xdp_mode)?;
+        for (iface, lock) in args.iface.iter().zip(locks) {
+            let interface = Interface::attach(
+                iface,
+                lock,
+                &rule_set,
+                &watch.listeners,
+                args.xdp_mode,
+                args.events_per_second,
+            )?;
             interfaces.push(interface);
         }
         info!(
@@ -116,6 +149,7 @@ struct Interface {
     name: String,
     dir: PathBuf,
     mode: XdpModeArg,
+    event_rate: u32,
     filter: Filter,
     rules: Vec<RuleInfo>,
     /// Per rule: what it counted under earlier rule sets.
@@ -128,19 +162,21 @@ impl Interface {
     /// the links a previous agent left pinned (without a gap) if any.
     fn attach(
         iface: &str,
+        lock: InterfaceLock,
         rule_set: &RuleSet,
         listeners: &Listeners,
         mode: XdpModeArg,
+        event_rate: u32,
     ) -> anyhow::Result<Self> {
-        let lock = InterfaceLock::acquire(iface)?;
         let dir = loader::pin_dir(iface);
         let pinned_before = dir.join(loader::XDP_LINK_PIN).exists();
-        let installed = load_filter(rule_set, &dir, listeners).and_then(|mut filter| {
-            if let Some(logger) = filter.logger() {
-                forward_program_logs(logger)?;
-            }
-            install(iface, &dir, filter, rule_set, mode)
-        });
+        let installed =
+            load_filter(rule_set, &dir, listeners, event_rate).and_then(|mut filter| {
+                if let Some(logger) = filter.logger() {
+                    forward_program_logs(logger)?;
+                }
+                install(iface, &dir, filter, rule_set, mode)
+            });
         let (filter, bases, attached) = match installed {
             Ok(installed) => installed,
             Err(err) => {
@@ -163,6 +199,7 @@ impl Interface {
             name: iface.to_owned(),
             dir,
             mode,
+            event_rate,
             filter,
             rules: rule_set.rules.clone(),
             bases,
@@ -181,6 +218,7 @@ impl Interface {
 
     /// Logs the counters and leaves the filter in place, or removes it.
     fn stop(self, detach: bool) {
+        let _ = std::fs::remove_file(events::socket_path(&self.name));
         log_counters(&self);
         if detach {
             info!(iface = %self.name, "detaching");
@@ -210,8 +248,14 @@ impl Interface {
 }
 
 /// Loads `rule_set` with the interface's shared maps from `dir`.
-fn load_filter(rule_set: &RuleSet, dir: &Path, listeners: &Listeners) -> anyhow::Result<Filter> {
-    let mut filter = Filter::load_pinned(rule_set, dir).context("loading the XDP program")?;
+fn load_filter(
+    rule_set: &RuleSet,
+    dir: &Path,
+    listeners: &Listeners,
+    event_rate: u32,
+) -> anyhow::Result<Filter> {
+    let mut filter =
+        Filter::load_pinned(rule_set, dir, event_rate).context("loading the XDP program")?;
     filter.set_services(&rule_set.guard.services, listeners)?;
     Ok(filter)
 }
@@ -275,7 +319,14 @@ fn reload(
     let rule_set = compile::compile(&config)?;
     let loaded = interfaces
         .iter()
-        .map(|interface| load_filter(&rule_set, &interface.dir, &watch.listeners))
+        .map(|interface| {
+            load_filter(
+                &rule_set,
+                &interface.dir,
+                &watch.listeners,
+                interface.event_rate,
+            )
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     for (interface, filter) in interfaces.iter_mut().zip(loaded) {
         interface
@@ -312,22 +363,23 @@ impl FileWatch {
             })
             .collect();
         let (sender, changes) = unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
-            let Ok(event) = event else { return };
-            let written = !matches!(
-                event.kind,
-                EventKind::Access(AccessKind::Open(_) | AccessKind::Read)
-                    | EventKind::Access(AccessKind::Close(AccessMode::Read))
-            );
-            let ours = event
-                .paths
-                .iter()
-                .any(|path| path.file_name().is_some_and(|name| names.contains(name)));
-            if written && ours {
-                let _ = sender.send(());
-            }
-        })
-        .context("watching the rules file")?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                let written = !matches!(
+                    event.kind,
+                    EventKind::Access(AccessKind::Open(_) | AccessKind::Read)
+                        | EventKind::Access(AccessKind::Close(AccessMode::Read))
+                );
+                let ours = event
+                    .paths
+                    .iter()
+                    .any(|path| path.file_name().is_some_and(|name| names.contains(name)));
+                if written && ours {
+                    let _ = sender.send(());
+                }
+            })
+            .context("watching the rules file")?;
         for dir in &dirs {
             watcher
                 .watch(dir, RecursiveMode::NonRecursive)
@@ -349,6 +401,118 @@ impl FileWatch {
     }
 }
 
+/// Event lines for `watch` clients: (interface, line).
+type Lines = broadcast::Sender<Arc<(String, String)>>;
+/// Lines a slow `watch` client may fall behind by before it skips some.
+const WATCH_BACKLOG: usize = 1024;
+
+/// Reads the interface's pinned event ring buffer and hands every event,
+/// tagged with `index`, to the main loop.
+fn read_events(
+    index: usize,
+    dir: &Path,
+    sender: UnboundedSender<(usize, Event)>,
+) -> anyhow::Result<()> {
+    let path = dir.join(names::EVENTS);
+    let map = MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let ring = RingBuf::try_from(map).context("the event ring buffer")?;
+    // SAFETY: the AsyncFd owns the ring buffer, so its fd outlives the registration.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .context("watching the event ring buffer")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = ring.readable_mut().await else {
+                break;
+            };
+            let ring = ready.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if let Some(event) = events::decode(&item)
+                    && sender.send((index, event)).is_err()
+                {
+                    return;
+                }
+            }
+            ready.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Serves `iface`'s event lines to `filter-agent watch` on a Unix socket.
+fn serve_watchers(iface: &str, lines: &Lines) -> anyhow::Result<()> {
+    let path = events::socket_path(iface);
+    std::fs::create_dir_all(events::SOCKET_DIR)
+        .with_context(|| format!("creating {}", events::SOCKET_DIR))?;
+    // A socket left by a crashed agent: this one holds the interface lock.
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+    let (lines, iface) = (lines.clone(), iface.to_owned());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut receiver = lines.subscribe();
+            let iface = iface.clone();
+            tokio::spawn(async move {
+                loop {
+                    let text = match receiver.recv().await {
+                        Ok(line) if line.0 == iface => format!("{}\n", line.1),
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(skipped)) => {
+                            format!("... {skipped} events skipped (this reader is too slow)\n")
+                        }
+                        Err(RecvError::Closed) => break,
+                    };
+                    if stream.write_all(text.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Events seen since the last summary, per interface.
+#[derive(Default)]
+struct EventTally {
+    drops: u64,
+    would_drop: u64,
+    guard: u64,
+    last: Option<String>,
+}
+
+impl EventTally {
+    fn record(&mut self, event: &Event, line: &str) {
+        match event.verdict {
+            event::DROP => self.drops += 1,
+            event::WOULD_DROP => self.would_drop += 1,
+            _ => {}
+        }
+        if event.guard != event::GUARD_NONE {
+            self.guard += 1;
+        }
+        self.last = Some(line.to_owned());
+    }
+
+    /// One log line for the interval, if anything happened; then resets.
+    fn log(&mut self, iface: &str) {
+        if let Some(last) = self.last.take() {
+            info!(
+                %iface,
+                drops = self.drops,
+                would_drop = self.would_drop,
+                guard = self.guard,
+                %last,
+                "sampled events in the last {}s (`filter-agent watch` shows each)",
+                SERVICES_EVERY.as_secs()
+            );
+        }
+        *self = EventTally::default();
+    }
+}
+
 /// Runs until SIGINT or SIGTERM.
 async fn serve(
     interfaces: &mut [Interface],
@@ -360,6 +524,17 @@ async fn serve(
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut files = FileWatch::new(rules)?;
+    let (event_sender, mut event_receiver) = unbounded_channel();
+    let (lines, _) = broadcast::channel(WATCH_BACKLOG);
+    for (index, interface) in interfaces.iter().enumerate() {
+        if interface.event_rate > 0 {
+            read_events(index, &interface.dir, event_sender.clone())?;
+        }
+        serve_watchers(&interface.name, &lines)?;
+    }
+    drop(event_sender);
+    let mut tallies: Vec<EventTally> = interfaces.iter().map(|_| EventTally::default()).collect();
+    let mut summaries = interval_at(Instant::now() + SERVICES_EVERY, SERVICES_EVERY);
     let mut services = interval_at(Instant::now() + SERVICES_EVERY, SERVICES_EVERY);
     let mut audits = interval(AUDIT_EVERY);
     // systemd's watchdog (WatchdogSec=): ping at half the deadline.
@@ -374,6 +549,19 @@ async fn serve(
             _ = terminate.recv() => { info!("SIGTERM received"); break; }
             _ = interrupt.recv() => { info!("SIGINT received"); break; }
             _ = hangup.recv() => "SIGHUP",
+            Some((index, event)) = event_receiver.recv() => {
+                let interface = &interfaces[index];
+                let line = events::format(&event, &interface.rules, watch.settings.ephemeral);
+                tallies[index].record(&event, &line);
+                let _ = lines.send(Arc::new((interface.name.clone(), line)));
+                continue;
+            }
+            _ = summaries.tick() => {
+                for (interface, tally) in interfaces.iter().zip(&mut tallies) {
+                    tally.log(&interface.name);
+                }
+                continue;
+            }
             _ = watchdog.tick(), if watchdog_on => {
                 notify(&[NotifyState::Watchdog]);
                 continue;

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod cli;
 pub mod compile;
 pub mod config;
+pub mod events;
 pub mod guard;
 pub mod lint;
 pub mod loader;

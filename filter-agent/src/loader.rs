@@ -47,6 +47,17 @@ pub fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir(PIN_ROOT);
 }
 
+/// How [`Filter::load_with`] loads an instance.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions<'a> {
+    /// Pin (or reuse) the shared maps here.
+    pub pins: Option<&'a Path>,
+    /// Events per second and CPU (`filter_common::event`); 0 sends none.
+    pub event_rate: u32,
+    /// Record each verdict's slot (for [`Filter::trace_frame`]).
+    pub trace: bool,
+}
+
 /// The pinned XDP link and the guard's egress (TCX) link.
 pub const XDP_LINK_PIN: &str = "xdp_link";
 pub const EGRESS_LINK_PIN: &str = "egress_link";
@@ -118,8 +129,9 @@ pub fn replace_pin(
 
 /// Maps shared by every program instance on an interface: the reason and
 /// guard counters keep counting across rule swaps and restarts.
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 6] = [
     names::STATS,
+    names::EVENTS,
     names::GUARD_STATS,
     names::GUARD_PORTS,
     names::GUARD_PEERS,
@@ -200,25 +212,36 @@ impl Filter {
     /// a fresh program and maps sized for this rule set, filled before the
     /// program can see a packet.
     pub fn load(rules: &RuleSet) -> Result<Self, LoadError> {
-        Self::load_with(rules, false, None)
+        Self::load_with(rules, &LoadOptions::default())
     }
 
-    /// Like [`Filter::load`], with the guard's maps pinned in `dir` (and
-    /// reused when already there), for the agent: `filter-agent guard` reads
-    /// them, and they keep their counts across rule swaps.
-    pub fn load_pinned(rules: &RuleSet, dir: &Path) -> Result<Self, LoadError> {
-        Self::load_with(rules, false, Some(dir))
+    /// Like [`Filter::load`], for the agent: the shared maps pinned in
+    /// `dir` (and reused when already there), so that they keep their counts
+    /// across rule swaps and other commands can read them, and events at
+    /// `event_rate` per second and CPU.
+    pub fn load_pinned(rules: &RuleSet, dir: &Path, event_rate: u32) -> Result<Self, LoadError> {
+        let options = LoadOptions {
+            pins: Some(dir),
+            event_rate,
+            trace: false,
+        };
+        Self::load_with(rules, &options)
     }
 
     /// Loads an instance that records each verdict's slot, for
     /// [`Filter::trace_frame`] (`filter-agent test` and `replay`). Never
     /// attached: tracing costs a map write per packet.
     pub fn load_traced(rules: &RuleSet) -> Result<Self, LoadError> {
-        Self::load_with(rules, true, None)
+        let options = LoadOptions {
+            trace: true,
+            ..LoadOptions::default()
+        };
+        Self::load_with(rules, &options)
     }
 
-    fn load_with(rules: &RuleSet, trace: bool, pins: Option<&Path>) -> Result<Self, LoadError> {
-        let trace = u32::from(trace);
+    pub fn load_with(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Self, LoadError> {
+        let trace = u32::from(options.trace);
+        let event_rate = options.event_rate;
         let settings = &rules.settings;
         let default_action = settings.default.raw();
         let mode = settings.mode.raw();
@@ -233,7 +256,7 @@ impl Filter {
         let entries = |len: usize| (len as u32).max(1);
         let rule_count = entries(rules.rules.len());
         let mut loader = EbpfLoader::new();
-        if let Some(dir) = pins {
+        if let Some(dir) = options.pins {
             for name in PINNED_MAPS {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -247,6 +270,7 @@ impl Filter {
             .override_global(names::FRAGMENTS, &fragments, true)
             .override_global(names::CHUNKS, &rules.chunks, true)
             .override_global(names::TRACE, &trace, true)
+            .override_global(names::EVENT_RATE, &event_rate, true)
             .map_max_entries(names::SRC_NODES, entries(rules.src.blocks.len()))
             .map_max_entries(names::DST_NODES, entries(rules.dst.blocks.len()))
             .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))

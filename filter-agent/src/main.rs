@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
         Some(Command::Audit { rules, json }) => commands::audit(rules.as_deref(), json),
         Some(Command::Detach { iface }) => commands::detach(&iface),
+        Some(Command::Watch { iface }) => commands::watch(&iface),
         Some(Command::Stats { iface, json, watch }) => commands::stats(&iface, json, watch),
         None => daemon::run(cli.run),
     };

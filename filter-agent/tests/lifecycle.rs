@@ -529,3 +529,49 @@ fn stats_read_the_pins_while_the_agent_is_down() {
         .unwrap();
     assert!(rate > 0.0, "{second}");
 }
+
+#[test]
+fn watch_prints_sampled_drops_with_their_rule() {
+    use std::io::BufRead as _;
+    let pair = Pair::create("watch").unwrap();
+    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let receiver = pair
+        .server
+        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
+        .unwrap()
+        .unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(RULES.as_bytes()).unwrap();
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+        .arg(rules.path());
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("serving metrics", Duration::from_secs(10))
+            .is_some()
+    );
+    let mut watch = Command::new(AGENT)
+        .args(["watch", "--iface", &pair.server_if])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let watch connect before the packet.
+    thread::sleep(Duration::from_millis(300));
+    assert!(!probe(&pair, &receiver));
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    assert!(
+        line.starts_with("DROP udp 10.200.0.1:")
+            && line.ends_with(" -> 10.200.0.2:9000 rule=deny-9000"),
+        "{line}"
+    );
+    // The agent stopping ends watch.
+    agent.stop();
+    assert!(lines.next().is_none());
+    assert!(watch.wait().unwrap().success());
+}

@@ -103,7 +103,11 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
     agent.signal(libc::SIGHUP);
     expect(&socket, "RELOADING=1", &mut seen);
     expect(&socket, "READY=1", &mut seen);
-    assert!(agent.wait_for("rules reloaded", Duration::from_secs(5)).is_some());
+    assert!(
+        agent
+            .wait_for("rules reloaded", Duration::from_secs(5))
+            .is_some()
+    );
     agent.signal(libc::SIGTERM);
     expect(&socket, "STOPPING=1", &mut seen);
     let (status, log) = agent.stop();

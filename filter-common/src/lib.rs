@@ -185,6 +185,52 @@ pub struct UdpFlow {
     pub local_port: u16,
 }
 
+/// Sampled events (drops, and traffic the guard flags) sent to the agent
+/// through the `EVENTS` ring buffer.
+pub mod event {
+    /// `Event::verdict`.
+    pub const PASS: u8 = 0;
+    pub const DROP: u8 = 1;
+    /// Denied in monitor mode: passed, but enforce mode would drop it.
+    pub const WOULD_DROP: u8 = 2;
+    /// `Event::guard`.
+    pub const GUARD_NONE: u8 = 0;
+    pub const GUARD_RETURN: u8 = 1;
+    pub const GUARD_OUTBOUND: u8 = 2;
+    /// `Event::slot` of egress events, which no rule decides.
+    pub const NO_SLOT: u32 = u32::MAX;
+    /// Default for the `EVENT_RATE` global: events per second and CPU.
+    pub const DEFAULT_RATE: u32 = 100;
+    pub const RING_BYTES: u32 = 256 * 1024;
+}
+
+/// One event. Addresses are IPv4-mapped for IPv4 and zero when the frame
+/// had none (malformed, non-IP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The counter slot, as in `LAST_DECISION`: a `reason` or
+    /// `DECISION_RULE | rule index`; `event::NO_SLOT` for egress.
+    pub slot: u32,
+    pub len: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub verdict: u8,
+    pub guard: u8,
+    pub tcp_flags: u8,
+}
+
+/// Per-CPU state of the event rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventBudget {
+    pub window_start_ns: u64,
+    pub sent: u64,
+}
+
 /// Names of the maps and globals the agent looks up in the object file.
 pub mod names {
     pub const PROGRAM: &str = "filter";
@@ -216,6 +262,8 @@ pub mod names {
     pub const GUARD_PORTS: &str = "GUARD_PORTS";
     pub const GUARD_PEERS: &str = "GUARD_PEERS";
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_RATE: &str = "EVENT_RATE";
 }
 
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
@@ -223,6 +271,8 @@ const _: () = assert!(core::mem::size_of::<BitmapChunk>() == 8 * (1 + WORDS_PER_
 const _: () = assert!(core::mem::size_of::<GuardPort>() == 4);
 const _: () = assert!(core::mem::size_of::<GuardPeer>() == 20);
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 20);
+const _: () = assert!(core::mem::size_of::<Event>() == 48);
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -236,4 +286,6 @@ mod pod {
     unsafe impl aya::Pod for super::GuardPort {}
     unsafe impl aya::Pod for super::GuardPeer {}
     unsafe impl aya::Pod for super::UdpFlow {}
+    // SAFETY: `repr(C)`, integers and byte arrays, no padding (asserted).
+    unsafe impl aya::Pod for super::Event {}
 }

@@ -50,11 +50,22 @@ static GUARD_PEERS: LruPerCpuHashMap<GuardPeer, Counter> =
 #[map]
 static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(guard::LRU_ENTRIES, 0);
 
-/// Counts inbound return traffic; true when the guard drops the packet.
+/// What the guard made of an inbound packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Inbound {
+    /// Not return traffic, or inside the range.
+    Fine,
+    /// Return traffic outside the range, counted.
+    OutOfRange,
+    /// The same, and `action = "drop"`.
+    Drop,
+}
+
+/// Counts inbound return traffic by where its local port lies.
 #[inline(always)]
-pub fn inspect_inbound(packet: &Packet, len: u64) -> bool {
+pub fn inspect_inbound(packet: &Packet, len: u64) -> Inbound {
     if GUARD_MODE.load() == guard::OFF || !packet.has_l4 {
-        return false;
+        return Inbound::Fine;
     }
     let (local_port, remote_port) = (packet.dport, packet.sport);
     let returning = match packet.proto {
@@ -63,23 +74,28 @@ pub fn inspect_inbound(packet: &Packet, len: u64) -> bool {
         _ => false,
     };
     if !returning || is_local_service(packet.proto, local_port) {
-        return false;
+        return Inbound::Fine;
     }
     if in_range(local_port) {
         count(guard::RETURN_IN_RANGE, len);
-        return false;
+        return Inbound::Fine;
     }
     count(guard::RETURN_OUT_OF_RANGE, len);
     let remote = unsafe { address(packet, 0) };
     record(packet.proto, INGRESS, local_port, remote, remote_port, len);
-    GUARD_MODE.load() == guard::DROP
+    if GUARD_MODE.load() == guard::DROP {
+        Inbound::Drop
+    } else {
+        Inbound::OutOfRange
+    }
 }
 
-/// Counts an outbound connection attempt (never drops).
+/// Counts an outbound connection attempt (never drops); true when it left
+/// from a port outside the range.
 #[inline(always)]
-pub fn inspect_outbound(packet: &Packet, len: u64) {
+pub fn inspect_outbound(packet: &Packet, len: u64) -> bool {
     if !packet.has_l4 {
-        return;
+        return false;
     }
     let (local_port, remote_port) = (packet.sport, packet.dport);
     let remote = unsafe { address(packet, 1) };
@@ -92,14 +108,15 @@ pub fn inspect_outbound(packet: &Packet, len: u64) {
         _ => false,
     };
     if !attempt || is_local_service(packet.proto, local_port) {
-        return;
+        return false;
     }
     if in_range(local_port) {
         count(guard::OUTBOUND_IN_RANGE, len);
-        return;
+        return false;
     }
     count(guard::OUTBOUND_OUT_OF_RANGE, len);
     record(packet.proto, EGRESS, local_port, remote, remote_port, len);
+    true
 }
 
 #[inline(always)]
@@ -201,7 +218,7 @@ unsafe fn add(counter: *mut Counter, len: u64) {
 /// # Safety
 /// `packet.addresses` points at the bounds-checked addresses of an IP header.
 #[inline(always)]
-unsafe fn address(packet: &Packet, which: usize) -> [u8; 16] {
+pub unsafe fn address(packet: &Packet, which: usize) -> [u8; 16] {
     let mut addr = [0u8; 16];
     unsafe {
         if packet.v6 {

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod guard;
 mod parse;
 mod rules;
@@ -19,9 +20,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
-use filter_common::{Counter, DECISION_RULE, action, fragments, mode, reason};
+use filter_common::{Counter, DECISION_RULE, action, event, fragments, mode, reason};
 
-use crate::parse::{Frame, parse};
+use crate::{
+    guard::Inbound,
+    parse::{Frame, Packet, parse},
+};
 
 /// Action for IP packets that match no rule; set by the agent at load time.
 #[unsafe(no_mangle)]
@@ -62,10 +66,19 @@ enum Slot {
     Rule(u32),
 }
 
+/// What `classify` decided, and what `finish` needs to report it.
+struct Verdict {
+    slot: Slot,
+    action: u32,
+    /// `event::GUARD_NONE` or `event::GUARD_RETURN`.
+    guard: u8,
+    packet: Option<Packet>,
+}
+
 #[xdp]
 pub fn filter(ctx: XdpContext) -> u32 {
-    let (slot, act) = classify(&ctx);
-    finish(&ctx, slot, act)
+    let verdict = classify(&ctx);
+    finish(&ctx, verdict)
 }
 
 /// The guard's egress half (TC): counts outbound connection attempts from
@@ -75,23 +88,52 @@ pub fn filter(ctx: XdpContext) -> u32 {
 pub fn guard_egress(ctx: TcContext) -> i32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if let Ok(Frame::Ip(packet)) = parse(data, end) {
-        guard::inspect_outbound(&packet, ctx.len() as u64);
+        let len = ctx.len() as u64;
+        if guard::inspect_outbound(&packet, len) {
+            let kind = event::GUARD_OUTBOUND;
+            events::emit(Some(&packet), event::NO_SLOT, event::PASS, kind, len);
+        }
     }
     TC_ACT_UNSPEC
 }
 
-/// Returns the counter slot and the action for this packet.
+/// Decides what happens to this packet and where it is counted.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> (Slot, u32) {
+fn classify(ctx: &XdpContext) -> Verdict {
     let (data, end) = (ctx.data(), ctx.data_end());
+    let decided = |slot, action| Verdict {
+        slot,
+        action,
+        guard: event::GUARD_NONE,
+        packet: None,
+    };
     let packet = match parse(data, end) {
-        Err(_) => return (Slot::Reason(reason::MALFORMED), action::DENY),
-        Ok(Frame::NonIp) => return (Slot::Reason(reason::NON_IP), action::ALLOW),
+        Err(_) => return decided(Slot::Reason(reason::MALFORMED), action::DENY),
+        Ok(Frame::NonIp) => return decided(Slot::Reason(reason::NON_IP), action::ALLOW),
         Ok(Frame::Ip(packet)) => packet,
     };
-    if guard::inspect_inbound(&packet, (end - data) as u64) {
-        return (Slot::Reason(reason::GUARD_DROP), action::DENY);
+    let guarded = guard::inspect_inbound(&packet, (end - data) as u64);
+    let guard = if guarded == Inbound::Fine {
+        event::GUARD_NONE
+    } else {
+        event::GUARD_RETURN
+    };
+    let (slot, action) = if guarded == Inbound::Drop {
+        (Slot::Reason(reason::GUARD_DROP), action::DENY)
+    } else {
+        decide(&packet)
+    };
+    Verdict {
+        slot,
+        action,
+        guard,
+        packet: Some(packet),
     }
+}
+
+/// Fragments policy, then the rules, then the default.
+#[inline(always)]
+fn decide(packet: &Packet) -> (Slot, u32) {
     if packet.fragment {
         match FRAGMENTS.load() {
             fragments::ALLOW => return (Slot::Reason(reason::FRAGMENT_ALLOW), action::ALLOW),
@@ -99,7 +141,7 @@ fn classify(ctx: &XdpContext) -> (Slot, u32) {
             _ => {}
         }
     }
-    if let Some(rule) = rules::first_match(&packet)
+    if let Some(rule) = rules::first_match(packet)
         && let Some(act) = RULE_ACTIONS.get(rule)
     {
         return (Slot::Rule(rule), *act);
@@ -112,12 +154,13 @@ fn classify(ctx: &XdpContext) -> (Slot, u32) {
     }
 }
 
-/// The single exit: counts the packet in its slot and turns `act` into an
-/// XDP verdict (monitor mode never drops).
+/// The single exit: counts the packet in its slot, reports drops and
+/// guard findings as events, and turns the action into an XDP verdict
+/// (monitor mode never drops).
 #[inline(always)]
-fn finish(ctx: &XdpContext, slot: Slot, act: u32) -> u32 {
+fn finish(ctx: &XdpContext, verdict: Verdict) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let (counter, decision) = match slot {
+    let (counter, decision) = match verdict.slot {
         Slot::Reason(why) => (STATS.get_ptr_mut(why), why),
         Slot::Rule(rule) => (RULE_STATS.get_ptr_mut(rule), DECISION_RULE | rule),
     };
@@ -135,7 +178,17 @@ fn finish(ctx: &XdpContext, slot: Slot, act: u32) -> u32 {
         // ignored, because it would mean the counters lie.
         None => error!(ctx, "no counter slot for a verdict"),
     }
-    if act == action::DENY && MODE.load() == mode::ENFORCE {
+    let denied = verdict.action == action::DENY;
+    let enforcing = MODE.load() == mode::ENFORCE;
+    if denied || verdict.guard != event::GUARD_NONE {
+        let kind = match (denied, enforcing) {
+            (true, true) => event::DROP,
+            (true, false) => event::WOULD_DROP,
+            _ => event::PASS,
+        };
+        events::emit(verdict.packet.as_ref(), decision, kind, verdict.guard, len);
+    }
+    if denied && enforcing {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS

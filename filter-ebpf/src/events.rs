@@ -1,0 +1,81 @@
+//! Sampled events to the agent: drops, and packets the guard flags. Only
+//! those paths pay for them, and a per-CPU budget bounds them.
+
+use aya_ebpf::{
+    Global,
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use filter_common::{Event, EventBudget, event};
+
+use crate::{guard, parse::Packet};
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// Events per second and CPU; 0 turns them off. Set by the agent.
+#[unsafe(no_mangle)]
+static EVENT_RATE: Global<u32> = Global::new(event::DEFAULT_RATE);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(event::RING_BYTES, 0);
+#[map]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sends an event about `packet` (if parsed) unless this CPU's budget for
+/// the current second is spent.
+#[inline(always)]
+pub fn emit(packet: Option<&Packet>, slot: u32, verdict: u8, guard_kind: u8, len: u64) {
+    let rate = EVENT_RATE.load() as u64;
+    if rate == 0 || !take_budget(rate) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        return;
+    };
+    let mut ev = Event {
+        src: [0; 16],
+        dst: [0; 16],
+        slot,
+        len: len as u32,
+        sport: 0,
+        dport: 0,
+        proto: 0,
+        verdict,
+        guard: guard_kind,
+        tcp_flags: 0,
+    };
+    if let Some(packet) = packet {
+        // SAFETY: a parsed packet's addresses were bounds-checked.
+        unsafe {
+            ev.src = guard::address(packet, 0);
+            ev.dst = guard::address(packet, 1);
+        }
+        ev.sport = packet.sport;
+        ev.dport = packet.dport;
+        ev.proto = packet.proto;
+        ev.tcp_flags = packet.tcp_flags;
+    }
+    entry.write(ev);
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn take_budget(rate: u64) -> bool {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot; the program is not preempted by itself.
+    unsafe {
+        if now - (*budget).window_start_ns >= SECOND_NS {
+            (*budget).window_start_ns = now;
+            (*budget).sent = 0;
+        }
+        if (*budget).sent >= rate {
+            return false;
+        }
+        (*budget).sent += 1;
+    }
+    true
+}

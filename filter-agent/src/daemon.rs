@@ -219,6 +219,7 @@ impl Interface {
     /// Logs the counters and leaves the filter in place, or removes it.
     fn stop(self, detach: bool) {
         let _ = std::fs::remove_file(events::socket_path(&self.name));
+        let _ = std::fs::remove_dir(events::SOCKET_DIR);
         log_counters(&self);
         if detach {
             info!(iface = %self.name, "detaching");

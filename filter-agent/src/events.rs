@@ -148,7 +148,7 @@ mod tests {
     use super::*;
 
     fn mapped(v4: [u8; 4]) -> [u8; 16] {
-        Ipv6Addr::from(std::net::Ipv4Addr::from(v4).to_ipv6_mapped()).octets()
+        std::net::Ipv4Addr::from(v4).to_ipv6_mapped().octets()
     }
 
     fn event(slot: u32, verdict: u8, guard: u8) -> Event {

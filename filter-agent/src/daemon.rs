@@ -100,6 +100,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         // Services first: ACKs to local listeners are not return traffic.
+        // Watching starts first: a change made while attaching is not missed.
+        let files = FileWatch::new(&rules)?;
         let mut watch = GuardWatch::new(&config.guard);
         watch.listeners = watch.scan();
         let mut interfaces = Vec::new();
@@ -123,11 +125,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             "rules loaded"
         );
         let registry = Metrics::registry(args.iface.clone(), Arc::clone(&status));
-        info!(address = %args.metrics, "serving metrics at /metrics");
-        let ready = format!("filtering {}", args.iface.join(", "));
-        notify(&[NotifyState::Ready, NotifyState::Status(&ready)]);
+        let serving = Serving {
+            rules: &rules,
+            files,
+            status: &status,
+            metrics: args.metrics,
+        };
         let result = tokio::select! {
-            result = serve(&mut interfaces, watch, &rules, &status) => result,
+            result = serve(&mut interfaces, watch, serving) => result,
             result = serve_metrics(metrics_listener, registry) => {
                 result.context("serving metrics")
             }
@@ -392,6 +397,15 @@ impl FileWatch {
         })
     }
 
+    /// Whether a change was seen and not yet waited for (drains them).
+    fn pending(&mut self) -> bool {
+        let mut any = false;
+        while self.changes.try_recv().is_ok() {
+            any = true;
+        }
+        any
+    }
+
     /// Waits for a change, then for the writer to finish.
     async fn changed(&mut self) {
         if self.changes.recv().await.is_none() {
@@ -515,16 +529,28 @@ impl EventTally {
 }
 
 /// Runs until SIGINT or SIGTERM.
+/// What [`serve`] works with besides the interfaces and the guard.
+struct Serving<'a> {
+    rules: &'a Path,
+    files: FileWatch,
+    status: &'a Mutex<Status>,
+    metrics: std::net::SocketAddr,
+}
+
 async fn serve(
     interfaces: &mut [Interface],
     mut watch: GuardWatch,
-    rules: &Path,
-    status: &Mutex<Status>,
+    serving: Serving<'_>,
 ) -> anyhow::Result<()> {
+    let Serving {
+        rules,
+        mut files,
+        status,
+        metrics,
+    } = serving;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut files = FileWatch::new(rules)?;
     let (event_sender, mut event_receiver) = unbounded_channel();
     let (lines, _) = broadcast::channel(WATCH_BACKLOG);
     for (index, interface) in interfaces.iter().enumerate() {
@@ -544,44 +570,53 @@ async fn serve(
     let mut watchdog = interval(Duration::from_micros(watchdog_usec.max(2_000_000) / 2));
     services.set_missed_tick_behavior(MissedTickBehavior::Delay);
     audits.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+    let ready = format!("filtering {}", names.join(", "));
+    notify(&[NotifyState::Ready, NotifyState::Status(&ready)]);
+    info!(%metrics, "ready: serving metrics at /metrics, watching the rules file, events for `filter-agent watch`");
+    let mut changed_meanwhile = false;
     loop {
         let guard_on = watch.settings.action != GuardAction::Off;
-        let why = tokio::select! {
-            _ = terminate.recv() => { info!("SIGTERM received"); break; }
-            _ = interrupt.recv() => { info!("SIGINT received"); break; }
-            _ = hangup.recv() => "SIGHUP",
-            Some((index, event)) = event_receiver.recv() => {
-                let interface = &interfaces[index];
-                let line = events::format(&event, &interface.rules, watch.settings.ephemeral);
-                tallies[index].record(&event, &line);
-                let _ = lines.send(Arc::new((interface.name.clone(), line)));
-                continue;
-            }
-            _ = summaries.tick() => {
-                for (interface, tally) in interfaces.iter().zip(&mut tallies) {
-                    tally.log(&interface.name);
+        let why = if std::mem::take(&mut changed_meanwhile) {
+            "the rules file changed during the last reload"
+        } else {
+            tokio::select! {
+                _ = terminate.recv() => { info!("SIGTERM received"); break; }
+                _ = interrupt.recv() => { info!("SIGINT received"); break; }
+                _ = hangup.recv() => "SIGHUP",
+                Some((index, event)) = event_receiver.recv() => {
+                    let interface = &interfaces[index];
+                    let line = events::format(&event, &interface.rules, watch.settings.ephemeral);
+                    tallies[index].record(&event, &line);
+                    let _ = lines.send(Arc::new((interface.name.clone(), line)));
+                    continue;
                 }
-                continue;
-            }
-            _ = watchdog.tick(), if watchdog_on => {
-                notify(&[NotifyState::Watchdog]);
-                continue;
-            }
-            () = files.changed() => "the rules file changed",
-            _ = services.tick(), if guard_on => {
-                watch.listeners = watch.scan();
-                for interface in interfaces.iter_mut() {
-                    watch.refresh(interface);
+                _ = summaries.tick() => {
+                    for (interface, tally) in interfaces.iter().zip(&mut tallies) {
+                        tally.log(&interface.name);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            _ = audits.tick(), if guard_on => {
-                let range = watch.settings.ephemeral;
-                match tokio::task::spawn_blocking(move || audit::run(range)).await {
-                    Ok(namespaces) => watch.report_audit(&namespaces, status),
-                    Err(err) => warn!(%err, "namespace audit failed"),
+                _ = watchdog.tick(), if watchdog_on => {
+                    notify(&[NotifyState::Watchdog]);
+                    continue;
                 }
-                continue;
+                () = files.changed() => "the rules file changed",
+                _ = services.tick(), if guard_on => {
+                    watch.listeners = watch.scan();
+                    for interface in interfaces.iter_mut() {
+                        watch.refresh(interface);
+                    }
+                    continue;
+                }
+                _ = audits.tick(), if guard_on => {
+                    let range = watch.settings.ephemeral;
+                    match tokio::task::spawn_blocking(move || audit::run(range)).await {
+                        Ok(namespaces) => watch.report_audit(&namespaces, status),
+                        Err(err) => warn!(%err, "namespace audit failed"),
+                    }
+                    continue;
+                }
             }
         };
         notify(&[NotifyState::Reloading]);
@@ -599,12 +634,17 @@ async fn serve(
         }
         match result {
             Ok(count) => {
-                info!(rules = %rules.display(), count, trigger = why, "rules reloaded");
-                // Set files may have come or gone.
+                // Set files may have come or gone. The new watch is in
+                // place before the old one goes, so no change is missed.
                 match FileWatch::new(rules) {
-                    Ok(new) => files = new,
+                    Ok(new) => {
+                        // A change seen while reloading is reloaded again.
+                        changed_meanwhile = files.pending();
+                        files = new;
+                    }
                     Err(err) => warn!(err = %format!("{err:#}"), "cannot watch the rules file"),
                 }
+                info!(rules = %rules.display(), count, trigger = why, "rules reloaded");
             }
             Err(err) => error!(
                 trigger = why,

@@ -50,7 +50,7 @@ fn start_agent(pair: &Pair, rules: &Path) -> Daemon {
     let mut agent = Daemon::start(command, None).unwrap();
     assert!(
         agent
-            .wait_for("filter attached", Duration::from_secs(10))
+            .wait_for("serving metrics", Duration::from_secs(10))
             .is_some(),
         "{:?}",
         agent.seen()
@@ -280,7 +280,7 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let mut agent = Daemon::start(command, None).unwrap();
     assert!(
         agent
-            .wait_for("filter attached", Duration::from_secs(10))
+            .wait_for("serving metrics", Duration::from_secs(10))
             .is_some()
     );
     let reloaded = |agent: &mut Daemon| {
@@ -317,7 +317,7 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let mut agent = Daemon::start(command, None).unwrap();
     assert!(
         agent
-            .wait_for("filter attached", Duration::from_secs(10))
+            .wait_for("serving metrics", Duration::from_secs(10))
             .is_some()
     );
     assert!(probe(&pair, &receiver));
@@ -438,6 +438,37 @@ fn metrics_are_served_and_count_what_the_filter_did() {
     assert!(text.contains(&format!(
         "filter_agent_guard_packets_total{{iface=\"{iface}\",kind=\"return_in_range\"}}"
     )));
+    // Every metric the Grafana dashboard queries is one the agent exports.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/filter-agent-dashboard.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().unwrap())
+        .map(|target| target["expr"].as_str().unwrap())
+        .collect();
+    assert!(exprs.len() >= 6);
+    let metric_names = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|token| token.starts_with("filter_agent_"))
+            .map(ToOwned::to_owned)
+            .collect()
+    };
+    // Families without samples (no audit findings) show in # TYPE lines.
+    let exported = metric_names(&text);
+    for expr in exprs {
+        for name in metric_names(expr) {
+            assert!(
+                exported.contains(&name),
+                "the dashboard queries {name}, which the agent does not export"
+            );
+        }
+    }
     agent.signal(libc::SIGHUP);
     assert!(
         agent

@@ -114,3 +114,33 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
     assert!(!loader::pin_dir(&pair.server_if).exists());
 }
+
+#[test]
+fn kubernetes_rules_are_valid() {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/kubernetes/filter-agent.yaml"
+    ))
+    .unwrap();
+    // The ConfigMap's rules.toml block, unindented.
+    let rules: String = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "rules.toml: |")
+        .skip(1)
+        .take_while(|line| line.starts_with("    ") || line.is_empty())
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or_default()))
+        .collect();
+    let config = filter_agent::config::parse(std::path::Path::new("rules.toml"), &rules)
+        .unwrap_or_else(|err| panic!("{err}\n{rules}"));
+    assert!(config.rules.len() >= 5);
+    filter_agent::compile::compile(&config).unwrap();
+    for needed in [
+        "kind: DaemonSet",
+        "hostNetwork: true",
+        "prometheus.io/scrape: \"true\"",
+        "prometheus.io/port: \"9469\"",
+        "path: /sys/fs/bpf",
+    ] {
+        assert!(manifest.contains(needed), "{needed} missing");
+    }
+}

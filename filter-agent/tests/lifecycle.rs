@@ -71,7 +71,7 @@ fn counted(lines: &[String], rule: &str) -> u64 {
 }
 
 #[test]
-fn restarts_leave_no_gap_and_keep_counting() {
+fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     let pair = Pair::create("life").unwrap();
     let pins = Pins(loader::pin_dir(&pair.server_if));
     let mut rules = tempfile::NamedTempFile::new().unwrap();
@@ -134,6 +134,18 @@ fn restarts_leave_no_gap_and_keep_counting() {
             agent.seen()
         );
     }
+    // Reloads under the same traffic.
+    for _ in 0..RESTARTS {
+        thread::sleep(Duration::from_millis(100));
+        agent.signal(libc::SIGHUP);
+        assert!(
+            agent
+                .wait_for("rules reloaded", Duration::from_secs(5))
+                .is_some(),
+            "{:?}",
+            agent.seen()
+        );
+    }
     thread::sleep(Duration::from_millis(150));
     sending.store(false, Ordering::Relaxed);
     sending_thread.join().unwrap();
@@ -146,8 +158,8 @@ fn restarts_leave_no_gap_and_keep_counting() {
         0,
         "a denied datagram passed"
     );
-    // Every datagram was counted once, across four agents and the gaps
-    // between them.
+    // Every datagram was counted once, across four agents, the gaps
+    // between them and three reloads.
     assert_eq!(counted(&log, "deny-9000"), sent, "{log:?}");
 
     // A running agent's interface cannot be detached; a stopped one can.

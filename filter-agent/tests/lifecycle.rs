@@ -316,6 +316,13 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
         .unwrap_or_else(|| panic!("no rejection: {:?}", agent.seen()));
     assert!(rejected.contains("rules.toml:6:9: "), "{rejected}");
     assert!(probe(&pair, &receiver));
+    let metrics = http_get(&pair.server, "127.0.0.1:9469", "/metrics");
+    for counted in [
+        "filter_agent_reloads_total{result=\"success\"} 1\n",
+        "filter_agent_reloads_total{result=\"failure\"} 1\n",
+    ] {
+        assert!(metrics.contains(counted), "{counted} not in {metrics}");
+    }
 
     // An editor's rename-write of a plain file, then SIGHUP.
     let plain = tempfile::tempdir().unwrap();
@@ -617,4 +624,59 @@ fn watch_prints_sampled_drops_with_their_rule() {
     agent.stop();
     assert!(lines.next().is_none());
     assert!(watch.wait().unwrap().success());
+}
+
+#[test]
+fn one_agent_filters_several_interfaces() {
+    let chain = testbed::Chain::create("multi", &["c", "h", "s"]).unwrap();
+    let host = &chain.namespaces[1];
+    let (inner, outer) = (chain.right_if(0), chain.left_if(1));
+    let _pins = [inner.clone(), outer.clone()].map(|iface| Pins(loader::pin_dir(&iface)));
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    rules.write_all(RULES.as_bytes()).unwrap();
+    let mut command = host.command(AGENT);
+    command
+        .args([
+            "--detach-on-exit",
+            "--iface",
+            &inner,
+            "--iface",
+            &outer,
+            "--rules",
+        ])
+        .arg(rules.path());
+    let mut agent = Daemon::start(command, None).unwrap();
+    assert!(
+        agent
+            .wait_for("serving metrics", Duration::from_secs(10))
+            .is_some(),
+        "{:?}",
+        agent.seen()
+    );
+    for iface in [&inner, &outer] {
+        let link = host.ip(&["link", "show", iface]).unwrap();
+        assert!(
+            String::from_utf8_lossy(&link.stdout).contains("xdp"),
+            "{iface}"
+        );
+        let output = Command::new(AGENT)
+            .args(["stats", "--json", "--iface", iface])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(
+            stats_packets(&String::from_utf8_lossy(&output.stdout), "deny-9000"),
+            0
+        );
+    }
+    let (status, log) = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log:?}");
+    for iface in [&inner, &outer] {
+        assert!(!loader::pin_dir(iface).exists(), "{iface}");
+        let link = host.ip(&["link", "show", iface]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+            "{iface}"
+        );
+    }
 }

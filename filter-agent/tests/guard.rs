@@ -55,13 +55,7 @@ fn start_agent(host: &Netns, iface: &str, rules: &Path) -> Daemon {
         .args(["--detach-on-exit", "--iface", iface, "--rules"])
         .arg(rules);
     let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("filter attached", Duration::from_secs(10))
-            .is_some(),
-        "{:?}",
-        agent.seen()
-    );
+    agent.expect("filter attached", Duration::from_secs(10));
     agent
 }
 

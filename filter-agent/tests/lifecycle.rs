@@ -42,20 +42,36 @@ impl Drop for Pins {
     }
 }
 
-fn start_agent(pair: &Pair, rules: &Path) -> Daemon {
+/// The agent on the server end of `pair`, once it is ready; with
+/// `detach`, it removes the filter when it stops.
+fn start_agent(pair: &Pair, rules: &Path, detach: bool) -> Daemon {
     let mut command = pair.server.command(AGENT);
+    if detach {
+        command.arg("--detach-on-exit");
+    }
     command
         .args(["--iface", &pair.server_if, "--rules"])
         .arg(rules);
     let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("serving metrics", Duration::from_secs(10))
-            .is_some(),
-        "{:?}",
-        agent.seen()
-    );
+    agent.expect("serving metrics", Duration::from_secs(10));
     agent
+}
+
+fn rules_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+/// A UDP socket on the denied port in `pair`'s server namespace.
+fn denied_receiver(pair: &Pair, timeout: Duration) -> UdpSocket {
+    let receiver = pair
+        .server
+        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
+        .unwrap()
+        .unwrap();
+    receiver.set_read_timeout(Some(timeout)).unwrap();
+    receiver
 }
 
 /// The `packets=` of the agent's last "counted" line for `rule`.
@@ -74,18 +90,10 @@ fn counted(lines: &[String], rule: &str) -> u64 {
 fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     let pair = Pair::create("life").unwrap();
     let pins = Pins(loader::pin_dir(&pair.server_if));
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    rules.write_all(RULES.as_bytes()).unwrap();
+    let rules = rules_file(RULES);
 
     let received = Arc::new(AtomicU64::new(0));
-    let receiver = pair
-        .server
-        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
-        .unwrap()
-        .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
+    let receiver = denied_receiver(&pair, Duration::from_millis(50));
     let sending = Arc::new(AtomicBool::new(true));
     let receiving = Arc::new(AtomicBool::new(true));
     let receiver_thread = {
@@ -100,7 +108,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
         })
     };
 
-    let mut agent = start_agent(&pair, rules.path());
+    let mut agent = start_agent(&pair, rules.path(), false);
     let sender = pair
         .client
         .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
@@ -127,7 +135,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
         assert!(status.is_some_and(|s| s.success()), "{log:?}");
         // The agent is down: the pinned filter keeps dropping.
         thread::sleep(Duration::from_millis(150));
-        agent = start_agent(&pair, rules.path());
+        agent = start_agent(&pair, rules.path(), false);
         assert!(
             agent.seen().iter().any(|line| line.contains("took over")),
             "{:?}",
@@ -138,13 +146,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     for _ in 0..RESTARTS {
         thread::sleep(Duration::from_millis(100));
         agent.signal(libc::SIGHUP);
-        assert!(
-            agent
-                .wait_for("rules reloaded", Duration::from_secs(5))
-                .is_some(),
-            "{:?}",
-            agent.seen()
-        );
+        agent.expect("rules reloaded", Duration::from_secs(5));
     }
     thread::sleep(Duration::from_millis(150));
     sending.store(false, Ordering::Relaxed);
@@ -163,7 +165,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     assert_eq!(counted(&log, "deny-9000"), sent, "{log:?}");
 
     // A running agent's interface cannot be detached; a stopped one can.
-    let agent = start_agent(&pair, rules.path());
+    let agent = start_agent(&pair, rules.path(), false);
     let refused = Command::new(AGENT)
         .args(["detach", "--iface", &pair.server_if])
         .output()
@@ -205,8 +207,7 @@ fn a_foreign_xdp_program_is_not_replaced() {
         .run(|| foreign.attach(&pair.server_if, XdpModeArg::Native))
         .unwrap()
         .unwrap();
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    rules.write_all(RULES.as_bytes()).unwrap();
+    let rules = rules_file(RULES);
     let mut command = pair.server.command(AGENT);
     command
         .args(["--iface", &pair.server_if, "--rules"])
@@ -276,30 +277,10 @@ const ALLOW_9000: &str = "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"deny
 fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let pair = Pair::create("reload").unwrap();
     let _pins = Pins(loader::pin_dir(&pair.server_if));
-    let receiver = pair
-        .server
-        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
-        .unwrap()
-        .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    let receiver = denied_receiver(&pair, Duration::from_millis(300));
     let mut config_map = ConfigMapDir::new(RULES);
-    let mut command = pair.server.command(AGENT);
-    command
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(config_map.rules());
-    let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("serving metrics", Duration::from_secs(10))
-            .is_some()
-    );
-    let reloaded = |agent: &mut Daemon| {
-        agent
-            .wait_for("rules reloaded", Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("no reload: {:?}", agent.seen()))
-    };
+    let mut agent = start_agent(&pair, &config_map.rules(), true);
+    let reloaded = |agent: &mut Daemon| agent.expect("rules reloaded", Duration::from_secs(5));
     assert!(!probe(&pair, &receiver));
 
     // Kubernetes: the ..data symlink swap.
@@ -311,9 +292,7 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     config_map.publish(
         "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"x\"\naction = \"deny\"\ndport = 9000\n",
     );
-    let rejected = agent
-        .wait_for("reload rejected", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no rejection: {:?}", agent.seen()));
+    let rejected = agent.expect("reload rejected", Duration::from_secs(5));
     assert!(rejected.contains("rules.toml:6:9: "), "{rejected}");
     assert!(probe(&pair, &receiver));
     let metrics = http_get(&pair.server, "127.0.0.1:9469", "/metrics");
@@ -329,16 +308,7 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let path = plain.path().join("rules.toml");
     std::fs::write(&path, ALLOW_9000).unwrap();
     drop(agent);
-    let mut command = pair.server.command(AGENT);
-    command
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(&path);
-    let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("serving metrics", Duration::from_secs(10))
-            .is_some()
-    );
+    let mut agent = start_agent(&pair, &path, true);
     assert!(probe(&pair, &receiver));
     let staged = plain.path().join(".rules.toml.swp");
     std::fs::write(&staged, RULES).unwrap();
@@ -393,26 +363,9 @@ fn samples(text: &str) -> Vec<(String, f64)> {
 fn metrics_are_served_and_count_what_the_filter_did() {
     let pair = Pair::create("metrics").unwrap();
     let _pins = Pins(loader::pin_dir(&pair.server_if));
-    let receiver = pair
-        .server
-        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
-        .unwrap()
-        .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    rules.write_all(RULES.as_bytes()).unwrap();
-    let mut command = pair.server.command(AGENT);
-    command
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(rules.path());
-    let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("serving metrics", Duration::from_secs(10))
-            .is_some()
-    );
+    let receiver = denied_receiver(&pair, Duration::from_millis(100));
+    let rules = rules_file(RULES);
+    let mut agent = start_agent(&pair, rules.path(), true);
     for _ in 0..3 {
         assert!(!probe(&pair, &receiver));
     }
@@ -489,11 +442,7 @@ fn metrics_are_served_and_count_what_the_filter_did() {
         }
     }
     agent.signal(libc::SIGHUP);
-    assert!(
-        agent
-            .wait_for("rules reloaded", Duration::from_secs(5))
-            .is_some()
-    );
+    agent.expect("rules reloaded", Duration::from_secs(5));
     let text = http_get(&pair.server, address, "/metrics");
     assert!(
         text.contains("filter_agent_reloads_total{result=\"success\"} 1\n"),
@@ -524,17 +473,9 @@ fn stats_read_the_pins_while_the_agent_is_down() {
     use std::io::BufRead as _;
     let pair = Pair::create("stats").unwrap();
     let _pins = Pins(loader::pin_dir(&pair.server_if));
-    let receiver = pair
-        .server
-        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
-        .unwrap()
-        .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    rules.write_all(RULES.as_bytes()).unwrap();
-    let agent = start_agent(&pair, rules.path());
+    let receiver = denied_receiver(&pair, Duration::from_millis(100));
+    let rules = rules_file(RULES);
+    let agent = start_agent(&pair, rules.path(), false);
     assert!(!probe(&pair, &receiver));
     let (status, _) = agent.stop();
     assert!(status.is_some_and(|s| s.success()));
@@ -585,26 +526,9 @@ fn watch_prints_sampled_drops_with_their_rule() {
     use std::io::BufRead as _;
     let pair = Pair::create("watch").unwrap();
     let _pins = Pins(loader::pin_dir(&pair.server_if));
-    let receiver = pair
-        .server
-        .run(|| UdpSocket::bind(("0.0.0.0", DENIED_PORT)))
-        .unwrap()
-        .unwrap();
-    receiver
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    rules.write_all(RULES.as_bytes()).unwrap();
-    let mut command = pair.server.command(AGENT);
-    command
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(rules.path());
-    let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("serving metrics", Duration::from_secs(10))
-            .is_some()
-    );
+    let receiver = denied_receiver(&pair, Duration::from_millis(100));
+    let rules = rules_file(RULES);
+    let agent = start_agent(&pair, rules.path(), true);
     let mut watch = Command::new(AGENT)
         .args(["watch", "--iface", &pair.server_if])
         .stdout(std::process::Stdio::piped())
@@ -632,8 +556,7 @@ fn one_agent_filters_several_interfaces() {
     let host = &chain.namespaces[1];
     let (inner, outer) = (chain.right_if(0), chain.left_if(1));
     let _pins = [inner.clone(), outer.clone()].map(|iface| Pins(loader::pin_dir(&iface)));
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    rules.write_all(RULES.as_bytes()).unwrap();
+    let rules = rules_file(RULES);
     let mut command = host.command(AGENT);
     command
         .args([
@@ -646,13 +569,7 @@ fn one_agent_filters_several_interfaces() {
         ])
         .arg(rules.path());
     let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("serving metrics", Duration::from_secs(10))
-            .is_some(),
-        "{:?}",
-        agent.seen()
-    );
+    agent.expect("serving metrics", Duration::from_secs(10));
     for iface in [&inner, &outer] {
         let link = host.ip(&["link", "show", iface]).unwrap();
         assert!(

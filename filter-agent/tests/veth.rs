@@ -71,13 +71,7 @@ fn agent_binary_attaches_counts_and_detaches() {
     let mut command = agent_command(&pair, rules.path());
     command.env("RUST_LOG", "info");
     let mut agent = Daemon::start(command, None).unwrap();
-    assert!(
-        agent
-            .wait_for("filter attached", Duration::from_secs(10))
-            .is_some(),
-        "{:?}",
-        agent.seen()
-    );
+    agent.expect("filter attached", Duration::from_secs(10));
     let attached = pair.server.ip(&["link", "show", &pair.server_if]).unwrap();
     assert!(String::from_utf8_lossy(&attached.stdout).contains("xdp"));
 

@@ -69,6 +69,18 @@ impl Daemon {
         }
     }
 
+    /// [`Daemon::wait_for`] that panics, with every line seen, when the
+    /// line does not come: for tests.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.wait_for(needle, timeout) {
+            Some(line) => line,
+            None => panic!(
+                "no line with {needle:?} within {timeout:?}: {:?}",
+                self.seen
+            ),
+        }
+    }
+
     /// Sends SIGINT, waits for the exit, and returns the exit status with
     /// every stderr line seen.
     pub fn stop(mut self) -> (Option<ExitStatus>, Vec<String>) {

@@ -1,7 +1,9 @@
-//! The agent itself: attaches the filter and the guard to an interface,
-//! keeps the guard's view of local services fresh, reports out-of-range
-//! traffic and namespace findings as summaries, and detaches on SIGINT or
-//! SIGTERM.
+//! The agent itself: attaches the filter and the guard to each interface
+//! through pinned links (taking over what an earlier agent left, without a
+//! gap), reloads the rules on SIGHUP and on file changes, keeps the guard's
+//! view of local services fresh, serves metrics and `watch` clients, logs
+//! summaries of events, out-of-range traffic and namespace findings, and on
+//! SIGINT/SIGTERM leaves the filter in place (or detaches it).
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -14,8 +16,7 @@ use std::{
 use anyhow::Context as _;
 use axum::{Router, http::header::CONTENT_TYPE, routing::get};
 use aya::maps::{Map, MapData, RingBuf};
-use filter_common::{Counter, guard as guard_stat, reason};
-use filter_common::{Event, event, names};
+use filter_common::{Counter, Event, event, guard as guard_stat, names, reason};
 use notify::{
     EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
     event::{AccessKind, AccessMode},
@@ -23,16 +24,13 @@ use notify::{
 use prometheus_client::registry::Registry;
 use sd_notify::NotifyState;
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncWriteExt as _, unix::AsyncFd},
     net::UnixListener,
+    signal::unix::{SignalKind, signal},
     sync::{
         broadcast::{self, error::RecvError},
         mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
     },
-};
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
     time::{Instant, MissedTickBehavior, interval, interval_at},
 };
 use tracing::{error, info, warn};
@@ -71,6 +69,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check()?;
+    // All or none: an unknown second interface must not leave the first
+    // one attached.
+    if let Some(missing) = args
+        .iface
+        .iter()
+        .find(|iface| !loader::interface_exists(iface))
+    {
+        anyhow::bail!(loader::LoadError::UnknownInterface(missing.clone()));
+    }
     // Another agent on one of the interfaces is the likelier conflict: say
     // so before anything else can fail.
     let locks = args
@@ -163,8 +170,8 @@ struct Interface {
 }
 
 impl Interface {
-    /// Locks the interface, loads `rule_set` and attaches it, taking over
-    /// the links a previous agent left pinned (without a gap) if any.
+    /// Loads `rule_set` for the (locked) interface and attaches it, taking
+    /// over the links a previous agent left pinned (without a gap) if any.
     fn attach(
         iface: &str,
         lock: InterfaceLock,
@@ -213,6 +220,9 @@ impl Interface {
     }
 
     /// Puts `filter` (loaded with `rule_set`) in place of the running one.
+    /// Its aya-log buffer is not read: the program logs only on a path that
+    /// cannot be taken, and the first instance's forwarding shows whether
+    /// it ever is.
     fn swap(&mut self, filter: Filter, rule_set: &RuleSet) -> anyhow::Result<()> {
         let (filter, bases, _) = install(&self.name, &self.dir, filter, rule_set, self.mode)?;
         self.filter = filter;

@@ -668,6 +668,11 @@ fn egress_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
     Ok(program.try_into()?)
 }
 
+/// Whether this network namespace has an interface named `iface`.
+pub fn interface_exists(iface: &str) -> bool {
+    if_index(iface).is_some()
+}
+
 /// The interface's index, or `None` when there is no such interface.
 fn if_index(iface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(iface).ok()?;

@@ -16,12 +16,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
-    compile::compile,
+    compile::{RuleSet, compile},
     config::{
         Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings,
         Location, Mode, Rule,
     },
-    loader::{Filter, time_program},
+    loader::{Filter, LoadOptions, time_program},
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference,
 };
@@ -451,7 +451,7 @@ fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Res
     };
     let started = Instant::now();
     let rule_set = compile(&config)?;
-    let filter = Filter::load(&rule_set)?;
+    let filter = load(&rule_set)?;
     let load_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
@@ -497,6 +497,16 @@ fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Res
     })
 }
 
+/// Loads `rules` as the agent runs them by default: events on, at the
+/// default rate (drops pay for the rate-limit check).
+fn load(rules: &RuleSet) -> anyhow::Result<Filter> {
+    let options = LoadOptions {
+        event_rate: filter_common::event::DEFAULT_RATE,
+        ..LoadOptions::default()
+    };
+    Ok(Filter::load_with(rules, &options)?)
+}
+
 /// A rule set loaded for measurement.
 struct Loaded {
     size: usize,
@@ -512,7 +522,7 @@ fn load_rule_set(rng: &mut StdRng, size: usize) -> anyhow::Result<Loaded> {
     let frames = packet_mix(rng, &config, 60);
     let started = Instant::now();
     let rule_set = compile(&config)?;
-    let filter = Filter::load(&rule_set)?;
+    let filter = load(&rule_set)?;
     let apply_ms = started.elapsed().as_secs_f64() * 1e3;
     // The benchmark is only meaningful if the program decides right.
     for frame in &frames {
@@ -549,7 +559,7 @@ fn main() -> anyhow::Result<()> {
     // The smallest set again, without the guard, for its per-packet cost.
     let mut unguarded = first.config.clone();
     unguarded.guard.action = GuardAction::Off;
-    let unguarded = Filter::load(&compile(&unguarded)?)?;
+    let unguarded = load(&compile(&unguarded)?)?;
     let replies = return_traffic(&mut rng, 60);
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = baseline

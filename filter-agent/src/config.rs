@@ -32,6 +32,10 @@ pub struct Config {
     pub implicit_nd: Option<Rule>,
 }
 
+/// Longest rule name: names are kept with the pinned counters (see
+/// `state::RuleRecord`), where `stats` and the metrics read them.
+pub const MAX_RULE_NAME: usize = 63;
+
 /// Name of the rule that lets neighbour discovery through.
 pub const IMPLICIT_ND_RULE: &str = "implicit-ipv6-nd";
 /// ICMPv6 router/neighbour solicitation and advertisement, and redirect.
@@ -422,6 +426,10 @@ impl<'a> Source<'a> {
                 raw.name.span(),
                 named("names may only use letters, digits, '-', '_' and '.'".into()),
             ));
+        }
+        if name.len() > MAX_RULE_NAME {
+            let message = format!("names are at most {MAX_RULE_NAME} characters");
+            return Err(self.error(raw.name.span(), named(message)));
         }
         let proto = raw
             .proto
@@ -1086,6 +1094,20 @@ mod tests {
             message.contains("cannot read set file /nonexistent/p.txt"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn long_rule_names_are_refused() {
+        let long = "r".repeat(MAX_RULE_NAME + 1);
+        let message = error_of(&format!(
+            "{HEAD}[[rule]]\nname = \"{long}\"\naction = \"allow\"\n"
+        ));
+        assert!(message.starts_with("rules.toml:4:8: "), "{message}");
+        assert!(message.contains("at most 63 characters"), "{message}");
+        parse_ok(&format!(
+            "{HEAD}[[rule]]\nname = \"{}\"\naction = \"allow\"\n",
+            &long[1..]
+        ));
     }
 
     #[test]

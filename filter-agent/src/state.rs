@@ -36,8 +36,9 @@ use crate::{
 
 /// Where the rule table is pinned.
 pub const RULES_PIN: &str = "RULES";
-/// Bytes of a rule's name kept in [`RuleRecord`] (longer names are cut).
-const NAME_BYTES: usize = 64;
+/// Bytes of a rule's name in [`RuleRecord`]: the longest name the rules
+/// file accepts and a terminating zero.
+const NAME_BYTES: usize = crate::config::MAX_RULE_NAME + 1;
 
 #[derive(Debug, Error)]
 pub enum StateError {

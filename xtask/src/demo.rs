@@ -155,6 +155,7 @@ fn show_guard(pair: &Pair, agent: &Path, rules: &Path) -> anyhow::Result<()> {
         checkpoint()?;
     }
     for args in [
+        vec!["stats", "--iface", &pair.server_if],
         vec!["guard", "--iface", &pair.server_if],
         vec![
             "audit",

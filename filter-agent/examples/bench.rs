@@ -54,6 +54,8 @@ struct Report {
     empty_program_ns: f64,
     /// The smallest rule set with `[guard] action = "off"`.
     guard_off_ns: f64,
+    /// The smallest rule set with event sampling off.
+    events_off_ns: f64,
     /// The smallest rule set on return traffic, with and without the guard.
     replies_guard_on_ns: f64,
     replies_guard_off_ns: f64,
@@ -561,6 +563,8 @@ fn main() -> anyhow::Result<()> {
     unguarded.guard.action = GuardAction::Off;
     let unguarded = load(&compile(&unguarded)?)?;
     let replies = return_traffic(&mut rng, 60);
+    // And with event sampling off (`--events-per-second 0`).
+    let quiet = Filter::load(&compile(&first.config)?)?;
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = baseline
         .program_mut("empty")
@@ -589,6 +593,10 @@ fn main() -> anyhow::Result<()> {
         time: Box::new(|frame| Ok(unguarded.time_packet(frame, repeat)?)),
     });
     subjects.push(Subject {
+        frames: &first.frames,
+        time: Box::new(|frame| Ok(quiet.time_packet(frame, repeat)?)),
+    });
+    subjects.push(Subject {
         frames: &replies,
         time: Box::new(|frame| Ok(first.filter.time_packet(frame, repeat)?)),
     });
@@ -605,9 +613,10 @@ fn main() -> anyhow::Result<()> {
     let measured = measure(options.runs, &subjects)?;
     let empty_ns = measured[loaded.len()];
     let guard_off_ns = measured[loaded.len() + 1];
+    let events_off_ns = measured[loaded.len() + 2];
     let (replies_guard_on_ns, replies_guard_off_ns) =
-        (measured[loaded.len() + 2], measured[loaded.len() + 3]);
-    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 4]);
+        (measured[loaded.len() + 3], measured[loaded.len() + 4]);
+    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 5]);
 
     println!(
         "{:>7} {:>16} {:>14} {:>12} {:>18}",
@@ -636,6 +645,10 @@ fn main() -> anyhow::Result<()> {
          on return traffic (TCP ACK to random ports): {replies_guard_on_ns:.1} vs {replies_guard_off_ns:.1} ns",
         first.size, measured[0]
     );
+    println!(
+        "events on (above, the default 100/s per CPU) vs off, {} rules: {:.1} vs {events_off_ns:.1} ns",
+        first.size, measured[0]
+    );
     drop(subjects);
     drop(loaded);
 
@@ -661,6 +674,7 @@ fn main() -> anyhow::Result<()> {
         let report = Report {
             empty_program_ns: empty_ns,
             guard_off_ns,
+            events_off_ns,
             replies_guard_on_ns,
             replies_guard_off_ns,
             rules: rows,

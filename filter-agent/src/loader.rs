@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
-    maps::{Array, MapError, PerCpuArray},
+    maps::{Array, MapError, PerCpuArray, RingBuf},
     pin::PinError,
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult,
@@ -15,7 +15,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use filter_common::{Counter, DECISION_RULE, fragments, names, reason};
+use filter_common::{Counter, DECISION_RULE, Event, fragments, names, reason};
 use thiserror::Error;
 
 use crate::{
@@ -335,6 +335,18 @@ impl Filter {
             names::SERVICE_PORTS,
             words.into_iter().enumerate(),
         )
+    }
+
+    /// Takes the events waiting in this instance's ring buffer (those of an
+    /// agent are read by the agent; this is for instances of one's own).
+    pub fn take_events(&mut self) -> Result<Vec<Event>, LoadError> {
+        let map = map_mut(&mut self.ebpf, names::EVENTS)?;
+        let mut ring = RingBuf::try_from(map)?;
+        let mut taken = Vec::new();
+        while let Some(item) = ring.next() {
+            taken.extend(crate::events::decode(&item));
+        }
+        Ok(taken)
     }
 
     /// The guard's counters, summed over CPUs (`filter_common::guard` order).

@@ -8,11 +8,11 @@ use std::path::Path;
 use filter_agent::{
     compile::compile,
     config,
-    loader::{Filter, xdp_action},
+    loader::{Filter, LoadOptions, xdp_action},
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference::Outcome,
 };
-use filter_common::reason;
+use filter_common::{DECISION_RULE, event, reason};
 
 const XDP_DROP: u32 = xdp_action::DROP;
 const XDP_PASS: u32 = xdp_action::PASS;
@@ -234,4 +234,84 @@ fn bytes_are_counted_per_rule() {
     assert_eq!(verdict(&filter, &frame), (XDP_PASS, Outcome::Rule(1)));
     let web = filter.rule_counters().unwrap()[1];
     assert_eq!((web.packets, web.bytes), (2, 2 * frame.len() as u64));
+}
+
+/// Loads `text` with events at `rate` per second and CPU.
+fn load_with_events(text: &str, rate: u32) -> Filter {
+    let config = config::parse(Path::new("rules.toml"), text).unwrap();
+    let options = LoadOptions {
+        event_rate: rate,
+        ..LoadOptions::default()
+    };
+    Filter::load_with(&compile(&config).unwrap(), &options).expect("the program loads")
+}
+
+const DENY_SSH: &str = "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"no-ssh\"\naction = \"deny\"\nproto = \"tcp\"\ndport = 22\n";
+
+fn ssh_v4() -> PacketSpec {
+    PacketSpec {
+        transport: Transport::Tcp {
+            sport: 40000,
+            dport: 22,
+            flags: tcp_flag::SYN,
+        },
+        ..tcp_v4()
+    }
+}
+
+#[test]
+fn drops_are_reported_as_events_within_the_budget() {
+    const BUDGET: u32 = 5;
+    let mut filter = load_with_events(DENY_SSH, BUDGET);
+    // Many drops within a second on one CPU: the budget bounds the events.
+    filter.time_packet(&ssh_v4().build(), 200).unwrap();
+    let events = filter.take_events().unwrap();
+    assert_eq!(events.len(), BUDGET as usize, "{events:?}");
+    let first = events[0];
+    assert_eq!(first.verdict, event::DROP);
+    // Rule 0 is the implicit neighbour-discovery rule.
+    assert_eq!(first.slot, DECISION_RULE | 1);
+    assert_eq!((first.sport, first.dport), (40000, 22));
+    assert_eq!(first.proto, packet::IPPROTO_TCP);
+    assert_eq!(first.tcp_flags, tcp_flag::SYN);
+    assert_eq!(&first.src[12..], &[203, 0, 113, 5]);
+    assert_eq!(&first.dst[12..], &[10, 0, 0, 11]);
+
+    // Passed packets send nothing; neither does a rate of 0.
+    filter.run_packet(&tcp_v4().build()).unwrap();
+    assert!(filter.take_events().unwrap().is_empty());
+    let mut quiet = load_with_events(DENY_SSH, 0);
+    quiet.run_packet(&ssh_v4().build()).unwrap();
+    assert!(quiet.take_events().unwrap().is_empty());
+}
+
+#[test]
+fn monitor_mode_and_guard_findings_are_events_too() {
+    let monitor = DENY_SSH.replace(
+        "default = \"allow\"",
+        "default = \"allow\"\nmode = \"monitor\"",
+    );
+    let mut filter = load_with_events(&monitor, 10);
+    assert_eq!(filter.run_packet(&ssh_v4().build()).unwrap(), XDP_PASS);
+    let events = filter.take_events().unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].verdict, event::WOULD_DROP);
+
+    // A SYN-ACK to port 20000 is return traffic outside 32768-60999: it
+    // passes (default allow, guard counting) and is reported.
+    let mut filter = load_with_events(DENY_SSH, 10);
+    let reply = PacketSpec {
+        transport: Transport::Tcp {
+            sport: 443,
+            dport: 20000,
+            flags: tcp_flag::SYN | tcp_flag::ACK,
+        },
+        ..tcp_v4()
+    };
+    assert_eq!(filter.run_packet(&reply.build()).unwrap(), XDP_PASS);
+    let events = filter.take_events().unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].verdict, event::PASS);
+    assert_eq!(events[0].guard, event::GUARD_RETURN);
+    assert_eq!(events[0].slot, reason::DEFAULT_ALLOW);
 }

@@ -65,7 +65,7 @@ pub fn run() -> anyhow::Result<()> {
     println!(
         "demo: starting {}",
         format_args!(
-            "filter-agent --iface {} --rules {}",
+            "filter-agent --detach-on-exit --iface {} --rules {}",
             pair.server_if,
             rules.display()
         )

@@ -491,23 +491,6 @@ impl Filter {
         Ok(())
     }
 
-    /// Puts `next` in this filter's place on its interface in one step (one
-    /// `bpf_link_update`): every packet is classified by the old rule set or
-    /// by the new one, never by a mixture, and the interface is never
-    /// unfiltered. Afterwards `self` is the new filter; the old one is
-    /// returned, detached, so its last counters can still be read.
-    ///
-    /// The guard's egress program of `next` is attached next to the old
-    /// one, which stays until the returned filter is dropped: an outbound
-    /// packet in between may be counted twice, never missed.
-    pub fn replace_with(&mut self, mut next: Filter, iface: &str) -> Result<Filter, LoadError> {
-        let id = self.link.take().ok_or(LoadError::NotAttached)?;
-        let link = program_mut(&mut self.ebpf)?.take_link(id)?;
-        next.link = Some(program_mut(&mut next.ebpf)?.attach_to_link(link)?);
-        next.attach_egress(iface)?;
-        Ok(std::mem::replace(self, next))
-    }
-
     /// Runs `frame` through the loaded program (BPF_PROG_TEST_RUN) and
     /// returns the XDP action it chose.
     pub fn run_packet(&self, frame: &[u8]) -> Result<u32, LoadError> {

@@ -393,11 +393,15 @@ fn metrics_are_served_and_count_what_the_filter_did() {
             "filter_agent_rule_bytes_total{{iface=\"{iface}\",rule=\"deny-9000\",action=\"deny\"}}"
         )) >= 3.0 * 42.0
     );
-    assert!(
-        value(&format!(
-            "filter_agent_packets_total{{iface=\"{iface}\",reason=\"default_allow\"}}"
-        )) >= 0.0
-    );
+    // Every reason has its series, and nothing here is malformed or denied
+    // by default.
+    for reason in filter_common::reason::NAMES {
+        let series = format!("filter_agent_packets_total{{iface=\"{iface}\",reason=\"{reason}\"}}");
+        let packets = value(&series);
+        if matches!(reason, "malformed" | "default_deny" | "guard_drop") {
+            assert_eq!(packets, 0.0, "{series}");
+        }
+    }
     assert_eq!(value("filter_agent_reloads_total{result=\"success\"}"), 0.0);
     assert_eq!(value("filter_agent_rules_loaded"), 1.0);
     assert_eq!(

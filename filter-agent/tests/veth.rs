@@ -7,7 +7,12 @@ use std::{
     time::Duration,
 };
 
-use filter_agent::{cli::XdpModeArg, compile::compile, config, loader::Filter};
+use filter_agent::{
+    cli::XdpModeArg,
+    compile::compile,
+    config,
+    loader::{self, Attached, Filter},
+};
 use filter_common::reason;
 use testbed::{
     Daemon, Pair,
@@ -126,9 +131,21 @@ fn rule_set_swaps_are_atomic_under_traffic() {
         thread,
     };
 
+    /// Removes the pins when the test ends, also on failure.
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            loader::remove_pins(&self.0);
+        }
+    }
+
     const PORT_A: u16 = 7001;
     const PORT_B: u16 = 7002;
     const SWAPS: usize = 40;
+    let pair = Pair::create("swap").unwrap();
+    let pins = Pins(loader::pin_dir(&pair.server_if));
+    // The agent's interface lock makes this directory.
+    std::fs::create_dir_all(&pins.0).unwrap();
     let rules = |allowed: u16, denied: u16| {
         let text = format!(
             "[filter]\ndefault = \"deny\"\n\
@@ -136,13 +153,12 @@ fn rule_set_swaps_are_atomic_under_traffic() {
              [[rule]]\nname = \"deny\"\naction = \"deny\"\nproto = \"udp\"\ndport = {denied}\n"
         );
         let config = config::parse(std::path::Path::new("r.toml"), &text).unwrap();
-        Filter::load(&compile(&config).unwrap()).unwrap()
+        Filter::load_pinned(&compile(&config).unwrap(), &pins.0, 0).unwrap()
     };
     // Rule 0 is the implicit ND rule.
     const ALLOW: usize = 1;
     const DENY: usize = 2;
 
-    let pair = Pair::create("swap").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let received: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let receivers: Vec<_> = [PORT_A, PORT_B]
@@ -173,11 +189,15 @@ fn rule_set_swaps_are_atomic_under_traffic() {
         })
         .collect();
 
+    // Swapped the way the agent swaps: through the pinned link.
+    let attach = |filter: &mut Filter| {
+        pair.server
+            .run(|| filter.attach_pinned(&pair.server_if, XdpModeArg::Native, &pins.0))
+            .unwrap()
+            .unwrap()
+    };
     let mut filter = rules(PORT_A, PORT_B);
-    pair.server
-        .run(|| filter.attach(&pair.server_if, XdpModeArg::Native))
-        .unwrap()
-        .unwrap();
+    assert_eq!(attach(&mut filter), Attached::Fresh("native"));
     let sender_socket = pair
         .client
         .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
@@ -220,17 +240,13 @@ fn rule_set_swaps_are_atomic_under_traffic() {
     for swap in 0..SWAPS {
         thread::sleep(Duration::from_millis(40));
         let a_allowed_now = swap.is_multiple_of(2);
-        let next = if a_allowed_now {
+        let mut next = if a_allowed_now {
             rules(PORT_B, PORT_A)
         } else {
             rules(PORT_A, PORT_B)
         };
-        // The guard's egress program attaches by name: from inside the namespace.
-        let old = pair
-            .server
-            .run(|| filter.replace_with(next, &pair.server_if))
-            .unwrap()
-            .unwrap();
+        assert_eq!(attach(&mut next), Attached::Adopted);
+        let old = std::mem::replace(&mut filter, next);
         // Let packets already inside the old program finish.
         thread::sleep(Duration::from_millis(5));
         record(&old, a_allowed_now);

@@ -98,16 +98,17 @@ pub fn inspect_outbound(packet: &Packet, len: u64) -> bool {
         return false;
     }
     let (local_port, remote_port) = (packet.sport, packet.dport);
-    let remote = unsafe { address(packet, 1) };
-    let attempt = match packet.proto {
+    let candidate = match packet.proto {
         IPPROTO_TCP => packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
-        IPPROTO_UDP => {
-            is_remote_service(IPPROTO_UDP, remote_port)
-                && first_udp_packet(remote, remote_port, local_port)
-        }
+        IPPROTO_UDP => is_remote_service(IPPROTO_UDP, remote_port),
         _ => false,
     };
-    if !attempt || is_local_service(packet.proto, local_port) {
+    if !candidate || is_local_service(packet.proto, local_port) {
+        return false;
+    }
+    // Only candidates pay for the address copy and the flow table.
+    let remote = unsafe { address(packet, 1) };
+    if packet.proto == IPPROTO_UDP && !first_udp_packet(remote, remote_port, local_port) {
         return false;
     }
     if in_range(local_port) {

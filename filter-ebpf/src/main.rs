@@ -81,6 +81,12 @@ pub fn filter(ctx: XdpContext) -> u32 {
     finish(&ctx, verdict)
 }
 
+/// The frame's length: what byte counters add.
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
+
 /// The guard's egress half (TC): counts outbound connection attempts from
 /// ports outside the ephemeral range. Never drops; `TC_ACT_UNSPEC` lets
 /// the next program on the interface decide.
@@ -112,7 +118,7 @@ fn classify(ctx: &XdpContext) -> Verdict {
         Ok(Frame::NonIp) => return decided(Slot::Reason(reason::NON_IP), action::ALLOW),
         Ok(Frame::Ip(packet)) => packet,
     };
-    let guarded = guard::inspect_inbound(&packet, (end - data) as u64);
+    let guarded = guard::inspect_inbound(&packet, frame_len(ctx));
     let guard = if guarded == Inbound::Fine {
         event::GUARD_NONE
     } else {
@@ -159,7 +165,7 @@ fn decide(packet: &Packet) -> (Slot, u32) {
 /// (monitor mode never drops).
 #[inline(always)]
 fn finish(ctx: &XdpContext, verdict: Verdict) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = frame_len(ctx);
     let (counter, decision) = match verdict.slot {
         Slot::Reason(why) => (STATS.get_ptr_mut(why), why),
         Slot::Rule(rule) => (RULE_STATS.get_ptr_mut(rule), DECISION_RULE | rule),

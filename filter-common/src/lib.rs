@@ -231,6 +231,15 @@ pub struct EventBudget {
     pub sent: u64,
 }
 
+/// The live benchmark's sender (filter-ebpf/src/baseline.rs).
+pub mod sender {
+    /// Every frame it sends is this long (shorter ones are padded, as
+    /// Ethernet pads them on the wire).
+    pub const FRAME_BYTES: usize = 64;
+    /// The frames it sends in turn, `FRAME_BYTES` each.
+    pub const FRAMES: &str = "FRAMES";
+}
+
 /// Names of the maps and globals the agent looks up in the object file.
 pub mod names {
     pub const PROGRAM: &str = "filter";

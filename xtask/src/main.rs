@@ -6,6 +6,7 @@ mod util;
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -27,14 +28,22 @@ enum Task {
     /// Lint, then run every test (unit and real-kernel integration tests).
     Test,
     /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
-    /// writes target/bench.json. Never part of CI's pass/fail.
+    /// writes target/bench.json. With --live: whole-path cost with live
+    /// traffic next to nftables, iptables and ipset; writes
+    /// target/bench-live.json. Never part of CI's pass/fail.
     Bench {
+        /// Live traffic through veth instead of BPF_PROG_TEST_RUN alone.
+        #[arg(long)]
+        live: bool,
         /// Measurement runs per rule-set size (the median is reported).
         #[arg(long, default_value_t = 7)]
         runs: u32,
         /// BPF_PROG_TEST_RUN repetitions per frame and run.
         #[arg(long, default_value_t = 20_000)]
         repeat: u32,
+        /// Length of one live run, in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
     },
 }
 
@@ -44,7 +53,12 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
-        Task::Bench { runs, repeat } => setup::run().and_then(|()| bench(runs, repeat)),
+        Task::Bench {
+            live,
+            runs,
+            repeat,
+            seconds,
+        } => setup::run().and_then(|()| bench(live, runs, repeat, seconds)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,11 +69,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(runs: u32, repeat: u32) -> anyhow::Result<()> {
-    let json = util::workspace_root().join("target/bench.json");
-    let json = json.to_str().unwrap_or("target/bench.json");
-    let (runs, repeat) = (runs.to_string(), repeat.to_string());
-    run_bench(&["--runs", &runs, "--repeat", &repeat, "--json", json])
+fn bench(live: bool, runs: u32, repeat: u32, seconds: f64) -> anyhow::Result<()> {
+    let file = if live {
+        "bench-live.json"
+    } else {
+        "bench.json"
+    };
+    let json = util::workspace_root().join("target").join(file);
+    let json = json.to_str().context("a non-UTF-8 workspace path")?;
+    let runs = runs.to_string();
+    if live {
+        return run_bench(&[
+            "--live",
+            "--runs",
+            &runs,
+            "--seconds",
+            &seconds.to_string(),
+            "--json",
+            json,
+        ]);
+    }
+    run_bench(&[
+        "--runs",
+        &runs,
+        "--repeat",
+        &repeat.to_string(),
+        "--json",
+        json,
+    ])
 }
 
 /// `filter-agent/examples/bench.rs`, built in release, with `args`.
@@ -93,6 +130,17 @@ fn test() -> anyhow::Result<()> {
         "10,100",
         "--set-sizes",
         "1000",
+    ])?;
+    // And the live benchmark: every receiver, a few thousand packets each,
+    // every packet accounted for in the receiver's counters.
+    run_bench(&[
+        "--live",
+        "--runs",
+        "1",
+        "--seconds",
+        "0.01",
+        "--sizes",
+        "1,100",
     ])?;
     // One plain closing line for the whole run, after cargo's per-crate ones.
     println!("{passed} passed, {failed} failed");

@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "xdp-tools",
     "iptables",
     "nftables",
+    // ipset (with iptables) is a competitor in `cargo xtask bench --live`.
+    "ipset",
     "hping3",
     "tcpdump",
     // systemd-analyze, for verifying the unit file.

@@ -2,14 +2,19 @@
 //! for ClassBench-like rule sets of growing size, side by side with
 //! xdp-filter (Debian's xdp-tools) on the same frames, in one run.
 //!
+//! With `--live`, whole-path cost with live packets against nftables,
+//! iptables and ipset instead (see live.rs).
+//!
 //! Usage: bench [--runs N] [--repeat N] [--json PATH] [--sizes 10,100,...]
 //!              [--set-sizes 100000,...]
+//!        bench --live [--runs N] [--seconds S] [--json PATH] [--sizes 1,100,...]
+
+mod live;
+mod workload;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     process::Command,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,16 +22,12 @@ use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
     compile::{RuleSet, compile},
-    config::{
-        Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings,
-        Location, Mode, Rule,
-    },
+    config::{Config, GuardAction},
     loader::{Filter, LoadOptions, time_program},
-    packet::{self, PacketSpec, Transport, tcp_flag},
-    reference,
+    packet, reference,
 };
-use ipnet::{IpNet, Ipv4Net};
-use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use rand::{SeedableRng, rngs::StdRng};
+use workload::Addresses;
 
 /// One line of the table, as written to the JSON file.
 #[derive(serde::Serialize)]
@@ -67,9 +68,14 @@ struct Report {
 static BASELINE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));
 
 struct Options {
+    /// `--live`: the live-traffic benchmark instead.
+    live: bool,
+    /// Length of one live run.
+    seconds: f64,
     runs: usize,
     repeat: u32,
-    sizes: Vec<usize>,
+    /// Rule-set sizes (defaults differ between the two benchmarks).
+    sizes: Option<Vec<usize>>,
     set_sizes: Vec<usize>,
     json: Option<PathBuf>,
 }
@@ -81,9 +87,11 @@ fn numbers(list: &str) -> anyhow::Result<Vec<usize>> {
 
 fn options() -> anyhow::Result<Options> {
     let mut options = Options {
+        live: false,
+        seconds: 1.0,
         runs: 7,
         repeat: 20_000,
-        sizes: vec![10, 100, 1_000, 10_000],
+        sizes: None,
         set_sizes: vec![100_000, 1_000_000],
         json: None,
     };
@@ -91,175 +99,18 @@ fn options() -> anyhow::Result<Options> {
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
+            "--live" => options.live = true,
+            "--seconds" => options.seconds = value()?.parse()?,
             "--runs" => options.runs = value()?.parse()?,
             "--repeat" => options.repeat = value()?.parse()?,
             "--json" => options.json = Some(value()?.into()),
-            "--sizes" => options.sizes = numbers(&value()?)?,
+            "--sizes" => options.sizes = Some(numbers(&value()?)?),
             "--set-sizes" => options.set_sizes = numbers(&value()?)?,
             "--bench" => {} // added by `cargo bench`-style runners
             other => bail!("unknown argument {other}"),
         }
     }
     Ok(options)
-}
-
-/// The IPv4 space the generated rules and random traffic share.
-fn pool_address(rng: &mut StdRng) -> Ipv4Addr {
-    Ipv4Addr::from(rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000)
-}
-
-/// ClassBench-like (acl/fw shapes): prefixes of realistic lengths, well-known
-/// ports and port ranges, mostly TCP/UDP, a default deny at the end.
-fn rule_set(rng: &mut StdRng, count: usize) -> Config {
-    let prefix = |rng: &mut StdRng, wildcard: f64| -> Option<Arc<AddressList>> {
-        if rng.random_bool(wildcard) {
-            return None;
-        }
-        let len = *[8u8, 16, 16, 20, 24, 24, 24, 28, 32, 32]
-            .choose(rng)
-            .unwrap();
-        let addr = pool_address(rng);
-        let net = IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc());
-        Some(Arc::new(AddressList {
-            set: None,
-            nets: vec![net],
-        }))
-    };
-    let rules = (0..count)
-        .map(|index| {
-            let proto = *[
-                packet::IPPROTO_TCP,
-                packet::IPPROTO_TCP,
-                packet::IPPROTO_TCP,
-                packet::IPPROTO_UDP,
-            ]
-            .choose(rng)
-            .unwrap();
-            let dport = match rng.random_range(0..10) {
-                0..3 => None,
-                3..7 => {
-                    let port = *[22u16, 25, 53, 80, 110, 123, 143, 443, 993, 3306, 5432, 8080]
-                        .choose(rng)
-                        .unwrap();
-                    Some(vec![(port, port)])
-                }
-                7..9 => Some(vec![
-                    *[(1024, 65535), (6000, 6063), (32768, 60999), (0, 1023)]
-                        .choose(rng)
-                        .unwrap(),
-                ]),
-                _ => {
-                    let port = rng.random();
-                    Some(vec![(port, port)])
-                }
-            };
-            let sport = rng.random_bool(0.15).then(|| vec![(1024, 65535)]);
-            Rule {
-                name: format!("r{index}"),
-                action: if rng.random_bool(0.7) {
-                    Action::Allow
-                } else {
-                    Action::Deny
-                },
-                proto: Some(proto),
-                src: prefix(rng, 0.4),
-                dst: prefix(rng, 0.15),
-                sport,
-                dport,
-                tcp_flags: None,
-                icmp_type: None,
-                icmp_code: None,
-                location: Location {
-                    file: PathBuf::from("bench"),
-                    line: index + 1,
-                    column: 1,
-                },
-            }
-        })
-        .collect();
-    Config {
-        filter: FilterSettings {
-            default: Action::Deny,
-            mode: Mode::Enforce,
-            fragments: Fragments::MatchL3,
-        },
-        guard: GuardSettings::default(),
-        rules,
-        implicit_nd: None,
-    }
-}
-
-/// A frame that `rule` accepts (inside its prefixes and port ranges).
-fn frame_for(rng: &mut StdRng, rule: &Rule) -> Vec<u8> {
-    // The rule's prefix, or the 10.0.0.0/10 the generated rules draw from.
-    let address = |rng: &mut StdRng, list: &Option<Arc<AddressList>>| {
-        let any: IpNet = "10.0.0.0/10".parse().unwrap();
-        packet::address_in(
-            list.as_ref().map_or(&any, |list| &list.nets[0]),
-            rng.random(),
-        )
-    };
-    let port = |rng: &mut StdRng, ranges: &Option<Vec<(u16, u16)>>| match ranges {
-        Some(ranges) => rng.random_range(ranges[0].0..=ranges[0].1),
-        None => rng.random(),
-    };
-    let (sport, dport) = (port(rng, &rule.sport), port(rng, &rule.dport));
-    let transport = match rule.proto {
-        Some(packet::IPPROTO_UDP) => Transport::Udp { sport, dport },
-        _ => Transport::Tcp {
-            sport,
-            dport,
-            flags: tcp_flag::SYN,
-        },
-    };
-    PacketSpec::new(address(rng, &rule.src), address(rng, &rule.dst), transport).build()
-}
-
-/// Replies to this host's connections (TCP with ACK from a service port,
-/// to any port): the traffic the guard inspects most closely.
-fn return_traffic(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
-    let any: IpNet = "10.0.0.0/10".parse().unwrap();
-    (0..count)
-        .map(|_| {
-            let transport = Transport::Tcp {
-                sport: 443,
-                dport: rng.random_range(1024..=65535),
-                flags: tcp_flag::ACK,
-            };
-            let (src, dst) = (
-                packet::address_in(&any, rng.random()),
-                packet::address_in(&any, rng.random()),
-            );
-            PacketSpec::new(src, dst, transport).build()
-        })
-        .collect()
-}
-
-/// A third each: matching an early rule, a late rule, and random traffic.
-fn packet_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u8>> {
-    let rules = &config.rules;
-    (0..count)
-        .map(|i| match i % 3 {
-            0 => {
-                let early = rng.random_range(0..rules.len().div_ceil(10));
-                frame_for(rng, &rules[early])
-            }
-            1 => {
-                let late = rng.random_range(rules.len() * 9 / 10..rules.len());
-                frame_for(rng, &rules[late])
-            }
-            _ => {
-                let any = Rule {
-                    src: None,
-                    dst: None,
-                    sport: None,
-                    dport: None,
-                    ..rules[0].clone()
-                };
-                frame_for(rng, &any)
-            }
-        })
-        .collect()
 }
 
 /// Times one frame through one program.
@@ -398,59 +249,12 @@ impl Drop for XdpFilter {
     }
 }
 
-/// Random IPv4 prefixes, mostly /24 as in real block lists.
-fn prefixes(rng: &mut StdRng, count: usize) -> Vec<Ipv4Net> {
-    (0..count)
-        .map(|_| {
-            let len = *[16u8, 20, 22, 24, 24, 24, 24, 24, 28, 32]
-                .choose(rng)
-                .unwrap();
-            Ipv4Net::new(Ipv4Addr::from(rng.random::<u32>()), len)
-                .unwrap()
-                .trunc()
-        })
-        .collect()
-}
-
-/// Half the frames from inside listed prefixes, half from anywhere.
-fn set_frames(rng: &mut StdRng, nets: &[Ipv4Net], count: usize) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|i| {
-            let src = if i % 2 == 0 {
-                packet::address_in(&IpNet::V4(*nets.choose(rng).unwrap()), rng.random())
-            } else {
-                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
-            };
-            let transport = Transport::Tcp {
-                sport: 40000,
-                dport: 443,
-                flags: tcp_flag::SYN,
-            };
-            PacketSpec::new(src, Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
-        })
-        .collect()
-}
-
 /// A set of `count` prefixes behind one deny rule, against the same
 /// prefixes in a kernel LPM trie.
 fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Result<SetRow> {
-    let nets = prefixes(rng, count);
-    let frames = set_frames(rng, &nets, 60);
-    let list = Arc::new(AddressList {
-        set: Some("bench".into()),
-        nets: nets.iter().map(|&net| IpNet::V4(net)).collect(),
-    });
-    let mut config = rule_set(rng, 1);
-    config.filter.default = Action::Allow;
-    config.rules[0] = Rule {
-        src: Some(list),
-        dst: None,
-        proto: None,
-        sport: None,
-        dport: None,
-        action: Action::Deny,
-        ..config.rules[0].clone()
-    };
+    let nets = workload::prefixes(rng, count);
+    let frames = workload::set_frames(rng, &nets, 60);
+    let config = workload::address_list(&nets);
     let started = Instant::now();
     let rule_set = compile(&config)?;
     let filter = load(&rule_set)?;
@@ -520,8 +324,8 @@ struct Loaded {
 }
 
 fn load_rule_set(rng: &mut StdRng, size: usize) -> anyhow::Result<Loaded> {
-    let config = rule_set(rng, size);
-    let frames = packet_mix(rng, &config, 60);
+    let config = workload::rule_set(rng, size, Addresses::ClassBench);
+    let frames = workload::packet_mix(rng, &config, 60);
     let started = Instant::now();
     let rule_set = compile(&config)?;
     let filter = load(&rule_set)?;
@@ -546,10 +350,21 @@ fn load_rule_set(rng: &mut StdRng, size: usize) -> anyhow::Result<Loaded> {
 
 fn main() -> anyhow::Result<()> {
     let options = options()?;
+    if options.live {
+        return live::run(&live::LiveOptions {
+            runs: options.runs,
+            seconds: options.seconds,
+            sizes: options.sizes.unwrap_or_else(|| vec![1, 100, 1_000, 10_000]),
+            json: options.json,
+        });
+    }
     pin_to_cpu(0);
     let mut rng = StdRng::seed_from_u64(7);
-    let loaded = options
+    let sizes = options
         .sizes
+        .clone()
+        .unwrap_or_else(|| vec![10, 100, 1_000, 10_000]);
+    let loaded = sizes
         .iter()
         .map(|&size| load_rule_set(&mut rng, size))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -562,7 +377,7 @@ fn main() -> anyhow::Result<()> {
     let mut unguarded = first.config.clone();
     unguarded.guard.action = GuardAction::Off;
     let unguarded = load(&compile(&unguarded)?)?;
-    let replies = return_traffic(&mut rng, 60);
+    let replies = workload::return_traffic(&mut rng, 60);
     // And with event sampling off (`--events-per-second 0`).
     let quiet = Filter::load(&compile(&first.config)?)?;
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;

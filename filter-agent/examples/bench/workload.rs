@@ -1,0 +1,300 @@
+//! The traffic and rule sets both benchmarks use: ClassBench-like ACLs
+//! with a packet mix that hits early rules, late rules and none, and pure
+//! address lists (block lists) with half the traffic inside them.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use filter_agent::{
+    config::{
+        Action, AddressList, Config, FilterSettings, Fragments, GuardSettings, Location, Mode, Rule,
+    },
+    packet::{self, PacketSpec, Transport, tcp_flag},
+    reference::{self, Outcome},
+};
+use ipnet::{IpNet, Ipv4Net};
+use rand::{Rng, rngs::StdRng, seq::IndexedRandom};
+
+/// The IPv4 space the generated rules and random traffic share.
+fn pool_address(rng: &mut StdRng) -> Ipv4Addr {
+    Ipv4Addr::from(rng.random::<u32>() & 0x3fff_ffff | 0x0a00_0000)
+}
+
+/// How the generated rules choose addresses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Addresses {
+    /// ClassBench's shapes: some wildcards and /8s, so that nearly every
+    /// packet matches some rule among the first hundred.
+    ClassBench,
+    /// Both addresses always given, /16 or longer: packets built for a late
+    /// rule reach it, and random packets match none, as in host ACLs.
+    Specific,
+}
+
+/// ClassBench-like (acl/fw shapes): prefixes of realistic lengths, well-known
+/// ports and port ranges, mostly TCP/UDP, a default deny at the end.
+pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config {
+    let prefix = |rng: &mut StdRng, wildcard: f64| -> Option<Arc<AddressList>> {
+        let lengths: &[u8] = match addresses {
+            Addresses::ClassBench if rng.random_bool(wildcard) => return None,
+            Addresses::ClassBench => &[8, 16, 16, 20, 24, 24, 24, 28, 32, 32],
+            Addresses::Specific => &[16, 20, 24, 24, 24, 28, 32, 32],
+        };
+        let len = *lengths.choose(rng).unwrap();
+        let addr = pool_address(rng);
+        let net = IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc());
+        Some(Arc::new(AddressList {
+            set: None,
+            nets: vec![net],
+        }))
+    };
+    let rules = (0..count)
+        .map(|index| {
+            let proto = *[
+                packet::IPPROTO_TCP,
+                packet::IPPROTO_TCP,
+                packet::IPPROTO_TCP,
+                packet::IPPROTO_UDP,
+            ]
+            .choose(rng)
+            .unwrap();
+            let dport = match rng.random_range(0..10) {
+                0..3 => None,
+                3..7 => {
+                    let port = *[22u16, 25, 53, 80, 110, 123, 143, 443, 993, 3306, 5432, 8080]
+                        .choose(rng)
+                        .unwrap();
+                    Some(vec![(port, port)])
+                }
+                7..9 => Some(vec![
+                    *[(1024, 65535), (6000, 6063), (32768, 60999), (0, 1023)]
+                        .choose(rng)
+                        .unwrap(),
+                ]),
+                _ => {
+                    let port = rng.random();
+                    Some(vec![(port, port)])
+                }
+            };
+            let sport = rng.random_bool(0.15).then(|| vec![(1024, 65535)]);
+            Rule {
+                name: format!("r{index}"),
+                action: if rng.random_bool(0.7) {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                },
+                proto: Some(proto),
+                src: prefix(rng, 0.4),
+                dst: prefix(rng, 0.15),
+                sport,
+                dport,
+                tcp_flags: None,
+                icmp_type: None,
+                icmp_code: None,
+                location: Location {
+                    file: PathBuf::from("bench"),
+                    line: index + 1,
+                    column: 1,
+                },
+            }
+        })
+        .collect();
+    Config {
+        filter: FilterSettings {
+            default: Action::Deny,
+            mode: Mode::Enforce,
+            fragments: Fragments::MatchL3,
+        },
+        guard: GuardSettings::default(),
+        rules,
+        implicit_nd: None,
+    }
+}
+
+/// A frame that `rule` accepts (inside its prefixes and port ranges).
+fn frame_for(rng: &mut StdRng, rule: &Rule) -> Vec<u8> {
+    // The rule's prefix, or the 10.0.0.0/10 the generated rules draw from.
+    let address = |rng: &mut StdRng, list: &Option<Arc<AddressList>>| {
+        let any: IpNet = "10.0.0.0/10".parse().unwrap();
+        packet::address_in(
+            list.as_ref().map_or(&any, |list| &list.nets[0]),
+            rng.random(),
+        )
+    };
+    let port = |rng: &mut StdRng, ranges: &Option<Vec<(u16, u16)>>| match ranges {
+        Some(ranges) => rng.random_range(ranges[0].0..=ranges[0].1),
+        None => rng.random(),
+    };
+    let (sport, dport) = (port(rng, &rule.sport), port(rng, &rule.dport));
+    let transport = match rule.proto {
+        Some(packet::IPPROTO_UDP) => Transport::Udp { sport, dport },
+        _ => Transport::Tcp {
+            sport,
+            dport,
+            flags: tcp_flag::SYN,
+        },
+    };
+    PacketSpec::new(address(rng, &rule.src), address(rng, &rule.dst), transport).build()
+}
+
+/// Replies to this host's connections (TCP with ACK from a service port,
+/// to any port): the traffic the guard inspects most closely.
+pub fn return_traffic(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
+    let any: IpNet = "10.0.0.0/10".parse().unwrap();
+    (0..count)
+        .map(|_| {
+            let transport = Transport::Tcp {
+                sport: 443,
+                dport: rng.random_range(1024..=65535),
+                flags: tcp_flag::ACK,
+            };
+            let (src, dst) = (
+                packet::address_in(&any, rng.random()),
+                packet::address_in(&any, rng.random()),
+            );
+            PacketSpec::new(src, dst, transport).build()
+        })
+        .collect()
+}
+
+/// A third each: matching an early rule, a late rule, and random traffic.
+pub fn packet_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| candidate(rng, &config.rules, Target::ALL[i % 3]))
+        .collect()
+}
+
+/// Like [`packet_mix`], but each frame is checked with the reference model
+/// to be decided by what it targets: a rule in the first tenth, one in the
+/// last tenth, or no rule at all.
+pub fn decided_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u8>> {
+    let rules = config.rules.len();
+    (0..count)
+        .map(|i| {
+            let target = Target::ALL[i % 3];
+            let mut frame = candidate(rng, &config.rules, target);
+            for _ in 0..1_000 {
+                let decided_by = match reference::classify(config, &frame).0 {
+                    Outcome::Rule(index) => Some(index),
+                    Outcome::Reason(_) => None,
+                };
+                let hit = match (target, decided_by) {
+                    (Target::Early, Some(index)) => index < rules.div_ceil(10),
+                    (Target::Late, Some(index)) => index >= rules * 9 / 10,
+                    (Target::NoRule, None) => true,
+                    _ => false,
+                };
+                if hit {
+                    break;
+                }
+                frame = candidate(rng, &config.rules, target);
+            }
+            frame
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    Early,
+    Late,
+    NoRule,
+}
+
+impl Target {
+    const ALL: [Self; 3] = [Self::Early, Self::Late, Self::NoRule];
+}
+
+fn candidate(rng: &mut StdRng, rules: &[Rule], target: Target) -> Vec<u8> {
+    match target {
+        Target::Early => {
+            let early = rng.random_range(0..rules.len().div_ceil(10));
+            frame_for(rng, &rules[early])
+        }
+        Target::Late => {
+            let late = rng.random_range(rules.len() * 9 / 10..rules.len());
+            frame_for(rng, &rules[late])
+        }
+        Target::NoRule => {
+            let any = Rule {
+                src: None,
+                dst: None,
+                sport: None,
+                dport: None,
+                ..rules[0].clone()
+            };
+            frame_for(rng, &any)
+        }
+    }
+}
+
+/// Random IPv4 prefixes, mostly /24 as in real block lists.
+pub fn prefixes(rng: &mut StdRng, count: usize) -> Vec<Ipv4Net> {
+    (0..count)
+        .map(|_| {
+            let len = *[16u8, 20, 22, 24, 24, 24, 24, 24, 28, 32]
+                .choose(rng)
+                .unwrap();
+            Ipv4Net::new(Ipv4Addr::from(rng.random::<u32>()), len)
+                .unwrap()
+                .trunc()
+        })
+        .collect()
+}
+
+/// Half the frames from inside listed prefixes, half from anywhere.
+pub fn set_frames(rng: &mut StdRng, nets: &[Ipv4Net], count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let src = if i % 2 == 0 {
+                packet::address_in(&IpNet::V4(*nets.choose(rng).unwrap()), rng.random())
+            } else {
+                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
+            };
+            let transport = Transport::Tcp {
+                sport: 40000,
+                dport: 443,
+                flags: tcp_flag::SYN,
+            };
+            PacketSpec::new(src, Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
+        })
+        .collect()
+}
+
+/// One deny rule whose source is the set `nets`; everything else allowed.
+pub fn address_list(nets: &[Ipv4Net]) -> Config {
+    let list = Arc::new(AddressList {
+        set: Some("blocklist".into()),
+        nets: nets.iter().map(|&net| IpNet::V4(net)).collect(),
+    });
+    Config {
+        filter: FilterSettings {
+            default: Action::Allow,
+            mode: Mode::Enforce,
+            fragments: Fragments::MatchL3,
+        },
+        guard: GuardSettings::default(),
+        rules: vec![Rule {
+            name: "blocklist".into(),
+            action: Action::Deny,
+            proto: None,
+            src: Some(list),
+            dst: None,
+            sport: None,
+            dport: None,
+            tcp_flags: None,
+            icmp_type: None,
+            icmp_code: None,
+            location: Location {
+                file: PathBuf::from("bench"),
+                line: 1,
+                column: 1,
+            },
+        }],
+        implicit_nd: None,
+    }
+}

@@ -25,6 +25,9 @@ enum Task {
     Setup,
     /// Run filter-agent on throwaway namespaces with real traffic.
     Demo,
+    /// Reproduce an incident of docs/scenarios.md in throwaway namespaces:
+    /// sakura, asymmetric, docker-nacl, conntrack-full, lvs-dr (or all).
+    Scenario { name: String },
     /// Lint, then run every test (unit and real-kernel integration tests).
     Test,
     /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
+        Task::Scenario { name } => scenario(&name),
         Task::Bench {
             live,
             runs,
@@ -67,6 +71,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn scenario(name: &str) -> anyhow::Result<()> {
+    let names: Vec<&str> = match name {
+        "all" => scenarios::NAMES.to_vec(),
+        name if scenarios::NAMES.contains(&name) => vec![name],
+        other => anyhow::bail!(
+            "no scenario {other:?}; the scenarios are {} (or all)",
+            scenarios::NAMES.join(", ")
+        ),
+    };
+    setup::run()?;
+    util::cargo(&["build", "--quiet", "--package", "filter-agent"])?;
+    let agent = util::workspace_root().join("target/debug/filter-agent");
+    for name in names {
+        scenarios::run(name, &agent)?;
+        println!("\n{name}: reproduced, and filter-agent did what it should");
+    }
+    Ok(())
 }
 
 fn bench(live: bool, runs: u32, repeat: u32, seconds: f64) -> anyhow::Result<()> {

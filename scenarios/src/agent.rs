@@ -1,0 +1,119 @@
+//! The real filter-agent binary: as a daemon in a namespace, and its
+//! read-only commands (`stats`, `guard`, `audit`) with `--json`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+use testbed::{Daemon, Netns};
+
+/// A running agent and its rules file; stopped (and the filter detached)
+/// on drop.
+pub struct Agent {
+    binary: PathBuf,
+    rules: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+impl Agent {
+    /// Starts `binary` in `netns` on `ifaces` with the rules `text`, and
+    /// waits until every interface is attached.
+    pub fn start(binary: &Path, netns: &Netns, ifaces: &[&str], text: &str) -> anyhow::Result<Self> {
+        static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+        let rules = std::env::temp_dir().join(format!(
+            "fa-scenario-{}-{}.toml",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&rules, text)?;
+        let mut agent = Self {
+            binary: binary.to_owned(),
+            rules,
+            daemon: None,
+        };
+        let mut command = netns.command(binary.to_str().context("a non-UTF-8 path")?);
+        command.arg("--detach-on-exit");
+        for iface in ifaces {
+            command.args(["--iface", iface]);
+        }
+        command.arg("--rules").arg(&agent.rules);
+        let mut daemon = Daemon::start(command, None)?;
+        if daemon.wait_for("ready", Duration::from_secs(15)).is_none() {
+            bail!("filter-agent did not start: {:?}", daemon.seen());
+        }
+        agent.daemon = Some(daemon);
+        Ok(agent)
+    }
+
+    pub fn rules(&self) -> &Path {
+        &self.rules
+    }
+
+    /// `filter-agent ARGS --json`, parsed.
+    pub fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        json(&self.binary, args)
+    }
+
+    /// Stops the agent; fails unless it exits cleanly.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let daemon = self.daemon.take().context("not running")?;
+        let (status, log) = daemon.stop();
+        ensure!(
+            status.is_some_and(|status| status.success()),
+            "filter-agent exited with {status:?}: {log:?}"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+        let _ = std::fs::remove_file(&self.rules);
+    }
+}
+
+/// `BINARY ARGS --json`, parsed.
+pub fn json(binary: &Path, args: &[&str]) -> anyhow::Result<Value> {
+    let output = Command::new(binary).args(args).arg("--json").output()?;
+    ensure!(
+        output.status.success(),
+        "filter-agent {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// Packets of the rule `name` in `filter-agent stats --json` of `iface`.
+pub fn rule_packets(stats: &Value, iface: &str, name: &str) -> anyhow::Result<u64> {
+    let report = interface(stats, iface)?;
+    report["rules"]
+        .as_array()
+        .context("no rules in stats")?
+        .iter()
+        .find(|rule| rule["rule"] == name)
+        .and_then(|rule| rule["packets"].as_u64())
+        .with_context(|| format!("no rule {name} on {iface}"))
+}
+
+/// Packets counted for `reason` (e.g. "default_deny") on `iface`.
+pub fn reason_packets(stats: &Value, iface: &str, reason: &str) -> anyhow::Result<u64> {
+    interface(stats, iface)?["reasons"][reason]["packets"]
+        .as_u64()
+        .with_context(|| format!("no reason {reason} on {iface}"))
+}
+
+fn interface<'a>(reports: &'a Value, iface: &str) -> anyhow::Result<&'a Value> {
+    reports
+        .as_array()
+        .context("not a list of interfaces")?
+        .iter()
+        .find(|report| report["iface"] == iface)
+        .with_context(|| format!("no report for {iface}"))
+}

@@ -1,0 +1,169 @@
+//! Incident 4 (Cloudflare): a stateful firewall needs a conntrack entry for
+//! every new flow. A spoofed SYN flood fills the table, and then the
+//! kernel drops every new connection, legitimate or not, with no rule
+//! saying so. filter-agent drops the flood in XDP, before conntrack.
+
+use std::{net::SocketAddr, path::Path, process::Command};
+
+use anyhow::{Context as _, ensure};
+use testbed::{
+    Chain, Netns,
+    traffic::{self, Responder},
+};
+
+use crate::{Agent, agent, nft, say, step};
+
+const PORT: u16 = 8080;
+/// The conntrack table size for the scenario (global; restored after).
+const TABLE: u32 = 512;
+/// Spoofed SYNs per flood: several times the table.
+const FLOOD: u32 = 4_000;
+const CONNECTIONS: usize = 10;
+const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+
+/// The host's stateful firewall: new connections to the service, replies.
+const STATEFUL: &str = "table inet fa_stateful { chain input { type filter hook input priority filter; policy drop;
+    iifname \"lo\" accept
+    ct state established,related accept
+    tcp dport 8080 ct state new accept } }";
+
+/// filter-agent in front of it: the service only for the client network.
+const RULES: &str = r#"
+[filter]
+default = "deny"
+
+[[rule]]
+name = "service"
+action = "allow"
+proto = "tcp"
+src = "10.210.0.0/24"
+dport = "8080"
+"#;
+
+#[derive(Debug)]
+pub struct Outcome {
+    /// conntrack entries after the flood, and legitimate connections
+    /// answered, without and with filter-agent.
+    pub stateful_entries: u64,
+    pub stateful_answered: usize,
+    pub filtered_entries: u64,
+    pub filtered_answered: usize,
+    /// Flood packets filter-agent dropped (its `default_deny` count).
+    pub dropped_in_xdp: u64,
+}
+
+pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
+    step!(
+        "conntrack-full: a host with a stateful firewall (nftables, conntrack), \
+         nf_conntrack_max {TABLE}, under a spoofed SYN flood of {FLOOD} packets"
+    );
+    let _table = ConntrackMax::set(TABLE)?;
+
+    let (stateful_entries, stateful_answered, _) = flood_and_connect(None)?;
+    say!(
+        "without filter-agent: {stateful_entries} conntrack entries after the flood; \
+         legitimate connections answered: {stateful_answered} of {CONNECTIONS}"
+    );
+    ensure!(
+        stateful_entries >= u64::from(TABLE) * 9 / 10 && stateful_answered == 0,
+        "the flood did not fill the table and stop new connections"
+    );
+
+    step!("the same, with filter-agent on the host's interface: the service only for 10.210.0.0/24");
+    let (filtered_entries, filtered_answered, dropped_in_xdp) = flood_and_connect(Some(binary))?;
+    say!(
+        "with filter-agent: {filtered_entries} conntrack entries after the flood \
+         ({dropped_in_xdp} packets dropped in XDP, default_deny); \
+         legitimate connections answered: {filtered_answered} of {CONNECTIONS}"
+    );
+    ensure!(
+        filtered_answered == CONNECTIONS && filtered_entries < u64::from(TABLE) / 10,
+        "filter-agent did not keep the table free"
+    );
+    ensure!(
+        dropped_in_xdp >= u64::from(FLOOD) * 9 / 10,
+        "filter-agent dropped only {dropped_in_xdp} of {FLOOD}"
+    );
+    Ok(Outcome {
+        stateful_entries,
+        stateful_answered,
+        filtered_entries,
+        filtered_answered,
+        dropped_in_xdp,
+    })
+}
+
+/// A fresh client and host; with `agent`, filter-agent on the host. Floods,
+/// then connects: (conntrack entries, connections answered, XDP drops).
+fn flood_and_connect(agent: Option<&Path>) -> anyhow::Result<(u64, usize, u64)> {
+    let chain = Chain::create("ctf", &["cli", "host"])?;
+    let (client, host) = (chain.client(), chain.server());
+    let iface = chain.right_if(0);
+    // Replies to spoofed sources leave towards the client (and vanish).
+    host.ip(&["route", "add", "default", "via", "10.210.0.1"])?;
+    nft(host, STATEFUL)?;
+    let _service = Responder::start(host, PORT)?;
+    let agent = agent
+        .map(|binary| Agent::start(binary, host, &[&iface], RULES))
+        .transpose()?;
+
+    let target = chain.server_addr().to_string();
+    let flood = client
+        .command("timeout")
+        .args(["30", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i", "u50"])
+        .args(["-c", &FLOOD.to_string(), &target])
+        .output()
+        .context("running hping3")?;
+    ensure!(
+        !String::from_utf8_lossy(&flood.stderr).contains("rror"),
+        "hping3: {}",
+        String::from_utf8_lossy(&flood.stderr)
+    );
+    let entries = conntrack_count(host)?;
+    let server = SocketAddr::from((chain.server_addr(), PORT));
+    let mut answered = 0;
+    for _ in 0..CONNECTIONS {
+        answered += usize::from(traffic::tcp_exchange(client, server, None)?);
+    }
+    let dropped = match agent {
+        Some(agent) => {
+            let stats = agent.json(&["stats", "--iface", &iface])?;
+            let dropped = agent::reason_packets(&stats, &iface, "default_deny")?;
+            agent.stop()?;
+            dropped
+        }
+        None => 0,
+    };
+    Ok((entries, answered, dropped))
+}
+
+fn conntrack_count(netns: &Netns) -> anyhow::Result<u64> {
+    let output = netns.exec("sysctl", &["-n", "net.netfilter.nf_conntrack_count"])?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+}
+
+/// `nf_conntrack_max` is global (only the initial namespace may set it):
+/// set for the scenario, restored on drop, also after a failure.
+struct ConntrackMax {
+    previous: String,
+}
+
+impl ConntrackMax {
+    fn set(value: u32) -> anyhow::Result<Self> {
+        let previous = std::fs::read_to_string(CONNTRACK_MAX)?.trim().to_owned();
+        let status = Command::new("sysctl")
+            .args(["-qw", &format!("net.netfilter.nf_conntrack_max={value}")])
+            .status()?;
+        ensure!(status.success(), "cannot set nf_conntrack_max");
+        say!("(nf_conntrack_max {previous} -> {value} for the scenario; restored afterwards)");
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for ConntrackMax {
+    fn drop(&mut self) {
+        let _ = Command::new("sysctl")
+            .args(["-qw", &format!("net.netfilter.nf_conntrack_max={}", self.previous)])
+            .status();
+    }
+}

@@ -1,0 +1,145 @@
+//! Incident 3 (Docker + AWS Network ACL): a container behind the host's
+//! MASQUERADE, and a stateless ACL upstream that allows only source ports
+//! 49152-65535. NAT keeps the container's port, so connections fail
+//! whenever the container picks one below 49152; the host itself, whose
+//! range was fixed, is fine.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::Path};
+
+use anyhow::ensure;
+use testbed::{Chain, traffic::Responder};
+
+use crate::{
+    Agent, nft,
+    ports::{self, Attempts, LINUX_DEFAULT, list},
+    say, step,
+};
+
+const PORT: u16 = 443;
+/// What the ACL allows (and the range AWS's guide suggests for Linux).
+const ALLOWED: (u16, u16) = (49152, 65535);
+const CONNECTIONS: usize = 20;
+
+/// The host only watches: every packet passes, the guard counts.
+const RULES: &str = r#"
+[filter]
+default = "allow"
+
+[guard]
+ephemeral = "49152-65535"
+"#;
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub host: Attempts,
+    pub container: Attempts,
+    /// Post-NAT source ports the host's egress guard recorded out of range.
+    pub egress_ports: BTreeSet<u16>,
+    pub fix: String,
+    pub after: Attempts,
+}
+
+pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
+    step!(
+        "docker-nacl: a container behind the host's MASQUERADE; upstream, a stateless ACL \
+         that allows only source ports {}-{} (and replies to them)",
+        ALLOWED.0,
+        ALLOWED.1
+    );
+    let chain = Chain::create("dkr", &["ctr", "host", "acl", "srv"])?;
+    let (container, host, acl) = (chain.client(), &chain.namespaces[1], &chain.namespaces[2]);
+    let uplink = chain.left_if(1);
+    nft(
+        host,
+        &format!(
+            "table ip fa_docker {{ chain postrouting {{ type nat hook postrouting priority 100; \
+             ip saddr 10.210.0.0/24 oifname \"{uplink}\" masquerade }} }}"
+        ),
+    )?;
+    nft(
+        acl,
+        &format!(
+            "table ip fa_nacl {{ chain forward {{ type filter hook forward priority 0; \
+             iifname \"{}\" tcp sport != {lo}-{hi} drop; \
+             iifname \"{}\" tcp dport != {lo}-{hi} drop }} }}",
+            chain.right_if(1),
+            chain.left_if(2),
+            lo = ALLOWED.0,
+            hi = ALLOWED.1
+        ),
+    )?;
+    host.sysctl(
+        "net.ipv4.ip_local_port_range",
+        &format!("{} {}", ALLOWED.0, ALLOWED.1),
+    )?;
+    let _service = Responder::start(chain.server(), PORT)?;
+    let server = SocketAddr::from((chain.server_addr(), PORT));
+    say!(
+        "namespaces: container {} (ip_local_port_range {}-{}, the kernel's default), host {} \
+         (range {}-{}, NAT, filter-agent counting on {uplink}), ACL {}, server {}",
+        container.name(),
+        LINUX_DEFAULT.0,
+        LINUX_DEFAULT.1,
+        host.name(),
+        ALLOWED.0,
+        ALLOWED.1,
+        acl.name(),
+        chain.server().name()
+    );
+    let agent = Agent::start(binary, host, &[&uplink], RULES)?;
+
+    let host_attempts = ports::connect_many(host, server, ALLOWED, CONNECTIONS)?;
+    say!(
+        "{} connections from the host: {} answered",
+        host_attempts.total(),
+        host_attempts.answered.len()
+    );
+    ensure!(host_attempts.failed.is_empty(), "the host failed: {host_attempts:?}");
+    let container_attempts = ports::connect_many(container, server, LINUX_DEFAULT, CONNECTIONS)?;
+    say!(
+        "{} connections from the container: {} answered, {} not; failed from {}",
+        container_attempts.total(),
+        container_attempts.answered.len(),
+        container_attempts.failed.len(),
+        list(&container_attempts.failed)
+    );
+    ensure!(
+        !container_attempts.failed.is_empty()
+            && container_attempts.failed.iter().all(|&port| !ports::within(ALLOWED, port))
+            && container_attempts.answered.iter().all(|&port| ports::within(ALLOWED, port)),
+        "failures are not exactly the ports outside {ALLOWED:?}: {container_attempts:?}"
+    );
+
+    step!("what filter-agent shows: `filter-agent guard --iface {uplink}` on the host");
+    let egress_ports = ports::guard_ports(&agent, &uplink, "egress")?;
+    say!(
+        "connection attempts that left the host from source ports (after NAT) outside the range: {}",
+        list(&egress_ports)
+    );
+    ensure!(
+        egress_ports == container_attempts.failed,
+        "the egress guard did not name exactly the failed ports: {egress_ports:?}"
+    );
+    let (range, fix) = ports::audit_fix(&agent, container.name())?;
+    say!("`filter-agent audit`: {} has ip_local_port_range {range}; fix:", container.name());
+    say!("  {fix}");
+
+    step!("applying the audit's fix as printed");
+    ports::apply(&fix)?;
+    let after = ports::connect_many(container, server, ALLOWED, CONNECTIONS)?;
+    say!(
+        "{} connections from the container: {} answered, {} not",
+        after.total(),
+        after.answered.len(),
+        after.failed.len()
+    );
+    ensure!(after.failed.is_empty(), "still failing after the fix: {after:?}");
+    agent.stop()?;
+    Ok(Outcome {
+        host: host_attempts,
+        container: container_attempts,
+        egress_ports,
+        fix,
+        after,
+    })
+}

@@ -1,0 +1,115 @@
+//! What incidents 1 and 3 share: connections from a namespace's ephemeral
+//! range through a stateless filter that allows only part of it, the
+//! guard's report of the ports involved, and the audit's fix.
+
+use std::{collections::BTreeSet, net::SocketAddr, process::Command};
+
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+use testbed::{Netns, traffic};
+
+use crate::Agent;
+
+/// The kernel's default ephemeral range since Linux 4.x.
+pub const LINUX_DEFAULT: (u16, u16) = (32768, 60999);
+
+/// Local ports of the connections that were answered and of those that
+/// were not.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    pub answered: BTreeSet<u16>,
+    pub failed: BTreeSet<u16>,
+}
+
+impl Attempts {
+    pub fn total(&self) -> usize {
+        self.answered.len() + self.failed.len()
+    }
+}
+
+/// `count` connections from `client` to `server`: first one from each end
+/// and quartile of `range` (the client's `ip_local_port_range`), so that
+/// every part of it is tried, then from ports the kernel picks (which come
+/// in runs of nearby ports).
+pub fn connect_many(
+    client: &Netns,
+    server: SocketAddr,
+    range: (u16, u16),
+    count: usize,
+) -> anyhow::Result<Attempts> {
+    let (low, high) = (u32::from(range.0), u32::from(range.1));
+    let spread = (0..=4).map(|quarter| Some((low + (high - low) * quarter / 4) as u16));
+    let mut attempts = Attempts::default();
+    // The fixed ports first: the kernel's picks then avoid them.
+    for from in spread.chain(std::iter::repeat(None)).take(count.max(5)) {
+        let (answered, port) = traffic::tcp_attempt(client, server, from)?;
+        if answered {
+            attempts.answered.insert(port);
+        } else {
+            attempts.failed.insert(port);
+        }
+    }
+    ensure!(attempts.total() == count.max(5), "a local port was used twice");
+    Ok(attempts)
+}
+
+pub fn within((low, high): (u16, u16), port: u16) -> bool {
+    (low..=high).contains(&port)
+}
+
+/// The local TCP ports the guard of `iface` recorded out of range in
+/// `direction` ("ingress" or "egress").
+pub fn guard_ports(agent: &Agent, iface: &str, direction: &str) -> anyhow::Result<BTreeSet<u16>> {
+    let reports = agent.json(&["guard", "--top", "1000", "--iface", iface])?;
+    let entries = reports[0]["ports"]
+        .as_array()
+        .context("no ports in the guard report")?;
+    Ok(entries
+        .iter()
+        .filter(|entry| entry["direction"] == direction && entry["proto"] == "tcp")
+        .filter_map(|entry| entry["port"].as_u64())
+        .map(|port| port as u16)
+        .collect())
+}
+
+/// `filter-agent audit` with the agent's rules: the namespace named
+/// `name`, its port range and the fix the audit gives for it.
+pub fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(Value, String)> {
+    let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
+    let document = agent.json(&["audit", "--rules", rules])?;
+    let namespace = document["namespaces"]
+        .as_array()
+        .context("no namespaces in the audit")?
+        .iter()
+        .find(|ns| ns["names"].as_array().is_some_and(|names| names.iter().any(|n| n == name)))
+        .with_context(|| format!("the audit did not find {name}"))?;
+    let fix = namespace["findings"][0]["fix"]
+        .as_str()
+        .with_context(|| format!("no finding for {name}"))?
+        .to_owned();
+    Ok((namespace["port_range"].clone(), fix))
+}
+
+/// Runs the fix exactly as the audit printed it, as an operator would
+/// paste it.
+pub fn apply(fix: &str) -> anyhow::Result<()> {
+    let output = Command::new("sh").args(["-c", fix]).output()?;
+    ensure!(
+        output.status.success(),
+        "{fix}: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// "1024 5100 40000" (at most 12 ports, then "...").
+pub fn list(ports: &BTreeSet<u16>) -> String {
+    let mut text: Vec<String> = ports.iter().take(12).map(u16::to_string).collect();
+    if ports.len() > 12 {
+        text.push(format!("... ({} in all)", ports.len()));
+    }
+    if text.is_empty() {
+        return "none".to_owned();
+    }
+    text.join(" ")
+}

@@ -23,7 +23,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `binary` in `netns` on `ifaces` with the rules `text`, and
     /// waits until every interface is attached.
-    pub fn start(binary: &Path, netns: &Netns, ifaces: &[&str], text: &str) -> anyhow::Result<Self> {
+    pub fn start(
+        binary: &Path,
+        netns: &Netns,
+        ifaces: &[&str],
+        text: &str,
+    ) -> anyhow::Result<Self> {
         static SEQUENCE: AtomicU32 = AtomicU32::new(0);
         let rules = std::env::temp_dir().join(format!(
             "fa-scenario-{}-{}.toml",

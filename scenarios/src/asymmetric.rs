@@ -79,7 +79,16 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     network.ip(&["addr", "add", "10.210.1.1/24", "dev", "fabr"])?;
     network.ip(&["link", "set", "fabr", "up"])?;
     network.ip(&[
-        "link", "add", &port, "type", "veth", "peer", "name", &second, "netns", server.name(),
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &second,
+        "netns",
+        server.name(),
     ])?;
     network.ip(&["link", "set", &port, "master", "fabr", "up"])?;
     server.ip(&["addr", "add", &format!("{SECOND}/24"), "dev", &second])?;
@@ -88,7 +97,15 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     // SECOND arrive there; replies to the client leave by the first.
     server.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
     server.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-    server.ip(&["route", "replace", "10.210.0.0/24", "via", "10.210.1.1", "dev", &first])?;
+    server.ip(&[
+        "route",
+        "replace",
+        "10.210.0.0/24",
+        "via",
+        "10.210.1.1",
+        "dev",
+        &first,
+    ])?;
     let _service = Responder::start(server, PORT)?;
     let _other = Responder::start(server, CLOSED_PORT)?;
     say!(
@@ -103,11 +120,20 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     step!("Linux's reverse-path filter");
     server.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
     let ping_strict = ping(client, target)?;
-    say!("rp_filter=1 (strict): ping {SECOND} {}", answered(ping_strict));
+    say!(
+        "rp_filter=1 (strict): ping {SECOND} {}",
+        answered(ping_strict)
+    );
     server.sysctl("net.ipv4.conf.all.rp_filter", "2")?;
     let ping_loose = ping(client, target)?;
-    say!("rp_filter=2 (loose):  ping {SECOND} {}", answered(ping_loose));
-    ensure!(!ping_strict && ping_loose, "rp_filter did not behave as in the incident");
+    say!(
+        "rp_filter=2 (loose):  ping {SECOND} {}",
+        answered(ping_loose)
+    );
+    ensure!(
+        !ping_strict && ping_loose,
+        "rp_filter did not behave as in the incident"
+    );
 
     step!(
         "a stateful filter that tracks connections per interface (conntrack zones), \
@@ -116,7 +142,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     nft(server, &stateful_rules(&first, &second))?;
     let stateful_ping = ping(client, target)?;
     let stateful_tcp = connections(client, service)?;
-    say!("ping {}; TCP to {service}: {stateful_tcp} of {CONNECTIONS} answered", answered(stateful_ping));
+    say!(
+        "ping {}; TCP to {service}: {stateful_tcp} of {CONNECTIONS} answered",
+        answered(stateful_ping)
+    );
     say!("(the SYN-ACK leaves {first}, whose state never saw the SYN: invalid, dropped)");
     ensure!(
         stateful_ping && stateful_tcp == 0,
@@ -124,14 +153,22 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     server.exec("nft", &["delete", "table", "inet", "fa_stateful"])?;
 
-    step!("filter-agent instead, stateless rules on both interfaces (tcp dport {PORT}, icmp, default deny)");
+    step!(
+        "filter-agent instead, stateless rules on both interfaces (tcp dport {PORT}, icmp, default deny)"
+    );
     let agent = Agent::start(binary, server, &[&first, &second], RULES)?;
     let stateless_ping = ping(client, target)?;
     let stateless_tcp = connections(client, service)?;
     let closed_port_answered =
         traffic::tcp_exchange(client, SocketAddr::new(target, CLOSED_PORT), None)?;
-    say!("ping {}; TCP to {service}: {stateless_tcp} of {CONNECTIONS} answered", answered(stateless_ping));
-    say!("TCP to port {CLOSED_PORT} (not allowed): {}", answered(closed_port_answered));
+    say!(
+        "ping {}; TCP to {service}: {stateless_tcp} of {CONNECTIONS} answered",
+        answered(stateless_ping)
+    );
+    say!(
+        "TCP to port {CLOSED_PORT} (not allowed): {}",
+        answered(closed_port_answered)
+    );
     let stats = agent.json(&["stats"])?;
     let requests_on_second = agent::rule_packets(&stats, &second, "service")?;
     let requests_on_first = agent::rule_packets(&stats, &first, "service")?;
@@ -143,7 +180,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         stateless_ping && stateless_tcp == CONNECTIONS && !closed_port_answered,
         "filter-agent did not pass the service and block the rest"
     );
-    ensure!(requests_on_second > 0 && requests_on_first == 0, "requests took another path");
+    ensure!(
+        requests_on_second > 0 && requests_on_first == 0,
+        "requests took another path"
+    );
     agent.stop()?;
     Ok(Outcome {
         ping_strict,
@@ -164,19 +204,23 @@ fn stateful_rules(first: &str, second: &str) -> String {
     format!(
         r#"table inet fa_stateful {{
   chain zone_in {{ type filter hook prerouting priority raw;
-    ct zone set iifname map {{ "{first}" : 1, "{second}" : 2 }} }}
+    ct zone set iifname map {{ "{first}" : 1, "{second}" : 2 }}
+  }}
   chain zone_out {{ type filter hook output priority raw;
-    ct zone set oifname map {{ "{first}" : 1, "{second}" : 2 }} }}
+    ct zone set oifname map {{ "{first}" : 1, "{second}" : 2 }}
+  }}
   chain input {{ type filter hook input priority filter; policy drop;
     iifname "lo" accept
     meta l4proto icmp accept
     ct state established,related accept
-    tcp dport {PORT} ct state new accept }}
+    tcp dport {PORT} ct state new accept
+  }}
   chain output {{ type filter hook output priority filter; policy drop;
     oifname "lo" accept
     meta l4proto icmp accept
     ct state established,related accept
-    ct state new tcp flags & (syn | ack) == syn accept }}
+    ct state new tcp flags & (syn | ack) == syn accept
+  }}
 }}
 "#
     )

@@ -16,6 +16,10 @@ use crate::{
 };
 
 const PORT: u16 = 443;
+/// The host's own connections go to another port: the same public address
+/// and ports would otherwise collide with its earlier connections in the
+/// NAT table, and MASQUERADE would pick another source port (from 1024 up).
+const HOST_PORT: u16 = 8443;
 /// What the ACL allows (and the range AWS's guide suggests for Linux).
 const ALLOWED: (u16, u16) = (49152, 65535);
 const CONNECTIONS: usize = 20;
@@ -52,16 +56,16 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     nft(
         host,
         &format!(
-            "table ip fa_docker {{ chain postrouting {{ type nat hook postrouting priority 100; \
-             ip saddr 10.210.0.0/24 oifname \"{uplink}\" masquerade }} }}"
+            "table ip fa_docker {{ chain postrouting {{ type nat hook postrouting priority 100;\n\
+             ip saddr 10.210.0.0/24 oifname \"{uplink}\" masquerade\n}}\n}}\n"
         ),
     )?;
     nft(
         acl,
         &format!(
-            "table ip fa_nacl {{ chain forward {{ type filter hook forward priority 0; \
-             iifname \"{}\" tcp sport != {lo}-{hi} drop; \
-             iifname \"{}\" tcp dport != {lo}-{hi} drop }} }}",
+            "table ip fa_nacl {{ chain forward {{ type filter hook forward priority 0;\n\
+             iifname \"{}\" tcp sport != {lo}-{hi} drop\n\
+             iifname \"{}\" tcp dport != {lo}-{hi} drop\n}}\n}}\n",
             chain.right_if(1),
             chain.left_if(2),
             lo = ALLOWED.0,
@@ -73,6 +77,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         &format!("{} {}", ALLOWED.0, ALLOWED.1),
     )?;
     let _service = Responder::start(chain.server(), PORT)?;
+    let _host_service = Responder::start(chain.server(), HOST_PORT)?;
     let server = SocketAddr::from((chain.server_addr(), PORT));
     say!(
         "namespaces: container {} (ip_local_port_range {}-{}, the kernel's default), host {} \
@@ -88,13 +93,17 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     let agent = Agent::start(binary, host, &[&uplink], RULES)?;
 
-    let host_attempts = ports::connect_many(host, server, ALLOWED, CONNECTIONS)?;
+    let host_server = SocketAddr::from((chain.server_addr(), HOST_PORT));
+    let host_attempts = ports::connect_many(host, host_server, ALLOWED, CONNECTIONS)?;
     say!(
         "{} connections from the host: {} answered",
         host_attempts.total(),
         host_attempts.answered.len()
     );
-    ensure!(host_attempts.failed.is_empty(), "the host failed: {host_attempts:?}");
+    ensure!(
+        host_attempts.failed.is_empty(),
+        "the host failed: {host_attempts:?}"
+    );
     let container_attempts = ports::connect_many(container, server, LINUX_DEFAULT, CONNECTIONS)?;
     say!(
         "{} connections from the container: {} answered, {} not; failed from {}",
@@ -105,8 +114,14 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     ensure!(
         !container_attempts.failed.is_empty()
-            && container_attempts.failed.iter().all(|&port| !ports::within(ALLOWED, port))
-            && container_attempts.answered.iter().all(|&port| ports::within(ALLOWED, port)),
+            && container_attempts
+                .failed
+                .iter()
+                .all(|&port| !ports::within(ALLOWED, port))
+            && container_attempts
+                .answered
+                .iter()
+                .all(|&port| ports::within(ALLOWED, port)),
         "failures are not exactly the ports outside {ALLOWED:?}: {container_attempts:?}"
     );
 
@@ -121,7 +136,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "the egress guard did not name exactly the failed ports: {egress_ports:?}"
     );
     let (range, fix) = ports::audit_fix(&agent, container.name())?;
-    say!("`filter-agent audit`: {} has ip_local_port_range {range}; fix:", container.name());
+    say!(
+        "`filter-agent audit`: {} has ip_local_port_range {range}; fix:",
+        container.name()
+    );
     say!("  {fix}");
 
     step!("applying the audit's fix as printed");
@@ -133,7 +151,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         after.answered.len(),
         after.failed.len()
     );
-    ensure!(after.failed.is_empty(), "still failing after the fix: {after:?}");
+    ensure!(
+        after.failed.is_empty(),
+        "still failing after the fix: {after:?}"
+    );
     agent.stop()?;
     Ok(Outcome {
         host: host_attempts,

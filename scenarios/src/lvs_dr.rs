@@ -132,7 +132,9 @@ pub fn run(binary: &Path) -> anyhow::Result<Vec<Class>> {
     step!("packets that got through, per class");
     say!("{:<18} {:>12} {:>14}", "class", "UFW-style", "filter-agent");
     let mut classes = Vec::new();
-    for (((name, _), stateful_passed), stateless_passed) in CLASSES.iter().zip(stateful).zip(stateless) {
+    for (((name, _), stateful_passed), stateless_passed) in
+        CLASSES.iter().zip(stateful).zip(stateless)
+    {
         say!(
             "{name:<18} {:>12} {:>14}",
             format!("{stateful_passed} of {PER_CLASS}"),
@@ -159,7 +161,9 @@ pub fn run(binary: &Path) -> anyhow::Result<Vec<Class>> {
             class.name
         );
     }
-    say!("(conntrack takes the ACK of a flow it never saw as a new flow; FIN, RST and an error about an unknown flow are INVALID)");
+    say!(
+        "(conntrack takes the ACK of a flow it never saw as a new flow; FIN, RST and an error about an unknown flow are INVALID)"
+    );
     Ok(classes)
 }
 
@@ -182,8 +186,16 @@ fn ufw_accepted(balancer: &Netns) -> anyhow::Result<u64> {
     let saved = balancer.exec("iptables-save", &["-c", "-t", "filter"])?;
     Ok(String::from_utf8_lossy(&saved.stdout)
         .lines()
-        .filter(|line| line.contains("-A INPUT") && line.ends_with("-j ACCEPT") && !line.contains("-i lo"))
-        .filter_map(|line| line.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+        .filter(|line| {
+            line.contains("-A INPUT") && line.ends_with("-j ACCEPT") && !line.contains("-i lo")
+        })
+        .filter_map(|line| {
+            line.strip_prefix('[')?
+                .split(':')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum())
 }
 

@@ -5,7 +5,6 @@
 use std::{collections::BTreeSet, net::SocketAddr, process::Command};
 
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
 use testbed::{Netns, traffic};
 
 use crate::Agent;
@@ -49,7 +48,10 @@ pub fn connect_many(
             attempts.failed.insert(port);
         }
     }
-    ensure!(attempts.total() == count.max(5), "a local port was used twice");
+    ensure!(
+        attempts.total() == count.max(5),
+        "a local port was used twice"
+    );
     Ok(attempts)
 }
 
@@ -73,21 +75,26 @@ pub fn guard_ports(agent: &Agent, iface: &str, direction: &str) -> anyhow::Resul
 }
 
 /// `filter-agent audit` with the agent's rules: the namespace named
-/// `name`, its port range and the fix the audit gives for it.
-pub fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(Value, String)> {
+/// `name`: its port range ("1024-65000") and the fix the audit gives.
+pub fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String)> {
     let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
     let document = agent.json(&["audit", "--rules", rules])?;
     let namespace = document["namespaces"]
         .as_array()
         .context("no namespaces in the audit")?
         .iter()
-        .find(|ns| ns["names"].as_array().is_some_and(|names| names.iter().any(|n| n == name)))
+        .find(|ns| {
+            ns["names"]
+                .as_array()
+                .is_some_and(|names| names.iter().any(|n| n == name))
+        })
         .with_context(|| format!("the audit did not find {name}"))?;
     let fix = namespace["findings"][0]["fix"]
         .as_str()
         .with_context(|| format!("no finding for {name}"))?
         .to_owned();
-    Ok((namespace["port_range"].clone(), fix))
+    let range = &namespace["port_range"];
+    Ok((format!("{}-{}", range[0], range[1]), fix))
 }
 
 /// Runs the fix exactly as the audit printed it, as an operator would

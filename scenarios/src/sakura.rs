@@ -82,22 +82,37 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     say!("  failed from local ports {}", list(&before.failed));
     ensure!(!before.failed.is_empty(), "no connection failed");
     ensure!(
-        before.failed.iter().all(|&port| !ports::within(ALLOWED, port))
-            && before.answered.iter().all(|&port| ports::within(ALLOWED, port)),
+        before
+            .failed
+            .iter()
+            .all(|&port| !ports::within(ALLOWED, port))
+            && before
+                .answered
+                .iter()
+                .all(|&port| ports::within(ALLOWED, port)),
         "failures are not exactly the ports outside {ALLOWED:?}: {before:?}"
     );
 
     step!("what filter-agent shows: `filter-agent guard --iface {uplink}`");
     let egress_ports = ports::guard_ports(&agent, &uplink, "egress")?;
     let ingress_ports = ports::guard_ports(&agent, &uplink, "ingress")?;
-    say!("connection attempts that left from ports outside the range: {}", list(&egress_ports));
-    say!("replies that came back to ports outside the range:            {}", list(&ingress_ports));
+    say!(
+        "connection attempts that left from ports outside the range: {}",
+        list(&egress_ports)
+    );
+    say!(
+        "replies that came back to ports outside the range:            {}",
+        list(&ingress_ports)
+    );
     ensure!(
         egress_ports == before.failed && ingress_ports == before.failed,
         "the guard did not name exactly the failed ports"
     );
     let (range, fix) = ports::audit_fix(&agent, container.name())?;
-    say!("`filter-agent audit`: {} has ip_local_port_range {range}; fix:", container.name());
+    say!(
+        "`filter-agent audit`: {} has ip_local_port_range {range}; fix:",
+        container.name()
+    );
     say!("  {fix}");
 
     step!("applying the audit's fix as printed");
@@ -109,7 +124,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         after.answered.len(),
         after.failed.len()
     );
-    ensure!(after.failed.is_empty(), "still failing after the fix: {after:?}");
+    ensure!(
+        after.failed.is_empty(),
+        "still failing after the fix: {after:?}"
+    );
     agent.stop()?;
     Ok(Outcome {
         before,

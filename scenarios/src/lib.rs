@@ -14,13 +14,8 @@ pub mod lvs_dr;
 pub mod ports;
 pub mod sakura;
 
-use std::{
-    io::Write as _,
-    path::Path,
-    process::{Output, Stdio},
-};
+use std::path::Path;
 
-use anyhow::{Context as _, ensure};
 use testbed::Netns;
 
 pub use agent::Agent;
@@ -63,36 +58,6 @@ macro_rules! step {
 
 /// Loads an nftables ruleset in `netns` (`nft -f -`).
 pub(crate) fn nft(netns: &Netns, script: &str) -> anyhow::Result<()> {
-    with_input(netns, "nft", &["-f", "-"], script).map(drop)
-}
-
-/// Runs `program ARGS` in `netns` with `input` on its standard input;
-/// fails unless it succeeds.
-pub(crate) fn with_input(
-    netns: &Netns,
-    program: &str,
-    args: &[&str],
-    input: &str,
-) -> anyhow::Result<Output> {
-    let mut child = netns
-        .command(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(output)
+    netns.exec_with_input("nft", &["-f", "-"], script)?;
+    Ok(())
 }

@@ -11,7 +11,7 @@ use anyhow::ensure;
 use serde_json::Value;
 use testbed::{Netns, Pair};
 
-use crate::{Agent, agent, say, step, with_input};
+use crate::{Agent, agent, say, step};
 
 /// Packets sent per class.
 pub const PER_CLASS: u64 = 5;
@@ -99,7 +99,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Vec<Class>> {
     );
     let stateful = {
         let pair = Pair::create("lvs")?;
-        with_input(&pair.server, "iptables-restore", &[], UFW)?;
+        pair.server.exec_with_input("iptables-restore", &[], UFW)?;
         say!(
             "UFW-style iptables on {} (ESTABLISHED,RELATED accept; INVALID drop; tcp dport 80 accept)",
             pair.server.name()

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::SocketAddr, process::Command};
 use anyhow::{Context as _, ensure};
 use testbed::{Netns, traffic};
 
-use crate::Agent;
+use crate::{Agent, say, step};
 
 /// The kernel's default ephemeral range since Linux 4.x.
 pub const LINUX_DEFAULT: (u16, u16) = (32768, 60999);
@@ -74,9 +74,9 @@ pub fn guard_ports(agent: &Agent, iface: &str, direction: &str) -> anyhow::Resul
         .collect())
 }
 
-/// `filter-agent audit` with the agent's rules: the namespace named
+/// `filter-agent audit` with the agent's rules: for the namespace named
 /// `name`: its port range ("1024-65000") and the fix the audit gives.
-pub fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String)> {
+fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String)> {
     let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
     let document = agent.json(&["audit", "--rules", rules])?;
     let namespace = document["namespaces"]
@@ -97,16 +97,44 @@ pub fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String)> 
     Ok((format!("{}-{}", range[0], range[1]), fix))
 }
 
-/// Runs the fix exactly as the audit printed it, as an operator would
-/// paste it.
-pub fn apply(fix: &str) -> anyhow::Result<()> {
-    let output = Command::new("sh").args(["-c", fix]).output()?;
+/// Shows what `audit` says about `client`, runs its fix exactly as
+/// printed (as an operator would paste it), and connects again from the
+/// new `range`; fails if any connection still fails. Returns the fix and
+/// the new attempts.
+pub fn fix_and_retry(
+    agent: &Agent,
+    client: &Netns,
+    server: SocketAddr,
+    range: (u16, u16),
+    count: usize,
+) -> anyhow::Result<(String, Attempts)> {
+    let (found, fix) = audit_fix(agent, client.name())?;
+    say!(
+        "`filter-agent audit`: {} has ip_local_port_range {found}; fix:",
+        client.name()
+    );
+    say!("  {fix}");
+
+    step!("applying the audit's fix as printed");
+    let output = Command::new("sh").args(["-c", &fix]).output()?;
     ensure!(
         output.status.success(),
         "{fix}: {}",
         String::from_utf8_lossy(&output.stderr).trim()
     );
-    Ok(())
+    let after = connect_many(client, server, range, count)?;
+    say!(
+        "{} connections from {}: {} answered, {} not",
+        after.total(),
+        client.name(),
+        after.answered.len(),
+        after.failed.len()
+    );
+    ensure!(
+        after.failed.is_empty(),
+        "still failing after the fix: {after:?}"
+    );
+    Ok((fix, after))
 }
 
 /// "1024 5100 40000" (at most 12 ports, then "...").

@@ -108,26 +108,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports == before.failed && ingress_ports == before.failed,
         "the guard did not name exactly the failed ports"
     );
-    let (range, fix) = ports::audit_fix(&agent, container.name())?;
-    say!(
-        "`filter-agent audit`: {} has ip_local_port_range {range}; fix:",
-        container.name()
-    );
-    say!("  {fix}");
-
-    step!("applying the audit's fix as printed");
-    ports::apply(&fix)?;
-    let after = ports::connect_many(container, server, ALLOWED, CONNECTIONS)?;
-    say!(
-        "{} connections: {} answered, {} not",
-        after.total(),
-        after.answered.len(),
-        after.failed.len()
-    );
-    ensure!(
-        after.failed.is_empty(),
-        "still failing after the fix: {after:?}"
-    );
+    let (fix, after) = ports::fix_and_retry(&agent, container, server, ALLOWED, CONNECTIONS)?;
     agent.stop()?;
     Ok(Outcome {
         before,

@@ -1,9 +1,9 @@
 use std::{
     fs::File,
-    io,
+    io::{self, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
 };
@@ -66,6 +66,41 @@ impl Netns {
             command,
             format!("{program} {} (in {})", args.join(" "), self.name),
         )
+    }
+
+    /// Runs `program ARGS` inside this namespace with `input` on its
+    /// standard input (`nft -f -`, `iptables-restore`, ...); fails unless
+    /// it succeeds.
+    pub fn exec_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: &str,
+    ) -> Result<Output, TestbedError> {
+        let description = format!("{program} {} (in {})", args.join(" "), self.name);
+        let spawn_error = |source| TestbedError::Spawn {
+            command: description.clone(),
+            source,
+        };
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
+        if !output.status.success() {
+            return Err(TestbedError::Command {
+                command: description,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(output)
     }
 
     /// Sets a sysctl of this namespace (`net.*` keys are per namespace).

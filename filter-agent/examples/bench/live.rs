@@ -343,13 +343,8 @@ impl<'a> Installed<'a> {
                 iptables_restore(netns, &iptables_notrack(&workload.config)?)?
             }
             Receiver::Ipset => {
-                netns.exec("ipset", &["-exist", "destroy", IPSET_NAME]).ok();
-                restore(
-                    netns,
-                    "ipset",
-                    &["-exist", "restore"],
-                    &ipset(prefixes(workload)?),
-                )?;
+                let script = ipset(prefixes(workload)?);
+                netns.exec_with_input("ipset", &["-exist", "restore"], &script)?;
                 iptables_restore(netns, &iptables_ipset())?;
             }
         }
@@ -582,36 +577,12 @@ fn busy_cpu_ns() -> anyhow::Result<u64> {
 }
 
 fn nft(netns: &Netns, script: &str) -> anyhow::Result<()> {
-    restore(netns, "nft", &["-f", "-"], script)
+    netns.exec_with_input("nft", &["-f", "-"], script)?;
+    Ok(())
 }
 
 fn iptables_restore(netns: &Netns, script: &str) -> anyhow::Result<()> {
-    restore(netns, "iptables-legacy-restore", &[], script)
-}
-
-/// Runs `program ARGS` in `netns` with `script` on its standard input.
-fn restore(netns: &Netns, program: &str, args: &[&str], script: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = netns
-        .command(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program}"))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(script.as_bytes())?;
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!(
-            "{program}: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
+    netns.exec_with_input("iptables-legacy-restore", &[], script)?;
     Ok(())
 }
 

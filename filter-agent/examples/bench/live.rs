@@ -191,7 +191,14 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &options.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        let report = serde_json::json!({
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+            "cpus": std::thread::available_parallelism()?.get(),
+            "runs": options.runs,
+            "seconds_per_run": options.seconds,
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         println!("written to {}", path.display());
     }
     Ok(())

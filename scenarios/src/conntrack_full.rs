@@ -133,9 +133,11 @@ fn flood_and_connect(agent: Option<&Path>) -> anyhow::Result<(u64, usize, u64)> 
         .transpose()?;
 
     let target = chain.server_addr().to_string();
+    // Bounded by its count; killed as soon as the connections were tried
+    // (nsenter execs hping3, so the child is hping3 itself).
     let mut flood = client
-        .command("timeout")
-        .args(["30", "hping3", "-q", "-S", "-p", "8080", "--rand-source"])
+        .command("hping3")
+        .args(["-q", "-S", "-p", "8080", "--rand-source"])
         .args(["-i", FLOOD_INTERVAL, "-c", &FLOOD.to_string(), &target])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

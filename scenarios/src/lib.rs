@@ -14,7 +14,10 @@ pub mod lvs_dr;
 pub mod ports;
 pub mod sakura;
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use testbed::Netns;
 
@@ -50,10 +53,31 @@ macro_rules! say {
     ($($arg:tt)*) => { println!("  {}", format_args!($($arg)*)) };
 }
 
-/// A step of a scenario's narrative.
+/// A step of a scenario's narrative. Returns from the scenario with an
+/// error (so that everything set up is dropped and cleaned up) once
+/// [`interrupt`] was called.
 #[macro_export]
 macro_rules! step {
-    ($($arg:tt)*) => { println!("\n{}", format_args!($($arg)*)) };
+    ($($arg:tt)*) => {
+        $crate::checkpoint()?;
+        println!("\n{}", format_args!($($arg)*));
+    };
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Makes the running scenario stop at its next step (for Ctrl-C).
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+#[doc(hidden)]
+pub fn checkpoint() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !INTERRUPTED.load(Ordering::Relaxed),
+        "interrupted; cleaned up"
+    );
+    Ok(())
 }
 
 /// Loads an nftables ruleset in `netns` (`nft -f -`).

@@ -173,8 +173,8 @@ fn send(client: &Netns, args: &[&str]) -> anyhow::Result<()> {
     let vip = Pair::SERVER_V4.to_string();
     // hping3 exits non-zero when nothing answers, which is the point here.
     client
-        .command("timeout")
-        .args(["20", "hping3", "-q", "-i", "u20000", "-c", &count])
+        .command("hping3")
+        .args(["-q", "-i", "u20000", "-c", &count])
         .args(args)
         .arg(&vip)
         .output()?;

@@ -85,6 +85,9 @@ fn scenario(name: &str) -> anyhow::Result<()> {
     setup::run()?;
     util::cargo(&["build", "--quiet", "--package", "filter-agent"])?;
     let agent = util::workspace_root().join("target/debug/filter-agent");
+    // Ctrl-C also stops the tools the scenario runs; the scenario itself
+    // stops at its next step and undoes what it set up.
+    ctrlc::set_handler(scenarios::interrupt).context("installing the Ctrl-C handler")?;
     for name in names {
         scenarios::run(name, &agent)?;
         println!("\n{name}: reproduced, and filter-agent did what it should");

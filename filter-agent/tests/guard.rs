@@ -9,10 +9,7 @@ use std::{
 };
 
 use serde_json::Value;
-use testbed::{
-    Chain, Daemon, Netns,
-    traffic::{self, Responder},
-};
+use testbed::{Chain, Daemon, Netns, traffic::Responder};
 
 const PORT: u16 = 8080;
 const ALLOWED: (u16, u16) = (32768, 60999);
@@ -59,26 +56,13 @@ fn start_agent(host: &Netns, iface: &str, rules: &Path) -> Daemon {
     agent
 }
 
-/// Connections from the client: one from each end and quartile of `range`
-/// (its `ip_local_port_range`), so that every part of it is tried, then
-/// `ATTEMPTS` from ports the kernel picks (which come in runs of nearby
-/// ports). Returns the local ports answered and not.
+/// `TOTAL_ATTEMPTS` connections from the client, spread over `range` (its
+/// `ip_local_port_range`) first; returns the local ports answered and not.
 fn connect_many(chain: &Chain, range: (u16, u16)) -> (BTreeSet<u16>, BTreeSet<u16>) {
     let server = SocketAddr::from((chain.server_addr(), PORT));
-    let (low, high) = (u32::from(range.0), u32::from(range.1));
-    let spread = (0..=4).map(|quarter| Some((low + (high - low) * quarter / 4) as u16));
-    let (mut answered, mut failed) = (BTreeSet::new(), BTreeSet::new());
-    // The fixed ports first: the kernel's picks then avoid them.
-    for from in spread.chain(std::iter::repeat_n(None, ATTEMPTS)) {
-        let (ok, port) = traffic::tcp_attempt(chain.client(), server, from).unwrap();
-        if ok { &mut answered } else { &mut failed }.insert(port);
-    }
-    assert_eq!(
-        answered.len() + failed.len(),
-        TOTAL_ATTEMPTS,
-        "a port was used twice"
-    );
-    (answered, failed)
+    let attempts =
+        scenarios::ports::connect_many(chain.client(), server, range, TOTAL_ATTEMPTS).unwrap();
+    (attempts.answered, attempts.failed)
 }
 
 fn port_range((low, high): (u16, u16)) -> String {

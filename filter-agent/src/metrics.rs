@@ -83,7 +83,21 @@ impl Collector for Metrics {
                 }
             }
         }
-        let counters: [(&str, &str, &[Sample]); 6] = [
+        let status = self
+            .status
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let reloads = [
+            (
+                vec![("result", "success".to_owned())],
+                status.reloads_succeeded,
+            ),
+            (
+                vec![("result", "failure".to_owned())],
+                status.reloads_failed,
+            ),
+        ];
+        let counters: [(&str, &str, &[Sample]); 7] = [
             (
                 "rule_packets",
                 "Packets decided by each rule.",
@@ -106,6 +120,11 @@ impl Collector for Metrics {
                 "Ephemeral-port guard, in bytes.",
                 &guard_bytes,
             ),
+            (
+                "reloads",
+                "Rule reloads (SIGHUP or a changed file), by result.",
+                &reloads,
+            ),
         ];
         for (name, help, samples) in counters {
             let name = format!("{PREFIX}_{name}");
@@ -115,33 +134,6 @@ impl Collector for Metrics {
                     .encode_family(labels)?
                     .encode_counter::<NoLabelSet, _, u64>(value, None)?;
             }
-        }
-
-        let status = self
-            .status
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let reloads = [
-            (
-                vec![("result", "success".to_owned())],
-                status.reloads_succeeded,
-            ),
-            (
-                vec![("result", "failure".to_owned())],
-                status.reloads_failed,
-            ),
-        ];
-        let name = format!("{PREFIX}_reloads");
-        let mut family = encoder.encode_descriptor(
-            &name,
-            "Rule reloads (SIGHUP or a changed file), by result.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (labels, value) in &reloads {
-            family
-                .encode_family(labels)?
-                .encode_counter::<NoLabelSet, _, u64>(value, None)?;
         }
 
         let rules = ConstGauge::new(status.rules_loaded as i64);

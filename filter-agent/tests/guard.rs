@@ -3,13 +3,11 @@
 //! namespace (sometimes behind a middle one that plays the cloud ACL).
 //! Needs root; every test makes its own namespaces and removes them.
 
-use std::{
-    collections::BTreeSet, io::Write as _, net::SocketAddr, path::Path, process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
+use scenarios::Agent;
 use serde_json::Value;
-use testbed::{Chain, Daemon, Netns, traffic::Responder};
+use testbed::{Chain, Netns, traffic::Responder};
 
 const PORT: u16 = 8080;
 const ALLOWED: (u16, u16) = (32768, 60999);
@@ -39,21 +37,9 @@ dport = "32768-60999"
 /// Filters nothing; the guard only counts.
 const ALLOW_ALL: &str = "[filter]\ndefault = \"allow\"\n[guard]\nephemeral = \"32768-60999\"\n";
 
-fn rules_file(text: &str) -> tempfile::NamedTempFile {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    file.write_all(text.as_bytes()).unwrap();
-    file
-}
-
-/// The agent in `host` on `iface`, once it has attached.
-fn start_agent(host: &Netns, iface: &str, rules: &Path) -> Daemon {
-    let mut command = host.command(AGENT);
-    command
-        .args(["--detach-on-exit", "--iface", iface, "--rules"])
-        .arg(rules);
-    let mut agent = Daemon::start(command, None).unwrap();
-    agent.expect("filter attached", Duration::from_secs(10));
-    agent
+/// The agent in `host` on `iface` with the rules `text`, once it is ready.
+fn start_agent(host: &Netns, iface: &str, text: &str) -> Agent {
+    Agent::start(Path::new(AGENT), host, &[iface], text).unwrap()
 }
 
 /// `TOTAL_ATTEMPTS` connections from the client, spread over `range` (its
@@ -74,14 +60,11 @@ fn in_allowed(port: u16) -> bool {
 }
 
 /// `filter-agent guard --iface IFACE --json` for one interface.
-fn guard_report(iface: &str) -> Value {
-    let output = Command::new(AGENT)
-        .args(["guard", "--top", "1000", "--json", "--iface", iface])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let reports: Value = serde_json::from_slice(&output.stdout).unwrap();
-    reports[0].clone()
+fn guard_report(agent: &Agent, iface: &str) -> Value {
+    agent
+        .json(&["guard", "--top", "1000", "--iface", iface])
+        .unwrap()[0]
+        .clone()
 }
 
 fn packets(report: &Value, counter: &str) -> u64 {
@@ -99,15 +82,10 @@ fn ports(report: &Value, direction: &str) -> BTreeSet<u16> {
         .collect()
 }
 
-/// `filter-agent audit --json` with the guard range of `rules`.
-fn audit(rules: &Path) -> Vec<Value> {
-    let output = Command::new(AGENT)
-        .args(["audit", "--json", "--rules"])
-        .arg(rules)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
-    let document: Value = serde_json::from_slice(&output.stdout).unwrap();
+/// `filter-agent audit --json` with the guard range of the agent's rules.
+fn audit(agent: &Agent) -> Vec<Value> {
+    let rules = agent.rules().to_str().unwrap();
+    let document = agent.json(&["audit", "--rules", rules]).unwrap();
     document["namespaces"].as_array().unwrap().clone()
 }
 
@@ -127,9 +105,8 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
         .sysctl("net.ipv4.ip_local_port_range", &port_range(WIDE))
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
-    let rules = rules_file(STATELESS_ACL);
     let uplink = chain.left_if(1);
-    let agent = start_agent(host, &uplink, rules.path());
+    let agent = start_agent(host, &uplink, STATELESS_ACL);
 
     let (answered, failed) = connect_many(&chain, WIDE);
     // Exactly the connections from ports outside the allowed range fail.
@@ -143,7 +120,7 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
         "{answered:?} {failed:?}"
     );
 
-    let report = guard_report(&uplink);
+    let report = guard_report(&agent, &uplink);
     // One SYN per attempt leaves the uplink, from the client's own port.
     assert_eq!(
         packets(&report, "outbound_out_of_range"),
@@ -155,7 +132,7 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
     assert!(packets(&report, "return_out_of_range") >= failed.len() as u64);
     assert_eq!(ports(&report, "ingress"), failed);
 
-    let namespaces = audit(rules.path());
+    let namespaces = audit(&agent);
     let flagged = audited(&namespaces, client.name());
     assert_eq!(flagged["port_range"], serde_json::json!([1024, 65000]));
     let fix = flagged["findings"][0]["fix"].as_str().unwrap();
@@ -166,8 +143,7 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
             client.name()
         )
     );
-    let (status, log) = agent.stop();
-    assert!(status.is_some_and(|status| status.success()), "{log:?}");
+    agent.stop().unwrap();
     assert!(
         !loader_pins(&uplink).exists(),
         "pins left behind: {}",
@@ -183,19 +159,18 @@ fn correctly_configured_namespace_counts_nothing_out_of_range() {
         .sysctl("net.ipv4.ip_local_port_range", &port_range(ALLOWED))
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
-    let rules = rules_file(STATELESS_ACL);
     let uplink = chain.left_if(1);
-    let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
+    let agent = start_agent(&chain.namespaces[1], &uplink, STATELESS_ACL);
 
     let (answered, failed) = connect_many(&chain, ALLOWED);
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(answered.len(), TOTAL_ATTEMPTS);
-    let report = guard_report(&uplink);
+    let report = guard_report(&agent, &uplink);
     assert_eq!(packets(&report, "return_out_of_range"), 0);
     assert_eq!(packets(&report, "outbound_out_of_range"), 0);
     assert_eq!(packets(&report, "outbound_in_range"), TOTAL_ATTEMPTS as u64);
     assert!(packets(&report, "return_in_range") >= TOTAL_ATTEMPTS as u64);
-    let namespaces = audit(rules.path());
+    let namespaces = audit(&agent);
     let client = audited(&namespaces, chain.client().name());
     assert_eq!(client["findings"], serde_json::json!([]));
 }
@@ -226,14 +201,13 @@ fn docker_style_nat_ports_are_seen_after_translation() {
     )
     .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
-    let rules = rules_file(ALLOW_ALL);
-    let _agent = start_agent(host, &uplink, rules.path());
+    let agent = start_agent(host, &uplink, ALLOW_ALL);
 
     let (answered, failed) = connect_many(&chain, ALLOWED);
     assert!(failed.is_empty(), "{failed:?}");
     assert!(answered.iter().all(|&port| in_allowed(port)));
 
-    let report = guard_report(&uplink);
+    let report = guard_report(&agent, &uplink);
     assert_eq!(
         packets(&report, "outbound_out_of_range"),
         TOTAL_ATTEMPTS as u64
@@ -246,7 +220,7 @@ fn docker_style_nat_ports_are_seen_after_translation() {
         "{translated:?}"
     );
 
-    let namespaces = audit(rules.path());
+    let namespaces = audit(&agent);
     let nat_host = audited(&namespaces, host.name());
     let problems: Vec<&str> = nat_host["findings"]
         .as_array()
@@ -291,9 +265,8 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
         )
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
-    let rules = rules_file(ALLOW_ALL);
     let uplink = chain.left_if(1);
-    let _agent = start_agent(&chain.namespaces[1], &uplink, rules.path());
+    let agent = start_agent(&chain.namespaces[1], &uplink, ALLOW_ALL);
 
     let (answered, failed) = connect_many(&chain, WIDE);
     assert!(
@@ -303,7 +276,7 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
     assert!(failed.iter().all(|&port| !in_allowed(port)), "{failed:?}");
     assert!(!failed.is_empty());
 
-    let report = guard_report(&uplink);
+    let report = guard_report(&agent, &uplink);
     // Nothing out of range ever reaches the host...
     assert_eq!(packets(&report, "return_out_of_range"), 0);
     assert!(ports(&report, "ingress").is_empty());

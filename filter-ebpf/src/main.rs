@@ -24,7 +24,7 @@ use filter_common::{Counter, DECISION_RULE, action, event, fragments, mode, reas
 
 use crate::{
     guard::Inbound,
-    parse::{Frame, Packet, parse},
+    parse::{Frame, Malformed, Packet, parse},
 };
 
 /// Action for IP packets that match no rule; set by the agent at load time.
@@ -66,19 +66,23 @@ enum Slot {
     Rule(u32),
 }
 
-/// What `classify` decided, and what `finish` needs to report it.
+/// What `classify` decided.
 struct Verdict {
     slot: Slot,
     action: u32,
     /// `event::GUARD_NONE` or `event::GUARD_RETURN`.
     guard: u8,
-    packet: Option<Packet>,
 }
 
 #[xdp]
 pub fn filter(ctx: XdpContext) -> u32 {
-    let verdict = classify(&ctx);
-    finish(&ctx, verdict)
+    let frame = parse(ctx.data(), ctx.data_end());
+    let verdict = classify(&ctx, &frame);
+    let packet = match &frame {
+        Ok(Frame::Ip(packet)) => Some(packet),
+        _ => None,
+    };
+    finish(&ctx, verdict, packet)
 }
 
 /// The frame's length: what byte counters add.
@@ -105,20 +109,18 @@ pub fn guard_egress(ctx: TcContext) -> i32 {
 
 /// Decides what happens to this packet and where it is counted.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Verdict {
-    let (data, end) = (ctx.data(), ctx.data_end());
+fn classify(ctx: &XdpContext, frame: &Result<Frame, Malformed>) -> Verdict {
     let decided = |slot, action| Verdict {
         slot,
         action,
         guard: event::GUARD_NONE,
-        packet: None,
     };
-    let packet = match parse(data, end) {
+    let packet = match frame {
         Err(_) => return decided(Slot::Reason(reason::MALFORMED), action::DENY),
         Ok(Frame::NonIp) => return decided(Slot::Reason(reason::NON_IP), action::ALLOW),
         Ok(Frame::Ip(packet)) => packet,
     };
-    let guarded = guard::inspect_inbound(&packet, frame_len(ctx));
+    let guarded = guard::inspect_inbound(packet, frame_len(ctx));
     let guard = if guarded == Inbound::Fine {
         event::GUARD_NONE
     } else {
@@ -127,13 +129,12 @@ fn classify(ctx: &XdpContext) -> Verdict {
     let (slot, action) = if guarded == Inbound::Drop {
         (Slot::Reason(reason::GUARD_DROP), action::DENY)
     } else {
-        decide(&packet)
+        decide(packet)
     };
     Verdict {
         slot,
         action,
         guard,
-        packet: Some(packet),
     }
 }
 
@@ -164,7 +165,7 @@ fn decide(packet: &Packet) -> (Slot, u32) {
 /// guard findings as events, and turns the action into an XDP verdict
 /// (monitor mode never drops).
 #[inline(always)]
-fn finish(ctx: &XdpContext, verdict: Verdict) -> u32 {
+fn finish(ctx: &XdpContext, verdict: Verdict, packet: Option<&Packet>) -> u32 {
     let len = frame_len(ctx);
     let (counter, decision) = match verdict.slot {
         Slot::Reason(why) => (STATS.get_ptr_mut(why), why),
@@ -185,16 +186,19 @@ fn finish(ctx: &XdpContext, verdict: Verdict) -> u32 {
         None => error!(ctx, "no counter slot for a verdict"),
     }
     let denied = verdict.action == action::DENY;
-    let enforcing = MODE.load() == mode::ENFORCE;
+    // The mode is read only for denied packets.
+    let drop = denied && MODE.load() == mode::ENFORCE;
     if denied || verdict.guard != event::GUARD_NONE {
-        let kind = match (denied, enforcing) {
-            (true, true) => event::DROP,
-            (true, false) => event::WOULD_DROP,
-            _ => event::PASS,
+        let kind = if drop {
+            event::DROP
+        } else if denied {
+            event::WOULD_DROP
+        } else {
+            event::PASS
         };
-        events::emit(verdict.packet.as_ref(), decision, kind, verdict.guard, len);
+        events::emit(packet, decision, kind, verdict.guard, len);
     }
-    if denied && enforcing {
+    if drop {
         xdp_action::XDP_DROP
     } else {
         xdp_action::XDP_PASS

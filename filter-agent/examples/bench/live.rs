@@ -634,6 +634,56 @@ fn translatable(rule: &Rule) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How nftables and iptables spell the conditions the rule sets use.
+struct Syntax {
+    src: &'static str,
+    dst: &'static str,
+    proto: &'static str,
+    sport: &'static str,
+    dport: &'static str,
+    /// Between the ends of a port range.
+    range: char,
+}
+
+const NFT: Syntax = Syntax {
+    src: "ip saddr",
+    dst: "ip daddr",
+    proto: "ip protocol",
+    sport: "th sport",
+    dport: "th dport",
+    range: '-',
+};
+
+const IPTABLES: Syntax = Syntax {
+    src: "-s",
+    dst: "-d",
+    proto: "-p",
+    sport: "--sport",
+    dport: "--dport",
+    range: ':',
+};
+
+/// `rule`'s conditions in `syntax`, separated by spaces.
+fn conditions(rule: &Rule, syntax: &Syntax) -> anyhow::Result<String> {
+    translatable(rule)?;
+    let mut parts = Vec::new();
+    for (keyword, list) in [(syntax.src, &rule.src), (syntax.dst, &rule.dst)] {
+        if let Some(list) = list {
+            parts.push(format!("{keyword} {}", single_net(list)?));
+        }
+    }
+    if let Some(proto) = rule.proto {
+        parts.push(format!("{} {}", syntax.proto, protocol_name(proto)?));
+    }
+    for (keyword, ranges) in [(syntax.sport, &rule.sport), (syntax.dport, &rule.dport)] {
+        if let Some(ranges) = ranges {
+            let (low, high) = single_range(ranges)?;
+            parts.push(format!("{keyword} {low}{}{high}", syntax.range));
+        }
+    }
+    Ok(parts.join(" "))
+}
+
 /// `config` as an nftables netdev ingress chain, rule by rule.
 fn nft_linear(config: &Config, iface: &str) -> anyhow::Result<String> {
     let mut script = format!(
@@ -641,24 +691,12 @@ fn nft_linear(config: &Config, iface: &str) -> anyhow::Result<String> {
          type filter hook ingress device \"{iface}\" priority 0; policy accept;\n"
     );
     for rule in &config.rules {
-        translatable(rule)?;
-        script.push_str("  ");
-        if let Some(src) = &rule.src {
-            write!(script, "ip saddr {} ", single_net(src)?)?;
-        }
-        if let Some(dst) = &rule.dst {
-            write!(script, "ip daddr {} ", single_net(dst)?)?;
-        }
-        if let Some(proto) = rule.proto {
-            write!(script, "ip protocol {} ", protocol_name(proto)?)?;
-        }
-        for (field, ranges) in [("sport", &rule.sport), ("dport", &rule.dport)] {
-            if let Some(ranges) = ranges {
-                let (low, high) = single_range(ranges)?;
-                write!(script, "th {field} {low}-{high} ")?;
-            }
-        }
-        writeln!(script, "counter {}", nft_verdict(rule.action))?;
+        let conditions = conditions(rule, &NFT)?;
+        writeln!(
+            script,
+            "  {conditions} counter {}",
+            nft_verdict(rule.action)
+        )?;
     }
     writeln!(
         script,
@@ -698,24 +736,12 @@ fn nft_set(nets: &[Ipv4Net], iface: &str) -> String {
 fn iptables_notrack(config: &Config) -> anyhow::Result<String> {
     let mut script = raw_table_header();
     for rule in &config.rules {
-        translatable(rule)?;
-        script.push_str("-A PREROUTING");
-        if let Some(src) = &rule.src {
-            write!(script, " -s {}", single_net(src)?)?;
-        }
-        if let Some(dst) = &rule.dst {
-            write!(script, " -d {}", single_net(dst)?)?;
-        }
-        if let Some(proto) = rule.proto {
-            write!(script, " -p {}", protocol_name(proto)?)?;
-        }
-        for (flag, ranges) in [("--sport", &rule.sport), ("--dport", &rule.dport)] {
-            if let Some(ranges) = ranges {
-                let (low, high) = single_range(ranges)?;
-                write!(script, " {flag} {low}:{high}")?;
-            }
-        }
-        writeln!(script, " -j {}", iptables_target(rule.action))?;
+        let conditions = conditions(rule, &IPTABLES)?;
+        writeln!(
+            script,
+            "-A PREROUTING {conditions} -j {}",
+            iptables_target(rule.action)
+        )?;
     }
     writeln!(
         script,

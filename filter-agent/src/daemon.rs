@@ -69,6 +69,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check()?;
+    loader::check_kernel()?;
     // All or none: an unknown second interface must not leave the first
     // one attached.
     if let Some(missing) = args
@@ -111,17 +112,32 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let files = FileWatch::new(&rules)?;
         let mut watch = GuardWatch::new(&config.guard);
         watch.listeners = watch.scan();
+        // A failed start removes what it added, on every interface: a
+        // filter an earlier agent left in place stays.
+        let fresh: Vec<PathBuf> = args
+            .iface
+            .iter()
+            .map(|iface| loader::pin_dir(iface))
+            .filter(|dir| !dir.join(loader::XDP_LINK_PIN).exists())
+            .collect();
         let mut interfaces = Vec::new();
         for (iface, lock) in args.iface.iter().zip(locks) {
-            let interface = Interface::attach(
+            let attached = Interface::attach(
                 iface,
                 lock,
                 &rule_set,
                 &watch.listeners,
                 args.xdp_mode,
                 args.events_per_second,
-            )?;
-            interfaces.push(interface);
+            );
+            match attached {
+                Ok(interface) => interfaces.push(interface),
+                Err(err) => {
+                    drop(interfaces);
+                    fresh.iter().for_each(|dir| loader::remove_pins(dir));
+                    return Err(err);
+                }
+            }
         }
         info!(
             rules = %rules.display(),
@@ -181,25 +197,18 @@ impl Interface {
         event_rate: u32,
     ) -> anyhow::Result<Self> {
         let dir = loader::pin_dir(iface);
-        let pinned_before = dir.join(loader::XDP_LINK_PIN).exists();
-        let installed =
-            load_filter(rule_set, &dir, listeners, event_rate).and_then(|mut filter| {
-                if let Some(logger) = filter.logger() {
-                    forward_program_logs(logger)?;
-                }
-                install(iface, &dir, filter, rule_set, mode)
-            });
-        let (filter, bases, attached) = match installed {
-            Ok(installed) => installed,
-            Err(err) => {
-                // Only what this attempt pinned goes; a filter left in
-                // place by an earlier agent stays.
-                if !pinned_before {
-                    loader::remove_pins(&dir);
-                }
-                return Err(err);
-            }
-        };
+        let mut filter = load_filter(rule_set, &dir, listeners, event_rate)?;
+        if let Some(logger) = filter.logger() {
+            forward_program_logs(logger)?;
+        }
+        let (filter, bases, attached) = install(iface, &dir, filter, rule_set, mode)?;
+        if rule_set.guard.action != GuardAction::Off && !loader::has_tcx() {
+            info!(
+                %iface,
+                kernel = %loader::kernel_version().map_or_else(String::new, |v| v.to_string()),
+                "no TCX before Linux 6.6: the guard's egress program runs as a tc filter on a clsact qdisc instead (kept across restarts, removed by detach)"
+            );
+        }
         match attached {
             Attached::Fresh(mode) => info!(%iface, mode, "filter attached"),
             Attached::Adopted => info!(

@@ -15,3 +15,4 @@ pub mod pcap;
 pub mod privileges;
 pub mod reference;
 pub mod state;
+mod tc;

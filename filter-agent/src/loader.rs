@@ -6,14 +6,16 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
     maps::{Array, MapError, PerCpuArray, RingBuf},
     pin::PinError,
+    maps::MapData,
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult,
         Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        links::{FdLink, Link as _, LinkError, PinnedLink},
+        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
         xdp::{XdpLink, XdpLinkId},
     },
     sys::SyscallError,
+    util::KernelVersion,
 };
 use filter_common::{Counter, DECISION_RULE, Event, fragments, names, reason};
 use thiserror::Error;
@@ -38,6 +40,9 @@ pub fn pin_dir(iface: &str) -> PathBuf {
 /// process holds its links any more), `dir` itself, and [`PIN_ROOT`] when
 /// that leaves it empty.
 pub fn remove_pins(dir: &Path) {
+    if let Err(err) = remove_egress_filter(dir) {
+        tracing::warn!(%err, dir = %dir.display(), "cannot remove the guard's tc egress filter");
+    }
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_file(entry.path());
@@ -61,6 +66,61 @@ pub struct LoadOptions<'a> {
 /// The pinned XDP link and the guard's egress (TCX) link.
 pub const XDP_LINK_PIN: &str = "xdp_link";
 pub const EGRESS_LINK_PIN: &str = "egress_link";
+/// Before TCX, the guard's egress program is a tc filter, which cannot be
+/// pinned: this pinned one-entry map records which one is the agent's.
+pub const EGRESS_TC_PIN: &str = "egress_tc";
+
+/// The oldest kernel filter-agent runs on (Debian 11's, tested in a VM):
+/// it needs XDP links (5.9) and BPF ring buffers (5.8).
+pub const MIN_KERNEL: (u8, u8) = (5, 10);
+/// TCX, and with it pinnable tc links, arrived in Linux 6.6.
+const TCX_KERNEL: (u8, u8) = (6, 6);
+/// Where the tc fallback filter sits on the clsact egress hook: fixed, so
+/// that a restart finds it and replaces its program in place, and before
+/// the filters `tc` adds without a pref (49152 and down), because the
+/// program only counts and lets the next filter decide.
+const TC_PRIORITY: u16 = 4001;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0xfa17);
+/// Where a refused program's verifier log is written: the agent's runtime
+/// directory.
+pub const VERIFIER_LOG_DIR: &str = crate::events::SOCKET_DIR;
+
+/// The record behind [`EGRESS_TC_PIN`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcRecord {
+    /// The interface the filter was added to (a re-created interface with
+    /// the same name has a new index and none of the old filters).
+    pub ifindex: u32,
+    /// 1 when the agent added the clsact qdisc itself, so it may remove it
+    /// again once no filter is left in it.
+    pub created_qdisc: u32,
+}
+
+// SAFETY: `repr(C)`, two `u32`, no padding.
+unsafe impl Pod for TcRecord {}
+
+/// The running kernel's version, as aya reads it (Debian's included).
+pub fn kernel_version() -> Option<KernelVersion> {
+    KernelVersion::current().ok()
+}
+
+/// Refuses kernels older than [`MIN_KERNEL`] with one line.
+pub fn check_kernel() -> Result<(), LoadError> {
+    let (major, minor) = MIN_KERNEL;
+    match kernel_version() {
+        Some(version) if version < KernelVersion::new(major, minor, 0) => {
+            Err(LoadError::OldKernel(version.to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether the guard's egress program can use a TCX link.
+pub fn has_tcx() -> bool {
+    let (major, minor) = TCX_KERNEL;
+    kernel_version().is_some_and(|version| version >= KernelVersion::new(major, minor, 0))
+}
 
 /// How [`Filter::attach_pinned`] attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,15 +206,74 @@ pub mod xdp_action {
 
 /// The XDP object built by build.rs from filter-ebpf.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter"));
+/// Names an object file to load instead of the embedded one: a custom
+/// build of filter-ebpf, or (in the tests) a program the kernel refuses.
+pub const OBJECT_ENV: &str = "FILTER_AGENT_BPF_OBJECT";
+
+/// The object to load: the embedded one, or the file [`OBJECT_ENV`] names,
+/// copied into 8-byte-aligned memory as the ELF parser needs.
+struct ProgramObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl ProgramObject {
+    fn get() -> Result<Option<Self>, LoadError> {
+        let Some(path) = std::env::var_os(OBJECT_ENV) else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::ObjectFile {
+            path: PathBuf::from(&path),
+            source,
+        })?;
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut padded = [0u8; 8];
+            padded[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_ne_bytes(padded);
+        }
+        Ok(Some(Self {
+            words,
+            len: bytes.len(),
+        }))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.len) }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error("cannot load the eBPF object")]
     Object(#[from] EbpfError),
+    #[error("cannot read the eBPF object {} (${OBJECT_ENV})", path.display())]
+    ObjectFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the eBPF object has no program named `{0}`")]
     MissingProgram(&'static str),
     #[error("the kernel rejected the XDP program")]
     Program(#[from] ProgramError),
+    #[error(
+        "filter-agent needs Linux {major}.{minor} or later (XDP links, BPF ring buffers); this is Linux {0}",
+        major = MIN_KERNEL.0,
+        minor = MIN_KERNEL.1
+    )]
+    OldKernel(String),
+    #[error(
+        "the kernel (Linux {kernel}) refused the program `{program}`: {reason}; likely cause: \
+         {cause}; the verifier's log is in {log}"
+    )]
+    Refused {
+        program: &'static str,
+        kernel: String,
+        reason: String,
+        cause: &'static str,
+        log: String,
+    },
     #[error("the filter is not attached to an interface")]
     NotAttached,
     #[error("no network interface named `{0}`")]
@@ -195,6 +314,8 @@ pub enum LoadError {
     },
     #[error("the pinned link is not usable")]
     Link(#[from] LinkError),
+    #[error("cannot remove the clsact qdisc the agent added")]
+    Qdisc(#[source] std::io::Error),
 }
 
 /// The loaded program and its maps. Dropping it detaches the program.
@@ -255,6 +376,7 @@ impl Filter {
         let (low, high) = (u32::from(low), u32::from(high));
         let entries = |len: usize| (len as u32).max(1);
         let rule_count = entries(rules.rules.len());
+        let custom = ProgramObject::get()?;
         let mut loader = EbpfLoader::new();
         if let Some(dir) = options.pins {
             for name in PINNED_MAPS {
@@ -280,7 +402,7 @@ impl Filter {
             .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
             .map_max_entries(names::RULE_STATS, rule_count)
             .map_max_entries(names::RULE_ACTIONS, rule_count)
-            .load(PROGRAM_OBJECT)?;
+            .load(custom.as_ref().map_or(PROGRAM_OBJECT, ProgramObject::bytes))?;
         fill_addresses(&mut ebpf, names::SRC_NODES, names::SRC_BITS, &rules.src)?;
         fill_addresses(&mut ebpf, names::DST_NODES, names::DST_BITS, &rules.dst)?;
         fill_table(
@@ -309,10 +431,14 @@ impl Filter {
             names::SERVICE_PORTS,
             services.into_iter().enumerate(),
         )?;
-        program_mut(&mut ebpf)?.load()?;
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(|err| refused(names::PROGRAM, err))?;
         let guard_on = rules.guard.action != GuardAction::Off;
         if guard_on {
-            egress_mut(&mut ebpf)?.load()?;
+            egress_mut(&mut ebpf)?
+                .load()
+                .map_err(|err| refused(names::EGRESS_PROGRAM, err))?;
         }
         Ok(Self {
             ebpf,
@@ -407,6 +533,11 @@ impl Filter {
         if !self.guard_on {
             // The guard was switched off: its egress half goes.
             let _ = std::fs::remove_file(&egress_pin);
+            remove_egress_filter(dir)?;
+            return Ok(attached);
+        }
+        if !has_tcx() {
+            self.attach_egress_filter(iface, dir)?;
             return Ok(attached);
         }
         let adopted = adopt(&egress_pin, |link: SchedClassifierLink| {
@@ -420,6 +551,64 @@ impl Filter {
             pin_link(FdLink::try_from(link)?, &egress_pin)?;
         }
         Ok(attached)
+    }
+
+    /// The guard's egress program before TCX: a tc filter at
+    /// [`TC_PRIORITY`] on the clsact egress hook, recorded in
+    /// [`EGRESS_TC_PIN`]. A restart replaces the program of the recorded
+    /// filter in place (no gap); otherwise the filter is added, after the
+    /// record, so that a failure from here on can be undone.
+    fn attach_egress_filter(&mut self, iface: &str, dir: &Path) -> Result<(), LoadError> {
+        let ifindex = if_index(iface).ok_or_else(|| LoadError::UnknownInterface(iface.into()))?;
+        let record = read_tc_record(dir).filter(|record| record.ifindex == ifindex);
+        let attach_error = |source: ProgramError| LoadError::AttachEgress {
+            iface: iface.to_owned(),
+            source,
+        };
+        let program = egress_mut(&mut self.ebpf)?;
+        if record.is_some() {
+            let link = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Egress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            )
+            .map_err(|err| attach_error(TcError::IoError(err).into()))?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    // Not owned by this instance: it outlives the agent.
+                    std::mem::forget(program.take_link(id)?);
+                    return Ok(());
+                }
+                // The filter is gone (someone removed it): add it again.
+                Err(err) if netlink_errno(&err) == Some(libc::ENOENT) => {}
+                Err(err) => return Err(attach_error(err)),
+            }
+        }
+        let created = match aya::programs::tc::qdisc_add_clsact(iface) {
+            Ok(()) => true,
+            Err(TcError::NetlinkError(err)) if err.raw_os_error() == Some(libc::EEXIST) => false,
+            Err(err) => return Err(attach_error(err.into())),
+        };
+        let created = created || record.is_some_and(|record| record.created_qdisc != 0);
+        write_tc_record(
+            dir,
+            TcRecord {
+                ifindex,
+                created_qdisc: u32::from(created),
+            },
+        )?;
+        let options = NlOptions {
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+            classid: None,
+        };
+        let id = program
+            .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::Netlink(options))
+            .map_err(attach_error)?;
+        std::mem::forget(program.take_link(id)?);
+        Ok(())
     }
 
     /// Pins this instance's per-rule counters at `path`, replacing what is
@@ -674,4 +863,112 @@ fn if_index(iface: &str) -> Option<u32> {
     // SAFETY: `name` is a valid NUL-terminated string for the whole call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     (index != 0).then_some(index)
+}
+
+/// The errno inside a netlink (tc) attach error.
+fn netlink_errno(err: &ProgramError) -> Option<i32> {
+    match err {
+        ProgramError::TcError(TcError::NetlinkError(err)) => err.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn read_tc_record(dir: &Path) -> Option<TcRecord> {
+    let map = MapData::from_pin(dir.join(EGRESS_TC_PIN)).ok()?;
+    let map = aya::maps::Map::from_map_data(map).ok()?;
+    Array::<_, TcRecord>::try_from(map).ok()?.get(&0, 0).ok()
+}
+
+fn write_tc_record(dir: &Path, record: TcRecord) -> Result<(), LoadError> {
+    let fill = |source| LoadError::Fill {
+        map: EGRESS_TC_PIN.to_owned(),
+        source,
+    };
+    let mut array = Array::<MapData, TcRecord>::create(1, 0).map_err(fill)?;
+    array.set(0, record, 0).map_err(fill)?;
+    replace_pin(&dir.join(EGRESS_TC_PIN), |staged| array.pin(staged))
+}
+
+/// Removes the tc egress filter recorded in `dir` (if its interface still
+/// exists: a deleted interface took its filters along), and the clsact
+/// qdisc when the agent added it and nothing else is left in it.
+fn remove_egress_filter(dir: &Path) -> Result<(), LoadError> {
+    let Some(record) = read_tc_record(dir) else {
+        return Ok(());
+    };
+    let iface = dir.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+    if if_index(iface) == Some(record.ifindex) {
+        let detached = SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Egress,
+            TC_PRIORITY,
+            TC_HANDLE,
+            None,
+        )
+        .map_err(|err| ProgramError::from(TcError::IoError(err)))
+        .and_then(|link| link.detach());
+        match detached {
+            Ok(()) => {}
+            Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(err) => {
+                return Err(LoadError::AttachEgress {
+                    iface: iface.to_owned(),
+                    source: err,
+                });
+            }
+        }
+        let unused = crate::tc::clsact_is_empty(record.ifindex).map_err(LoadError::Qdisc)?;
+        if record.created_qdisc != 0 && unused {
+            crate::tc::delete_clsact(record.ifindex).map_err(LoadError::Qdisc)?;
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(EGRESS_TC_PIN));
+    Ok(())
+}
+
+/// Turns a refused program into one line, with the verifier's log in a
+/// file (or, when that cannot be written, at debug level in the log).
+fn refused(program: &'static str, err: ProgramError) -> LoadError {
+    let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = err
+    else {
+        return LoadError::Program(err);
+    };
+    let log = verifier_log.to_string();
+    // The verifier's last words name what it refused.
+    let reason = log
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| {
+            !line.is_empty()
+                && !line.starts_with("processed ")
+                && !line.starts_with("verification time")
+                && !line.starts_with("stack depth")
+        })
+        .map_or_else(|| io_error.to_string(), str::to_owned);
+    let file = Path::new(VERIFIER_LOG_DIR).join(format!("verifier-{program}.log"));
+    let written = std::fs::create_dir_all(VERIFIER_LOG_DIR)
+        .and_then(|()| std::fs::write(&file, &log))
+        .is_ok();
+    let log = if written {
+        file.display().to_string()
+    } else {
+        tracing::debug!(program, %log, "verifier log");
+        "debug log (RUST_LOG=debug)".to_owned()
+    };
+    let old = check_kernel().is_err();
+    LoadError::Refused {
+        program,
+        kernel: kernel_version().map_or_else(|| "unknown".to_owned(), |v| v.to_string()),
+        reason,
+        cause: if old {
+            "this kernel is older than filter-agent supports"
+        } else {
+            "this kernel's verifier cannot prove a check that newer ones do: please report it with the log"
+        },
+        log,
+    }
 }

@@ -214,20 +214,32 @@ unsafe fn add(counter: *mut Counter, len: u64) {
 }
 
 /// The packet's source (`which = 0`) or destination (`1`) address, IPv4
-/// addresses mapped into IPv6.
+/// addresses mapped into IPv6; all zeros if the bytes are not there.
+///
+/// Each family re-checks its own bounds against `packet.end` right before
+/// reading: the parser proved them, but a verifier older than 6.x reads `v6`
+/// back from the stack as unknown and explores the IPv6 copy of an IPv4
+/// packet too, so the proof must sit next to the read.
 ///
 /// # Safety
-/// `packet.addresses` points at the bounds-checked addresses of an IP header.
+/// `packet.addresses` points into the packet that `packet.end` ends.
 #[inline(always)]
 pub unsafe fn address(packet: &Packet, which: usize) -> [u8; 16] {
     let mut addr = [0u8; 16];
+    let base = packet.addresses as usize;
     unsafe {
         if packet.v6 {
+            if base + 32 > packet.end {
+                return addr;
+            }
             let from = packet.addresses.add(which * 16);
             for (i, byte) in addr.iter_mut().enumerate() {
                 *byte = *from.add(i);
             }
         } else {
+            if base + 8 > packet.end {
+                return addr;
+            }
             let from = packet.addresses.add(which * 4);
             addr[10] = 0xff;
             addr[11] = 0xff;

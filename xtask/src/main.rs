@@ -3,6 +3,7 @@
 mod demo;
 mod setup;
 mod util;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -28,8 +29,16 @@ enum Task {
     /// Reproduce an incident of docs/scenarios.md in throwaway namespaces:
     /// sakura, asymmetric, docker-nacl, conntrack-full, lvs-dr (or all).
     Scenario { name: String },
-    /// Lint, then run every test (unit and real-kernel integration tests).
+    /// Lint, then run every test (unit and real-kernel integration tests),
+    /// then `vm-test` on every kernel.
     Test,
+    /// Boot Debian's stock kernels (bullseye 5.10, bookworm 6.1, trixie
+    /// 6.12) in qemu and run the agent in each: one line per check.
+    VmTest {
+        /// Only these suites (default: all).
+        #[arg(long = "kernel", value_name = "SUITE")]
+        kernels: Vec<String>,
+    },
     /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
     /// writes target/bench.json. With --live: whole-path cost with live
     /// traffic next to nftables, iptables and ipset; writes
@@ -57,6 +66,7 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
+        Task::VmTest { kernels } => setup::run().and_then(|()| vm_test(&kernels)),
         Task::Bench {
             live,
             runs,
@@ -93,6 +103,19 @@ fn scenario(name: &str) -> anyhow::Result<()> {
         println!("\n{name}: reproduced, and filter-agent did what it should");
     }
     Ok(())
+}
+
+fn vm_test(kernels: &[String]) -> anyhow::Result<()> {
+    let known: Vec<&str> = vm::SUITES.iter().map(|suite| suite.name).collect();
+    if let Some(unknown) = kernels.iter().find(|name| !known.contains(&name.as_str())) {
+        anyhow::bail!("no kernel {unknown:?}; the kernels are {}", known.join(", "));
+    }
+    let chosen: Vec<&str> = if kernels.is_empty() {
+        known
+    } else {
+        kernels.iter().map(String::as_str).collect()
+    };
+    vm::run(&chosen)
 }
 
 fn bench(live: bool, runs: u32, repeat: u32, seconds: f64) -> anyhow::Result<()> {

@@ -26,6 +26,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     // systemd-analyze, for verifying the unit file.
     "systemd",
+    // `cargo xtask vm-test`: the emulator and the guest's userland.
+    "qemu-system-x86",
+    "busybox-static",
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";

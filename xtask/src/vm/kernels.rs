@@ -1,0 +1,299 @@
+//! Debian's stock kernels, fetched with an apt configuration private to
+//! the xtask (its own sources list, lists and cache under `target/vm/apt`,
+//! the host's sources untouched) and cached under `target/vm/kernels`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{output, run};
+
+/// A Debian release whose `linux-image-amd64` the VM boots.
+#[derive(Clone, Copy, Debug)]
+pub struct Suite {
+    pub name: &'static str,
+    pub debian: &'static str,
+}
+
+pub const SUITES: [Suite; 3] = [
+    Suite {
+        name: "bullseye",
+        debian: "Debian 11",
+    },
+    Suite {
+        name: "bookworm",
+        debian: "Debian 12",
+    },
+    Suite {
+        name: "trixie",
+        debian: "Debian 13",
+    },
+];
+
+/// Modules the checks need (their dependencies are found by themselves):
+/// the NIC, veth and dummy links, clsact and the tc filters of the tests,
+/// and nftables NAT for the egress guard's post-NAT check.
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "veth",
+    "dummy",
+    "sch_ingress",
+    "cls_bpf",
+    "cls_matchall",
+    "act_gact",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+];
+
+/// An unpacked kernel package.
+pub struct Kernel {
+    /// `uname -r` inside the VM, e.g. `6.1.0-50-amd64`.
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    /// The modules of [`MODULES`] and their dependencies, dependencies
+    /// first, uncompressed (busybox's insmod reads plain ELF).
+    pub modules: Vec<(String, Vec<u8>)>,
+}
+
+pub fn fetch(suite: Suite, target: &Path) -> anyhow::Result<Kernel> {
+    let root = target.join("kernels").join(suite.name);
+    let done = root.join("release");
+    if !done.exists() {
+        download(suite, target, &root)?;
+    }
+    let release = fs::read_to_string(&done)?.trim().to_owned();
+    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
+    let modules = resolve_modules(&modules_dir(&root, &release)?)
+        .with_context(|| format!("modules of {release}"))?;
+    Ok(Kernel {
+        release,
+        vmlinuz,
+        modules,
+    })
+}
+
+fn download(suite: Suite, target: &Path, root: &Path) -> anyhow::Result<()> {
+    let apt = target.join("apt").join(suite.name);
+    for dir in ["lists/partial", "cache/archives/partial", "debs"] {
+        fs::create_dir_all(apt.join(dir))?;
+    }
+    let sources = apt.join("sources.list");
+    fs::write(
+        &sources,
+        format!(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
+             http://deb.debian.org/debian {} main\n",
+            suite.name
+        ),
+    )?;
+    let options = |command: &mut Command| {
+        command
+            .arg("-q")
+            .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
+            .arg("-oDir::Etc::SourceParts=/dev/null")
+            .arg(format!("-oDir::State::Lists={}", apt.join("lists").display()))
+            .arg(format!("-oDir::Cache={}", apt.join("cache").display()));
+    };
+    println!("vm-test: fetching the {} kernel ({})", suite.name, suite.debian);
+    let mut update = Command::new("apt-get");
+    options(&mut update);
+    run(update.arg("update")).context("apt-get update with the xtask's own sources")?;
+    let mut depends = Command::new("apt-cache");
+    options(&mut depends);
+    let depends = output(depends.args(["depends", "linux-image-amd64"]))
+        .context("apt-cache depends linux-image-amd64")?;
+    let package = depends
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Depends: linux-image-"))
+        .map(|rest| format!("linux-image-{rest}"))
+        .context("linux-image-amd64 depends on no linux-image package")?;
+    let mut download = Command::new("apt-get");
+    options(&mut download);
+    run(download
+        .args(["download", &package])
+        .current_dir(apt.join("debs")))?;
+    let deb = fs::read_dir(apt.join("debs"))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&format!("{package}_")))
+        })
+        .with_context(|| format!("apt-get download left no {package} .deb"))?;
+    let _ = fs::remove_dir_all(root);
+    fs::create_dir_all(root)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+    let release = package.trim_start_matches("linux-image-");
+    fs::write(root.join("release"), release)?;
+    // The .deb is unpacked: keep the cache small.
+    fs::remove_file(&deb)?;
+    Ok(())
+}
+
+/// Debian 13 moved modules from /lib to /usr/lib.
+fn modules_dir(root: &Path, release: &str) -> anyhow::Result<PathBuf> {
+    ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|dir| root.join(dir).join(release))
+        .find(|dir| dir.is_dir())
+        .with_context(|| format!("no modules directory for {release} in {}", root.display()))
+}
+
+/// Finds [`MODULES`] and everything they depend on (their `depends=`
+/// modinfo), in load order. A name that is built into the kernel needs no
+/// file.
+fn resolve_modules(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files = HashMap::new();
+    index(&dir.join("kernel"), &mut files)?;
+    let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    let builtin: BTreeSet<String> = builtin
+        .lines()
+        .filter_map(|line| line.rsplit('/').next())
+        .map(|file| module_name(file).to_owned())
+        .collect();
+    let mut ordered = Vec::new();
+    let mut seen = BTreeSet::new();
+    for name in MODULES {
+        visit(name, &files, &builtin, &mut seen, &mut ordered)?;
+    }
+    Ok(ordered)
+}
+
+fn visit(
+    name: &str,
+    files: &HashMap<String, PathBuf>,
+    builtin: &BTreeSet<String>,
+    seen: &mut BTreeSet<String>,
+    ordered: &mut Vec<(String, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    let name = name.replace('-', "_");
+    if !seen.insert(name.clone()) {
+        return Ok(());
+    }
+    let Some(path) = files.get(&name) else {
+        if builtin.contains(&name) {
+            return Ok(());
+        }
+        bail!("no module {name}, and it is not built in");
+    };
+    let bytes = read_module(path)?;
+    // Soft dependencies name crypto algorithms (`crc32c`), which the
+    // `_generic` modules implement; one that is not found stays soft.
+    for soft in soft_pre_dependencies(&bytes) {
+        let generic = format!("{soft}_generic");
+        if let Some(name) = [soft.as_str(), generic.as_str()]
+            .into_iter()
+            .find(|name| files.contains_key(*name))
+        {
+            visit(name, files, builtin, seen, ordered)?;
+        }
+    }
+    for dependency in depends(&bytes) {
+        visit(&dependency, files, builtin, seen, ordered)?;
+    }
+    ordered.push((format!("{name}.ko"), bytes));
+    Ok(())
+}
+
+fn index(dir: &Path, files: &mut HashMap<String, PathBuf>) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            index(&path, files)?;
+        } else if let Some(file) = path.file_name().and_then(|name| name.to_str()) {
+            files.insert(module_name(file).to_owned(), path.clone());
+        }
+    }
+    Ok(())
+}
+
+/// `nf_nat.ko.xz` -> `nf_nat` (and `-` read as `_`, as the kernel does).
+fn module_name(file: &str) -> String {
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.extension().is_some_and(|ext| ext == "xz") {
+        let output = Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .context("cannot run xz")?;
+        if !output.status.success() {
+            bail!("xz -dc {} failed", path.display());
+        }
+        return Ok(output.stdout);
+    }
+    fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The module's `depends=a,b` modinfo string.
+fn depends(module: &[u8]) -> Vec<String> {
+    modinfo(module, "depends")
+        .split(',')
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `pre:` names of the module's `softdep=pre: a b post: c`.
+fn soft_pre_dependencies(module: &[u8]) -> Vec<String> {
+    let softdep = modinfo(module, "softdep");
+    softdep
+        .split_whitespace()
+        .skip_while(|word| *word != "pre:")
+        .skip(1)
+        .take_while(|word| !word.ends_with(':'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value of `key=` in the module's NUL-separated modinfo strings.
+fn modinfo(module: &[u8], key: &str) -> String {
+    let key = format!("\0{key}=");
+    let Some(start) = module
+        .windows(key.len())
+        .position(|window| window == key.as_bytes())
+        .map(|at| at + key.len())
+    else {
+        return String::new();
+    };
+    let end = module[start..]
+        .iter()
+        .position(|&byte| byte == 0)
+        .map_or(module.len(), |len| start + len);
+    String::from_utf8_lossy(&module[start..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_dependencies_from_modinfo() {
+        let module = b"\x7fELF...\0license=GPL\0depends=nf_nat,nf_tables\0intree=Y\0";
+        assert_eq!(depends(module), ["nf_nat", "nf_tables"]);
+        assert!(depends(b"\0depends=\0").is_empty());
+        assert!(depends(b"no modinfo").is_empty());
+    }
+
+    #[test]
+    fn reads_soft_pre_dependencies() {
+        assert_eq!(soft_pre_dependencies(b"\0softdep=pre: crc32c\0"), ["crc32c"]);
+        assert_eq!(soft_pre_dependencies(b"\0softdep=pre: a b post: c\0"), ["a", "b"]);
+        assert!(soft_pre_dependencies(b"\0softdep=post: c\0").is_empty());
+    }
+
+    #[test]
+    fn module_names_ignore_compression_and_dashes() {
+        assert_eq!(module_name("nf_nat.ko.xz"), "nf_nat");
+        assert_eq!(module_name("virtio-net.ko"), "virtio_net");
+    }
+}

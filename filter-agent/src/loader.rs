@@ -4,14 +4,17 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
+    maps::MapData,
     maps::{Array, MapError, PerCpuArray, RingBuf},
     pin::PinError,
-    maps::MapData,
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult,
         Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
-        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
+        tc::{
+            NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError,
+            TcHandle,
+        },
         xdp::{XdpLink, XdpLinkId},
     },
     sys::SyscallError,
@@ -107,13 +110,15 @@ pub fn kernel_version() -> Option<KernelVersion> {
 
 /// Refuses kernels older than [`MIN_KERNEL`] with one line.
 pub fn check_kernel() -> Result<(), LoadError> {
-    let (major, minor) = MIN_KERNEL;
     match kernel_version() {
-        Some(version) if version < KernelVersion::new(major, minor, 0) => {
-            Err(LoadError::OldKernel(version.to_string()))
-        }
+        Some(version) if !supported(version) => Err(LoadError::OldKernel(version.to_string())),
         _ => Ok(()),
     }
+}
+
+fn supported(version: KernelVersion) -> bool {
+    let (major, minor) = MIN_KERNEL;
+    version >= KernelVersion::new(major, minor, 0)
 }
 
 /// Whether the guard's egress program can use a TCX link.
@@ -605,7 +610,11 @@ impl Filter {
             classid: None,
         };
         let id = program
-            .attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::Netlink(options))
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(options),
+            )
             .map_err(attach_error)?;
         std::mem::forget(program.take_link(id)?);
         Ok(())
@@ -896,7 +905,10 @@ fn remove_egress_filter(dir: &Path) -> Result<(), LoadError> {
     let Some(record) = read_tc_record(dir) else {
         return Ok(());
     };
-    let iface = dir.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+    let iface = dir
+        .file_name()
+        .and_then(|name| name.to_str())
+        .unwrap_or_default();
     if if_index(iface) == Some(record.ifindex) {
         let detached = SchedClassifierLink::attached(
             iface,
@@ -926,6 +938,17 @@ fn remove_egress_filter(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The verifier's last words, which name what it refused (the statistics
+/// it prints after them say nothing about why).
+fn verifier_reason(log: &str) -> Option<&str> {
+    log.lines().rev().map(str::trim).find(|line| {
+        !line.is_empty()
+            && !line.starts_with("processed ")
+            && !line.starts_with("verification time")
+            && !line.starts_with("stack depth")
+    })
+}
+
 /// Turns a refused program into one line, with the verifier's log in a
 /// file (or, when that cannot be written, at debug level in the log).
 fn refused(program: &'static str, err: ProgramError) -> LoadError {
@@ -937,18 +960,7 @@ fn refused(program: &'static str, err: ProgramError) -> LoadError {
         return LoadError::Program(err);
     };
     let log = verifier_log.to_string();
-    // The verifier's last words name what it refused.
-    let reason = log
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|line| {
-            !line.is_empty()
-                && !line.starts_with("processed ")
-                && !line.starts_with("verification time")
-                && !line.starts_with("stack depth")
-        })
-        .map_or_else(|| io_error.to_string(), str::to_owned);
+    let reason = verifier_reason(&log).map_or_else(|| io_error.to_string(), str::to_owned);
     let file = Path::new(VERIFIER_LOG_DIR).join(format!("verifier-{program}.log"));
     let written = std::fs::create_dir_all(VERIFIER_LOG_DIR)
         .and_then(|()| std::fs::write(&file, &log))
@@ -959,7 +971,7 @@ fn refused(program: &'static str, err: ProgramError) -> LoadError {
         tracing::debug!(program, %log, "verifier log");
         "debug log (RUST_LOG=debug)".to_owned()
     };
-    let old = check_kernel().is_err();
+    let old = kernel_version().is_some_and(|version| !supported(version));
     LoadError::Refused {
         program,
         kernel: kernel_version().map_or_else(|| "unknown".to_owned(), |v| v.to_string()),
@@ -970,5 +982,34 @@ fn refused(program: &'static str, err: ProgramError) -> LoadError {
             "this kernel's verifier cannot prove a check that newer ones do: please report it with the log"
         },
         log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_is_the_last_line_before_the_statistics() {
+        let log = "0: R1=ctx() R10=fp0\n\
+                   53: (71) r2 = *(u8 *)(r1 +53)\n\
+                   invalid access to packet, off=53 size=1, R1(id=0,off=53,r=34)\n\
+                   R1 offset is outside of the packet\n\
+                   processed 1021 insns (limit 1000000) max_states_per_insn 4\n\
+                   verification time 2573 usec\n\
+                   stack depth 96\n";
+        assert_eq!(
+            verifier_reason(log),
+            Some("R1 offset is outside of the packet")
+        );
+        assert_eq!(verifier_reason(""), None);
+    }
+
+    #[test]
+    fn kernels_from_5_10_are_supported() {
+        assert!(!supported(KernelVersion::new(5, 4, 250)));
+        assert!(!supported(KernelVersion::new(5, 9, 16)));
+        assert!(supported(KernelVersion::new(5, 10, 0)));
+        assert!(supported(KernelVersion::new(6, 1, 176)));
     }
 }

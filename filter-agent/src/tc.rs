@@ -50,7 +50,13 @@ pub fn clsact_is_empty(ifindex: u32) -> io::Result<bool> {
 /// Removes the interface's clsact qdisc (and whatever it holds).
 pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
     let socket = Socket::open()?;
-    socket.send(RTM_DELQDISC, NLM_F_REQUEST | NLM_F_ACK, ifindex, CLSACT_HANDLE, TC_H_CLSACT)?;
+    socket.send(
+        RTM_DELQDISC,
+        NLM_F_REQUEST | NLM_F_ACK,
+        ifindex,
+        CLSACT_HANDLE,
+        TC_H_CLSACT,
+    )?;
     socket.replies(|_| {})
 }
 
@@ -81,7 +87,14 @@ impl Socket {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn send(&self, kind: u16, flags: u16, ifindex: u32, handle: u32, parent: u32) -> io::Result<()> {
+    fn send(
+        &self,
+        kind: u16,
+        flags: u16,
+        ifindex: u32,
+        handle: u32,
+        parent: u32,
+    ) -> io::Result<()> {
         let request = Request {
             len: size_of::<Request>() as u32,
             kind,

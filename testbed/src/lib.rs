@@ -7,8 +7,10 @@
 mod chain;
 mod daemon;
 mod netns;
+mod refused;
 pub mod traffic;
 
 pub use chain::Chain;
 pub use daemon::Daemon;
 pub use netns::{Netns, Pair, TestbedError};
+pub use refused::refused_object;

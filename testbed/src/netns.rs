@@ -20,6 +20,8 @@ pub enum TestbedError {
     Enter { name: String, source: io::Error },
     #[error("socket error in network namespace {name}: {source}")]
     Socket { name: String, source: io::Error },
+    #[error("not an eBPF object the tests can alter: {0}")]
+    Object(String),
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.

@@ -24,7 +24,9 @@ const GUEST_BODY: &str = "hello from the guest";
 /// Runs every check in `vm`, recording one line each in `report`.
 pub fn run(vm: &mut Vm, report: &mut Report) {
     // Without the topology nothing else means anything.
-    let setup = vm.ok("/vm/setup.sh").map(|_| "namespaces, veth, NAT, services".to_owned());
+    let setup = vm
+        .ok("/vm/setup.sh")
+        .map(|_| "namespaces, veth, NAT, services".to_owned());
     if !report.record("guest network", setup) {
         return;
     }
@@ -42,15 +44,27 @@ pub fn run(vm: &mut Vm, report: &mut Report) {
         return;
     }
     report.record("program sizes", program_sizes(vm));
-    report.record("virtio NIC: allowed answers, denied does not", nic_traffic(vm));
+    report.record(
+        "virtio NIC: allowed answers, denied does not",
+        nic_traffic(vm),
+    );
     report.record("veth: allowed answers, denied does not", veth_traffic(vm));
     report.record("stats and /metrics count both", counters(vm));
     report.record("watch shows drop events", watch(vm));
-    report.record("guard: out-of-range return traffic (ingress)", guard_ingress(vm));
-    report.record("guard: post-NAT connection attempts (egress)", guard_egress(vm));
+    report.record(
+        "guard: out-of-range return traffic (ingress)",
+        guard_ingress(vm),
+    );
+    report.record(
+        "guard: post-NAT connection attempts (egress)",
+        guard_egress(vm),
+    );
     report.record("audit flags the wide namespace", audit(vm));
     report.record("reload: good file applied, bad file rejected", reload(vm));
-    report.record("kill -9 and restart: pins adopted, no gap", kill_and_restart(vm));
+    report.record(
+        "kill -9 and restart: pins adopted, no gap",
+        kill_and_restart(vm),
+    );
     report.record("stop: the filter stays (fail-static)", stop(vm));
     report.record(
         "detach: kernel state as before the agent",
@@ -60,10 +74,16 @@ pub fn run(vm: &mut Vm, report: &mut Report) {
 
 fn unfiltered(vm: &mut Vm) -> anyhow::Result<String> {
     for port in vm.forwards {
-        ensure!(host_get(port), "host port {port} does not answer before the agent runs");
+        ensure!(
+            host_get(port),
+            "host port {port} does not answer before the agent runs"
+        );
     }
     for port in [8080, 9000] {
-        ensure!(peer_get(vm, port)?, "10.9.0.1:{port} does not answer from peer before the agent runs");
+        ensure!(
+            peer_get(vm, port)?,
+            "10.9.0.1:{port} does not answer from peer before the agent runs"
+        );
     }
     Ok("the denied checks below can fail".into())
 }
@@ -73,17 +93,26 @@ fn unfiltered(vm: &mut Vm) -> anyhow::Result<String> {
 fn start(vm: &mut Vm, log: &str) -> anyhow::Result<String> {
     let started = Instant::now();
     vm.ok(&format!("{START} > {log} 2>&1 & echo $! > /tmp/agent.pid"))?;
-    let text = vm.wait_until("the agent's `ready` line", WAIT, &format!("cat {log}"), |answer| {
-        answer.output.contains("ready:") || answer.output.contains("error:")
-    })?;
-    ensure!(!text.contains("error:"), "the agent failed: {}", text.trim());
+    let text = vm.wait_until(
+        "the agent's `ready` line",
+        WAIT,
+        &format!("cat {log}"),
+        |answer| answer.output.contains("ready:") || answer.output.contains("error:"),
+    )?;
+    ensure!(
+        !text.contains("error:"),
+        "the agent failed: {}",
+        text.trim()
+    );
     let modes: Vec<&str> = text
         .lines()
         .filter(|line| line.contains("filter attached"))
         .collect();
     for iface in ["eth0", "fa0"] {
         ensure!(
-            modes.iter().any(|line| line.contains(&format!("iface={iface}"))),
+            modes
+                .iter()
+                .any(|line| line.contains(&format!("iface={iface}"))),
             "no attach line for {iface}: {text}"
         );
     }
@@ -92,7 +121,11 @@ fn start(vm: &mut Vm, log: &str) -> anyhow::Result<String> {
         "{} in {:.1} s{}",
         attach_summary(&modes),
         started.elapsed().as_secs_f64(),
-        if fallback { "; egress guard on a tc filter (no TCX)" } else { "; egress guard on TCX" }
+        if fallback {
+            "; egress guard on a tc filter (no TCX)"
+        } else {
+            "; egress guard on TCX"
+        }
     ))
 }
 
@@ -123,8 +156,7 @@ fn program_sizes(vm: &mut Vm) -> anyhow::Result<String> {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|program| program["name"] == name)
-            .last()
+            .rfind(|program| program["name"] == name)
             .with_context(|| format!("no program {name} in bpftool prog show"))?;
         let xlated = program["bytes_xlated"].as_u64().unwrap_or(0) / 8;
         let jited = program["bytes_jited"].as_u64().unwrap_or(0);
@@ -135,14 +167,26 @@ fn program_sizes(vm: &mut Vm) -> anyhow::Result<String> {
 
 fn nic_traffic(vm: &mut Vm) -> anyhow::Result<String> {
     let [allowed, denied] = vm.forwards;
-    ensure!(host_get(allowed), "127.0.0.1:{allowed} -> guest :8080 (allowed) got no answer");
-    ensure!(!host_get(denied), "127.0.0.1:{denied} -> guest :9000 (denied) was answered");
+    ensure!(
+        host_get(allowed),
+        "127.0.0.1:{allowed} -> guest :8080 (allowed) got no answer"
+    );
+    ensure!(
+        !host_get(denied),
+        "127.0.0.1:{denied} -> guest :9000 (denied) was answered"
+    );
     Ok("host -> eth0 :8080 answered, :9000 not".into())
 }
 
 fn veth_traffic(vm: &mut Vm) -> anyhow::Result<String> {
-    ensure!(peer_get(vm, 8080)?, "peer -> 10.9.0.1:8080 (allowed) got no answer");
-    ensure!(!peer_get(vm, 9000)?, "peer -> 10.9.0.1:9000 (denied) was answered");
+    ensure!(
+        peer_get(vm, 8080)?,
+        "peer -> 10.9.0.1:8080 (allowed) got no answer"
+    );
+    ensure!(
+        !peer_get(vm, 9000)?,
+        "peer -> 10.9.0.1:9000 (denied) was answered"
+    );
     ensure!(
         vm.run("ip netns exec peer ping -c 1 -W 5 10.9.0.1")?.rc == 0,
         "peer's ping (allowed) got no reply"
@@ -153,7 +197,8 @@ fn veth_traffic(vm: &mut Vm) -> anyhow::Result<String> {
 fn counters(vm: &mut Vm) -> anyhow::Result<String> {
     let mut seen = Vec::new();
     for iface in ["eth0", "fa0"] {
-        let document = json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
+        let document =
+            json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
         let web = document["rules"]
             .as_array()
             .into_iter()
@@ -161,13 +206,27 @@ fn counters(vm: &mut Vm) -> anyhow::Result<String> {
             .find(|rule| rule["rule"] == "web")
             .and_then(|rule| rule["packets"].as_u64())
             .unwrap_or(0);
-        let denied = document["reasons"]["default_deny"]["packets"].as_u64().unwrap_or(0);
-        ensure!(web > 0 && denied > 0, "stats for {iface}: web {web}, default_deny {denied}");
-        let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
-        let web_metric = metric(&metrics, "filter_agent_rule_packets_total", &[("iface", iface), ("rule", "web")]);
-        let deny_metric = metric(&metrics, "filter_agent_packets_total", &[("iface", iface), ("reason", "default_deny")]);
+        let denied = document["reasons"]["default_deny"]["packets"]
+            .as_u64()
+            .unwrap_or(0);
         ensure!(
-            web_metric.is_some_and(|value| value > 0.0) && deny_metric.is_some_and(|value| value > 0.0),
+            web > 0 && denied > 0,
+            "stats for {iface}: web {web}, default_deny {denied}"
+        );
+        let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
+        let web_metric = metric(
+            &metrics,
+            "filter_agent_rule_packets_total",
+            &[("iface", iface), ("rule", "web")],
+        );
+        let deny_metric = metric(
+            &metrics,
+            "filter_agent_packets_total",
+            &[("iface", iface), ("reason", "default_deny")],
+        );
+        ensure!(
+            web_metric.is_some_and(|value| value > 0.0)
+                && deny_metric.is_some_and(|value| value > 0.0),
             "/metrics for {iface}: web {web_metric:?}, default_deny {deny_metric:?}"
         );
         seen.push(format!("{iface} web {web} deny {denied}"));
@@ -218,12 +277,16 @@ fn guard_ingress(vm: &mut Vm) -> anyhow::Result<String> {
     )?;
     let report = guard_report(vm)?;
     let ports = guard_ports(&report, "ingress");
-    let out = report["counters"]["return_out_of_range"]["packets"].as_u64().unwrap_or(0);
+    let out = report["counters"]["return_out_of_range"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
     ensure!(
         out > 0 && ports.iter().any(|port| (2000..=2001).contains(port)),
         "return_out_of_range {out}, ingress ports {ports:?}"
     );
-    Ok(format!("{out} out-of-range replies, to local ports {ports:?}"))
+    Ok(format!(
+        "{out} out-of-range replies, to local ports {ports:?}"
+    ))
 }
 
 fn guard_egress(vm: &mut Vm) -> anyhow::Result<String> {
@@ -250,14 +313,21 @@ fn audit(vm: &mut Vm) -> anyhow::Result<String> {
 
 fn reloads(vm: &mut Vm, result: &str) -> anyhow::Result<f64> {
     let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
-    Ok(metric(&metrics, "filter_agent_reloads_total", &[("result", result)]).unwrap_or(0.0))
+    Ok(metric(
+        &metrics,
+        "filter_agent_reloads_total",
+        &[("result", result)],
+    )
+    .unwrap_or(0.0))
 }
 
 /// Replaces the rules file (by rename, as editors do) and waits for the
 /// reload counter of `result` to move.
 fn replace_rules(vm: &mut Vm, from: &str, result: &str) -> anyhow::Result<()> {
     let before = reloads(vm, result)?;
-    vm.ok(&format!("cp {from} /vm/rules.new && mv /vm/rules.new /vm/rules.toml"))?;
+    vm.ok(&format!(
+        "cp {from} /vm/rules.new && mv /vm/rules.new /vm/rules.toml"
+    ))?;
     let end = Instant::now() + WAIT;
     while reloads(vm, result)? <= before {
         if Instant::now() > end {
@@ -270,13 +340,25 @@ fn replace_rules(vm: &mut Vm, from: &str, result: &str) -> anyhow::Result<()> {
 fn reload(vm: &mut Vm) -> anyhow::Result<String> {
     vm.ok("cp /vm/rules.toml /vm/rules-original.toml")?;
     replace_rules(vm, "/vm/rules-9000.toml", "success")?;
-    ensure!(peer_get(vm, 9000)?, "after a reload allowing 9000, 10.9.0.1:9000 is not answered");
+    ensure!(
+        peer_get(vm, 9000)?,
+        "after a reload allowing 9000, 10.9.0.1:9000 is not answered"
+    );
     replace_rules(vm, "/vm/rules-bad.toml", "failure")?;
     let logged = vm.ok(&format!("grep -c 'reload rejected' {AGENT_LOG}"))?;
-    ensure!(peer_get(vm, 9000)?, "after a rejected reload, the previous rules (9000 allowed) are gone");
+    ensure!(
+        peer_get(vm, 9000)?,
+        "after a rejected reload, the previous rules (9000 allowed) are gone"
+    );
     replace_rules(vm, "/vm/rules-original.toml", "success")?;
-    ensure!(!peer_get(vm, 9000)?, "after reloading the original rules, 9000 is answered");
-    Ok(format!("9000 opened, bad file rejected ({} log line) and old rules kept, 9000 closed again", logged.trim()))
+    ensure!(
+        !peer_get(vm, 9000)?,
+        "after reloading the original rules, 9000 is answered"
+    );
+    Ok(format!(
+        "9000 opened, bad file rejected ({} log line) and old rules kept, 9000 closed again",
+        logged.trim()
+    ))
 }
 
 fn kill_and_restart(vm: &mut Vm) -> anyhow::Result<String> {
@@ -286,31 +368,62 @@ fn kill_and_restart(vm: &mut Vm) -> anyhow::Result<String> {
          > /dev/null 2>&1 & echo $! > /tmp/prober.pid",
     )?;
     vm.ok("kill -9 $(cat /tmp/agent.pid)")?;
-    vm.wait_until("the killed agent's exit", WAIT, "kill -0 $(cat /tmp/agent.pid)", |answer| answer.rc != 0)?;
-    ensure!(!peer_get(vm, 9000)?, "with the agent killed, 9000 is answered");
-    ensure!(peer_get(vm, 8080)?, "with the agent killed, 8080 is not answered");
+    vm.wait_until(
+        "the killed agent's exit",
+        WAIT,
+        "kill -0 $(cat /tmp/agent.pid)",
+        |answer| answer.rc != 0,
+    )?;
+    ensure!(
+        !peer_get(vm, 9000)?,
+        "with the agent killed, 9000 is answered"
+    );
+    ensure!(
+        peer_get(vm, 8080)?,
+        "with the agent killed, 8080 is not answered"
+    );
     let restarted = start(vm, "/tmp/agent-2.log")?;
     let log = vm.ok("cat /tmp/agent-2.log")?;
     let adopted = log.matches("took over the pinned filter").count();
-    ensure!(adopted == 2, "the restart took over {adopted} of 2 pinned filters:\n{log}");
+    ensure!(
+        adopted == 2,
+        "the restart took over {adopted} of 2 pinned filters:\n{log}"
+    );
     vm.ok("kill $(cat /tmp/prober.pid)")?;
     let leaks = vm.run("cat /tmp/leak")?;
-    ensure!(leaks.rc != 0, "denied connections got through during the restart: {}", leaks.output.trim());
+    ensure!(
+        leaks.rc != 0,
+        "denied connections got through during the restart: {}",
+        leaks.output.trim()
+    );
     let filters = vm.ok("tc filter show dev eth0 egress | grep -c 'guard_egress' || true")?;
     ensure!(
         filters.trim().parse::<u32>().unwrap_or(0) <= 1,
         "eth0's egress has {} filters of the agent after a restart",
         filters.trim()
     );
-    Ok(format!("both pins adopted ({restarted}), no denied connection through"))
+    Ok(format!(
+        "both pins adopted ({restarted}), no denied connection through"
+    ))
 }
 
 fn stop(vm: &mut Vm) -> anyhow::Result<String> {
     vm.ok("kill $(cat /tmp/agent.pid)")?;
-    vm.wait_until("the agent's exit after SIGTERM", WAIT, "kill -0 $(cat /tmp/agent.pid)", |answer| answer.rc != 0)?;
+    vm.wait_until(
+        "the agent's exit after SIGTERM",
+        WAIT,
+        "kill -0 $(cat /tmp/agent.pid)",
+        |answer| answer.rc != 0,
+    )?;
     vm.ok("test -e /sys/fs/bpf/filter-agent/eth0/xdp_link && test -e /sys/fs/bpf/filter-agent/fa0/xdp_link")?;
-    ensure!(!peer_get(vm, 9000)?, "with the agent stopped, 9000 is answered");
-    ensure!(!host_get(vm.forwards[1]), "with the agent stopped, the NIC's 9000 is answered");
+    ensure!(
+        !peer_get(vm, 9000)?,
+        "with the agent stopped, 9000 is answered"
+    );
+    ensure!(
+        !host_get(vm.forwards[1]),
+        "with the agent stopped, the NIC's 9000 is answered"
+    );
     Ok("pins stay, 9000 still denied on both interfaces".into())
 }
 
@@ -325,9 +438,15 @@ fn detach(vm: &mut Vm, baseline: &str) -> anyhow::Result<String> {
 fn refused_program(vm: &mut Vm, baseline: &str) -> anyhow::Result<String> {
     let answer = vm.run(&format!("FILTER_AGENT_BPF_OBJECT=/vm/refused.o {START}"))?;
     ensure!(answer.rc != 0, "the agent started with a refused program");
-    let errors: Vec<&str> = answer.output.lines().filter(|line| line.starts_with("error:")).collect();
+    let errors: Vec<&str> = answer
+        .output
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
     ensure!(
-        errors.len() == 1 && errors[0].contains("refused the program") && answer.output.lines().count() <= 2,
+        errors.len() == 1
+            && errors[0].contains("refused the program")
+            && answer.output.lines().count() <= 2,
         "not one error line naming the refusal:\n{}",
         answer.output
     );
@@ -342,7 +461,9 @@ fn failed_attach(vm: &mut Vm, baseline: &str) -> anyhow::Result<String> {
         "filter-agent --xdp-mode native --iface eth0 --iface dummy0 --rules /vm/rules.toml 2>&1 | grep -v INFO",
     )?;
     ensure!(
-        answer.output.contains("error: cannot attach to dummy0 in native mode"),
+        answer
+            .output
+            .contains("error: cannot attach to dummy0 in native mode"),
         "expected the native attach to dummy0 to fail: {}",
         answer.output
     );
@@ -354,9 +475,12 @@ fn failed_attach(vm: &mut Vm, baseline: &str) -> anyhow::Result<String> {
 /// freed a moment after their last reference goes).
 fn same_state(vm: &mut Vm, baseline: &str, when: &str) -> anyhow::Result<()> {
     ensure!(!baseline.is_empty(), "no baseline snapshot");
-    vm.wait_until(&format!("the kernel state {when} equal to before"), WAIT, "/vm/snapshot.sh", |answer| {
-        answer.output == baseline
-    })
+    vm.wait_until(
+        &format!("the kernel state {when} equal to before"),
+        WAIT,
+        "/vm/snapshot.sh",
+        |answer| answer.output == baseline,
+    )
     .map_err(|err| anyhow::anyhow!("{err}\nbefore:\n{baseline}"))?;
     Ok(())
 }
@@ -368,7 +492,9 @@ fn peer_get(vm: &mut Vm, port: u16) -> anyhow::Result<bool> {
 
 /// An HTTP request from the host through a 127.0.0.1 forward.
 fn host_get(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(5)) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(5))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(8)));
@@ -384,7 +510,11 @@ fn host_get(port: u16) -> bool {
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-        .filter(|line| labels.iter().all(|(key, value)| line.contains(&format!("{key}=\"{value}\""))))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
         .find_map(|line| line.rsplit(' ').next()?.parse().ok())
 }
 
@@ -396,8 +526,14 @@ mod tests {
     fn finds_a_series_by_its_labels() {
         let text = "# HELP x\nfilter_agent_reloads_total{result=\"success\"} 2\n\
                     filter_agent_reloads_total{result=\"failure\"} 1\n";
-        assert_eq!(metric(text, "filter_agent_reloads_total", &[("result", "failure")]), Some(1.0));
-        assert_eq!(metric(text, "filter_agent_reloads_total", &[("result", "other")]), None);
+        assert_eq!(
+            metric(text, "filter_agent_reloads_total", &[("result", "failure")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            metric(text, "filter_agent_reloads_total", &[("result", "other")]),
+            None
+        );
     }
 
     #[test]

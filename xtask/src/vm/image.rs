@@ -16,7 +16,12 @@ use super::kernels::Kernel;
 use crate::util::output;
 
 /// Host programs the checks run in the guest (with their libraries).
-const HOST_PROGRAMS: &[&str] = &["/usr/sbin/ip", "/usr/sbin/tc", "/usr/sbin/bpftool", "/usr/sbin/nft"];
+const HOST_PROGRAMS: &[&str] = &[
+    "/usr/sbin/ip",
+    "/usr/sbin/tc",
+    "/usr/sbin/bpftool",
+    "/usr/sbin/nft",
+];
 const BUSYBOX: &str = "/bin/busybox";
 
 /// Files of the guest under `/vm` and `/init`.
@@ -27,9 +32,21 @@ const GUEST_FILES: &[(&str, &str, u32)] = &[
     ("vm/setup.sh", include_str!("guest/setup.sh"), 0o755),
     ("vm/snapshot.sh", include_str!("guest/snapshot.sh"), 0o755),
     ("vm/nat.nft", include_str!("guest/nat.nft"), 0o644),
-    ("vm/rules.toml", include_str!("../../../examples/rules.toml"), 0o644),
-    ("vm/rules-9000.toml", include_str!("guest/rules-9000.toml"), 0o644),
-    ("vm/rules-bad.toml", include_str!("guest/rules-bad.toml"), 0o644),
+    (
+        "vm/rules.toml",
+        include_str!("../../../examples/rules.toml"),
+        0o644,
+    ),
+    (
+        "vm/rules-9000.toml",
+        include_str!("guest/rules-9000.toml"),
+        0o644,
+    ),
+    (
+        "vm/rules-bad.toml",
+        include_str!("guest/rules-bad.toml"),
+        0o644,
+    ),
 ];
 
 /// A cpio archive being written.
@@ -61,7 +78,8 @@ impl Archive {
         ];
         self.bytes.extend_from_slice(b"070701");
         for field in fields {
-            self.bytes.extend_from_slice(format!("{field:08x}").as_bytes());
+            self.bytes
+                .extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.bytes.extend_from_slice(path.as_bytes());
         self.bytes.push(0);
@@ -118,7 +136,11 @@ impl Archive {
 pub fn userland(agent: &Path, refused: &[u8], work: &Path) -> anyhow::Result<Vec<u8>> {
     let mut archive = Archive::default();
     archive.char_device("dev/console", 5, 1);
-    archive.file(BUSYBOX, 0o755, &fs::read(BUSYBOX).context("busybox-static is not installed")?);
+    archive.file(
+        BUSYBOX,
+        0o755,
+        &fs::read(BUSYBOX).context("busybox-static is not installed")?,
+    );
     let stripped = work.join("filter-agent");
     let status = Command::new("strip")
         .arg("--strip-debug")
@@ -133,7 +155,11 @@ pub fn userland(agent: &Path, refused: &[u8], work: &Path) -> anyhow::Result<Vec
     archive.file("usr/sbin/filter-agent", 0o755, &fs::read(&stripped)?);
     let mut libraries = BTreeSet::new();
     for program in HOST_PROGRAMS {
-        archive.file(program, 0o755, &fs::read(program).with_context(|| format!("cannot read {program}"))?);
+        archive.file(
+            program,
+            0o755,
+            &fs::read(program).with_context(|| format!("cannot read {program}"))?,
+        );
         libraries.extend(shared_libraries(Path::new(program))?);
     }
     libraries.extend(shared_libraries(agent)?);

@@ -98,10 +98,16 @@ fn download(suite: Suite, target: &Path, root: &Path) -> anyhow::Result<()> {
             .arg("-q")
             .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
             .arg("-oDir::Etc::SourceParts=/dev/null")
-            .arg(format!("-oDir::State::Lists={}", apt.join("lists").display()))
+            .arg(format!(
+                "-oDir::State::Lists={}",
+                apt.join("lists").display()
+            ))
             .arg(format!("-oDir::Cache={}", apt.join("cache").display()));
     };
-    println!("vm-test: fetching the {} kernel ({})", suite.name, suite.debian);
+    println!(
+        "vm-test: fetching the {} kernel ({})",
+        suite.name, suite.debian
+    );
     let mut update = Command::new("apt-get");
     options(&mut update);
     run(update.arg("update")).context("apt-get update with the xtask's own sources")?;
@@ -286,8 +292,14 @@ mod tests {
 
     #[test]
     fn reads_soft_pre_dependencies() {
-        assert_eq!(soft_pre_dependencies(b"\0softdep=pre: crc32c\0"), ["crc32c"]);
-        assert_eq!(soft_pre_dependencies(b"\0softdep=pre: a b post: c\0"), ["a", "b"]);
+        assert_eq!(
+            soft_pre_dependencies(b"\0softdep=pre: crc32c\0"),
+            ["crc32c"]
+        );
+        assert_eq!(
+            soft_pre_dependencies(b"\0softdep=pre: a b post: c\0"),
+            ["a", "b"]
+        );
         assert!(soft_pre_dependencies(b"\0softdep=post: c\0").is_empty());
     }
 

@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use base64::{Engine as _, prelude::BASE64_STANDARD};
 
 /// How long a boot to the command prompt may take under TCG.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
@@ -52,7 +53,14 @@ impl Vm {
         );
         let qemu = Command::new("qemu-system-x86_64")
             .args(["-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "1024"])
-            .args(["-accel", "tcg", "-nographic", "-no-reboot", "-monitor", "none"])
+            .args([
+                "-accel",
+                "tcg",
+                "-nographic",
+                "-no-reboot",
+                "-monitor",
+                "none",
+            ])
             .arg("-kernel")
             .arg(vmlinuz)
             .arg("-initrd")
@@ -63,7 +71,10 @@ impl Vm {
             .arg(format!("file,id=console,path={}", console.display()))
             .args(["-serial", "chardev:console"])
             .arg("-chardev")
-            .arg(format!("socket,id=control,path={},server=on,wait=off", socket.display()))
+            .arg(format!(
+                "socket,id=control,path={},server=on,wait=off",
+                socket.display()
+            ))
             .args(["-serial", "chardev:control"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -74,10 +85,14 @@ impl Vm {
         let control = wait_for(BOOT_DEADLINE, "qemu's control socket", || {
             UnixStream::connect(&socket).ok()
         })?;
-        wait_for(BOOT_DEADLINE, "the guest's `vm: ready` on its console", || {
-            let text = fs::read_to_string(&console).unwrap_or_default();
-            text.contains("vm: ready").then_some(())
-        })
+        wait_for(
+            BOOT_DEADLINE,
+            "the guest's `vm: ready` on its console",
+            || {
+                let text = fs::read_to_string(&console).unwrap_or_default();
+                text.contains("vm: ready").then_some(())
+            },
+        )
         .with_context(|| format!("console:\n{}", tail(&console)))?;
         control.set_read_timeout(Some(Duration::from_millis(200)))?;
         Ok(Self {
@@ -91,7 +106,7 @@ impl Vm {
 
     /// Runs `script` with the guest's `sh` and returns its output and status.
     pub fn run(&mut self, script: &str) -> anyhow::Result<Answer> {
-        let mut line = base64(script.as_bytes());
+        let mut line = BASE64_STANDARD.encode(script);
         line.push('\n');
         self.control.write_all(line.as_bytes())?;
         let deadline = Instant::now() + COMMAND_DEADLINE;
@@ -112,9 +127,16 @@ impl Vm {
                 bail!("the guest did not answer `{script}` within {COMMAND_DEADLINE:?}");
             }
             match self.control.read(&mut buffer) {
-                Ok(0) => bail!("the guest closed its control port (console:\n{})", tail(&self.console)),
+                Ok(0) => bail!(
+                    "the guest closed its control port (console:\n{})",
+                    tail(&self.console)
+                ),
                 Ok(read) => received.extend_from_slice(&buffer[..read]),
-                Err(err) if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(err) => return Err(err.into()),
             }
         }
@@ -145,7 +167,10 @@ impl Vm {
                 return Ok(answer.output);
             }
             if Instant::now() > end {
-                bail!("{what} never happened within {deadline:?}; last output: {}", answer.output.trim());
+                bail!(
+                    "{what} never happened within {deadline:?}; last output: {}",
+                    answer.output.trim()
+                );
             }
         }
     }
@@ -170,7 +195,11 @@ impl Drop for KillOnDrop {
 }
 
 /// Polls `probe` every 50 ms until it returns something or `deadline` passes.
-pub fn wait_for<T>(deadline: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_for<T>(
+    deadline: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let end = Instant::now() + deadline;
     loop {
         if let Some(value) = probe() {
@@ -193,35 +222,4 @@ pub fn tail(console: &Path) -> String {
     let text = fs::read_to_string(console).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_the_standard_alphabet() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"echo hi\n"), "ZWNobyBoaQo=");
-    }
 }

@@ -1,0 +1,154 @@
+//! Faults the agent must survive cleanly: a start that fails leaves the
+//! kernel as it found it (tc qdiscs and filters, XDP, pins), whether the
+//! verifier refused the program or an attach failed half-way. Needs root.
+//! `cargo xtask vm-test` runs the same two starts on Debian's kernels.
+
+use std::{path::Path, process::Output, time::Duration};
+
+use filter_agent::loader;
+use testbed::{Netns, Pair};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
+/// The object the agent embeds (build.rs writes it here).
+const OBJECT: &str = concat!(env!("OUT_DIR"), "/filter");
+/// The most a stopped agent's programs may take to be released.
+const SETTLE: Duration = Duration::from_secs(10);
+
+const RULES: &str = r#"
+[filter]
+default = "deny"
+
+[[rule]]
+name = "web"
+action = "allow"
+proto = "tcp"
+dport = 8080
+"#;
+
+/// What the agent may have touched on `ifaces` in `ns`, as text.
+fn kernel_state(ns: &Netns, ifaces: &[&str]) -> String {
+    let mut state = String::new();
+    for iface in ifaces {
+        for args in [
+            &["qdisc", "show", "dev", iface][..],
+            &["filter", "show", "dev", iface, "ingress"],
+            &["filter", "show", "dev", iface, "egress"],
+        ] {
+            state += &text(ns.exec("tc", args).unwrap());
+        }
+        state += &text(ns.ip(&["-d", "link", "show", "dev", iface]).unwrap())
+            .lines()
+            .filter(|line| line.contains("xdp"))
+            .collect::<String>();
+        state += &format!("pins: {}\n", loader::pin_dir(iface).exists());
+    }
+    state
+}
+
+fn text(output: Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Polls until the state on `ifaces` is `before` again.
+fn assert_state_restored(ns: &Netns, ifaces: &[&str], before: &str, after: &str) {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let now = kernel_state(ns, ifaces);
+        if now == before {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{after}, the kernel state never returned to what it was.\nbefore:\n{before}\nafter:\n{now}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rules_file() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), RULES).unwrap();
+    file
+}
+
+/// The only error line of a failed start.
+fn error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "the agent started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "not one error line: {stderr}");
+    errors[0].to_owned()
+}
+
+#[test]
+fn a_refused_program_is_one_line_and_leaves_nothing() {
+    let pair = Pair::create("ref").unwrap();
+    let object = tempfile::NamedTempFile::new().unwrap();
+    let refused = testbed::refused_object(&std::fs::read(OBJECT).unwrap()).unwrap();
+    std::fs::write(object.path(), refused).unwrap();
+    let rules = rules_file();
+    let ifaces = [pair.server_if.as_str()];
+    let before = kernel_state(&pair.server, &ifaces);
+
+    let output = pair
+        .server
+        .command(AGENT)
+        .env(loader::OBJECT_ENV, object.path())
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(rules.path())
+        .output()
+        .unwrap();
+
+    let error = error_line(&output);
+    assert!(
+        error.contains("refused the program `filter`") && error.contains("unknown opcode f6"),
+        "{error}"
+    );
+    let log = Path::new(loader::VERIFIER_LOG_DIR).join("verifier-filter.log");
+    assert!(error.contains(&log.display().to_string()), "{error}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("unknown opcode f6")
+    );
+    assert_state_restored(&pair.server, &ifaces, &before, "after a refused start");
+}
+
+#[test]
+fn a_failed_attach_on_a_later_interface_undoes_the_earlier_ones() {
+    let pair = Pair::create("half").unwrap();
+    // A bridge has no native XDP: the second attach fails after the first
+    // interface got its XDP link, its egress program and its pins.
+    let bridge = pair.client_if.replacen("fac", "fab", 1);
+    pair.server
+        .ip(&["link", "add", &bridge, "type", "bridge"])
+        .unwrap();
+    pair.server.ip(&["link", "set", &bridge, "up"]).unwrap();
+    let rules = rules_file();
+    let ifaces = [pair.server_if.as_str(), bridge.as_str()];
+    let before = kernel_state(&pair.server, &ifaces);
+
+    let output = pair
+        .server
+        .command(AGENT)
+        .args(["--xdp-mode", "native", "--iface", &pair.server_if])
+        .args(["--iface", &bridge, "--rules"])
+        .arg(rules.path())
+        .output()
+        .unwrap();
+
+    let error = error_line(&output);
+    assert!(
+        error.contains(&format!("cannot attach to {bridge} in native mode")),
+        "{error}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("filter attached iface={}", pair.server_if)),
+        "the first interface was never attached, so nothing was undone: {stderr}"
+    );
+    assert_state_restored(&pair.server, &ifaces, &before, "after a failed attach");
+}

@@ -8,8 +8,8 @@ use aya::{
     maps::{Array, MapError, PerCpuArray, RingBuf},
     pin::PinError,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, TestRunResult,
-        Xdp, XdpMode,
+        ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+        TestRunResult, Xdp, XdpMode,
         links::{FdLink, Link as _, LinkError, PinnedLink},
         tc::{
             NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError,
@@ -436,14 +436,16 @@ impl Filter {
             names::SERVICE_PORTS,
             services.into_iter().enumerate(),
         )?;
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(|err| refused(names::PROGRAM, err))?;
+        let program = program_mut(&mut ebpf)?;
+        program.load().map_err(|err| refused(names::PROGRAM, err))?;
+        log_verified(names::PROGRAM, program.info());
         let guard_on = rules.guard.action != GuardAction::Off;
         if guard_on {
-            egress_mut(&mut ebpf)?
+            let egress = egress_mut(&mut ebpf)?;
+            egress
                 .load()
                 .map_err(|err| refused(names::EGRESS_PROGRAM, err))?;
+            log_verified(names::EGRESS_PROGRAM, egress.info());
         }
         Ok(Self {
             ebpf,
@@ -872,6 +874,19 @@ fn if_index(iface: &str) -> Option<u32> {
     // SAFETY: `name` is a valid NUL-terminated string for the whole call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     (index != 0).then_some(index)
+}
+
+/// How much work the verifier did on a program (kernels from 5.16 say),
+/// at debug level: the figure that grows towards the verifier's limits.
+fn log_verified(program: &str, info: Result<ProgramInfo, ProgramError>) {
+    if let Ok(info) = info {
+        tracing::debug!(
+            program,
+            verified_insns = info.verified_instruction_count().unwrap_or(0),
+            xlated_bytes = info.size_translated().unwrap_or(0),
+            "program verified"
+        );
+    }
 }
 
 /// The errno inside a netlink (tc) attach error.

@@ -380,13 +380,7 @@ fn kill_and_restart(vm: &mut Vm) -> anyhow::Result<String> {
         "rm -f /tmp/leak; (while :; do get_in peer 10.9.0.1 9000 | grep -q hello && echo leak >> /tmp/leak; done) \
          > /dev/null 2>&1 & echo $! > /tmp/prober.pid",
     )?;
-    vm.ok("kill -9 $(cat /tmp/agent.pid)")?;
-    vm.wait_until(
-        "the killed agent's exit",
-        WAIT,
-        "kill -0 $(cat /tmp/agent.pid)",
-        |answer| answer.rc != 0,
-    )?;
+    signal_agent(vm, "KILL")?;
     ensure!(
         !peer_get(vm, 9000)?,
         "with the agent killed, 9000 is answered"
@@ -421,14 +415,20 @@ fn kill_and_restart(vm: &mut Vm) -> anyhow::Result<String> {
     ))
 }
 
-fn stop(vm: &mut Vm) -> anyhow::Result<String> {
-    vm.ok("kill $(cat /tmp/agent.pid)")?;
+/// Sends the running agent `signal` and waits until it has exited.
+fn signal_agent(vm: &mut Vm, signal: &str) -> anyhow::Result<()> {
+    vm.ok(&format!("kill -{signal} $(cat /tmp/agent.pid)"))?;
     vm.wait_until(
-        "the agent's exit after SIGTERM",
+        &format!("the agent's exit after SIG{signal}"),
         WAIT,
         "kill -0 $(cat /tmp/agent.pid)",
         |answer| answer.rc != 0,
     )?;
+    Ok(())
+}
+
+fn stop(vm: &mut Vm) -> anyhow::Result<String> {
+    signal_agent(vm, "TERM")?;
     vm.ok("test -e /sys/fs/bpf/filter-agent/eth0/xdp_link && test -e /sys/fs/bpf/filter-agent/fa0/xdp_link")?;
     ensure!(
         !peer_get(vm, 9000)?,

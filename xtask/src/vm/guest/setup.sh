@@ -4,22 +4,21 @@
 # fa0, a namespace with a wide ephemeral range, a dummy link, services.
 . /vm/prelude.sh
 set -e
-ip netns add peer
-ip link add fa0 type veth peer name fa1
-ip link set fa1 netns peer
-ip addr add 10.9.0.1/24 dev fa0
-ip link set fa0 up
-ip -n peer addr add 10.9.0.2/24 dev fa1
-ip -n peer link set fa1 up
-ip -n peer link set lo up
+# netns_link NS HOST_IF NS_IF HOST_ADDR NS_ADDR: a namespace joined to
+# this one by a veth pair, a /24 on each end.
+netns_link() {
+    ip netns add "$1"
+    ip link add "$2" type veth peer name "$3"
+    ip link set "$3" netns "$1"
+    ip addr add "$4/24" dev "$2"
+    ip link set "$2" up
+    ip -n "$1" addr add "$5/24" dev "$3"
+    ip -n "$1" link set "$3" up
+    ip -n "$1" link set lo up
+}
 
-ip netns add ctr
-ip link add ctr0 type veth peer name ctr1
-ip link set ctr1 netns ctr
-ip addr add 10.9.1.1/24 dev ctr0
-ip link set ctr0 up
-ip -n ctr addr add 10.9.1.2/24 dev ctr1
-ip -n ctr link set ctr1 up
+netns_link peer fa0 fa1 10.9.0.1 10.9.0.2
+netns_link ctr ctr0 ctr1 10.9.1.1 10.9.1.2
 ip -n ctr route add default via 10.9.1.1
 echo 1 > /proc/sys/net/ipv4/ip_forward
 nft -f /vm/nat.nft

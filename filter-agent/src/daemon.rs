@@ -368,6 +368,11 @@ fn reload(
 struct FileWatch {
     _watcher: RecommendedWatcher,
     changes: UnboundedReceiver<()>,
+    /// When a seen change will have settled. Kept here, not in the future
+    /// that waits for it: `select!` drops that future whenever another
+    /// branch (a drop event, a timer) wins, and a change must not be lost
+    /// with it.
+    settles_at: Option<Instant>,
 }
 
 impl FileWatch {
@@ -413,25 +418,34 @@ impl FileWatch {
         Ok(Self {
             _watcher: watcher,
             changes,
+            settles_at: None,
         })
     }
 
     /// Whether a change was seen and not yet waited for (drains them).
     fn pending(&mut self) -> bool {
-        let mut any = false;
+        let mut any = self.settles_at.take().is_some();
         while self.changes.try_recv().is_ok() {
             any = true;
         }
         any
     }
 
-    /// Waits for a change, then for the writer to finish.
+    /// Waits for a change, then for the writer to finish. Cancel-safe:
+    /// dropped and called again, it goes on waiting for the same change.
     async fn changed(&mut self) {
-        if self.changes.recv().await.is_none() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(RELOAD_DEBOUNCE).await;
+        let settles_at = match self.settles_at {
+            Some(at) => at,
+            None => {
+                if self.changes.recv().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+                *self.settles_at.insert(Instant::now() + RELOAD_DEBOUNCE)
+            }
+        };
+        tokio::time::sleep_until(settles_at).await;
         while self.changes.try_recv().is_ok() {}
+        self.settles_at = None;
     }
 }
 

@@ -1,12 +1,20 @@
 //! Faults the agent must survive cleanly: a start that fails leaves the
 //! kernel as it found it (tc qdiscs and filters, XDP, pins), whether the
-//! verifier refused the program or an attach failed half-way. Needs root.
+//! verifier refused the program or an attach failed half-way; rule changes
+//! are applied while packets are being denied. Needs root.
 //! `cargo xtask vm-test` runs the same two starts on Debian's kernels.
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{
+    net::UdpSocket,
+    path::Path,
+    process::Output,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    thread,
+    time::Duration,
+};
 
 use filter_agent::loader;
-use testbed::{Netns, Pair};
+use testbed::{Daemon, Netns, Pair};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 /// The object the agent embeds (build.rs writes it here).
@@ -151,4 +159,75 @@ fn a_failed_attach_on_a_later_interface_undoes_the_earlier_ones() {
         "the first interface was never attached, so nothing was undone: {stderr}"
     );
     assert_state_restored(&pair.server, &ifaces, &before, "after a failed attach");
+}
+
+#[test]
+fn rule_changes_are_applied_while_packets_are_being_denied() {
+    let pair = Pair::create("flood").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let mut agent = Daemon::start(
+        {
+            let mut command = pair.server.command(AGENT);
+            command
+                .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+                .arg(&rules);
+            command
+        },
+        None,
+    )
+    .unwrap();
+    agent.expect("ready", Duration::from_secs(10));
+    let sender = pair
+        .client
+        .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
+        .unwrap()
+        .unwrap();
+    let flooding = AtomicBool::new(true);
+    let sent = AtomicU64::new(0);
+    thread::scope(|scope| {
+        // Denied datagrams as fast as one thread can send them: every
+        // CPU's event budget is spent, so the agent gets events all the time.
+        scope.spawn(|| {
+            while flooding.load(Ordering::Relaxed) {
+                if sender.send_to(b"deny", (Pair::SERVER_V4, 9999)).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let rewrites = 3;
+        for rewrite in 0..rewrites {
+            let staged = dir.path().join("rules.new");
+            std::fs::write(&staged, format!("{RULES}\n# rewrite {rewrite}\n")).unwrap();
+            std::fs::rename(&staged, &rules).unwrap();
+            let applied = agent.wait_for("rules reloaded", Duration::from_secs(2));
+            if applied.is_none() {
+                flooding.store(false, Ordering::Relaxed);
+            }
+            assert!(
+                applied.is_some(),
+                "rewrite {} of {rewrites} was not applied within 2 s under a flood of {} denied packets",
+                rewrite + 1,
+                sent.load(Ordering::Relaxed)
+            );
+        }
+        flooding.store(false, Ordering::Relaxed);
+    });
+    // Every denied packet is an event within the budget: the agent was
+    // busy with them the whole time, or the test proved nothing.
+    let (_, log) = agent.stop();
+    let denied = log
+        .iter()
+        .find(|line| line.contains("counted") && line.contains("reason=\"default_deny\""))
+        .and_then(|line| {
+            line.split("packets=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(denied >= 1000, "only {denied} packets were denied: {log:?}");
 }

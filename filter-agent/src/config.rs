@@ -229,6 +229,14 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{what} {} is not a regular file", path.display())]
+    NotRegular { what: &'static str, path: PathBuf },
+    #[error(
+        "{what} {} is larger than {} MiB, the most filter-agent reads",
+        path.display(),
+        MAX_FILE_BYTES >> 20
+    )]
+    TooLarge { what: &'static str, path: PathBuf },
     #[error("{location}: {message}")]
     Invalid { location: Location, message: String },
 }
@@ -284,12 +292,42 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text)
 }
 
+/// The largest rules or set file read: room for several million prefixes
+/// (a line of a set file is about 20 bytes).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads a rules or set file: only a regular file (after following links;
+/// a FIFO would block and a device may never end), opened without blocking,
+/// and at most [`MAX_FILE_BYTES`].
 fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
-    fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let error = |source| ConfigError::Read {
         what,
         path: path.to_owned(),
         source,
-    })
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(error)?;
+    if !file.metadata().map_err(error)?.is_file() {
+        return Err(ConfigError::NotRegular {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(error)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(text)
 }
 
 /// Validates rules-file `text` read from `path` (set files are found

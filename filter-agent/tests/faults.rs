@@ -231,3 +231,44 @@ fn rule_changes_are_applied_while_packets_are_being_denied() {
         .unwrap_or(0);
     assert!(denied >= 1000, "only {denied} packets were denied: {log:?}");
 }
+
+#[test]
+fn rules_files_that_are_not_regular_files_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("rules.toml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // A FIFO nobody writes to blocks a reader forever; /dev/zero never ends.
+    for path in [fifo.as_path(), Path::new("/dev/zero")] {
+        let mut check = std::process::Command::new(AGENT)
+            .args(["check", "--rules"])
+            .arg(path)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = check.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = check.kill();
+                panic!(
+                    "`check --rules {}` did not return within 5 s",
+                    path.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let output = check.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr.trim(),
+            format!("error: rules file {} is not a regular file", path.display())
+        );
+    }
+}

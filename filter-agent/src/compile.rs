@@ -702,6 +702,21 @@ mod tests {
     }
 
     #[test]
+    fn the_rule_limit_counts_the_implicit_rule() {
+        let rules: String = (0..MAX_RULES - 1)
+            .map(|i| {
+                format!(
+                    "[[rule]]\nname = \"r{i}\"\naction = \"allow\"\nproto = \"tcp\"\ndport = {}\n",
+                    i % 60000 + 1
+                )
+            })
+            .collect();
+        let text = format!("[filter]\ndefault = \"deny\"\n{rules}");
+        let config = config::parse(Path::new("r.toml"), &text).unwrap();
+        assert_eq!(compile(&config).unwrap().rules.len(), MAX_RULES as usize);
+    }
+
+    #[test]
     fn too_many_rules_is_an_error() {
         let rules: String = (0..MAX_RULES)
             .map(|i| format!("[[rule]]\nname = \"r{i}\"\naction = \"allow\"\n"))

@@ -53,8 +53,11 @@ use filter_agent::{
 const SERVICES_EVERY: Duration = Duration::from_secs(10);
 /// How often every namespace is audited.
 const AUDIT_EVERY: Duration = Duration::from_secs(60);
-/// How long to let a writer finish after the first change is seen.
-const RELOAD_DEBOUNCE: Duration = Duration::from_millis(250);
+/// A writer is done once its file has been quiet this long...
+const RELOAD_QUIET: Duration = Duration::from_millis(250);
+/// ...or this long after its first change, so that a file rewritten
+/// without pause is still reloaded.
+const RELOAD_AT_MOST: Duration = Duration::from_secs(1);
 /// The symlink Kubernetes swaps when a mounted ConfigMap changes.
 const KUBERNETES_DATA_LINK: &str = "..data";
 /// The content type of `/metrics`.
@@ -368,11 +371,11 @@ fn reload(
 struct FileWatch {
     _watcher: RecommendedWatcher,
     changes: UnboundedReceiver<()>,
-    /// When a seen change will have settled. Kept here, not in the future
-    /// that waits for it: `select!` drops that future whenever another
-    /// branch (a drop event, a timer) wins, and a change must not be lost
-    /// with it.
-    settles_at: Option<Instant>,
+    /// When the first change not yet reloaded was seen. Kept here, not in
+    /// the future that waits for the writer: `select!` drops that future
+    /// whenever another branch (a drop event, a timer) wins, and a change
+    /// must not be lost with it.
+    first_change: Option<Instant>,
 }
 
 impl FileWatch {
@@ -418,34 +421,45 @@ impl FileWatch {
         Ok(Self {
             _watcher: watcher,
             changes,
-            settles_at: None,
+            first_change: None,
         })
     }
 
     /// Whether a change was seen and not yet waited for (drains them).
     fn pending(&mut self) -> bool {
-        let mut any = self.settles_at.take().is_some();
+        let mut any = self.first_change.take().is_some();
         while self.changes.try_recv().is_ok() {
             any = true;
         }
         any
     }
 
-    /// Waits for a change, then for the writer to finish. Cancel-safe:
-    /// dropped and called again, it goes on waiting for the same change.
+    /// Waits for a change, then for the writer to finish: until no further
+    /// change comes for [`RELOAD_QUIET`], or [`RELOAD_AT_MOST`] after the
+    /// first. Cancel-safe: dropped and called again, it goes on waiting
+    /// for the same change.
     async fn changed(&mut self) {
-        let settles_at = match self.settles_at {
-            Some(at) => at,
-            None => {
-                if self.changes.recv().await.is_none() {
-                    std::future::pending::<()>().await;
+        loop {
+            let first = match self.first_change {
+                Some(first) => first,
+                None => {
+                    if self.changes.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                    *self.first_change.insert(Instant::now())
                 }
-                *self.settles_at.insert(Instant::now() + RELOAD_DEBOUNCE)
+            };
+            let quiet_until = (Instant::now() + RELOAD_QUIET).min(first + RELOAD_AT_MOST);
+            match tokio::time::timeout_at(quiet_until, self.changes.recv()).await {
+                // Another write: the writer is not done yet.
+                Ok(Some(())) => {}
+                Ok(None) => std::future::pending::<()>().await,
+                Err(_quiet) => {
+                    self.first_change = None;
+                    return;
+                }
             }
-        };
-        tokio::time::sleep_until(settles_at).await;
-        while self.changes.try_recv().is_ok() {}
-        self.settles_at = None;
+        }
     }
 }
 

@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
-    maps::MapData,
-    maps::{Array, MapError, PerCpuArray, RingBuf},
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
     pin::PinError,
     programs::{
         ProgramError, ProgramInfo, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
@@ -117,14 +116,16 @@ pub fn check_kernel() -> Result<(), LoadError> {
 }
 
 fn supported(version: KernelVersion) -> bool {
-    let (major, minor) = MIN_KERNEL;
+    at_least(version, MIN_KERNEL)
+}
+
+fn at_least(version: KernelVersion, (major, minor): (u8, u8)) -> bool {
     version >= KernelVersion::new(major, minor, 0)
 }
 
 /// Whether the guard's egress program can use a TCX link.
 pub fn has_tcx() -> bool {
-    let (major, minor) = TCX_KERNEL;
-    kernel_version().is_some_and(|version| version >= KernelVersion::new(major, minor, 0))
+    kernel_version().is_some_and(|version| at_least(version, TCX_KERNEL))
 }
 
 /// How [`Filter::attach_pinned`] attached.
@@ -574,14 +575,7 @@ impl Filter {
         };
         let program = egress_mut(&mut self.ebpf)?;
         if record.is_some() {
-            let link = SchedClassifierLink::attached(
-                iface,
-                TcAttachType::Egress,
-                TC_PRIORITY,
-                TC_HANDLE,
-                None,
-            )
-            .map_err(|err| attach_error(TcError::IoError(err).into()))?;
+            let link = egress_filter(iface).map_err(attach_error)?;
             match program.attach_to_link(link) {
                 Ok(id) => {
                     // Not owned by this instance: it outlives the agent.
@@ -897,6 +891,13 @@ fn netlink_errno(err: &ProgramError) -> Option<i32> {
     }
 }
 
+/// The agent's tc egress filter on `iface` (before TCX), by its fixed
+/// place on the hook.
+fn egress_filter(iface: &str) -> Result<SchedClassifierLink, ProgramError> {
+    SchedClassifierLink::attached(iface, TcAttachType::Egress, TC_PRIORITY, TC_HANDLE, None)
+        .map_err(|err| TcError::IoError(err).into())
+}
+
 fn read_tc_record(dir: &Path) -> Option<TcRecord> {
     let map = MapData::from_pin(dir.join(EGRESS_TC_PIN)).ok()?;
     let map = aya::maps::Map::from_map_data(map).ok()?;
@@ -925,16 +926,7 @@ fn remove_egress_filter(dir: &Path) -> Result<(), LoadError> {
         .and_then(|name| name.to_str())
         .unwrap_or_default();
     if if_index(iface) == Some(record.ifindex) {
-        let detached = SchedClassifierLink::attached(
-            iface,
-            TcAttachType::Egress,
-            TC_PRIORITY,
-            TC_HANDLE,
-            None,
-        )
-        .map_err(|err| ProgramError::from(TcError::IoError(err)))
-        .and_then(|link| link.detach());
-        match detached {
+        match egress_filter(iface).and_then(|link| link.detach()) {
             Ok(()) => {}
             Err(ProgramError::NetlinkError(err)) if err.raw_os_error() == Some(libc::ENOENT) => {}
             Err(err) => {
@@ -944,8 +936,9 @@ fn remove_egress_filter(dir: &Path) -> Result<(), LoadError> {
                 });
             }
         }
-        let unused = crate::tc::clsact_is_empty(record.ifindex).map_err(LoadError::Qdisc)?;
-        if record.created_qdisc != 0 && unused {
+        if record.created_qdisc != 0
+            && crate::tc::clsact_is_empty(record.ifindex).map_err(LoadError::Qdisc)?
+        {
             crate::tc::delete_clsact(record.ifindex).map_err(LoadError::Qdisc)?;
         }
     }

@@ -19,19 +19,8 @@ use testbed::{Daemon, Netns, Pair};
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 /// The object the agent embeds (build.rs writes it here).
 const OBJECT: &str = concat!(env!("OUT_DIR"), "/filter");
-/// The most a stopped agent's programs may take to be released.
-const SETTLE: Duration = Duration::from_secs(10);
-
-const RULES: &str = r#"
-[filter]
-default = "deny"
-
-[[rule]]
-name = "web"
-action = "allow"
-proto = "tcp"
-dport = 8080
-"#;
+/// The demo's rules: default deny, and the guard on.
+const RULES: &str = include_str!("../../examples/rules.toml");
 
 /// What the agent may have touched on `ifaces` in `ns`, as text.
 fn kernel_state(ns: &Netns, ifaces: &[&str]) -> String {
@@ -57,19 +46,30 @@ fn text(output: Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Polls until the state on `ifaces` is `before` again.
+/// Asserts that the state on `ifaces` is `before` again. Checked once: the
+/// kernel has released the links, filters and pins of an agent by the time
+/// its exit is reported.
 fn assert_state_restored(ns: &Netns, ifaces: &[&str], before: &str, after: &str) {
-    let deadline = std::time::Instant::now() + SETTLE;
-    loop {
-        let now = kernel_state(ns, ifaces);
-        if now == before {
-            return;
+    let now = kernel_state(ns, ifaces);
+    assert_eq!(
+        now, before,
+        "{after}, the kernel state is not what it was (left: now, right: before)"
+    );
+}
+
+/// Waits for `child` to exit and returns its output, or kills it and fails
+/// once `deadline` has passed.
+fn output_within(child: std::process::Child, deadline: Duration, what: &str) -> Output {
+    let pid = child.id() as libc::pid_t;
+    let (sender, exited) = std::sync::mpsc::channel();
+    thread::spawn(move || sender.send(child.wait_with_output()));
+    match exited.recv_timeout(deadline) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            // SAFETY: a plain signal to our own child, which has not been reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{what} did not return within {deadline:?}");
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{after}, the kernel state never returned to what it was.\nbefore:\n{before}\nafter:\n{now}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -243,27 +243,15 @@ fn rules_files_that_are_not_regular_files_are_refused_at_once() {
     assert!(status.success());
     // A FIFO nobody writes to blocks a reader forever; /dev/zero never ends.
     for path in [fifo.as_path(), Path::new("/dev/zero")] {
-        let mut check = std::process::Command::new(AGENT)
+        let check = std::process::Command::new(AGENT)
             .args(["check", "--rules"])
             .arg(path)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let status = loop {
-            if let Some(status) = check.try_wait().unwrap() {
-                break status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = check.kill();
-                panic!(
-                    "`check --rules {}` did not return within 5 s",
-                    path.display()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let output = check.wait_with_output().unwrap();
+        let what = format!("`check --rules {}`", path.display());
+        let output = output_within(check, Duration::from_secs(5), &what);
+        let status = output.status;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(status.code(), Some(1), "{stderr}");
         assert_eq!(

@@ -22,10 +22,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(event::RING_BYTES, 0);
 #[map]
 static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// Sends an event about `packet` (if parsed) unless this CPU's budget for
-/// the current second is spent.
+/// Sends an event about `packet` (if parsed; `end` is the end of packet
+/// memory) unless this CPU's budget for the current second is spent.
 #[inline(always)]
-pub fn emit(packet: Option<&Packet>, slot: u32, verdict: u8, guard_kind: u8, len: u64) {
+pub fn emit(packet: Option<&Packet>, end: usize, slot: u32, verdict: u8, guard_kind: u8, len: u64) {
     let rate = EVENT_RATE.load() as u64;
     if rate == 0 || !take_budget(rate) {
         return;
@@ -48,8 +48,8 @@ pub fn emit(packet: Option<&Packet>, slot: u32, verdict: u8, guard_kind: u8, len
     if let Some(packet) = packet {
         // SAFETY: a parsed packet's addresses were bounds-checked.
         unsafe {
-            ev.src = guard::address(packet, 0);
-            ev.dst = guard::address(packet, 1);
+            ev.src = guard::address(packet, 0, end);
+            ev.dst = guard::address(packet, 1, end);
         }
         ev.sport = packet.sport;
         ev.dport = packet.dport;

@@ -61,9 +61,10 @@ pub enum Inbound {
     Drop,
 }
 
-/// Counts inbound return traffic by where its local port lies.
+/// Counts inbound return traffic by where its local port lies; `end` is
+/// the end of packet memory (see [`address`]).
 #[inline(always)]
-pub fn inspect_inbound(packet: &Packet, len: u64) -> Inbound {
+pub fn inspect_inbound(packet: &Packet, end: usize, len: u64) -> Inbound {
     if GUARD_MODE.load() == guard::OFF || !packet.has_l4 {
         return Inbound::Fine;
     }
@@ -81,7 +82,7 @@ pub fn inspect_inbound(packet: &Packet, len: u64) -> Inbound {
         return Inbound::Fine;
     }
     count(guard::RETURN_OUT_OF_RANGE, len);
-    let remote = unsafe { address(packet, 0) };
+    let remote = unsafe { address(packet, 0, end) };
     record(packet.proto, INGRESS, local_port, remote, remote_port, len);
     if GUARD_MODE.load() == guard::DROP {
         Inbound::Drop
@@ -91,9 +92,9 @@ pub fn inspect_inbound(packet: &Packet, len: u64) -> Inbound {
 }
 
 /// Counts an outbound connection attempt (never drops); true when it left
-/// from a port outside the range.
+/// from a port outside the range. `end` as for [`inspect_inbound`].
 #[inline(always)]
-pub fn inspect_outbound(packet: &Packet, len: u64) -> bool {
+pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
     if !packet.has_l4 {
         return false;
     }
@@ -107,7 +108,7 @@ pub fn inspect_outbound(packet: &Packet, len: u64) -> bool {
         return false;
     }
     // Only candidates pay for the address copy and the flow table.
-    let remote = unsafe { address(packet, 1) };
+    let remote = unsafe { address(packet, 1, end) };
     if packet.proto == IPPROTO_UDP && !first_udp_packet(remote, remote_port, local_port) {
         return false;
     }
@@ -216,20 +217,22 @@ unsafe fn add(counter: *mut Counter, len: u64) {
 /// The packet's source (`which = 0`) or destination (`1`) address, IPv4
 /// addresses mapped into IPv6; all zeros if the bytes are not there.
 ///
-/// Each family re-checks its own bounds against `packet.end` right before
-/// reading: the parser proved them, but a verifier older than 6.x reads `v6`
-/// back from the stack as unknown and explores the IPv6 copy of an IPv4
-/// packet too, so the proof must sit next to the read.
+/// Each family re-checks its own bounds against `end`, the end of packet
+/// memory, right before reading: the parser proved them, but a verifier
+/// older than 6.x reads `v6` back from the stack as unknown and explores the
+/// IPv6 copy of an IPv4 packet too, so the proof must sit next to the read.
+/// Callers pass `end` (rather than the parser keeping it in every
+/// `Packet`) because only the rare guard and event paths need it.
 ///
 /// # Safety
-/// `packet.addresses` points into the packet that `packet.end` ends.
+/// `packet.addresses` points into the packet that `end` ends.
 #[inline(always)]
-pub unsafe fn address(packet: &Packet, which: usize) -> [u8; 16] {
+pub unsafe fn address(packet: &Packet, which: usize, end: usize) -> [u8; 16] {
     let mut addr = [0u8; 16];
     let base = packet.addresses as usize;
     unsafe {
         if packet.v6 {
-            if base + 32 > packet.end {
+            if base + 32 > end {
                 return addr;
             }
             let from = packet.addresses.add(which * 16);
@@ -237,7 +240,7 @@ pub unsafe fn address(packet: &Packet, which: usize) -> [u8; 16] {
                 *byte = *from.add(i);
             }
         } else {
-            if base + 8 > packet.end {
+            if base + 8 > end {
                 return addr;
             }
             let from = packet.addresses.add(which * 4);

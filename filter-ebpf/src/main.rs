@@ -99,9 +99,9 @@ pub fn guard_egress(ctx: TcContext) -> i32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if let Ok(Frame::Ip(packet)) = parse(data, end) {
         let len = ctx.len() as u64;
-        if guard::inspect_outbound(&packet, len) {
+        if guard::inspect_outbound(&packet, end, len) {
             let kind = event::GUARD_OUTBOUND;
-            events::emit(Some(&packet), event::NO_SLOT, event::PASS, kind, len);
+            events::emit(Some(&packet), end, event::NO_SLOT, event::PASS, kind, len);
         }
     }
     TC_ACT_UNSPEC
@@ -120,7 +120,7 @@ fn classify(ctx: &XdpContext, frame: &Result<Frame, Malformed>) -> Verdict {
         Ok(Frame::NonIp) => return decided(Slot::Reason(reason::NON_IP), action::ALLOW),
         Ok(Frame::Ip(packet)) => packet,
     };
-    let guarded = guard::inspect_inbound(packet, frame_len(ctx));
+    let guarded = guard::inspect_inbound(packet, ctx.data_end(), frame_len(ctx));
     let guard = if guarded == Inbound::Fine {
         event::GUARD_NONE
     } else {
@@ -196,7 +196,7 @@ fn finish(ctx: &XdpContext, verdict: Verdict, packet: Option<&Packet>) -> u32 {
         } else {
             event::PASS
         };
-        events::emit(packet, decision, kind, verdict.guard, len);
+        events::emit(packet, ctx.data_end(), decision, kind, verdict.guard, len);
     }
     if drop {
         xdp_action::XDP_DROP

@@ -49,10 +49,6 @@ pub struct Packet {
     /// The source address in the packet; the destination follows it
     /// directly (4 or 16 bytes each), in both IPv4 and IPv6 headers.
     pub addresses: *const u8,
-    /// The end of packet memory, so that code reading `addresses` later
-    /// can re-check its bounds itself: verifiers before 6.x lose the range
-    /// proven at parse time once `v6` has been spilled to the stack.
-    pub end: usize,
     /// Upper-layer protocol (after IPv6 extension headers).
     pub proto: u8,
     /// True for non-first fragments, which carry no L4 header.
@@ -177,7 +173,6 @@ fn parse_l4(
     let mut packet = Packet {
         v6,
         addresses,
-        end: cur.end,
         proto,
         fragment: !first_fragment,
         has_l4: first_fragment,

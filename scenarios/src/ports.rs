@@ -24,6 +24,19 @@ impl Attempts {
     pub fn total(&self) -> usize {
         self.answered.len() + self.failed.len()
     }
+
+    fn used(&self, port: u16) -> bool {
+        self.answered.contains(&port) || self.failed.contains(&port)
+    }
+
+    /// Records one `tcp_attempt`: whether it was answered, and its port.
+    fn record(&mut self, (answered, port): (bool, u16)) {
+        if answered {
+            self.answered.insert(port);
+        } else {
+            self.failed.insert(port);
+        }
+    }
 }
 
 /// `count` connections from `client` to `server`: first one from each end
@@ -37,21 +50,28 @@ pub fn connect_many(
     count: usize,
 ) -> anyhow::Result<Attempts> {
     let (low, high) = (u32::from(range.0), u32::from(range.1));
-    let spread = (0..=4).map(|quarter| Some((low + (high - low) * quarter / 4) as u16));
+    let count = count.max(5);
     let mut attempts = Attempts::default();
     // The fixed ports first: the kernel's picks then avoid them.
-    for from in spread.chain(std::iter::repeat(None)).take(count.max(5)) {
-        let (answered, port) = traffic::tcp_attempt(client, server, from)?;
-        if answered {
-            attempts.answered.insert(port);
-        } else {
-            attempts.failed.insert(port);
+    for quarter in 0..=4 {
+        let from = (low + (high - low) * quarter / 4) as u16;
+        attempts.record(traffic::tcp_attempt(client, server, Some(from))?);
+    }
+    // A closed socket leaves no TIME_WAIT behind when the peer closed
+    // first, so the kernel may pick one of the ports above again: such a
+    // pick is tried again, within a bound, instead of counted twice.
+    let mut picks = 0;
+    while attempts.total() < count {
+        ensure!(
+            picks < 2 * count,
+            "the kernel picked used local ports {picks} times for {count} connections"
+        );
+        picks += 1;
+        let attempt = traffic::tcp_attempt(client, server, None)?;
+        if !attempts.used(attempt.1) {
+            attempts.record(attempt);
         }
     }
-    ensure!(
-        attempts.total() == count.max(5),
-        "a local port was used twice"
-    );
     Ok(attempts)
 }
 

@@ -6,7 +6,10 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpListener},
-    os::unix::net::UnixStream,
+    os::{
+        fd::AsRawFd as _,
+        unix::net::{UnixListener, UnixStream},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -15,17 +18,22 @@ use std::{
 use anyhow::{Context as _, bail};
 use base64::{Engine as _, prelude::BASE64_STANDARD};
 
+/// How long qemu may take to connect to the control socket (it does so
+/// while starting, before the guest runs).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a boot to the command prompt may take under TCG.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
-/// A little more than the guest's own limit on one command (serve.sh).
+/// The longest one guest command may take; past it the guest is hung.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(130);
+/// What the guest says on the control port once it reads commands.
+const READY: &str = "vm: ready";
 const ANSWER_END: &str = "@@rc=";
 
 /// Guest ports that the host reaches through `127.0.0.1` forwards.
 pub const FORWARDED: [u16; 2] = [8080, 9000];
 
 pub struct Vm {
-    qemu: Child,
+    _qemu: Qemu,
     control: UnixStream,
     pub console: PathBuf,
     /// Host ports on 127.0.0.1 forwarded to [`FORWARDED`], in that order.
@@ -46,6 +54,10 @@ impl Vm {
         let console = work.join("console.log");
         let socket = work.join("control.sock");
         let _ = fs::remove_file(&socket);
+        // Listening before qemu starts, qemu connecting while it starts:
+        // the connection exists before the guest can write to it.
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
         let forwards = [free_port()?, free_port()?];
         let netdev = format!(
             "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:{},hostfwd=tcp:127.0.0.1:{}-:{}",
@@ -71,37 +83,37 @@ impl Vm {
             .arg(format!("file,id=console,path={}", console.display()))
             .args(["-serial", "chardev:console"])
             .arg("-chardev")
-            .arg(format!(
-                "socket,id=control,path={},server=on,wait=off",
-                socket.display()
-            ))
+            .arg(format!("socket,id=control,path={}", socket.display()))
             .args(["-serial", "chardev:control"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(fs::File::create(work.join("qemu.log"))?)
             .spawn()
             .context("cannot start qemu-system-x86_64")?;
-        let mut vm_guard = KillOnDrop(Some(qemu));
-        let control = wait_for(BOOT_DEADLINE, "qemu's control socket", || {
-            UnixStream::connect(&socket).ok()
+        let qemu = Qemu(qemu);
+        let control = accept(&listener, CONNECT_DEADLINE).with_context(|| {
+            let log = fs::read_to_string(work.join("qemu.log")).unwrap_or_default();
+            format!("qemu never connected to its control socket: {}", log.trim())
         })?;
-        wait_for(
-            BOOT_DEADLINE,
-            "the guest's `vm: ready` on its console",
-            || {
-                let text = fs::read_to_string(&console).unwrap_or_default();
-                text.contains("vm: ready").then_some(())
-            },
-        )
-        .with_context(|| format!("console:\n{}", tail(&console)))?;
-        control.set_read_timeout(Some(Duration::from_millis(200)))?;
-        Ok(Self {
-            qemu: vm_guard.0.take().expect("qemu is running"),
+        let mut vm = Self {
+            _qemu: qemu,
             control,
             console,
             forwards,
-            boot_seconds: started.elapsed().as_secs_f64(),
+            boot_seconds: 0.0,
+        };
+        // The whole line, so that none of it is left for the first answer.
+        vm.read_until(BOOT_DEADLINE, |text| {
+            text[text.find(READY)?..].contains('\n').then_some(())
         })
+        .with_context(|| {
+            format!(
+                "the guest never said `{READY}`; console:\n{}",
+                tail(&vm.console)
+            )
+        })?;
+        vm.boot_seconds = started.elapsed().as_secs_f64();
+        Ok(vm)
     }
 
     /// Runs `script` with the guest's `sh` and returns its output and status.
@@ -109,23 +121,37 @@ impl Vm {
         let mut line = BASE64_STANDARD.encode(script);
         line.push('\n');
         self.control.write_all(line.as_bytes())?;
-        let deadline = Instant::now() + COMMAND_DEADLINE;
+        self.read_until(COMMAND_DEADLINE, |text| {
+            let at = text.rfind(ANSWER_END)?;
+            let end = text[at..].find('\n')?;
+            let rc = text[at + ANSWER_END.len()..at + end].trim().parse().ok()?;
+            Some(Answer {
+                rc,
+                output: text[..at].to_owned(),
+            })
+        })
+        .with_context(|| format!("the guest did not answer `{script}`"))
+    }
+
+    /// Reads from the control port until `complete` finds what it waits
+    /// for in everything read so far, blocking at most until `deadline`.
+    fn read_until<T>(
+        &mut self,
+        deadline: Duration,
+        complete: impl Fn(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let end = Instant::now() + deadline;
         let mut received = Vec::new();
         let mut buffer = [0u8; 8192];
         loop {
-            let text = String::from_utf8_lossy(&received);
-            if let Some(at) = text.rfind(ANSWER_END)
-                && let Some(end) = text[at..].find('\n')
-            {
-                let rc = text[at + ANSWER_END.len()..at + end].trim().parse()?;
-                return Ok(Answer {
-                    rc,
-                    output: text[..at].to_owned(),
-                });
+            if let Some(done) = complete(&String::from_utf8_lossy(&received)) {
+                return Ok(done);
             }
-            if Instant::now() > deadline {
-                bail!("the guest did not answer `{script}` within {COMMAND_DEADLINE:?}");
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("nothing complete within {deadline:?}");
             }
+            self.control.set_read_timeout(Some(left))?;
             match self.control.read(&mut buffer) {
                 Ok(0) => bail!(
                     "the guest closed its control port (console:\n{})",
@@ -176,39 +202,30 @@ impl Vm {
     }
 }
 
-impl Drop for Vm {
+/// The qemu process, killed when the VM is dropped (also on failure).
+struct Qemu(Child);
+
+impl Drop for Qemu {
     fn drop(&mut self) {
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Polls `probe` every 50 ms until it returns something or `deadline` passes.
-pub fn wait_for<T>(
-    deadline: Duration,
-    what: &str,
-    mut probe: impl FnMut() -> Option<T>,
-) -> anyhow::Result<T> {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(value) = probe() {
-            return Ok(value);
-        }
-        if Instant::now() > end {
-            bail!("{what} never came within {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+/// Accepts one connection on `listener`, blocking at most `deadline`.
+fn accept(listener: &UnixListener, deadline: Duration) -> anyhow::Result<UnixStream> {
+    let mut ready = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = i32::try_from(deadline.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&raw mut ready, 1, millis) };
+    match ready {
+        1 => Ok(listener.accept()?.0),
+        0 => bail!("no connection within {deadline:?}"),
+        _ => Err(std::io::Error::last_os_error().into()),
     }
 }
 
@@ -218,7 +235,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The last lines of the guest's console, for error messages.
-pub fn tail(console: &Path) -> String {
+fn tail(console: &Path) -> String {
     let text = fs::read_to_string(console).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")

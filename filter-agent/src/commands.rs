@@ -332,7 +332,7 @@ pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
                 loader::PIN_ROOT
             );
         }
-        let lock = state::InterfaceLock::acquire(iface)?;
+        let lock = state::InterfaceLock::existing(iface)?;
         loader::remove_pins(&dir);
         drop(lock);
         println!("{iface}: detached");

@@ -14,7 +14,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use axum::{Router, http::header::CONTENT_TYPE, routing::get};
+use axum::{
+    Router,
+    http::{StatusCode, header::CONTENT_TYPE},
+    routing::get,
+};
 use aya::maps::{Map, MapData, RingBuf};
 use filter_common::{Counter, Event, event, guard as guard_stat, names, reason};
 use notify::{
@@ -42,6 +46,7 @@ use filter_agent::{
     config::{self, GuardAction, GuardSettings},
     events,
     guard::{self, Listeners},
+    links::LinkWatch,
     loader::{self, Attached, Filter},
     metrics::{self, Metrics, Status},
     privileges,
@@ -60,8 +65,6 @@ const RELOAD_QUIET: Duration = Duration::from_millis(250);
 const RELOAD_AT_MOST: Duration = Duration::from_secs(1);
 /// The symlink Kubernetes swaps when a mounted ConfigMap changes.
 const KUBERNETES_DATA_LINK: &str = "..data";
-/// The content type of `/metrics`.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Ports and peers named in a summary line.
 const SUMMARY_TOP: usize = 5;
 
@@ -81,6 +84,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .find(|iface| !loader::interface_exists(iface))
     {
         anyhow::bail!(loader::LoadError::UnknownInterface(missing.clone()));
+    }
+    for iface in state::remove_vanished() {
+        info!(%iface, "removed the pins of an interface that no longer exists");
     }
     // Another agent on one of the interfaces is the likelier conflict: say
     // so before anything else can fail.
@@ -113,6 +119,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         // Services first: ACKs to local listeners are not return traffic.
         // Watching starts first: a change made while attaching is not missed.
         let files = FileWatch::new(&rules)?;
+        let links = LinkWatch::open().context("watching link events (rtnetlink)")?;
         let mut watch = GuardWatch::new(&config.guard);
         watch.listeners = watch.scan();
         // A failed start removes what it added, on every interface: a
@@ -153,13 +160,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let registry = Metrics::registry(args.iface.clone(), Arc::clone(&status));
         let serving = Serving {
             rules: &rules,
+            rule_set,
             files,
+            links,
             status: &status,
             metrics: args.metrics,
         };
         let result = tokio::select! {
             result = serve(&mut interfaces, watch, serving) => result,
-            result = serve_metrics(metrics_listener, registry) => {
+            result = serve_metrics(metrics_listener, registry, Arc::clone(&status)) => {
                 result.context("serving metrics")
             }
         };
@@ -178,6 +187,11 @@ const SWAP_SETTLE: Duration = Duration::from_millis(10);
 /// One interface the agent filters.
 struct Interface {
     name: String,
+    /// The device the filter is attached to: a re-created interface with
+    /// the same name is another device, with another index.
+    ifindex: u32,
+    /// False while the interface is gone (or could not be attached again).
+    filtered: bool,
     dir: PathBuf,
     mode: XdpModeArg,
     event_rate: u32,
@@ -200,6 +214,8 @@ impl Interface {
         event_rate: u32,
     ) -> anyhow::Result<Self> {
         let dir = loader::pin_dir(iface);
+        // Read before attaching: a re-creation in between shows as a change.
+        let ifindex = loader::if_index(iface).unwrap_or_default();
         let mut filter = load_filter(rule_set, &dir, listeners, event_rate)?;
         if let Some(logger) = filter.logger() {
             forward_program_logs(logger)?;
@@ -221,6 +237,8 @@ impl Interface {
         }
         Ok(Self {
             name: iface.to_owned(),
+            ifindex,
+            filtered: true,
             dir,
             mode,
             event_rate,
@@ -241,6 +259,44 @@ impl Interface {
         self.rules = rule_set.rules.clone();
         self.bases = bases;
         Ok(())
+    }
+
+    /// Follows the interface's device: when it was deleted, the interface
+    /// is unfiltered until one with its name comes back; a new one gets the
+    /// filter at once (the defunct pinned links are replaced).
+    fn follow_link(&mut self, rule_set: &RuleSet, listeners: &Listeners) {
+        let now = loader::if_index(&self.name);
+        if self.filtered && now == Some(self.ifindex) {
+            return;
+        }
+        if std::mem::take(&mut self.filtered) {
+            warn!(
+                iface = %self.name,
+                index = self.ifindex,
+                "interface deleted: it is not filtered until an interface with its name comes back"
+            );
+        }
+        let Some(index) = now else { return };
+        let started = std::time::Instant::now();
+        let attached = load_filter(rule_set, &self.dir, listeners, self.event_rate)
+            .and_then(|filter| self.swap(filter, rule_set));
+        match attached {
+            Ok(()) => {
+                self.ifindex = index;
+                self.filtered = true;
+                info!(
+                    iface = %self.name,
+                    index,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "interface created again: filter attached"
+                );
+            }
+            Err(err) => error!(
+                iface = %self.name,
+                index,
+                "interface created again, but the filter cannot be attached; it stays unfiltered: {err:#}"
+            ),
+        }
     }
 
     /// Logs the counters and leaves the filter in place, or removes it.
@@ -306,7 +362,11 @@ fn install(
 }
 
 /// Serves `/metrics` and `/healthz` until the agent stops.
-async fn serve_metrics(listener: std::net::TcpListener, registry: Registry) -> anyhow::Result<()> {
+async fn serve_metrics(
+    listener: std::net::TcpListener,
+    registry: Registry,
+    status: Arc<Mutex<Status>>,
+) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let registry = Arc::new(registry);
@@ -315,10 +375,29 @@ async fn serve_metrics(listener: std::net::TcpListener, registry: Registry) -> a
             "/metrics",
             get(move || {
                 let registry = Arc::clone(&registry);
-                async move { ([(CONTENT_TYPE, OPENMETRICS)], metrics::render(&registry)) }
+                async move {
+                    (
+                        [(CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                        metrics::render(&registry),
+                    )
+                }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route(
+            "/healthz",
+            get(move || {
+                let unfiltered = lock(&status).unfiltered.clone();
+                async move {
+                    if unfiltered.is_empty() {
+                        (StatusCode::OK, "ok\n".to_owned())
+                    } else {
+                        let names: Vec<String> = unfiltered.into_iter().collect();
+                        let text = format!("unfiltered: {}\n", names.join(", "));
+                        (StatusCode::SERVICE_UNAVAILABLE, text)
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -335,17 +414,26 @@ fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
     status.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
-/// Validates, compiles and loads the rules file for every interface, then
-/// swaps each in. Any error before the swaps leaves every interface as it
-/// was: nothing is half-applied.
+/// Validates, compiles and loads the rules file for every filtered
+/// interface, then swaps each in; returns the number of rules in the file
+/// and the new rule set. Any error
+/// before the swaps leaves every interface as it was, and a swap that
+/// fails puts the previous rules (`current`) back on the interfaces
+/// already swapped: nothing is half-applied. An interface that is gone
+/// gets the new rules when it comes back.
 fn reload(
     interfaces: &mut [Interface],
     rules: &Path,
     watch: &mut GuardWatch,
-) -> anyhow::Result<usize> {
+    current: &RuleSet,
+) -> anyhow::Result<(usize, RuleSet)> {
     let config = config::load(rules)?;
     let rule_set = compile::compile(&config)?;
-    let loaded = interfaces
+    let mut targets: Vec<&mut Interface> = interfaces
+        .iter_mut()
+        .filter(|interface| interface.filtered)
+        .collect();
+    let loaded = targets
         .iter()
         .map(|interface| {
             load_filter(
@@ -356,13 +444,36 @@ fn reload(
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    for (interface, filter) in interfaces.iter_mut().zip(loaded) {
-        interface
-            .swap(filter, &rule_set)
-            .with_context(|| format!("swapping the new rules in on {}", interface.name))?;
+    for (done, filter) in loaded.into_iter().enumerate() {
+        let Err(err) = targets[done].swap(filter, &rule_set) else {
+            continue;
+        };
+        let failed = targets[done].name.clone();
+        let mut restored = Vec::new();
+        for interface in &mut targets[..done] {
+            let back = load_filter(
+                current,
+                &interface.dir,
+                &watch.listeners,
+                interface.event_rate,
+            )
+            .and_then(|filter| interface.swap(filter, current));
+            restored.push(match back {
+                Ok(()) => format!("{} runs the previous rules again", interface.name),
+                Err(back) => format!("{} runs the new rules ({back:#})", interface.name),
+            });
+        }
+        return Err(err.context(format!(
+            "swapping the new rules in on {failed}{}",
+            if restored.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", restored.join("; "))
+            }
+        )));
     }
     watch.settings = config.guard.clone();
-    Ok(config.rules.len())
+    Ok((config.rules.len(), rule_set))
 }
 
 /// Watches the rules file and its set files through their directories, so
@@ -505,12 +616,14 @@ fn read_events(
 /// Serves `iface`'s event lines to `filter-agent watch` on a Unix socket.
 fn serve_watchers(iface: &str, lines: &Lines) -> anyhow::Result<()> {
     let path = events::socket_path(iface);
-    std::fs::create_dir_all(events::SOCKET_DIR)
-        .with_context(|| format!("creating {}", events::SOCKET_DIR))?;
+    // Root's only: events name peers and ports.
+    state::private_dir(Path::new(events::SOCKET_DIR))?;
     // A socket left by a crashed agent: this one holds the interface lock.
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
     let (lines, iface) = (lines.clone(), iface.to_owned());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -579,7 +692,10 @@ impl EventTally {
 /// What [`serve`] works with besides the interfaces and the guard.
 struct Serving<'a> {
     rules: &'a Path,
+    /// The rules every filtered interface runs.
+    rule_set: RuleSet,
     files: FileWatch,
+    links: LinkWatch,
     status: &'a Mutex<Status>,
     metrics: std::net::SocketAddr,
 }
@@ -591,7 +707,9 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let Serving {
         rules,
+        mut rule_set,
         mut files,
+        mut links,
         status,
         metrics,
     } = serving;
@@ -649,6 +767,20 @@ async fn serve(
                     continue;
                 }
                 () = files.changed() => "the rules file changed",
+                changed = links.changed() => {
+                    if let Err(err) = changed {
+                        warn!(%err, "cannot read link events; checking the interfaces anyway");
+                    }
+                    for interface in interfaces.iter_mut() {
+                        interface.follow_link(&rule_set, &watch.listeners);
+                    }
+                    lock(status).unfiltered = interfaces
+                        .iter()
+                        .filter(|interface| !interface.filtered)
+                        .map(|interface| interface.name.clone())
+                        .collect();
+                    continue;
+                }
                 _ = services.tick(), if guard_on => {
                     watch.listeners = watch.scan();
                     for interface in interfaces.iter_mut() {
@@ -667,12 +799,12 @@ async fn serve(
             }
         };
         notify(&[NotifyState::Reloading]);
-        let result = reload(interfaces, rules, &mut watch);
+        let result = reload(interfaces, rules, &mut watch, &rule_set);
         notify(&[NotifyState::Ready]);
         {
             let mut status = lock(status);
             match &result {
-                Ok(count) => {
+                Ok((count, _)) => {
                     status.reloads_succeeded += 1;
                     status.rules_loaded = *count as u64;
                 }
@@ -680,7 +812,8 @@ async fn serve(
             }
         }
         match result {
-            Ok(count) => {
+            Ok((count, new)) => {
+                rule_set = new;
                 // Set files may have come or gone. The new watch is in
                 // place before the old one goes, so no change is missed.
                 match FileWatch::new(rules) {

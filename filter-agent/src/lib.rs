@@ -7,6 +7,7 @@ pub mod compile;
 pub mod config;
 pub mod events;
 pub mod guard;
+pub mod links;
 pub mod lint;
 pub mod loader;
 pub mod metrics;

@@ -1,6 +1,10 @@
 //! Loads the embedded XDP program into the kernel and attaches it.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader, Pod,
@@ -52,6 +56,58 @@ pub fn remove_pins(dir: &Path) {
     }
     let _ = std::fs::remove_dir(dir);
     let _ = std::fs::remove_dir(PIN_ROOT);
+}
+
+/// The index of the device the XDP link pinned at `path` is attached to:
+/// 0 once that device was deleted (the link is then defunct and filters
+/// nothing). Read from the link's fdinfo, which names the index whatever
+/// network namespace the device was in.
+pub fn pinned_xdp_ifindex(path: &Path) -> io::Result<u32> {
+    let link = pinned_object(path)?;
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", link.as_raw_fd()))?;
+    fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("ifindex:"))
+        .and_then(|index| index.trim().parse().ok())
+        .ok_or_else(|| io::Error::other(format!("{} is not an XDP link", path.display())))
+}
+
+/// Opens the BPF object pinned at `path` (`BPF_OBJ_GET`).
+fn pinned_object(path: &Path) -> io::Result<OwnedFd> {
+    /// The `BPF_OBJ_GET` part of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        reserved: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        reserved: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed, and
+    // `path` outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// How [`Filter::load_with`] loads an instance.
@@ -863,7 +919,7 @@ pub fn interface_exists(iface: &str) -> bool {
 }
 
 /// The interface's index, or `None` when there is no such interface.
-fn if_index(iface: &str) -> Option<u32> {
+pub fn if_index(iface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(iface).ok()?;
     // SAFETY: `name` is a valid NUL-terminated string for the whole call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -970,9 +1026,8 @@ fn refused(program: &'static str, err: ProgramError) -> LoadError {
     let log = verifier_log.to_string();
     let reason = verifier_reason(&log).map_or_else(|| io_error.to_string(), str::to_owned);
     let file = Path::new(VERIFIER_LOG_DIR).join(format!("verifier-{program}.log"));
-    let written = std::fs::create_dir_all(VERIFIER_LOG_DIR)
-        .and_then(|()| std::fs::write(&file, &log))
-        .is_ok();
+    let written = crate::state::private_dir(Path::new(VERIFIER_LOG_DIR)).is_ok()
+        && std::fs::write(&file, &log).is_ok();
     let log = if written {
         file.display().to_string()
     } else {

@@ -24,6 +24,9 @@ pub struct Status {
     pub reloads_failed: u64,
     /// Rules in the running rule set (implicit ones included).
     pub rules_loaded: u64,
+    /// Interfaces the agent should filter and cannot (deleted, or not
+    /// attached again): `/healthz` fails while there is one.
+    pub unfiltered: std::collections::BTreeSet<String>,
     /// Open audit findings: (namespace, kind).
     pub findings: Vec<(String, &'static str)>,
 }
@@ -145,6 +148,20 @@ impl Collector for Metrics {
             rules.metric_type(),
         )?)?;
 
+        let name = format!("{PREFIX}_interface_filtered");
+        let mut family = encoder.encode_descriptor(
+            &name,
+            "1 while the interface is filtered, 0 while it is not (deleted, or not attached again).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for iface in &self.ifaces {
+            let filtered = i64::from(!status.unfiltered.contains(iface));
+            family
+                .encode_family(&vec![("iface", iface.clone())])?
+                .encode_gauge(&filtered)?;
+        }
+
         let name = format!("{PREFIX}_audit_findings");
         let mut family = encoder.encode_descriptor(
             &name,
@@ -173,10 +190,15 @@ impl Collector for Metrics {
     }
 }
 
-/// The registry in Prometheus/OpenMetrics text.
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The registry in the Prometheus text format (0.0.4), which every scraper
+/// and `promtool check metrics` read. The library escapes label values, so
+/// a hostile process or interface name cannot break the page.
 pub fn render(registry: &Registry) -> String {
     let mut text = String::new();
     // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, registry);
     text
 }

@@ -44,6 +44,8 @@ const NAME_BYTES: usize = crate::config::MAX_RULE_NAME + 1;
 pub enum StateError {
     #[error("another filter-agent is already running for {0}")]
     Locked(String),
+    #[error("refusing {}: {why}; remove it as root (`filter-agent detach` or `rm -r`) and start again", path.display())]
+    Unsafe { path: PathBuf, why: String },
     #[error("cannot lock {}", path.display())]
     Lock { path: PathBuf, source: io::Error },
     #[error("no filter-agent state under {} (never attached, or detached)", .0.display())]
@@ -64,25 +66,135 @@ pub struct InterfaceLock {
 }
 
 impl InterfaceLock {
+    /// Locks `iface`'s pin directory, creating it (and the pin root) private
+    /// to root if needed; refuses one that another user could change.
     pub fn acquire(iface: &str) -> Result<Self, StateError> {
+        private_dir(Path::new(loader::PIN_ROOT))?;
         let path = loader::pin_dir(iface);
+        private_dir(&path)?;
+        check_entries(&path)?;
+        Self::try_lock(&path)?.ok_or_else(|| StateError::Locked(iface.to_owned()))
+    }
+
+    /// Locks `iface`'s existing pin directory to remove it, whoever made it.
+    pub fn existing(iface: &str) -> Result<Self, StateError> {
+        Self::try_lock(&loader::pin_dir(iface))?.ok_or_else(|| StateError::Locked(iface.to_owned()))
+    }
+
+    /// Locks the directory at `path`; `None` when another process holds it.
+    fn try_lock(path: &Path) -> Result<Option<Self>, StateError> {
         let lock_error = |source| StateError::Lock {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(&path).map_err(lock_error)?;
-        let dir = File::open(&path).map_err(lock_error)?;
+        let dir = File::open(path).map_err(lock_error)?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                StateError::Locked(iface.to_owned())
+            return if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Ok(None)
             } else {
-                lock_error(err)
-            });
+                Err(lock_error(err))
+            };
         }
-        Ok(Self { _dir: dir })
+        Ok(Some(Self { _dir: dir }))
     }
+}
+
+/// Makes `path` a directory only its owner can use (mode 0700, whatever the
+/// umask), or checks that the one there is the agent's and that nobody else
+/// can change what is in it: a directory another user owns, or one that
+/// group or others may write, could have its pins deleted or swapped.
+pub fn private_dir(path: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let io_error = |source| StateError::Lock {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {
+            return std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_error);
+        }
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(err) => return Err(io_error(err)),
+    }
+    let metadata = std::fs::symlink_metadata(path).map_err(io_error)?;
+    if !metadata.is_dir() {
+        return Err(unsafe_path(path, "not a directory"));
+    }
+    check_owner(path, &metadata)
+}
+
+/// Every entry of a pin directory must be the agent's too.
+fn check_entries(dir: &Path) -> Result<(), StateError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| StateError::Lock {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        if let Ok(metadata) = entry.metadata() {
+            check_owner(&entry.path(), &metadata)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_owner(path: &Path, metadata: &std::fs::Metadata) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if metadata.uid() != euid {
+        return Err(unsafe_path(
+            path,
+            &format!("owned by uid {}, not by uid {euid}", metadata.uid()),
+        ));
+    }
+    if metadata.mode() & 0o022 != 0 {
+        return Err(unsafe_path(
+            path,
+            &format!(
+                "writable by group or others (mode {:04o})",
+                metadata.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn unsafe_path(path: &Path, why: &str) -> StateError {
+    StateError::Unsafe {
+        path: path.to_owned(),
+        why: why.to_owned(),
+    }
+}
+
+/// Removes the pins of interfaces that are gone: directories no agent
+/// holds whose XDP link's device was deleted (or that hold no link at
+/// all, left by a start that was interrupted). Returns their names.
+/// Interfaces in other network namespaces keep theirs: the link says
+/// whether its device exists, wherever it is.
+pub fn remove_vanished() -> Vec<String> {
+    let Ok(dirs) = std::fs::read_dir(loader::PIN_ROOT) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for dir in dirs.flatten() {
+        let path = dir.path();
+        let gone = match loader::pinned_xdp_ifindex(&path.join(loader::XDP_LINK_PIN)) {
+            Ok(ifindex) => ifindex == 0,
+            Err(err) => err.kind() == io::ErrorKind::NotFound,
+        };
+        if !gone || !path.is_dir() {
+            continue;
+        }
+        // Held: an agent is starting or running there.
+        if let Ok(Some(_lock)) = InterfaceLock::try_lock(&path) {
+            loader::remove_pins(&path);
+            removed.push(dir.file_name().to_string_lossy().into_owned());
+        }
+    }
+    removed
 }
 
 /// One entry of the pinned rule table. `base` holds what the rule counted

@@ -5,16 +5,19 @@
 //! `cargo xtask vm-test` runs the same two starts on Debian's kernels.
 
 use std::{
-    net::UdpSocket,
+    net::{SocketAddr, UdpSocket},
     path::Path,
     process::Output,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use filter_agent::loader;
-use testbed::{Daemon, Netns, Pair};
+use filter_agent::{loader, state};
+use testbed::{
+    Daemon, Netns, Pair,
+    traffic::{Responder, http_get, icmp_echo, udp_exchange},
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 /// The object the agent embeds (build.rs writes it here).
@@ -259,4 +262,128 @@ fn rules_files_that_are_not_regular_files_are_refused_at_once() {
             format!("error: rules file {} is not a regular file", path.display())
         );
     }
+}
+
+/// The agent on `pair`'s server side with `args`, started and ready.
+fn start_agent(pair: &Pair, args: &[&str], rules: &Path) -> Daemon {
+    let mut command = pair.server.command(AGENT);
+    command
+        .arg("--detach-on-exit")
+        .args(args)
+        .arg("--rules")
+        .arg(rules);
+    let mut agent = Daemon::start(command, None).unwrap();
+    agent.expect("ready", Duration::from_secs(10));
+    agent
+}
+
+/// Polls `condition` until it holds or `deadline` has passed; fails naming
+/// `what` never happened.
+fn wait_until(deadline: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !condition() {
+        assert!(Instant::now() < end, "{what} within {deadline:?}");
+        thread::yield_now();
+    }
+}
+
+fn xdp_attached(ns: &Netns, iface: &str) -> bool {
+    ns.ip(&["link", "show", "dev", iface])
+        .is_ok_and(|output| text(output).contains("prog/xdp"))
+}
+
+const METRICS: &str = "127.0.0.1:9469";
+
+#[test]
+fn an_interface_created_again_is_filtered_again_within_a_second() {
+    let pair = Pair::create("relink").unwrap();
+    let _echo = Responder::start(&pair.server, 9999).unwrap();
+    let denied = SocketAddr::from((Pair::SERVER_V4, 9999));
+    let rules = rules_file();
+    let mut agent = start_agent(&pair, &["--iface", &pair.server_if], rules.path());
+    assert!(!udp_exchange(&pair.client, denied).unwrap());
+
+    pair.delete_link().unwrap();
+    agent.expect("interface deleted", Duration::from_secs(1));
+    let (status, body) = http_get(&pair.server, METRICS, "/healthz").unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (503, format!("unfiltered: {}\n", pair.server_if).as_str())
+    );
+    let (_, metrics) = http_get(&pair.server, METRICS, "/metrics").unwrap();
+    let series = format!(
+        "filter_agent_interface_filtered{{iface=\"{}\"}} 0\n",
+        pair.server_if
+    );
+    assert!(metrics.contains(&series), "{series} not in {metrics}");
+
+    pair.add_link().unwrap();
+    wait_until(
+        Duration::from_secs(1),
+        "the re-created interface got the filter",
+        || xdp_attached(&pair.server, &pair.server_if),
+    );
+    agent.expect(
+        "interface created again: filter attached",
+        Duration::from_secs(1),
+    );
+    // The link carries traffic (echo is allowed), and the filter denies.
+    wait_until(Duration::from_secs(5), "an echo over the new link", || {
+        icmp_echo(&pair.client, Pair::SERVER_V4.into()).unwrap()
+    });
+    assert!(!udp_exchange(&pair.client, denied).unwrap());
+    let (status, body) = http_get(&pair.server, METRICS, "/healthz").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+}
+
+#[test]
+fn a_reload_with_an_interface_gone_applies_to_the_rest_and_to_it_when_it_returns() {
+    let pair = Pair::create("multi").unwrap();
+    // A second interface beside the pair's, in the same namespace.
+    let second = pair.server_if.replacen("fas", "fa2", 1);
+    let peer = pair.server_if.replacen("fas", "fa3", 1);
+    let add_second = || {
+        let add = [
+            "link", "add", &second, "type", "veth", "peer", "name", &peer,
+        ];
+        pair.server.ip(&add).unwrap();
+        pair.server.ip(&["link", "set", &second, "up"]).unwrap();
+    };
+    add_second();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let mut agent = start_agent(
+        &pair,
+        &["--iface", &pair.server_if, "--iface", &second],
+        &rules,
+    );
+    pair.server.ip(&["link", "del", &second]).unwrap();
+    agent.expect("interface deleted", Duration::from_secs(1));
+
+    let renamed = RULES.replace("name = \"ping\"", "name = \"echo\"");
+    let staged = dir.path().join("rules.new");
+    std::fs::write(&staged, &renamed).unwrap();
+    std::fs::rename(&staged, &rules).unwrap();
+    agent.expect("rules reloaded", Duration::from_secs(2));
+    let names = |iface: &str| -> Vec<String> {
+        state::read_snapshot(&loader::pin_dir(iface))
+            .unwrap()
+            .rules
+            .into_iter()
+            .map(|rule| rule.name)
+            .collect()
+    };
+    assert!(names(&pair.server_if).contains(&"echo".to_owned()));
+
+    add_second();
+    agent.expect(
+        "interface created again: filter attached",
+        Duration::from_secs(1),
+    );
+    let names = names(&second);
+    assert!(
+        names.contains(&"echo".to_owned()) && !names.contains(&"ping".to_owned()),
+        "{second} came back with other rules: {names:?}"
+    );
 }

@@ -325,24 +325,11 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     assert!(counted(&log, "deny-9000") >= 3, "{log:?}");
 }
 
-/// `GET path` from inside `ns`; the response body.
+/// `GET path` from inside `ns`; the body of a 200 response.
 fn http_get(ns: &testbed::Netns, address: &str, path: &str) -> String {
-    use std::io::Read as _;
-    let response = ns
-        .run(|| -> std::io::Result<String> {
-            let mut stream = std::net::TcpStream::connect(address)?;
-            write!(
-                stream,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .unwrap()
-        .unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+    let (status, body) = testbed::traffic::http_get(ns, address, path).unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// Samples of a Prometheus text exposition: (name and labels, value).

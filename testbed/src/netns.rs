@@ -168,36 +168,50 @@ impl Pair {
         // Interface names are limited to 15 bytes; the id keeps them unique.
         let client_if = format!("fac{id}");
         let server_if = format!("fas{id}");
-        ip(&[
-            "link",
-            "add",
-            &client_if,
-            "netns",
-            client.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &server_if,
-            "netns",
-            server.name(),
-        ])?;
         let pair = Self {
             client,
             server,
             client_if,
             server_if,
         };
+        pair.add_link()?;
+        pair.wait_until_ready()?;
+        Ok(pair)
+    }
+
+    /// Deletes the veth pair (both ends).
+    pub fn delete_link(&self) -> Result<(), TestbedError> {
+        self.server.ip(&["link", "del", &self.server_if]).map(drop)
+    }
+
+    /// Creates the veth pair with its names and addresses, as the first
+    /// time or again after [`Pair::delete_link`] (as an operator or a
+    /// container runtime would: new devices with new indexes).
+    pub fn add_link(&self) -> Result<(), TestbedError> {
+        ip(&[
+            "link",
+            "add",
+            &self.client_if,
+            "netns",
+            self.client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.server_if,
+            "netns",
+            self.server.name(),
+        ])?;
         for (ns, dev, v4, v6) in [
             (
-                &pair.client,
-                &pair.client_if,
+                &self.client,
+                &self.client_if,
                 Self::CLIENT_V4,
                 Self::CLIENT_V6,
             ),
             (
-                &pair.server,
-                &pair.server_if,
+                &self.server,
+                &self.server_if,
                 Self::SERVER_V4,
                 Self::SERVER_V6,
             ),
@@ -206,8 +220,7 @@ impl Pair {
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
             ns.ip(&["link", "set", dev, "up"])?;
         }
-        pair.wait_until_ready()?;
-        Ok(pair)
+        Ok(())
     }
 }
 

@@ -191,6 +191,30 @@ fn unspecified(like: IpAddr) -> IpAddr {
     }
 }
 
+/// `GET path` from inside `ns` over HTTP/1.1: the status code and the body.
+pub fn http_get(ns: &Netns, address: &str, path: &str) -> Result<(u16, String), TestbedError> {
+    let response = ns
+        .run(|| -> io::Result<String> {
+            let mut stream = TcpStream::connect(address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })?
+        .map_err(|source| socket_error(ns, source))?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_owned()))
+}
+
 fn socket_error(ns: &Netns, source: io::Error) -> TestbedError {
     TestbedError::Socket {
         name: ns.name().to_owned(),

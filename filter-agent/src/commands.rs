@@ -10,7 +10,8 @@ use filter_agent::{
     guard::{self, GuardReport},
     lint,
     loader::{self, Filter, xdp_action},
-    packet, pcap, privileges,
+    packet, pcap,
+    privileges::{self, Task},
     reference::Outcome,
     state,
 };
@@ -60,7 +61,7 @@ pub fn test_packets(rules: &Path, packets: &[String]) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rule_set = compile::compile(&config)?;
-    privileges::check()?;
+    privileges::check(Task::TestRun)?;
     let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
     for (text, spec) in packets.iter().zip(specs) {
         let (xdp_action, outcome) = filter.trace_frame(&spec.build())?;
@@ -102,7 +103,7 @@ struct ReplayedPacket<'a> {
 pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
     let config = config::load(rules)?;
     let rule_set = compile::compile(&config)?;
-    privileges::check()?;
+    privileges::check(Task::TestRun)?;
     let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
     let mut rule_hits = vec![0u64; rule_set.rules.len()];
     let mut reason_hits = [0u64; reason::COUNT as usize];
@@ -186,6 +187,7 @@ fn pinned_interfaces(asked: &[String]) -> anyhow::Result<Vec<String>> {
 
 /// `filter-agent guard`: the guard's counters from the pinned maps.
 pub fn guard(iface: Option<&str>, top: usize, json: bool) -> anyhow::Result<()> {
+    privileges::check(Task::ReadCounters)?;
     let asked: Vec<String> = iface.map(ToOwned::to_owned).into_iter().collect();
     let ifaces = pinned_interfaces(&asked)?;
     let mut documents = Vec::new();
@@ -285,7 +287,7 @@ pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
         Some(rules) => config::load(rules)?.guard.ephemeral,
         None => config::DEFAULT_EPHEMERAL,
     };
-    privileges::check()?;
+    privileges::check(Task::Audit)?;
     let namespaces = audit::run(range);
     if json {
         let document = json!({"range": [range.0, range.1], "namespaces": namespaces});
@@ -323,7 +325,7 @@ pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
 
 /// `filter-agent detach`: removes the pins, which detaches the filter.
 pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
-    privileges::check()?;
+    privileges::check(Task::Detach)?;
     for iface in ifaces {
         let dir = loader::pin_dir(iface);
         if !dir.exists() {
@@ -343,7 +345,7 @@ pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
 /// `filter-agent stats`: counters from the pinned maps, optionally again
 /// every `watch` seconds with rates.
 pub fn stats(asked: &[String], json: bool, watch: Option<u64>) -> anyhow::Result<()> {
-    privileges::check()?;
+    privileges::check(Task::ReadCounters)?;
     let ifaces = pinned_interfaces(asked)?;
     let read = || -> anyhow::Result<Vec<(String, state::Snapshot)>> {
         ifaces
@@ -474,6 +476,7 @@ fn print_stats(
 
 /// `filter-agent watch`: the running agents' event lines, as they come.
 pub fn watch(asked: &[String]) -> anyhow::Result<()> {
+    privileges::check(Task::Watch)?;
     let sockets: Vec<(String, std::path::PathBuf)> = if asked.is_empty() {
         let dir = std::fs::read_dir(events::SOCKET_DIR).with_context(|| {
             format!(

@@ -74,7 +74,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
-    privileges::check()?;
+    privileges::check(privileges::Task::Attach)?;
     loader::check_kernel()?;
     // All or none: an unknown second interface must not leave the first
     // one attached.
@@ -935,7 +935,7 @@ impl GuardWatch {
                     .insert((ns.inode, finding.problem.clone()))
                 {
                     warn!(
-                        namespace = %ns.label(),
+                        namespace = ?ns.label(),
                         fix = %finding.fix,
                         "audit: {}", finding.problem
                     );

@@ -170,10 +170,12 @@ fn unsafe_path(path: &Path, why: &str) -> StateError {
 }
 
 /// Removes the pins of interfaces that are gone: directories no agent
-/// holds whose XDP link's device was deleted (or that hold no link at
-/// all, left by a start that was interrupted). Returns their names.
-/// Interfaces in other network namespaces keep theirs: the link says
-/// whether its device exists, wherever it is.
+/// holds whose XDP link's device was deleted, or that hold no link at all
+/// and name no interface here (left by a start that was interrupted).
+/// Returns their names. Interfaces in other network namespaces keep
+/// theirs: the link says whether its device exists, wherever it is. A
+/// directory another user could have changed is left for the agent's
+/// start to refuse by name.
 pub fn remove_vanished() -> Vec<String> {
     let Ok(dirs) = std::fs::read_dir(loader::PIN_ROOT) else {
         return Vec::new();
@@ -181,17 +183,20 @@ pub fn remove_vanished() -> Vec<String> {
     let mut removed = Vec::new();
     for dir in dirs.flatten() {
         let path = dir.path();
+        let name = dir.file_name().to_string_lossy().into_owned();
         let gone = match loader::pinned_xdp_ifindex(&path.join(loader::XDP_LINK_PIN)) {
             Ok(ifindex) => ifindex == 0,
-            Err(err) => err.kind() == io::ErrorKind::NotFound,
+            Err(err) => err.kind() == io::ErrorKind::NotFound && !loader::interface_exists(&name),
         };
-        if !gone || !path.is_dir() {
+        let trusted = std::fs::symlink_metadata(&path)
+            .is_ok_and(|metadata| metadata.is_dir() && check_owner(&path, &metadata).is_ok());
+        if !gone || !trusted {
             continue;
         }
         // Held: an agent is starting or running there.
         if let Ok(Some(_lock)) = InterfaceLock::try_lock(&path) {
             loader::remove_pins(&path);
-            removed.push(dir.file_name().to_string_lossy().into_owned());
+            removed.push(name);
         }
     }
     removed

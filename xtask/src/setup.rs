@@ -6,6 +6,7 @@ use std::{
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -26,12 +27,23 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "tcpdump",
     // systemd-analyze, for verifying the unit file.
     "systemd",
+    // promtool, which checks the /metrics page in the faults test.
+    "prometheus",
     // `cargo xtask vm-test`: the emulator and the guest's userland.
     "qemu-system-x86",
     "busybox-static",
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";
+/// The locks apt and dpkg take: held by unattended-upgrades for minutes
+/// on a freshly booted host.
+const PACKAGE_LOCKS: [&str; 3] = [
+    "/var/lib/dpkg/lock-frontend",
+    "/var/lib/dpkg/lock",
+    "/var/lib/apt/lists/lock",
+];
+/// How long setup waits for another package manager to finish.
+const PACKAGE_LOCK_WAIT: Duration = Duration::from_secs(600);
 
 pub fn run() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
@@ -155,11 +167,21 @@ fn cargo_home() -> PathBuf {
 
 fn ensure_bpffs() -> anyhow::Result<()> {
     if is_bpffs(BPF_FS) {
-        println!("setup: bpffs at {BPF_FS} ok");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(BPF_FS).map_or(0, |meta| meta.permissions().mode() & 0o7777);
+        if mode & 0o022 != 0 {
+            // Not ours to change; the agent's own tree is root's either way.
+            println!(
+                "setup: bpffs at {BPF_FS} ok, but any user may write to it (mode {mode:04o}); \
+                 systemd mounts it 0700 (`mount -o remount,mode=0700 {BPF_FS}`)"
+            );
+        } else {
+            println!("setup: bpffs at {BPF_FS} ok");
+        }
         return Ok(());
     }
-    println!("setup: mounting bpffs at {BPF_FS}");
-    run_command(Command::new("mount").args(["-t", "bpf", "bpf", BPF_FS]))
+    println!("setup: mounting bpffs at {BPF_FS} (mode 0700, as systemd does)");
+    run_command(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf", BPF_FS]))
         .context("pinning needs bpffs; mounting it needs root")
 }
 
@@ -193,13 +215,107 @@ fn ensure_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: installing {}", missing.join(", "));
-    run_command(Command::new("apt-get").args(["update", "-q"]))
+    wait_for_locks(&PACKAGE_LOCKS, PACKAGE_LOCK_WAIT)?;
+    let lock_timeout = format!("DPkg::Lock::Timeout={}", PACKAGE_LOCK_WAIT.as_secs());
+    run_command(Command::new("apt-get").args(["-o", &lock_timeout, "update", "-q"]))
         .context("apt-get update (needs root)")?;
     run_command(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args([
+                "-o",
+                &lock_timeout,
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+            ])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("installing Debian packages")
+}
+
+/// Waits until no other process holds one of the `fcntl` locks at `paths`
+/// (as apt and dpkg take them), at most `limit`.
+fn wait_for_locks(paths: &[&str], limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut said = false;
+    for path in paths {
+        while let Some(pid) = lock_holder(path) {
+            if !said {
+                let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                println!(
+                    "setup: waiting for {path}, held by pid {pid} {} (at most {} s)",
+                    name.trim(),
+                    limit.as_secs()
+                );
+                said = true;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{path} is still held by pid {pid} after {} s; try again once it is done",
+                    limit.as_secs()
+                );
+            }
+            // The lock has no notification to wait on: poll it.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// The pid of a process holding a write lock on `path`, if any.
+fn lock_holder(path: &str) -> Option<libc::pid_t> {
+    use std::os::fd::AsRawFd as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    // SAFETY: a zeroed flock is a valid value of the type.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_GETLK on a descriptor we own, into a valid flock.
+    let asked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
+    (asked == 0 && lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    #[test]
+    fn a_held_package_lock_is_waited_for_and_named() {
+        let file = std::env::temp_dir().join(format!("xtask-lock-{}", std::process::id()));
+        fs::write(&file, "").unwrap();
+        let path = file.to_str().unwrap();
+        // Another process holds the lock as apt does (fcntl).
+        let mut holder = Command::new("python3")
+            .args(["-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"])
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "locked\n");
+
+        let err = wait_for_locks(&[path], Duration::from_millis(300)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("held by pid {} after 0 s", holder.id())),
+            "{err}"
+        );
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        wait_for_locks(&[path], Duration::ZERO).unwrap();
+        let _ = fs::remove_file(&file);
+    }
 }

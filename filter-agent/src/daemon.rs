@@ -149,6 +149,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        interfaces
+            .iter()
+            .for_each(|interface| watch.baseline(interface));
         info!(
             rules = %rules.display(),
             count = config.rules.len(),
@@ -799,7 +802,13 @@ async fn serve(
             }
         };
         notify(&[NotifyState::Reloading]);
+        let guard_was_on = watch.settings.action != GuardAction::Off;
         let result = reload(interfaces, rules, &mut watch, &rule_set);
+        if !guard_was_on {
+            interfaces
+                .iter()
+                .for_each(|interface| watch.baseline(interface));
+        }
         notify(&[NotifyState::Ready]);
         {
             let mut status = lock(status);
@@ -882,6 +891,15 @@ impl GuardWatch {
         self.summarise(interface);
     }
 
+    /// Starts the summaries from the counts pinned now: what an earlier
+    /// agent (or this one, while the guard was off) counted is not new.
+    fn baseline(&mut self, interface: &Interface) {
+        if let Ok(report) = interface.filter.guard_report() {
+            self.last
+                .insert(interface.name.clone(), out_of_range(&report));
+        }
+    }
+
     /// One warning per interval in which out-of-range traffic was seen.
     fn summarise(&mut self, interface: &Interface) {
         let report = match interface.filter.guard_report() {
@@ -890,8 +908,7 @@ impl GuardWatch {
                 return warn!(iface = %interface.name, %err, "cannot read the guard's counters");
             }
         };
-        let returned = report.stats[guard_stat::RETURN_OUT_OF_RANGE as usize].packets;
-        let outbound = report.stats[guard_stat::OUTBOUND_OUT_OF_RANGE as usize].packets;
+        let (returned, outbound) = out_of_range(&report);
         let last = self.last.entry(interface.name.clone()).or_default();
         let (new_return, new_outbound) = (
             returned.saturating_sub(last.0),
@@ -944,6 +961,14 @@ impl GuardWatch {
         }
         lock(status).findings = open;
     }
+}
+
+/// Out-of-range return packets and outbound attempts counted so far.
+fn out_of_range(report: &guard::GuardReport) -> (u64, u64) {
+    (
+        report.stats[guard_stat::RETURN_OUT_OF_RANGE as usize].packets,
+        report.stats[guard_stat::OUTBOUND_OUT_OF_RANGE as usize].packets,
+    )
 }
 
 /// Forwards aya-log records from the program to `log` (and so to tracing).

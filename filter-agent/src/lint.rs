@@ -32,7 +32,35 @@ pub fn lint(config: &Config) -> Vec<Warning> {
     let mut warnings = shadowed(&config.rules);
     warnings.extend(return_traffic(config));
     warnings.extend(ssh_cut(config));
+    warnings.extend(config.rules.iter().filter_map(ipv4_mapped));
     warnings
+}
+
+/// An IPv4-mapped IPv6 prefix (`::ffff:a.b.c.d`) in a rule: IPv4 packets
+/// are matched as IPv4, so it never matches the address it spells.
+fn ipv4_mapped(rule: &Rule) -> Option<Warning> {
+    let (field, net) = [("src", &rule.src), ("dst", &rule.dst)]
+        .into_iter()
+        .filter_map(|(field, list)| Some((field, list.as_ref()?)))
+        .find_map(|(field, list)| {
+            let net = list.nets.iter().find_map(|net| match net {
+                IpNet::V6(net) if net.prefix_len() >= 96 => {
+                    net.network().to_ipv4_mapped().map(|v4| (net, v4))
+                }
+                _ => None,
+            })?;
+            Some((field, net))
+        })?;
+    let (mapped, v4) = net;
+    let prefix = mapped.prefix_len() - 96;
+    Some(Warning {
+        location: Some(rule.location.clone()),
+        message: format!(
+            "rule {:?}: {field} {mapped} is an IPv4-mapped IPv6 prefix, which no packet carries \
+             (IPv4 packets are matched as IPv4); write {v4}/{prefix}",
+            rule.name
+        ),
+    })
 }
 
 /// Rules that an earlier rule covers in every field.
@@ -221,6 +249,20 @@ mod tests {
             found[0].starts_with(
                 "r.toml:25:1: warning: rule \"web\" never matches: rule \"web-wide\" (r.toml:19:1)"
             ),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_are_named_with_their_ipv4_form() {
+        let found = warnings(&format!(
+            "{RETURN_AND_SSH}[[rule]]\nname = \"mapped\"\naction = \"deny\"\nsrc = \"::ffff:1.2.3.4/128\"\n\
+             [[rule]]\nname = \"v6\"\naction = \"deny\"\nsrc = \"2001:db8::/32\"\n"
+        ));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("r.toml:19:1: warning: rule \"mapped\": src ::ffff:1.2.3.4/128")
+                && found[0].ends_with("write 1.2.3.4/32"),
             "{found:?}"
         );
     }

@@ -16,7 +16,7 @@ use std::{
 use filter_agent::{loader, state};
 use testbed::{
     Daemon, Netns, Pair,
-    traffic::{Responder, http_get, icmp_echo, udp_exchange},
+    traffic::{Responder, http_get, icmp_echo, tcp_attempt, udp_exchange},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
@@ -644,4 +644,38 @@ fn hostile_names_cannot_break_the_metrics_page_or_the_log() {
         output.status.success() && said.is_empty(),
         "promtool check metrics: {said}\n{metrics}"
     );
+}
+
+#[test]
+fn the_first_summary_after_a_restart_reports_only_what_is_new() {
+    let pair = Pair::create("first").unwrap();
+    // Left in place by both agents; removing the pins detaches the filter.
+    let _pins = RemoveOnDrop(loader::pin_dir(&pair.server_if));
+    let rules = rules_file();
+    let client = SocketAddr::from((Pair::CLIENT_V4, 7));
+    // Outbound attempts from a port outside the ephemeral range: one SYN
+    // each, counted by the guard's egress half.
+    let attempts = |count: usize| {
+        for _ in 0..count {
+            tcp_attempt(&pair.server, client, Some(5000)).unwrap();
+        }
+    };
+    let start = || {
+        let mut command = pair.server.command(AGENT);
+        command
+            .args(["--iface", &pair.server_if, "--rules"])
+            .arg(rules.path());
+        let mut agent = Daemon::start(command, None).unwrap();
+        agent.expect("ready", Duration::from_secs(10));
+        agent
+    };
+    let agent = start();
+    attempts(3);
+    // Stopped without detaching: the counts stay pinned.
+    agent.stop();
+    let mut agent = start();
+    attempts(2);
+    let summary = agent.expect("guard: traffic on local ports", Duration::from_secs(15));
+    assert!(summary.contains("outbound_attempts=2 "), "{summary}");
+    agent.stop();
 }

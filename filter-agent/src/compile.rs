@@ -84,6 +84,17 @@ impl RuleSet {
 pub enum CompileError {
     #[error("{count} rules (with the implicit ones) exceed the limit of {MAX_RULES}")]
     TooManyRules { count: usize },
+    #[error(
+        "the {field} prefixes{} need about {estimate_mib} MiB of maps, more than [filter] \
+         max_map_mib = {limit_mib}; shorten the list or raise the limit",
+        set.as_ref().map_or_else(String::new, |set| format!(" (set {set:?} the largest)"))
+    )]
+    MapMemory {
+        field: &'static str,
+        set: Option<String>,
+        estimate_mib: u64,
+        limit_mib: u32,
+    },
 }
 
 pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
@@ -93,6 +104,17 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
     }
     let chunks = (rules.len() as u32).div_ceil(RULES_PER_CHUNK).max(1);
     let bitmap = BitmapBuilder { chunks };
+    // Both address fields share the budget; the rest is small.
+    let limit_mib = config.filter.max_map_mib;
+    let mut budget = (limit_mib as usize) << 20;
+    let src = address_dim(&rules, &bitmap, "src", &mut budget, |rule| {
+        rule.src.as_ref()
+    })
+    .map_err(|err| err.with_limit(limit_mib))?;
+    let dst = address_dim(&rules, &bitmap, "dst", &mut budget, |rule| {
+        rule.dst.as_ref()
+    })
+    .map_err(|err| err.with_limit(limit_mib))?;
     Ok(RuleSet {
         settings: config.filter,
         guard: config.guard.clone(),
@@ -111,9 +133,18 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
         dport: port_dim(&rules, &bitmap, |rule| {
             rule.dport.clone().or_else(|| singletons(&rule.icmp_code))
         }),
-        src: address_dim(&rules, &bitmap, |rule| rule.src.as_ref()),
-        dst: address_dim(&rules, &bitmap, |rule| rule.dst.as_ref()),
+        src,
+        dst,
     })
+}
+
+impl CompileError {
+    fn with_limit(mut self, limit: u32) -> Self {
+        if let CompileError::MapMemory { limit_mib, .. } = &mut self {
+            *limit_mib = limit;
+        }
+        self
+    }
 }
 
 /// ICMP type and code travel in the port fields of the lookup.
@@ -330,11 +361,15 @@ fn port_dim(
     }
 }
 
+/// The address dimension of `field` (named `name`), within `budget` bytes
+/// of trie blocks (which it spends).
 fn address_dim<'r>(
     rules: &[&'r Rule],
     bitmap: &BitmapBuilder,
+    name: &'static str,
+    budget: &mut usize,
     field: impl Fn(&'r Rule) -> Option<&'r Arc<AddressList>>,
-) -> AddressDim {
+) -> Result<AddressDim, CompileError> {
     // Rules naming the same set share one condition.
     let conditions = Conditions::group(rules, |rule| field(rule).map(ArcKey));
     let mut classes = ClassTable::new();
@@ -347,16 +382,35 @@ fn address_dim<'r>(
         IpNet::V4(_) => None,
     });
     let order: Vec<u32> = (0..classes.keys.len() as u32).collect();
-    AddressDim {
+    let max_blocks = *budget / size_of::<AddressBlock>();
+    let blocks = address_blocks(&v4, &v6, max_blocks).map_err(|estimate| {
+        let largest = rules
+            .iter()
+            .filter_map(|rule| field(rule))
+            .max_by_key(|list| list.nets.len());
+        CompileError::MapMemory {
+            field: name,
+            set: largest.and_then(|list| list.set.clone()),
+            estimate_mib: (estimate * size_of::<AddressBlock>()) as u64 >> 20,
+            limit_mib: 0,
+        }
+    })?;
+    *budget -= blocks.len() * size_of::<AddressBlock>();
+    Ok(AddressDim {
         bitmaps: bitmap.all_chunks(&conditions, &classes, &order),
-        blocks: address_blocks(&v4, &v6),
-    }
+        blocks,
+    })
 }
 
 /// Expands prefixes into the program's multibit trie (controlled prefix
 /// expansion): shortest first, so a longer prefix overwrites the entries
-/// of the shorter ones it is inside of.
-pub fn address_blocks(v4: &[(Ipv4Net, u32)], v6: &[(Ipv6Net, u32)]) -> Vec<AddressBlock> {
+/// of the shorter ones it is inside of. Stops once more than `max_blocks`
+/// would be needed, with the number extrapolated from those expanded.
+pub fn address_blocks(
+    v4: &[(Ipv4Net, u32)],
+    v6: &[(Ipv6Net, u32)],
+    max_blocks: usize,
+) -> Result<Vec<AddressBlock>, usize> {
     let mut blocks = vec![[0u32; 256]; ROOT_BLOCKS as usize];
     let mut prefixes: Vec<(u8, usize, [u8; 16], u32)> = Vec::with_capacity(v4.len() + v6.len());
     for (net, class) in v4 {
@@ -373,10 +427,15 @@ pub fn address_blocks(v4: &[(Ipv4Net, u32)], v6: &[(Ipv6Net, u32)]) -> Vec<Addre
         ));
     }
     prefixes.sort_unstable_by_key(|&(len, ..)| len);
-    for (len, root, bytes, class) in prefixes {
+    let total = prefixes.len();
+    for (done, (len, root, bytes, class)) in prefixes.into_iter().enumerate() {
         insert_prefix(&mut blocks, root, &bytes, len, class);
+        if blocks.len() > max_blocks {
+            let root = ROOT_BLOCKS as usize;
+            return Err(root + (blocks.len() - root) * total / (done + 1));
+        }
     }
-    blocks
+    Ok(blocks)
 }
 
 fn insert_prefix(
@@ -647,7 +706,7 @@ mod tests {
         .zip(100..)
         .map(|(text, class)| (text.parse().unwrap(), class))
         .collect();
-        let blocks = address_blocks(&v4, &v6);
+        let blocks = address_blocks(&v4, &v6, usize::MAX).unwrap();
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             state ^= state << 13;
@@ -699,6 +758,32 @@ mod tests {
         let class = set.dport.table[4500];
         assert_eq!(bits(&set.dport.bitmaps, class, 2), [0, 4501]);
         assert!(set.map_bytes() < 64 << 20);
+    }
+
+    #[test]
+    fn sets_beyond_the_map_limit_are_named_with_their_estimate() {
+        // 3,000 /32s in as many /16s: two trie blocks (2 KiB) each.
+        let nets: Vec<String> = (0..3000u32)
+            .map(|i| format!("\"{}.{}.1.1\"", 1 + i / 256, i % 256))
+            .collect();
+        let text = format!(
+            "[filter]\ndefault = \"allow\"\nmax_map_mib = 1\n[sets]\nwide = [{}]\n\
+             [[rule]]\nname = \"block\"\naction = \"deny\"\nsrc = \"@wide\"\n",
+            nets.join(", ")
+        );
+        let config = crate::config::parse(std::path::Path::new("r.toml"), &text).unwrap();
+        let err = compile(&config).unwrap_err();
+        assert!(
+            matches!(&err, CompileError::MapMemory { field: "src", set: Some(set), estimate_mib: 6..=7, limit_mib: 1 } if set == "wide"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("the src prefixes (set \"wide\" the largest) need about")
+        );
+        let roomy = text.replace("max_map_mib = 1", "max_map_mib = 8");
+        let config = crate::config::parse(std::path::Path::new("r.toml"), &roomy).unwrap();
+        assert!(compile(&config).unwrap().map_bytes() > 1 << 20);
     }
 
     #[test]

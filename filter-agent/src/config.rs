@@ -55,7 +55,12 @@ pub struct FilterSettings {
     pub default: Action,
     pub mode: Mode,
     pub fragments: Fragments,
+    /// The most memory the compiled rules' maps may take, in MiB.
+    pub max_map_mib: u32,
 }
+
+/// The default of `[filter] max_map_mib`: room for a few million prefixes.
+pub const DEFAULT_MAX_MAP_MIB: u32 = 1024;
 
 /// The `[guard]` table: the ephemeral-port guard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,11 +237,16 @@ pub enum ConfigError {
     #[error("{what} {} is not a regular file", path.display())]
     NotRegular { what: &'static str, path: PathBuf },
     #[error(
-        "{what} {} is larger than {} MiB, the most filter-agent reads",
+        "{what} {} is larger than {} MiB, the most filter-agent reads{}",
         path.display(),
-        MAX_FILE_BYTES >> 20
+        limit >> 20,
+        if *what == "set file" { " (raise [filter] max_set_file_mib)" } else { "" }
     )]
-    TooLarge { what: &'static str, path: PathBuf },
+    TooLarge {
+        what: &'static str,
+        path: PathBuf,
+        limit: u64,
+    },
     #[error("{location}: {message}")]
     Invalid { location: Location, message: String },
 }
@@ -260,6 +270,8 @@ struct RawFilter {
     mode: Mode,
     #[serde(default)]
     fragments: Fragments,
+    max_map_mib: Option<Spanned<u32>>,
+    max_set_file_mib: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -288,18 +300,19 @@ struct RawRule {
 
 /// Reads and validates the rules file at `path` and the set files it names.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = read(path, "rules file")?;
+    let text = read(path, "rules file", MAX_FILE_BYTES)?;
     parse(path, &text)
 }
 
-/// The largest rules or set file read: room for several million prefixes
-/// (a line of a set file is about 20 bytes).
+/// The largest rules file read, and the default largest set file (`[filter]
+/// max_set_file_mib`): room for several million prefixes (a line of a set
+/// file is about 20 bytes).
 pub const MAX_FILE_BYTES: u64 = 256 << 20;
 
 /// Reads a rules or set file: only a regular file (after following links;
 /// a FIFO would block and a device may never end), opened without blocking,
-/// and at most [`MAX_FILE_BYTES`].
-fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
+/// and at most `limit` bytes.
+fn read(path: &Path, what: &'static str, limit: u64) -> Result<String, ConfigError> {
     use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
     let error = |source| ConfigError::Read {
         what,
@@ -317,17 +330,37 @@ fn read(path: &Path, what: &'static str) -> Result<String, ConfigError> {
             path: path.to_owned(),
         });
     }
-    let mut text = String::new();
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
         .map_err(error)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > limit {
         return Err(ConfigError::TooLarge {
             what,
             path: path.to_owned(),
+            limit,
         });
     }
-    Ok(text)
+    String::from_utf8(bytes).map_err(|err| {
+        // Located at the first byte that is not UTF-8.
+        let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+        let line_start = valid
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |at| at + 1);
+        let column = String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count()
+            + 1;
+        ConfigError::Invalid {
+            location: Location {
+                file: path.to_owned(),
+                line: valid.iter().filter(|&&b| b == b'\n').count() + 1,
+                column,
+            },
+            message: format!("{what} is not UTF-8 text"),
+        }
+    })
 }
 
 /// Validates rules-file `text` read from `path` (set files are found
@@ -338,11 +371,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         location: source.locate(err.span()),
         message: err.message().trim().to_owned(),
     })?;
+    let mib = |value: &Option<Spanned<u32>>, default: u32| match value {
+        Some(value) if *value.get_ref() == 0 => {
+            Err(source.error(value.span(), "must be at least 1 (MiB)".to_owned()))
+        }
+        Some(value) => Ok(*value.get_ref()),
+        None => Ok(default),
+    };
+    let max_map_mib = mib(&raw.filter.max_map_mib, DEFAULT_MAX_MAP_MIB)?;
+    let max_set_file = u64::from(mib(
+        &raw.filter.max_set_file_mib,
+        (MAX_FILE_BYTES >> 20) as u32,
+    )?) << 20;
     let sets = raw
         .sets
         .iter()
         .map(|(name, value)| {
-            let nets = source.set(name, value)?;
+            let nets = source.set(name, value, max_set_file)?;
             let list = AddressList {
                 set: Some(name.clone()),
                 nets,
@@ -380,6 +425,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             default: raw.filter.default,
             mode: raw.filter.mode,
             fragments: raw.filter.fragments,
+            max_map_mib,
         },
         guard,
         rules,
@@ -727,7 +773,12 @@ impl<'a> Source<'a> {
         Ok(Arc::new(AddressList { set: None, nets }))
     }
 
-    fn set(&self, name: &str, value: &Spanned<Value>) -> Result<Vec<IpNet>, ConfigError> {
+    fn set(
+        &self,
+        name: &str,
+        value: &Spanned<Value>,
+        max_file: u64,
+    ) -> Result<Vec<IpNet>, ConfigError> {
         let span = value.span();
         match value.get_ref() {
             Value::Array(values) => values
@@ -754,7 +805,14 @@ impl<'a> Source<'a> {
                     }
                 };
                 let path = self.path.parent().unwrap_or(Path::new(".")).join(file);
-                let text = read(&path, "set file")?;
+                // Named at the set, so that the rules file's line is in it.
+                let text = read(&path, "set file", max_file).map_err(|err| {
+                    let message = match &err {
+                        ConfigError::Read { source, .. } => format!("{err}: {source}"),
+                        _ => err.to_string(),
+                    };
+                    self.error(span.clone(), format!("set {name:?}: {message}"))
+                })?;
                 parse_set_file(&path, &text)
             }
             _ => Err(self.error(
@@ -890,6 +948,43 @@ mod tests {
 
     fn with_rule(body: &str) -> String {
         format!("{HEAD}[[rule]]\nname = \"r\"\naction = \"allow\"\n{body}\n")
+    }
+
+    #[test]
+    fn set_file_errors_name_the_rules_file_line() {
+        let missing = error_of(&format!(
+            "{HEAD}[sets]\nbad = {{ file = \"/nonexistent/x.txt\" }}\n"
+        ));
+        assert!(
+            missing.starts_with(
+                "rules.toml:4:7: set \"bad\": cannot read set file /nonexistent/x.txt: No such file"
+            ),
+            "{missing}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("big.txt"), "10.0.0.0/8\n".repeat(100_000)).unwrap();
+        let rules = dir.path().join("rules.toml");
+        let text = "[filter]\ndefault = \"deny\"\nmax_set_file_mib = 1\n[sets]\nbig = { file = \"big.txt\" }\n";
+        let err = parse(&rules, text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}:5:7: set \"big\": set file", rules.display()))
+                && err.ends_with("larger than 1 MiB, the most filter-agent reads (raise [filter] max_set_file_mib)"),
+            "{err}"
+        );
+        let zero = error_of("[filter]\ndefault = \"deny\"\nmax_map_mib = 0\n");
+        assert_eq!(zero, "rules.toml:3:15: must be at least 1 (MiB)");
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = dir.path().join("rules.toml");
+        std::fs::write(&rules, b"[filter]\ndefault = \"d\xffeny\"\n").unwrap();
+        let err = load(&rules).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("{}:2:13: rules file is not UTF-8 text", rules.display())
+        );
     }
 
     #[test]

@@ -170,6 +170,7 @@ fn random_config(rng: &mut StdRng) -> Config {
             fragments: *[Fragments::MatchL3, Fragments::Allow, Fragments::Deny]
                 .choose(rng)
                 .unwrap(),
+            max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
         },
         guard: random_guard(rng),
         rules,

@@ -108,6 +108,7 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
             default: Action::Deny,
             mode: Mode::Enforce,
             fragments: Fragments::MatchL3,
+            max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
         },
         guard: GuardSettings::default(),
         rules,
@@ -276,6 +277,7 @@ pub fn address_list(nets: &[Ipv4Net]) -> Config {
             default: Action::Allow,
             mode: Mode::Enforce,
             fragments: Fragments::MatchL3,
+            max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
         },
         guard: GuardSettings::default(),
         rules: vec![Rule {

@@ -43,7 +43,7 @@ use filter_agent::{
     audit,
     cli::{RunArgs, XdpModeArg},
     compile::{self, RuleInfo, RuleSet},
-    config::{self, GuardAction, GuardSettings},
+    config::{self, Config, GuardAction, GuardSettings},
     events,
     guard::{self, Listeners},
     links::LinkWatch,
@@ -115,7 +115,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         // Services first: ACKs to local listeners are not return traffic.
         // Watching starts first: a change made while attaching is not missed.
         let files = FileWatch::new(&rules)?;
@@ -180,7 +180,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             interface.stop(args.detach_on_exit);
         }
         result
-    })
+    });
+    // A reload still compiling on its blocking thread is abandoned.
+    runtime.shutdown_background();
+    result
 }
 
 /// Pauses after a program swap so that packets already inside the old
@@ -426,12 +429,10 @@ fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
 /// gets the new rules when it comes back.
 fn reload(
     interfaces: &mut [Interface],
-    rules: &Path,
+    (config, rule_set): (Config, RuleSet),
     watch: &mut GuardWatch,
     current: &RuleSet,
 ) -> anyhow::Result<(usize, RuleSet)> {
-    let config = config::load(rules)?;
-    let rule_set = compile::compile(&config)?;
     let mut targets: Vec<&mut Interface> = interfaces
         .iter_mut()
         .filter(|interface| interface.filtered)
@@ -477,6 +478,13 @@ fn reload(
     }
     watch.settings = config.guard.clone();
     Ok((config.rules.len(), rule_set))
+}
+
+/// Reads, validates and compiles the rules file (no kernel involved).
+fn prepare(rules: &Path) -> anyhow::Result<(Config, RuleSet)> {
+    let config = config::load(rules)?;
+    let rule_set = compile::compile(&config)?;
+    Ok((config, rule_set))
 }
 
 /// Watches the rules file and its set files through their directories, so
@@ -802,8 +810,20 @@ async fn serve(
             }
         };
         notify(&[NotifyState::Reloading]);
+        info!(trigger = why, "reloading");
+        // Reading and compiling a big set takes seconds: off the runtime,
+        // so that /healthz, /metrics and signals are served meanwhile.
+        let path = rules.to_owned();
+        let prepared = tokio::select! {
+            prepared = tokio::task::spawn_blocking(move || prepare(&path)) => {
+                prepared.context("compiling the rules")?
+            }
+            _ = terminate.recv() => { info!("SIGTERM received during a reload"); break; }
+            _ = interrupt.recv() => { info!("SIGINT received during a reload"); break; }
+        };
         let guard_was_on = watch.settings.action != GuardAction::Off;
-        let result = reload(interfaces, rules, &mut watch, &rule_set);
+        let result =
+            prepared.and_then(|prepared| reload(interfaces, prepared, &mut watch, &rule_set));
         if !guard_was_on {
             interfaces
                 .iter()

@@ -679,3 +679,48 @@ fn the_first_summary_after_a_restart_reports_only_what_is_new() {
     assert!(summary.contains("outbound_attempts=2 "), "{summary}");
     agent.stop();
 }
+
+#[test]
+fn health_and_signals_are_served_while_a_big_set_compiles() {
+    let pair = Pair::create("big").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let mut agent = start_agent(&pair, &["--iface", &pair.server_if], &rules);
+    // Two million /32s: seconds of compiling.
+    let mut set = String::with_capacity(2_000_000 * 16);
+    let mut state = 0x9e37_79b9u32;
+    for _ in 0..2_000_000 {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        set += &format!("{}/32\n", std::net::Ipv4Addr::from(state));
+    }
+    std::fs::write(dir.path().join("big.txt"), set).unwrap();
+    let staged = dir.path().join("rules.new");
+    let big = RULES.replace(
+        "blocklist = [\"198.51.100.0/24\", \"2001:db8:bad::/48\"]",
+        "blocklist = { file = \"big.txt\" }",
+    );
+    assert_ne!(big, RULES);
+    std::fs::write(&staged, big).unwrap();
+    std::fs::rename(&staged, &rules).unwrap();
+    agent.expect("reloading", Duration::from_secs(2));
+
+    let asked = Instant::now();
+    let (status, body) = http_get(&pair.server, METRICS, "/healthz").unwrap();
+    let answered = asked.elapsed();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    assert!(
+        answered < Duration::from_millis(500),
+        "/healthz took {answered:?} during a reload"
+    );
+    agent.signal(libc::SIGTERM);
+    agent.expect("SIGTERM received during a reload", Duration::from_secs(1));
+    let (status, log) = agent.stop();
+    assert!(status.is_some_and(|status| status.success()), "{log:?}");
+    assert!(
+        !log.iter().any(|line| line.contains("rules reloaded")),
+        "{log:?}"
+    );
+}

@@ -63,18 +63,31 @@ pub struct Finding {
 impl Namespace {
     /// How an operator recognises the namespace.
     pub fn label(&self) -> String {
+        self.label_with(true)
+    }
+
+    /// The label without the container and the process in it (pid and
+    /// command name), which not every reader should see.
+    pub fn label_without_processes(&self) -> String {
+        self.label_with(false)
+    }
+
+    fn label_with(&self, processes: bool) -> String {
         let mut parts = Vec::new();
         if self.host {
             parts.push("host".to_owned());
         }
         parts.extend(self.names.iter().cloned());
-        if let Some(container) = &self.container {
+        if let (true, Some(container)) = (processes, &self.container) {
             parts.push(format!("container {container}"));
         }
-        if let (Some(pid), Some(process)) = (self.pid, &self.process) {
+        if let (true, Some(pid), Some(process)) = (processes, self.pid, &self.process) {
             parts.push(format!("pid {pid} {process}"));
         }
-        format!("{} (net:[{}])", parts.join(", "), self.inode)
+        match parts.is_empty() {
+            true => format!("net:[{}]", self.inode),
+            false => format!("{} (net:[{}])", parts.join(", "), self.inode),
+        }
     }
 
     /// The command that sets `range` as this namespace's ephemeral range.

@@ -120,6 +120,11 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469")]
     pub metrics: std::net::SocketAddr,
+    /// Label audit findings in /metrics by namespace inode only, without
+    /// the pid and command name of a process in it: any local user can
+    /// read a port on 127.0.0.1.
+    #[arg(long)]
+    pub metrics_hide_processes: bool,
     /// Drop and guard events sent to the agent (and `filter-agent watch`)
     /// per second and CPU, sampled in the kernel; 0 turns them off.
     #[arg(long, value_name = "N", default_value_t = filter_common::event::DEFAULT_RATE)]

@@ -120,7 +120,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         // Watching starts first: a change made while attaching is not missed.
         let files = FileWatch::new(&rules)?;
         let links = LinkWatch::open().context("watching link events (rtnetlink)")?;
-        let mut watch = GuardWatch::new(&config.guard);
+        let mut watch = GuardWatch::new(&config.guard, args.metrics_hide_processes);
         watch.listeners = watch.scan();
         // A failed start removes what it added, on every interface: a
         // filter an earlier agent left in place stays.
@@ -877,11 +877,14 @@ struct GuardWatch {
     listeners: Listeners,
     /// Findings already logged, so each is logged once.
     logged_findings: BTreeSet<(u64, String)>,
+    /// `--metrics-hide-processes`.
+    hide_processes: bool,
 }
 
 impl GuardWatch {
-    fn new(settings: &GuardSettings) -> Self {
+    fn new(settings: &GuardSettings, hide_processes: bool) -> Self {
         Self {
+            hide_processes,
             settings: settings.clone(),
             previous_udp: BTreeSet::new(),
             last: HashMap::new(),
@@ -966,7 +969,12 @@ impl GuardWatch {
         let mut open = Vec::new();
         for ns in namespaces {
             for finding in &ns.findings {
-                open.push((ns.label(), finding.kind));
+                let label = if self.hide_processes {
+                    ns.label_without_processes()
+                } else {
+                    ns.label()
+                };
+                open.push((label, finding.kind));
                 if self
                     .logged_findings
                     .insert((ns.inode, finding.problem.clone()))

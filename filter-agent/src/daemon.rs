@@ -198,6 +198,8 @@ struct Interface {
     ifindex: u32,
     /// False while the interface is gone (or could not be attached again).
     filtered: bool,
+    /// A reload happened while it was gone: it needs the new rules.
+    behind: bool,
     dir: PathBuf,
     mode: XdpModeArg,
     event_rate: u32,
@@ -245,6 +247,7 @@ impl Interface {
             name: iface.to_owned(),
             ifindex,
             filtered: true,
+            behind: false,
             dir,
             mode,
             event_rate,
@@ -284,12 +287,22 @@ impl Interface {
         }
         let Some(index) = now else { return };
         let started = std::time::Instant::now();
-        let attached = load_filter(rule_set, &self.dir, listeners, self.event_rate)
-            .and_then(|filter| self.swap(filter, rule_set));
+        let attached = if self.behind {
+            load_filter(rule_set, &self.dir, listeners, self.event_rate)
+                .and_then(|filter| self.swap(filter, rule_set))
+        } else {
+            // The program it ran is still loaded: attached to the new
+            // device as it is, without another pass of the verifier.
+            self.filter
+                .attach_pinned(&self.name, self.mode, &self.dir)
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        };
         match attached {
             Ok(()) => {
                 self.ifindex = index;
                 self.filtered = true;
+                self.behind = false;
                 info!(
                     iface = %self.name,
                     index,
@@ -475,6 +488,13 @@ fn reload(
                 format!("; {}", restored.join("; "))
             }
         )));
+    }
+    drop(targets);
+    for interface in interfaces
+        .iter_mut()
+        .filter(|interface| !interface.filtered)
+    {
+        interface.behind = true;
     }
     watch.settings = config.guard.clone();
     Ok((config.rules.len(), rule_set))

@@ -446,6 +446,9 @@ fn reload(
     watch: &mut GuardWatch,
     current: &RuleSet,
 ) -> anyhow::Result<(usize, RuleSet)> {
+    // A new program starts from the scan: TCP listeners the running one
+    // learnt from SYN-ACKs since the last one must be in it.
+    watch.listeners.tcp = Listeners::discover().tcp;
     let mut targets: Vec<&mut Interface> = interfaces
         .iter_mut()
         .filter(|interface| interface.filtered)

@@ -16,7 +16,7 @@ use std::{
 use filter_agent::{loader, state};
 use testbed::{
     Daemon, Netns, Pair,
-    traffic::{Responder, http_get, icmp_echo, tcp_attempt, udp_exchange},
+    traffic::{Responder, http_get, icmp_echo, tcp_attempt, tcp_exchange, udp_exchange},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
@@ -731,5 +731,31 @@ fn health_and_signals_are_served_while_a_big_set_compiles() {
     assert!(
         !log.iter().any(|line| line.contains("rules reloaded")),
         "{log:?}"
+    );
+}
+
+#[test]
+fn a_new_listener_is_known_before_its_first_client_packet() {
+    let pair = Pair::create("listen").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    let dropping = RULES.replace("action = \"count\"", "action = \"drop\"");
+    assert_ne!(dropping, RULES);
+    std::fs::write(&rules, dropping).unwrap();
+    let _agent = start_agent(&pair, &["--iface", &pair.server_if], &rules);
+    // Started after the agent's scan of listening sockets, on a port
+    // outside the ephemeral range that the rules allow (web, 8080).
+    let _service = Responder::start(&pair.server, 8080).unwrap();
+    let service = SocketAddr::from((Pair::SERVER_V4, 8080));
+    let answered = (0..20)
+        .filter(|_| tcp_exchange(&pair.client, service, None).unwrap())
+        .count();
+    let report =
+        filter_agent::guard::GuardReport::read_pinned(&loader::pin_dir(&pair.server_if)).unwrap();
+    let out_of_range = report.stats[filter_common::guard::RETURN_OUT_OF_RANGE as usize].packets;
+    assert_eq!(
+        (answered, out_of_range),
+        (20, 0),
+        "(connections answered, return packets counted out of range)"
     );
 }

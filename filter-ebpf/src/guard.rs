@@ -92,13 +92,18 @@ pub fn inspect_inbound(packet: &Packet, end: usize, len: u64) -> Inbound {
 }
 
 /// Counts an outbound connection attempt (never drops); true when it left
-/// from a port outside the range. `end` as for [`inspect_inbound`].
+/// from a port outside the range. `end` as for [`inspect_inbound`]. A
+/// SYN-ACK teaches the guard a new listener instead.
 #[inline(always)]
 pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
     if !packet.has_l4 {
         return false;
     }
     let (local_port, remote_port) = (packet.sport, packet.dport);
+    if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        learn_service(local_port);
+        return false;
+    }
     let candidate = match packet.proto {
         IPPROTO_TCP => packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
         IPPROTO_UDP => is_remote_service(IPPROTO_UDP, remote_port),
@@ -137,6 +142,23 @@ fn is_local_service(proto: u8, port: u16) -> bool {
     SERVICE_PORTS
         .get(base + (port as u32) / 64)
         .is_some_and(|word| word & (1 << (port % 64)) != 0)
+}
+
+/// The host answers a connection from `port`: it is listening there, so the
+/// port is a service before its client's first ACK arrives, not after the
+/// agent's next scan of listening sockets (which then keeps or clears the
+/// bit). Not atomic (`BPF_OR` needs 5.12): a bit lost to a concurrent
+/// write on another CPU is learnt again from the next SYN-ACK.
+#[inline(always)]
+fn learn_service(port: u16) {
+    if let Some(word) = SERVICE_PORTS.get_ptr_mut((port as u32) / 64) {
+        let bit = 1u64 << (port % 64);
+        unsafe {
+            if *word & bit == 0 {
+                *word |= bit;
+            }
+        }
+    }
 }
 
 /// Well-known ports and the configured or discovered service ports.

@@ -298,6 +298,28 @@ struct RawRule {
     icmp_code: Option<Spanned<Value>>,
 }
 
+/// The start of the line with the most nesting (brackets, braces and dots
+/// of dotted keys, outside strings).
+fn deepest_line(text: &str) -> Range<usize> {
+    let mut best = (0, 0);
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let mut quoted = false;
+        let depth = line
+            .chars()
+            .filter(|&c| {
+                quoted ^= c == '"';
+                !quoted && matches!(c, '[' | '{' | '.')
+            })
+            .count();
+        if depth > best.0 {
+            best = (depth, start);
+        }
+        start += line.len();
+    }
+    best.1..best.1
+}
+
 /// Reads and validates the rules file at `path` and the set files it names.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = read(path, "rules file", MAX_FILE_BYTES)?;
@@ -368,7 +390,9 @@ fn read(path: &Path, what: &'static str, limit: u64) -> Result<String, ConfigErr
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let source = Source::new(path, text);
     let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Invalid {
-        location: source.locate(err.span()),
+        // Only the recursion limit comes without a place: the most deeply
+        // nested line is where to look.
+        location: source.locate(err.span().or_else(|| Some(deepest_line(text)))),
         message: err.message().trim().to_owned(),
     })?;
     let mib = |value: &Option<Spanned<u32>>, default: u32| match value {
@@ -973,6 +997,16 @@ mod tests {
         );
         let zero = error_of("[filter]\ndefault = \"deny\"\nmax_map_mib = 0\n");
         assert_eq!(zero, "rules.toml:3:15: must be at least 1 (MiB)");
+    }
+
+    #[test]
+    fn nesting_past_the_parser_limit_is_located() {
+        let deep = format!(
+            "{HEAD}# a comment. with [dots]\n{}b = 1\n",
+            "a.".repeat(300)
+        );
+        let err = error_of(&deep);
+        assert!(err.starts_with("rules.toml:4:1: "), "{err}");
     }
 
     #[test]

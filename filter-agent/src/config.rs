@@ -74,7 +74,7 @@ pub struct GuardSettings {
 }
 
 /// Linux's default `ip_local_port_range`.
-pub const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+pub const DEFAULT_EPHEMERAL: (u16, u16) = filter_common::guard::DEFAULT_EPHEMERAL;
 
 impl Default for GuardSettings {
     fn default() -> Self {

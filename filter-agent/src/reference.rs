@@ -15,8 +15,7 @@ use crate::{
 };
 
 /// VLAN tags and IPv6 extension headers the program walks (and so the model).
-pub const MAX_VLAN_TAGS: usize = 2;
-pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+pub use filter_common::wire::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
 
 /// What a frame is, as far as the filter is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,44 @@ impl Counter {
     }
 }
 
+/// Numbers of the wire formats: what the program parses, and what the
+/// agent's packet builder writes and its reference model reads.
+pub mod wire {
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86DD;
+    pub const ETH_P_ARP: u16 = 0x0806;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    pub const ETH_P_8021AD: u16 = 0x88A8;
+
+    pub const IPPROTO_HOPOPTS: u8 = 0;
+    pub const IPPROTO_ICMP: u8 = 1;
+    pub const IPPROTO_TCP: u8 = 6;
+    pub const IPPROTO_UDP: u8 = 17;
+    pub const IPPROTO_ROUTING: u8 = 43;
+    pub const IPPROTO_FRAGMENT: u8 = 44;
+    pub const IPPROTO_ICMPV6: u8 = 58;
+    pub const IPPROTO_DSTOPTS: u8 = 60;
+
+    /// 802.1Q and 802.1ad: at most an outer and an inner tag.
+    pub const MAX_VLAN_TAGS: usize = 2;
+    /// Headers walked after the IPv6 header to find the upper layer: five
+    /// extension headers and the upper-layer one; a sixth extension header
+    /// makes the packet malformed.
+    pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+    /// TCP flag bits, as in the header's flags byte.
+    pub mod tcp_flag {
+        pub const FIN: u8 = 0x01;
+        pub const SYN: u8 = 0x02;
+        pub const RST: u8 = 0x04;
+        pub const PSH: u8 = 0x08;
+        pub const ACK: u8 = 0x10;
+        pub const URG: u8 = 0x20;
+        pub const ECE: u8 = 0x40;
+        pub const CWR: u8 = 0x80;
+    }
+}
+
 /// Why a verdict was reached: indices into the `STATS` per-CPU array.
 ///
 /// Every packet the program sees increments exactly one of these.
@@ -143,6 +181,9 @@ pub mod guard {
     /// `GuardPort::direction` / `GuardPeer::direction`.
     pub const INGRESS: u8 = 0;
     pub const EGRESS: u8 = 1;
+
+    /// Linux's default `ip_local_port_range`, the guard's default range.
+    pub const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
 
     /// `SERVICE_PORTS`: one bit per port, TCP words first, then UDP.
     pub const SERVICE_WORDS_PER_PROTO: u32 = 65536 / 64;

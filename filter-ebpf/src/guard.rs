@@ -14,22 +14,20 @@ use aya_ebpf::{
 };
 use filter_common::{
     Counter, GuardPeer, GuardPort, UdpFlow,
-    guard::{self, EGRESS, INGRESS},
+    guard::{self, DEFAULT_EPHEMERAL, EGRESS, INGRESS},
+    wire::tcp_flag::{ACK as TCP_ACK, SYN as TCP_SYN},
 };
 
 use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, Packet};
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// `guard::OFF`, `COUNT` or `DROP`; set by the agent at load time.
 #[unsafe(no_mangle)]
 static GUARD_MODE: Global<u32> = Global::new(guard::OFF);
 /// The ephemeral range, inclusive; set by the agent at load time.
 #[unsafe(no_mangle)]
-static EPHEMERAL_LOW: Global<u32> = Global::new(32768);
+static EPHEMERAL_LOW: Global<u32> = Global::new(DEFAULT_EPHEMERAL.0 as u32);
 #[unsafe(no_mangle)]
-static EPHEMERAL_HIGH: Global<u32> = Global::new(60999);
+static EPHEMERAL_HIGH: Global<u32> = Global::new(DEFAULT_EPHEMERAL.1 as u32);
 
 /// Local service ports (configured and discovered listeners), one bit each;
 /// kept up to date by the agent while the program runs.

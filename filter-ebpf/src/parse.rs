@@ -13,24 +13,12 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-
-/// 802.1Q and 802.1ad: at most an outer and an inner tag.
-const MAX_VLAN_TAGS: usize = 2;
-/// IPv6 extension headers walked before the packet counts as malformed.
-const MAX_IPV6_EXT_HEADERS: usize = 6;
-
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_DSTOPTS: u8 = 60;
+use filter_common::wire::{
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, MAX_IPV6_EXT_HEADERS,
+    MAX_VLAN_TAGS,
+};
+pub use filter_common::wire::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// The header was truncated or invalid.
 pub struct Malformed;

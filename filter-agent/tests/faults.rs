@@ -14,10 +14,13 @@ use std::{
 };
 
 use filter_agent::{loader, state};
+use support::Pins;
 use testbed::{
     Daemon, Netns, Pair,
     traffic::{Responder, http_get, icmp_echo, tcp_attempt, tcp_exchange, udp_exchange},
 };
+
+mod support;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 /// The object the agent embeds (build.rs writes it here).
@@ -409,22 +412,13 @@ fn as_nobody<T: Send>(task: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Removes a directory tree when dropped, also when the test fails.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn pin_directories_another_user_could_change_are_refused() {
     use std::os::unix::fs::PermissionsExt as _;
     let pair = Pair::create("owner").unwrap();
     let dir = loader::pin_dir(&pair.server_if);
     std::fs::create_dir_all(&dir).unwrap();
-    let _remove = RemoveOnDrop(dir.clone());
+    let _pins = Pins::of(&pair.server_if);
     let rules = rules_file();
     let start = || {
         let agent = pair
@@ -546,7 +540,7 @@ fn pins_of_a_deleted_interface_are_removed_at_the_next_start() {
     gone.delete_link().unwrap();
 
     let pair = Pair::create("next").unwrap();
-    let _remove = RemoveOnDrop(stale.clone());
+    let _pins = Pins::of(&gone.server_if);
     // Any agent's start removes them (another test's may come first).
     let _agent = start_agent(&pair, &["--iface", &pair.server_if], rules.path());
     assert!(!stale.exists(), "{} is still there", stale.display());
@@ -659,7 +653,7 @@ fn hostile_names_cannot_break_the_metrics_page_or_the_log() {
 fn the_first_summary_after_a_restart_reports_only_what_is_new() {
     let pair = Pair::create("first").unwrap();
     // Left in place by both agents; removing the pins detaches the filter.
-    let _pins = RemoveOnDrop(loader::pin_dir(&pair.server_if));
+    let _pins = Pins::of(&pair.server_if);
     let rules = rules_file();
     let client = SocketAddr::from((Pair::CLIENT_V4, 7));
     // Outbound attempts from a port outside the ephemeral range: one SYN

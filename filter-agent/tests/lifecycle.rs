@@ -33,14 +33,8 @@ proto = "udp"
 dport = 9000
 "#;
 
-/// Removes the interface's pins when the test ends, also on failure.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        loader::remove_pins(&self.0);
-    }
-}
+mod support;
+use support::Pins;
 
 /// The agent on the server end of `pair`, once it is ready; with
 /// `detach`, it removes the filter when it stops.
@@ -89,7 +83,7 @@ fn counted(lines: &[String], rule: &str) -> u64 {
 #[test]
 fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     let pair = Pair::create("life").unwrap();
-    let pins = Pins(loader::pin_dir(&pair.server_if));
+    let pins = Pins::of(&pair.server_if);
     let rules = rules_file(RULES);
 
     let received = Arc::new(AtomicU64::new(0));
@@ -200,7 +194,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
 #[test]
 fn a_foreign_xdp_program_is_not_replaced() {
     let pair = Pair::create("foreign").unwrap();
-    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let _pins = Pins::of(&pair.server_if);
     let config = config::parse(Path::new("r.toml"), "[filter]\ndefault = \"allow\"\n").unwrap();
     let mut foreign = loader::Filter::load(&compile(&config).unwrap()).unwrap();
     pair.server
@@ -276,7 +270,7 @@ const ALLOW_9000: &str = "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"deny
 #[test]
 fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let pair = Pair::create("reload").unwrap();
-    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(300));
     let mut config_map = ConfigMapDir::new(RULES);
     let mut agent = start_agent(&pair, &config_map.rules(), true);
@@ -349,7 +343,7 @@ fn samples(text: &str) -> Vec<(String, f64)> {
 #[test]
 fn metrics_are_served_and_count_what_the_filter_did() {
     let pair = Pair::create("metrics").unwrap();
-    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
     let mut agent = start_agent(&pair, rules.path(), true);
@@ -462,7 +456,7 @@ fn stats_packets(json: &str, rule: &str) -> u64 {
 fn stats_read_the_pins_while_the_agent_is_down() {
     use std::io::BufRead as _;
     let pair = Pair::create("stats").unwrap();
-    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
     let agent = start_agent(&pair, rules.path(), false);
@@ -515,7 +509,7 @@ fn stats_read_the_pins_while_the_agent_is_down() {
 fn watch_prints_sampled_drops_with_their_rule() {
     use std::io::BufRead as _;
     let pair = Pair::create("watch").unwrap();
-    let _pins = Pins(loader::pin_dir(&pair.server_if));
+    let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
     let agent = start_agent(&pair, rules.path(), true);
@@ -545,7 +539,7 @@ fn one_agent_filters_several_interfaces() {
     let chain = testbed::Chain::create("multi", &["c", "h", "s"]).unwrap();
     let host = &chain.namespaces[1];
     let (inner, outer) = (chain.right_if(0), chain.left_if(1));
-    let _pins = [inner.clone(), outer.clone()].map(|iface| Pins(loader::pin_dir(&iface)));
+    let _pins = [inner.clone(), outer.clone()].map(|iface| Pins::of(&iface));
     let rules = rules_file(RULES);
     let mut command = host.command(AGENT);
     command

@@ -11,13 +11,16 @@ use filter_agent::{
     cli::XdpModeArg,
     compile::compile,
     config,
-    loader::{self, Attached, Filter},
+    loader::{Attached, Filter},
 };
 use filter_common::reason;
+use support::Pins;
 use testbed::{
     Daemon, Pair,
     traffic::{self, Responder},
 };
+
+mod support;
 
 const PORT: u16 = 8080;
 
@@ -131,19 +134,11 @@ fn rule_set_swaps_are_atomic_under_traffic() {
         thread,
     };
 
-    /// Removes the pins when the test ends, also on failure.
-    struct Pins(std::path::PathBuf);
-    impl Drop for Pins {
-        fn drop(&mut self) {
-            loader::remove_pins(&self.0);
-        }
-    }
-
     const PORT_A: u16 = 7001;
     const PORT_B: u16 = 7002;
     const SWAPS: usize = 40;
     let pair = Pair::create("swap").unwrap();
-    let pins = Pins(loader::pin_dir(&pair.server_if));
+    let pins = Pins::of(&pair.server_if);
     // The agent's interface lock makes this directory.
     std::fs::create_dir_all(&pins.0).unwrap();
     let rules = |allowed: u16, denied: u16| {

@@ -20,6 +20,8 @@ use filter_common::{
 
 use crate::parse::{IPPROTO_TCP, IPPROTO_UDP, Packet};
 
+const TCP_SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+
 /// `guard::OFF`, `COUNT` or `DROP`; set by the agent at load time.
 #[unsafe(no_mangle)]
 static GUARD_MODE: Global<u32> = Global::new(guard::OFF);
@@ -98,12 +100,15 @@ pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
         return false;
     }
     let (local_port, remote_port) = (packet.sport, packet.dport);
-    if packet.proto == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-        learn_service(local_port);
-        return false;
-    }
     let candidate = match packet.proto {
-        IPPROTO_TCP => packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        IPPROTO_TCP => match packet.tcp_flags & (TCP_SYN | TCP_ACK) {
+            TCP_SYN => true,
+            TCP_SYN_ACK => {
+                learn_service(local_port);
+                return false;
+            }
+            _ => false,
+        },
         IPPROTO_UDP => is_remote_service(IPPROTO_UDP, remote_port),
         _ => false,
     };

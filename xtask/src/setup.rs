@@ -236,46 +236,66 @@ fn ensure_packages() -> anyhow::Result<()> {
 }
 
 /// Waits until no other process holds one of the `fcntl` locks at `paths`
-/// (as apt and dpkg take them), at most `limit`.
+/// (as apt and dpkg take them), at most `limit` in all: a thread blocks in
+/// `F_SETLKW` until the lock is free (and lets go of it at once), and the
+/// caller waits for that thread with the deadline.
 fn wait_for_locks(paths: &[&str], limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
-    let mut said = false;
     for path in paths {
-        while let Some(pid) = lock_holder(path) {
-            if !said {
-                let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                println!(
-                    "setup: waiting for {path}, held by pid {pid} {} (at most {} s)",
-                    name.trim(),
-                    limit.as_secs()
-                );
-                said = true;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{path} is still held by pid {pid} after {} s; try again once it is done",
-                    limit.as_secs()
-                );
-            }
-            // The lock has no notification to wait on: poll it.
-            std::thread::sleep(Duration::from_millis(200));
+        let Some(pid) = lock_holder(path) else {
+            continue;
+        };
+        let name = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        println!(
+            "setup: waiting for {path}, held by pid {pid} {} (at most {} s)",
+            name.trim(),
+            limit.as_secs()
+        );
+        let file = lock_file(path).with_context(|| format!("cannot open {path}"))?;
+        let (sender, freed) = std::sync::mpsc::channel();
+        // Left blocked if the deadline passes; setup fails then anyway.
+        std::thread::spawn(move || sender.send(lock_blocking(&file)));
+        match freed.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => bail!("cannot wait for {path}: {err}"),
+            Err(_) => bail!(
+                "{path} is still held by pid {pid} after {} s; try again once it is done",
+                limit.as_secs()
+            ),
         }
     }
     Ok(())
 }
 
-/// The pid of a process holding a write lock on `path`, if any.
-fn lock_holder(path: &str) -> Option<libc::pid_t> {
+fn lock_file(path: &str) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// A write lock on the whole file, waited for; released when `file` closes.
+fn lock_blocking(file: &fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .ok()?;
+    let mut lock = whole_file_write_lock();
+    // SAFETY: F_SETLKW on a descriptor we own, with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLKW, &mut lock) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn whole_file_write_lock() -> libc::flock {
     // SAFETY: a zeroed flock is a valid value of the type.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_WRLCK as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock
+}
+
+/// The pid of a process holding a write lock on `path`, if any.
+fn lock_holder(path: &str) -> Option<libc::pid_t> {
+    use std::os::fd::AsRawFd as _;
+    let file = lock_file(path).ok()?;
+    let mut lock = whole_file_write_lock();
     // SAFETY: F_GETLK on a descriptor we own, into a valid flock.
     let asked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
     (asked == 0 && lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
@@ -293,29 +313,48 @@ mod tests {
         let file = std::env::temp_dir().join(format!("xtask-lock-{}", std::process::id()));
         fs::write(&file, "").unwrap();
         let path = file.to_str().unwrap();
-        // Another process holds the lock as apt does (fcntl).
-        let mut holder = Command::new("python3")
-            .args(["-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"])
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(holder.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "locked\n");
+        // Another process holds the lock as apt does (fcntl), until its
+        // standard input closes.
+        let hold = || {
+            let mut holder = Command::new("python3")
+                .args(["-c", "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"])
+                .arg(path)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(holder.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line, "locked\n");
+            holder
+        };
+        let release = |mut holder: std::process::Child| {
+            drop(holder.stdin.take());
+            holder.wait().unwrap();
+        };
 
+        // Still held at the deadline: the error names the holder.
+        let holder = hold();
         let err = wait_for_locks(&[path], Duration::from_millis(300)).unwrap_err();
         assert!(
             err.to_string()
                 .contains(&format!("held by pid {} after 0 s", holder.id())),
             "{err}"
         );
-        drop(holder.stdin.take());
-        holder.wait().unwrap();
-        wait_for_locks(&[path], Duration::ZERO).unwrap();
+        release(holder);
+
+        // Released while waited for: the wait ends then, not at the deadline.
+        let holder = hold();
+        let limit = Duration::from_secs(30);
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| wait_for_locks(&[path], limit));
+            release(holder);
+            waiter.join().unwrap().unwrap();
+        });
+        assert!(started.elapsed() < limit / 2, "{:?}", started.elapsed());
         let _ = fs::remove_file(&file);
     }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::loader::AttachMode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "filter-agent",
@@ -142,6 +144,16 @@ pub enum XdpModeArg {
     Skb,
 }
 
+impl From<XdpModeArg> for AttachMode {
+    fn from(mode: XdpModeArg) -> Self {
+        match mode {
+            XdpModeArg::Auto => AttachMode::Auto,
+            XdpModeArg::Native => AttachMode::Native,
+            XdpModeArg::Skb => AttachMode::Skb,
+        }
+    }
+}
+
 /// Folds clap's multi-line error report into one line.
 pub fn one_line_error(err: &clap::Error) -> String {
     let rendered = err.render().to_string();
@@ -150,4 +162,20 @@ pub fn one_line_error(err: &clap::Error) -> String {
     let folded = folded.join(" ");
     let folded = folded.strip_prefix("error: ").unwrap_or(&folded);
     format!("{folded} (see --help)")
+}
+
+/// Logs to standard error, at `RUST_LOG` or info; coloured on a terminal.
+pub fn init_logging() {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(
+            fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false),
+        )
+        .with(filter)
+        .init();
 }

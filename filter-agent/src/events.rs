@@ -8,12 +8,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use filter_common::{DECISION_RULE, Event, event, reason};
-
-use crate::{
-    compile::RuleInfo,
-    packet::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+use filter_common::{
+    DECISION_RULE, Event, event, reason,
+    wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PROTOCOL_NAMES},
 };
+
+use crate::compile::RuleInfo;
 
 /// Where the agent serves each interface's event lines to `watch`.
 pub const SOCKET_DIR: &str = "/run/filter-agent";
@@ -68,12 +68,12 @@ pub fn format(event: &Event, rules: &[RuleInfo], range: (u16, u16)) -> String {
     if src.is_unspecified() && dst.is_unspecified() && event.proto == 0 {
         let _ = write!(line, " frame of {} bytes", event.len);
     } else {
-        let proto = match event.proto {
-            IPPROTO_TCP => "tcp".to_owned(),
-            IPPROTO_UDP => "udp".to_owned(),
-            IPPROTO_ICMP => "icmp".to_owned(),
-            IPPROTO_ICMPV6 => "icmpv6".to_owned(),
-            other => format!("proto {other}"),
+        let proto = match PROTOCOL_NAMES
+            .iter()
+            .find(|(_, number)| *number == event.proto)
+        {
+            Some((name, _)) => (*name).to_owned(),
+            None => format!("proto {}", event.proto),
         };
         let _ = write!(line, " {proto}");
         match event.proto {

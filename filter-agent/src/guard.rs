@@ -9,26 +9,19 @@ use std::{
     path::Path,
 };
 
-use aya::{
-    Pod,
-    maps::{Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
-};
+use aya::maps::Map;
 use filter_common::{
     Counter, GuardPeer, GuardPort,
     guard::{EGRESS, SERVICE_WORDS, SERVICE_WORDS_PER_PROTO, STAT_COUNT},
     names,
 };
-use thiserror::Error;
 
-use crate::packet::{IPPROTO_TCP, IPPROTO_UDP};
+use filter_common::wire::PROTOCOL_NAMES;
 
-#[derive(Debug, Error)]
-pub enum GuardError {
-    #[error("no guard maps under {0} (is filter-agent running on that interface?)")]
-    NotPinned(String),
-    #[error("cannot read guard map {name}")]
-    Map { name: String, source: MapError },
-}
+use crate::{
+    counters,
+    pins::{self, PinError},
+};
 
 /// Listening sockets, by protocol.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -131,79 +124,52 @@ pub struct GuardReport {
 }
 
 impl GuardReport {
-    /// Reads the maps of a loaded program, given a lookup by name.
-    pub fn read<'a>(map: impl Fn(&str) -> Option<&'a Map>) -> Result<Self, GuardError> {
-        let get = |name: &str| map(name).ok_or_else(|| map_error(name, missing(name)));
+    /// Reads the guard's maps, found by name with `map`.
+    pub fn read<'a>(map: impl Fn(&str) -> Result<&'a Map, PinError>) -> Result<Self, PinError> {
+        let read = |name: &str, source| PinError::Read {
+            path: name.into(),
+            source,
+        };
+        let mut stats = [Counter::default(); STAT_COUNT as usize];
+        let totals = counters::array_totals(map(names::GUARD_STATS)?)
+            .map_err(|source| read(names::GUARD_STATS, source))?;
+        stats
+            .iter_mut()
+            .zip(totals)
+            .for_each(|(slot, total)| *slot = total);
         Ok(GuardReport {
-            stats: read_stats(get(names::GUARD_STATS)?)?,
-            ports: summed(get(names::GUARD_PORTS)?, names::GUARD_PORTS)?,
-            peers: summed(get(names::GUARD_PEERS)?, names::GUARD_PEERS)?,
+            stats,
+            ports: counters::hash_totals(map(names::GUARD_PORTS)?)
+                .map_err(|source| read(names::GUARD_PORTS, source))?,
+            peers: counters::hash_totals(map(names::GUARD_PEERS)?)
+                .map_err(|source| read(names::GUARD_PEERS, source))?,
         })
     }
 
     /// Reads the maps the agent pinned under `dir`.
-    pub fn read_pinned(dir: &Path) -> Result<Self, GuardError> {
-        let open = |name: &str| {
-            let path = dir.join(name);
-            if !path.exists() {
-                return Err(GuardError::NotPinned(dir.display().to_string()));
+    pub fn read_pinned(dir: &Path) -> Result<Self, PinError> {
+        let maps = [names::GUARD_STATS, names::GUARD_PORTS, names::GUARD_PEERS].map(|name| {
+            match pins::open_map(dir, name) {
+                Ok(map) => Ok((name, map)),
+                Err(PinError::NotPinned(_)) => Err(PinError::NoGuardMaps(dir.to_owned())),
+                Err(err) => Err(err),
             }
-            MapData::from_pin(&path)
-                .and_then(Map::from_map_data)
-                .map_err(|source| map_error(name, source))
-        };
-        let maps = [
-            (names::GUARD_STATS, open(names::GUARD_STATS)?),
-            (names::GUARD_PORTS, open(names::GUARD_PORTS)?),
-            (names::GUARD_PEERS, open(names::GUARD_PEERS)?),
-        ];
+        });
+        let maps = maps.into_iter().collect::<Result<Vec<_>, _>>()?;
         Self::read(|name| {
             maps.iter()
                 .find(|(known, _)| *known == name)
                 .map(|(_, map)| map)
+                .ok_or_else(|| PinError::NotPinned(dir.join(name)))
         })
     }
-}
 
-/// The `GUARD_STATS` counters, summed over CPUs.
-pub fn read_stats(map: &Map) -> Result<[Counter; STAT_COUNT as usize], GuardError> {
-    let error = |source| map_error(names::GUARD_STATS, source);
-    let stats = PerCpuArray::<_, Counter>::try_from(map).map_err(error)?;
-    let mut totals = [Counter::default(); STAT_COUNT as usize];
-    for (index, total) in totals.iter_mut().enumerate() {
-        let values = stats.get(&(index as u32), 0).map_err(error)?;
-        values.iter().for_each(|value| total.add(value));
-    }
-    Ok(totals)
-}
-
-fn summed<K: Pod + Eq + std::hash::Hash>(
-    map: &Map,
-    name: &str,
-) -> Result<Vec<(K, Counter)>, GuardError> {
-    let hash = PerCpuHashMap::<_, K, Counter>::try_from(map).map_err(|e| map_error(name, e))?;
-    let mut entries = Vec::new();
-    for entry in hash.iter() {
-        // An LRU entry can be evicted between the key walk and the lookup.
-        let Ok((key, values)) = entry else { continue };
-        let mut total = Counter::default();
-        values.iter().for_each(|value| total.add(value));
-        entries.push((key, total));
-    }
-    entries.sort_by_key(|(_, counter)| std::cmp::Reverse(counter.packets));
-    Ok(entries)
-}
-
-fn map_error(name: &str, source: MapError) -> GuardError {
-    GuardError::Map {
-        name: name.to_owned(),
-        source,
-    }
-}
-
-fn missing(name: &str) -> MapError {
-    MapError::InvalidName {
-        name: name.to_owned(),
+    /// Out-of-range return packets and outbound attempts counted so far.
+    pub fn out_of_range(&self) -> (u64, u64) {
+        (
+            self.stats[filter_common::guard::RETURN_OUT_OF_RANGE as usize].packets,
+            self.stats[filter_common::guard::OUTBOUND_OUT_OF_RANGE as usize].packets,
+        )
     }
 }
 
@@ -216,13 +182,12 @@ pub fn direction_name(direction: u8) -> &'static str {
     }
 }
 
-/// "tcp", "udp" or the number.
+/// The protocol's name in the rules file, or its number.
 pub fn proto_name(proto: u8) -> String {
-    match proto {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        other => other.to_string(),
-    }
+    PROTOCOL_NAMES
+        .iter()
+        .find(|(_, number)| *number == proto)
+        .map_or_else(|| proto.to_string(), |(name, _)| (*name).to_owned())
 }
 
 /// The peer's address, IPv4-mapped addresses shown as IPv4.
@@ -276,7 +241,7 @@ mod tests {
         let mut peer = GuardPeer {
             addr: [0; 16],
             port: 1,
-            proto: IPPROTO_TCP,
+            proto: filter_common::wire::IPPROTO_TCP,
             direction: EGRESS,
         };
         peer.addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 1]);

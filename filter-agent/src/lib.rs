@@ -1,10 +1,13 @@
 //! filter-agent's library: everything but the process entry point, so that
 //! integration tests use the same code paths as the binary.
 
+pub mod agent;
 pub mod audit;
 pub mod cli;
+pub mod commands;
 pub mod compile;
 pub mod config;
+pub mod counters;
 pub mod events;
 pub mod guard;
 pub mod links;
@@ -13,7 +16,6 @@ pub mod loader;
 pub mod metrics;
 pub mod packet;
 pub mod pcap;
+pub mod pins;
 pub mod privileges;
 pub mod reference;
-pub mod state;
-mod tc;

@@ -1,14 +1,16 @@
 //! filter-agent: loads the stateless XDP filter onto an interface and keeps
-//! it there until told to stop.
+//! it there until told to stop. This file only parses the command line and
+//! dispatches: everything else is in the library.
 
-mod commands;
-mod daemon;
-
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser as _;
 
-use filter_agent::cli::{self, Cli, Command};
+use filter_agent::{
+    agent,
+    cli::{self, Cli, Command},
+    commands,
+};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -23,7 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    cli::init_logging();
     let result = match cli.command {
         Some(Command::Check { rules }) => commands::check(&rules),
         Some(Command::Test { rules, packet }) => commands::test_packets(&rules, &packet),
@@ -33,7 +35,7 @@ fn main() -> ExitCode {
         Some(Command::Detach { iface }) => commands::detach(&iface),
         Some(Command::Watch { iface }) => commands::watch(&iface),
         Some(Command::Stats { iface, json, watch }) => commands::stats(&iface, json, watch),
-        None => daemon::run(cli.run),
+        None => agent::run(cli.run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,18 +44,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt, prelude::*};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::registry()
-        .with(
-            fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false),
-        )
-        .with(filter)
-        .init();
 }

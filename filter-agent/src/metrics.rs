@@ -12,7 +12,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{guard::GuardReport, loader, state};
+use crate::{counters, guard::GuardReport, pins};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "filter_agent";
@@ -59,10 +59,10 @@ impl Collector for Metrics {
         let mut guard_packets = Vec::new();
         let mut guard_bytes = Vec::new();
         for iface in &self.ifaces {
-            let dir = loader::pin_dir(iface);
+            let dir = pins::dir(iface);
             // An interface whose pins cannot be read is left out of this
             // scrape rather than failing all of it.
-            if let Ok(snapshot) = state::read_snapshot(&dir) {
+            if let Ok(snapshot) = counters::read_snapshot(&dir) {
                 for rule in &snapshot.rules {
                     let labels = vec![
                         ("iface", iface.clone()),

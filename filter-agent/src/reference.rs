@@ -4,18 +4,9 @@
 
 use std::net::IpAddr;
 
-use filter_common::reason;
+use filter_common::{reason, wire::*};
 
-use crate::{
-    config::{Action, Config, Fragments, GuardAction, GuardSettings, Rule},
-    packet::{
-        ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-        IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
-    },
-};
-
-/// VLAN tags and IPv6 extension headers the program walks (and so the model).
-pub use filter_common::wire::{MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS};
+use crate::config::{Action, Config, Fragments, GuardAction, GuardSettings, Rule};
 
 /// What a frame is, as far as the filter is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -296,9 +296,9 @@ fn kernel_agrees_with_reference() {
                 },
                 expected_outcome,
             );
-            let guard_before = filter.guard_counters().unwrap();
+            let guard_before = filter.guard_stats().unwrap();
             let got = filter.classify_frame(&frame).unwrap();
-            let guard_after = filter.guard_counters().unwrap();
+            let guard_after = filter.guard_stats().unwrap();
             let guard_moved: Vec<u32> = (0..guard::STAT_COUNT)
                 .filter(|&i| guard_before[i as usize].packets != guard_after[i as usize].packets)
                 .collect();

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use filter_agent::{loader, state};
+use filter_agent::{counters, loader, pins};
 use support::Pins;
 use testbed::{
     Daemon, Netns, Pair,
@@ -43,7 +43,7 @@ fn kernel_state(ns: &Netns, ifaces: &[&str]) -> String {
             .lines()
             .filter(|line| line.contains("xdp"))
             .collect::<String>();
-        state += &format!("pins: {}\n", loader::pin_dir(iface).exists());
+        state += &format!("pins: {}\n", pins::dir(iface).exists());
     }
     state
 }
@@ -370,7 +370,7 @@ fn a_reload_with_an_interface_gone_applies_to_the_rest_and_to_it_when_it_returns
     std::fs::rename(&staged, &rules).unwrap();
     agent.expect("rules reloaded", Duration::from_secs(2));
     let names = |iface: &str| -> Vec<String> {
-        state::read_snapshot(&loader::pin_dir(iface))
+        counters::read_snapshot(&pins::dir(iface))
             .unwrap()
             .rules
             .into_iter()
@@ -416,7 +416,7 @@ fn as_nobody<T: Send>(task: impl FnOnce() -> T + Send) -> T {
 fn pin_directories_another_user_could_change_are_refused() {
     use std::os::unix::fs::PermissionsExt as _;
     let pair = Pair::create("owner").unwrap();
-    let dir = loader::pin_dir(&pair.server_if);
+    let dir = pins::dir(&pair.server_if);
     std::fs::create_dir_all(&dir).unwrap();
     let _pins = Pins::of(&pair.server_if);
     let rules = rules_file();
@@ -467,11 +467,11 @@ fn other_users_can_do_nothing_to_the_pins_or_the_event_socket() {
     let mut agent = Daemon::start(command, None).unwrap();
     agent.expect("ready", Duration::from_secs(10));
 
-    let dir = loader::pin_dir(&pair.server_if);
-    let link = dir.join(loader::XDP_LINK_PIN);
+    let dir = pins::dir(&pair.server_if);
+    let link = dir.join(pins::XDP_LINK);
     let socket = filter_agent::events::socket_path(&pair.server_if);
     for path in [
-        Path::new(loader::PIN_ROOT),
+        Path::new(pins::ROOT),
         &dir,
         Path::new(filter_agent::events::SOCKET_DIR),
     ] {
@@ -534,8 +534,8 @@ fn pins_of_a_deleted_interface_are_removed_at_the_next_start() {
     // Interrupted: the filter and its pins stay (fail-static)...
     agent.signal(libc::SIGKILL);
     agent.stop();
-    let stale = loader::pin_dir(&gone.server_if);
-    assert!(stale.join(loader::XDP_LINK_PIN).exists());
+    let stale = pins::dir(&gone.server_if);
+    assert!(stale.join(pins::XDP_LINK).exists());
     // ...and then the interface goes.
     gone.delete_link().unwrap();
 
@@ -745,7 +745,7 @@ fn a_new_listener_is_known_before_its_first_client_packet() {
         .filter(|_| tcp_exchange(&pair.client, service, None).unwrap())
         .count();
     let report =
-        filter_agent::guard::GuardReport::read_pinned(&loader::pin_dir(&pair.server_if)).unwrap();
+        filter_agent::guard::GuardReport::read_pinned(&pins::dir(&pair.server_if)).unwrap();
     let out_of_range = report.stats[filter_common::guard::RETURN_OUT_OF_RANGE as usize].packets;
     assert_eq!(
         (answered, out_of_range),

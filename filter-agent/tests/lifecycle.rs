@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use filter_agent::{cli::XdpModeArg, compile::compile, config, loader};
+use filter_agent::{compile::compile, config, loader, pins};
 use testbed::{Daemon, Pair};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
@@ -198,7 +198,7 @@ fn a_foreign_xdp_program_is_not_replaced() {
     let config = config::parse(Path::new("r.toml"), "[filter]\ndefault = \"allow\"\n").unwrap();
     let mut foreign = loader::Filter::load(&compile(&config).unwrap()).unwrap();
     pair.server
-        .run(|| foreign.attach(&pair.server_if, XdpModeArg::Native))
+        .run(|| foreign.attach(&pair.server_if, loader::AttachMode::Native))
         .unwrap()
         .unwrap();
     let rules = rules_file(RULES);
@@ -214,7 +214,7 @@ fn a_foreign_xdp_program_is_not_replaced() {
         "{stderr}"
     );
     // Nothing of the failed start is left behind.
-    assert!(!loader::pin_dir(&pair.server_if).exists());
+    assert!(!pins::dir(&pair.server_if).exists());
 }
 
 /// A rules file in a directory laid out like a mounted Kubernetes
@@ -573,7 +573,7 @@ fn one_agent_filters_several_interfaces() {
     let (status, log) = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
     for iface in [&inner, &outer] {
-        assert!(!loader::pin_dir(iface).exists(), "{iface}");
+        assert!(!pins::dir(iface).exists(), "{iface}");
         let link = host.ip(&["link", "show", iface]).unwrap();
         assert!(
             !String::from_utf8_lossy(&link.stdout).contains("xdp"),

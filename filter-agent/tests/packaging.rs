@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use filter_agent::loader;
+use filter_agent::pins;
 use testbed::{Daemon, Pair};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
@@ -108,7 +108,7 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
     expect(&socket, "STOPPING=1", &mut seen);
     let (status, log) = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
-    assert!(!loader::pin_dir(&pair.server_if).exists());
+    assert!(!pins::dir(&pair.server_if).exists());
 }
 
 #[test]

@@ -8,10 +8,9 @@ use std::{
 };
 
 use filter_agent::{
-    cli::XdpModeArg,
     compile::compile,
     config,
-    loader::{Attached, Filter},
+    loader::{AttachMode, Attached, Filter},
 };
 use filter_common::reason;
 use support::Pins;
@@ -49,7 +48,7 @@ fn deny_by_default_drops_real_traffic_until_detached() {
     let mut filter = Filter::load(&compile(&config).unwrap()).unwrap();
     let mode = pair
         .server
-        .run(|| filter.attach(&pair.server_if, XdpModeArg::Native))
+        .run(|| filter.attach(&pair.server_if, AttachMode::Native))
         .unwrap()
         .unwrap();
     assert_eq!(mode, "native");
@@ -187,7 +186,7 @@ fn rule_set_swaps_are_atomic_under_traffic() {
     // Swapped the way the agent swaps: through the pinned link.
     let attach = |filter: &mut Filter| {
         pair.server
-            .run(|| filter.attach_pinned(&pair.server_if, XdpModeArg::Native, &pins.0))
+            .run(|| filter.attach_pinned(&pair.server_if, AttachMode::Native, &pins.0))
             .unwrap()
             .unwrap()
     };

@@ -39,6 +39,14 @@ pub mod wire {
     pub const IPPROTO_ICMPV6: u8 = 58;
     pub const IPPROTO_DSTOPTS: u8 = 60;
 
+    /// The protocols the rules file names, and how it spells them.
+    pub const PROTOCOL_NAMES: [(&str, u8); 4] = [
+        ("tcp", IPPROTO_TCP),
+        ("udp", IPPROTO_UDP),
+        ("icmp", IPPROTO_ICMP),
+        ("icmpv6", IPPROTO_ICMPV6),
+    ];
+
     /// 802.1Q and 802.1ad: at most an outer and an inner tag.
     pub const MAX_VLAN_TAGS: usize = 2;
     /// Headers walked after the IPv6 header to find the upper layer: five

@@ -19,10 +19,9 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
 };
 use filter_agent::{
-    cli::XdpModeArg,
     compile::compile,
     config::{Action, Config, Rule},
-    loader::{Filter, LoadOptions},
+    loader::{AttachMode, Filter, LoadOptions},
     packet,
 };
 use filter_common::sender::{self, FRAME_BYTES};
@@ -336,7 +335,7 @@ impl<'a> Installed<'a> {
                 ..LoadOptions::default()
             };
             let mut filter = Filter::load_with(&rules, &options)?;
-            netns.run(|| filter.attach(iface, XdpModeArg::Native))??;
+            netns.run(|| filter.attach(iface, AttachMode::Native))??;
             installed.filter = Some(filter);
             return Ok(installed);
         }

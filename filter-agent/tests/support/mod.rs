@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use filter_agent::loader;
+use filter_agent::{loader, pins};
 
 /// An interface's pin directory, removed (with the filter it keeps
 /// attached) when the test ends, also on failure.
@@ -10,12 +10,12 @@ pub struct Pins(pub PathBuf);
 
 impl Pins {
     pub fn of(iface: &str) -> Self {
-        Self(loader::pin_dir(iface))
+        Self(pins::dir(iface))
     }
 }
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        loader::remove_pins(&self.0);
+        loader::detach(&self.0);
     }
 }

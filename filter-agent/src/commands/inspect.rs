@@ -1,188 +1,32 @@
-//! The one-shot subcommands: `check`, `test`, `replay`, `guard` and `audit`.
+//! The subcommands that read or remove what a running agent pinned:
+//! `stats`, `guard`, `watch` and `detach`.
 
-use std::{io::Write as _, path::Path};
+use std::io::Write as _;
 
 use anyhow::Context as _;
-use filter_agent::{
-    audit, compile,
-    config::{self, Action},
-    events,
-    guard::{self, GuardReport},
-    lint,
-    loader::{self, Filter, xdp_action},
-    packet, pcap,
-    privileges::{self, Task},
-    reference::Outcome,
-    state,
-};
 use filter_common::{guard as guard_stat, reason};
 use serde_json::json;
 
-fn verdict_name(xdp_action: u32) -> &'static str {
-    if xdp_action == xdp_action::DROP {
-        "drop"
-    } else {
-        "pass"
-    }
-}
-
-pub fn check(rules: &Path) -> anyhow::Result<()> {
-    let config = config::load(rules)?;
-    let rule_set = compile::compile(&config)?;
-    let warnings = lint::lint(&config);
-    for warning in &warnings {
-        println!("{warning}");
-    }
-    println!(
-        "{}: ok ({} {}, default {}, {} {}, {:.1} MiB of maps)",
-        rules.display(),
-        config.rules.len(),
-        plural(config.rules.len(), "rule", "rules"),
-        config.filter.default.name(),
-        warnings.len(),
-        plural(warnings.len(), "warning", "warnings"),
-        rule_set.map_bytes() as f64 / f64::from(1 << 20),
-    );
-    Ok(())
-}
-
-fn plural(count: usize, one: &'static str, many: &'static str) -> &'static str {
-    if count == 1 { one } else { many }
-}
-
-/// `filter-agent test`: each packet through the real program, not attached.
-pub fn test_packets(rules: &Path, packets: &[String]) -> anyhow::Result<()> {
-    let config = config::load(rules)?;
-    let specs = packets
-        .iter()
-        .map(|text| {
-            packet::parse_description(text)
-                .map_err(|err| anyhow::anyhow!("--packet {text:?}: {err}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let rule_set = compile::compile(&config)?;
-    privileges::check(Task::TestRun)?;
-    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
-    for (text, spec) in packets.iter().zip(specs) {
-        let (xdp_action, outcome) = filter.trace_frame(&spec.build())?;
-        let verdict = verdict_name(xdp_action);
-        let decided = match outcome {
-            Outcome::Rule(index) => {
-                let rule = &rule_set.rules[index];
-                format!("rule {:?} ({})", rule.name, rule.action.name())
-            }
-            Outcome::Reason(why) => reason::NAMES[why as usize].replace('_', " "),
-        };
-        let would_drop = outcome.action(&rule_set.rules, |rule| rule.action) == Action::Deny;
-        let note = if config.filter.mode == config::Mode::Monitor && would_drop {
-            " (monitor mode: enforce would drop)"
-        } else {
-            ""
-        };
-        println!("{text}: {verdict} by {decided}{note}");
-    }
-    Ok(())
-}
-
-/// One line of `replay --json`.
-#[derive(serde::Serialize)]
-struct ReplayedPacket<'a> {
-    packet: u64,
-    /// What the program returned: "pass" or "drop".
-    verdict: &'static str,
-    /// What enforce mode does: "allow" or "deny" (differs from the verdict
-    /// in monitor mode).
-    action: &'static str,
-    /// The deciding rule, or null when no rule decided.
-    rule: Option<&'a str>,
-    /// "rule", or why no rule decided: "default_deny", "malformed", ...
-    reason: &'static str,
-}
-
-/// `filter-agent replay`: every packet of a capture through the program.
-pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
-    let config = config::load(rules)?;
-    let rule_set = compile::compile(&config)?;
-    privileges::check(Task::TestRun)?;
-    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
-    let mut rule_hits = vec![0u64; rule_set.rules.len()];
-    let mut reason_hits = [0u64; reason::COUNT as usize];
-    let (mut passed, mut dropped, mut number) = (0u64, 0u64, 0u64);
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    pcap::for_each_frame(capture, |frame| -> anyhow::Result<()> {
-        number += 1;
-        let (xdp_action, outcome) = filter.trace_frame(frame)?;
-        let verdict = verdict_name(xdp_action);
-        if xdp_action == xdp_action::DROP {
-            dropped += 1;
-        } else {
-            passed += 1;
-        }
-        let action = outcome.action(&rule_set.rules, |rule| rule.action).name();
-        let (rule, reason) = match outcome {
-            Outcome::Rule(index) => {
-                rule_hits[index] += 1;
-                (Some(rule_set.rules[index].name.as_str()), "rule")
-            }
-            Outcome::Reason(why) => {
-                reason_hits[why as usize] += 1;
-                (None, reason::NAMES[why as usize])
-            }
-        };
-        if json {
-            let line = ReplayedPacket {
-                packet: number,
-                verdict,
-                action,
-                rule,
-                reason,
-            };
-            writeln!(out, "{}", serde_json::to_string(&line)?)?;
-        }
-        Ok(())
-    })?;
-    if !json {
-        writeln!(
-            out,
-            "{}: {number} packets, {passed} passed, {dropped} dropped",
-            capture.display()
-        )?;
-        for (rule, hits) in rule_set.rules.iter().zip(&rule_hits) {
-            writeln!(
-                out,
-                "  {hits:>10}  rule {:?} ({})",
-                rule.name,
-                rule.action.name()
-            )?;
-        }
-        for (name, hits) in reason::NAMES.iter().zip(reason_hits) {
-            if hits > 0 {
-                writeln!(out, "  {hits:>10}  {}", name.replace('_', " "))?;
-            }
-        }
-    }
-    out.flush()?;
-    Ok(())
-}
+use crate::{
+    counters::{self, Snapshot},
+    events,
+    guard::{self, GuardReport},
+    loader,
+    pins::{self, InterfaceLock},
+    privileges::{self, Task},
+};
 
 /// The interfaces asked for, or every one with pinned state.
 fn pinned_interfaces(asked: &[String]) -> anyhow::Result<Vec<String>> {
     if !asked.is_empty() {
         return Ok(asked.to_vec());
     }
-    let dirs = std::fs::read_dir(loader::PIN_ROOT).with_context(|| {
+    pins::interfaces().with_context(|| {
         format!(
             "no filter-agent state under {} (is the agent running?)",
-            loader::PIN_ROOT
+            pins::ROOT
         )
-    })?;
-    let mut names: Vec<String> = dirs
-        .flatten()
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    Ok(names)
+    })
 }
 
 /// `filter-agent guard`: the guard's counters from the pinned maps.
@@ -192,7 +36,7 @@ pub fn guard(iface: Option<&str>, top: usize, json: bool) -> anyhow::Result<()> 
     let ifaces = pinned_interfaces(&asked)?;
     let mut documents = Vec::new();
     for iface in &ifaces {
-        let report = GuardReport::read_pinned(&loader::pin_dir(iface))?;
+        let report = GuardReport::read_pinned(&pins::dir(iface))?;
         if json {
             documents.push(guard_json(iface, &report, top));
         } else {
@@ -281,61 +125,16 @@ fn guard_json(iface: &str, report: &GuardReport, top: usize) -> serde_json::Valu
     json!({"iface": iface, "counters": stats, "ports": ports, "peers": peers})
 }
 
-/// `filter-agent audit`: every namespace's ephemeral range and NAT rules.
-pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let range = match rules {
-        Some(rules) => config::load(rules)?.guard.ephemeral,
-        None => config::DEFAULT_EPHEMERAL,
-    };
-    privileges::check(Task::Audit)?;
-    let namespaces = audit::run(range);
-    if json {
-        let document = json!({"range": [range.0, range.1], "namespaces": namespaces});
-        println!("{}", serde_json::to_string_pretty(&document)?);
-        return Ok(());
-    }
-    let findings: usize = namespaces.iter().map(|ns| ns.findings.len()).sum();
-    println!(
-        "{} network namespaces, {findings} {} against the return range {}-{}",
-        namespaces.len(),
-        plural(findings, "finding", "findings"),
-        range.0,
-        range.1
-    );
-    for ns in &namespaces {
-        let ports = ns
-            .port_range
-            .map_or("?".to_owned(), |(low, high)| format!("{low}-{high}"));
-        let status = if ns.findings.is_empty() {
-            "ok"
-        } else {
-            "FLAGGED"
-        };
-        println!("{status:<8} ephemeral {ports:<12} {}", ns.label());
-        if let Some(error) = &ns.error {
-            println!("         note: {error}");
-        }
-        for finding in &ns.findings {
-            println!("         problem: {}", finding.problem);
-            println!("         fix: {}", finding.fix);
-        }
-    }
-    Ok(())
-}
-
 /// `filter-agent detach`: removes the pins, which detaches the filter.
 pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
     privileges::check(Task::Detach)?;
     for iface in ifaces {
-        let dir = loader::pin_dir(iface);
+        let dir = pins::dir(iface);
         if !dir.exists() {
-            anyhow::bail!(
-                "no filter-agent state for {iface} under {}",
-                loader::PIN_ROOT
-            );
+            anyhow::bail!("no filter-agent state for {iface} under {}", pins::ROOT);
         }
-        let lock = state::InterfaceLock::existing(iface)?;
-        loader::remove_pins(&dir);
+        let lock = InterfaceLock::existing(iface)?;
+        loader::detach(&dir);
         drop(lock);
         println!("{iface}: detached");
     }
@@ -347,15 +146,10 @@ pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
 pub fn stats(asked: &[String], json: bool, watch: Option<u64>) -> anyhow::Result<()> {
     privileges::check(Task::ReadCounters)?;
     let ifaces = pinned_interfaces(asked)?;
-    let read = || -> anyhow::Result<Vec<(String, state::Snapshot)>> {
+    let read = || -> anyhow::Result<Vec<(String, Snapshot)>> {
         ifaces
             .iter()
-            .map(|iface| {
-                Ok((
-                    iface.clone(),
-                    state::read_snapshot(&loader::pin_dir(iface))?,
-                ))
-            })
+            .map(|iface| Ok((iface.clone(), counters::read_snapshot(&pins::dir(iface))?)))
             .collect()
     };
     let mut previous = read()?;
@@ -372,7 +166,7 @@ pub fn stats(asked: &[String], json: bool, watch: Option<u64>) -> anyhow::Result
     }
 }
 
-type Snapshots = [(String, state::Snapshot)];
+type Snapshots = [(String, Snapshot)];
 
 /// One row of `stats`: a rule or a reason, its counter and its rate.
 struct StatsRow<'a> {
@@ -385,10 +179,7 @@ struct StatsRow<'a> {
 /// The rows of one interface; rates against `before` (a snapshot taken
 /// `seconds` earlier) when given. A rule's rate needs the same rule in the
 /// same slot, which a reload may have changed.
-fn stats_rows<'a>(
-    snapshot: &'a state::Snapshot,
-    before: Option<(&state::Snapshot, f64)>,
-) -> Vec<StatsRow<'a>> {
+fn stats_rows<'a>(snapshot: &'a Snapshot, before: Option<(&Snapshot, f64)>) -> Vec<StatsRow<'a>> {
     let rate = |now: u64, earlier: Option<u64>| {
         let (_, seconds) = before?;
         Some(now.saturating_sub(earlier?) as f64 / seconds)

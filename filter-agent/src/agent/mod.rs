@@ -1,0 +1,190 @@
+//! The agent itself: attaches the filter and the guard to each interface
+//! through pinned links (taking over what an earlier agent left, without a
+//! gap), reloads the rules on SIGHUP and on file changes, keeps the guard's
+//! view of local services fresh, serves metrics and `watch` clients, logs
+//! summaries of events, out-of-range traffic and namespace findings, and on
+//! SIGINT/SIGTERM leaves the filter in place (or detaches it).
+//!
+//! `run` starts it; [`serve`] holds the loop and one handler per event
+//! source; the other modules each own one of those sources.
+
+mod event_lines;
+mod files;
+mod guard_watch;
+mod http;
+mod interface;
+mod reload;
+mod serve;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use sd_notify::NotifyState;
+use tracing::{info, warn};
+
+use crate::{
+    cli::RunArgs,
+    compile::{self, RuleSet},
+    config::{self, Config},
+    links::LinkWatch,
+    loader,
+    metrics::{Metrics, Status},
+    pins::{self, InterfaceLock},
+    privileges,
+};
+use files::FileWatch;
+use guard_watch::GuardWatch;
+use interface::Interface;
+use serve::Agent;
+
+/// How often listening sockets are rescanned, and out-of-range traffic and
+/// events summarised.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// How often every namespace is audited.
+const AUDIT_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let Some(rules) = args.rules.clone() else {
+        unreachable!("clap requires --iface and --rules without a subcommand");
+    };
+    let config = config::load(&rules)?;
+    let rule_set = compile::compile(&config)?;
+    let (locks, metrics_listener) = claim(&args)?;
+    let status = Arc::new(Mutex::new(Status {
+        rules_loaded: config.rules.len() as u64,
+        ..Status::default()
+    }));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        let mut agent = start(&args, rules, &config, rule_set, locks, Arc::clone(&status))?;
+        let registry = Metrics::registry(args.iface.clone(), Arc::clone(&status));
+        let result = tokio::select! {
+            result = agent.serve() => result,
+            result = http::serve(metrics_listener, registry, status) => {
+                result.context("serving metrics")
+            }
+        };
+        notify(&[NotifyState::Stopping]);
+        for interface in agent.interfaces {
+            interface.stop(args.detach_on_exit);
+        }
+        result
+    });
+    // A reload still compiling on its blocking thread is abandoned.
+    runtime.shutdown_background();
+    result
+}
+
+/// Checks that the agent may start and claims what it needs: each
+/// interface's lock and the metrics port. Nothing is attached yet.
+fn claim(args: &RunArgs) -> anyhow::Result<(Vec<InterfaceLock>, std::net::TcpListener)> {
+    privileges::check(privileges::Task::Attach)?;
+    loader::check_kernel()?;
+    // All or none: an unknown second interface must not leave the first
+    // one attached.
+    if let Some(missing) = args.iface.iter().find(|i| !loader::interface_exists(i)) {
+        anyhow::bail!(loader::LoadError::UnknownInterface(missing.clone()));
+    }
+    for vanished in pins::vanished(loader::interface_exists) {
+        loader::detach(&vanished.dir);
+        let iface = vanished.iface;
+        info!(%iface, "removed the pins of an interface that no longer exists");
+    }
+    // Another agent on one of the interfaces is the likelier conflict: say
+    // so before anything else can fail.
+    let locks = args
+        .iface
+        .iter()
+        .map(|iface| InterfaceLock::acquire(iface))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Before anything is attached: a busy port fails the start cleanly.
+    let listener = std::net::TcpListener::bind(args.metrics).map_err(|err| {
+        // Nothing was attached: the lock directories just made go again.
+        for iface in &args.iface {
+            let _ = std::fs::remove_dir(pins::dir(iface));
+        }
+        let _ = std::fs::remove_dir(pins::ROOT);
+        anyhow::anyhow!(
+            "cannot listen for metrics on {} (--metrics): {err}",
+            args.metrics
+        )
+    })?;
+    Ok((locks, listener))
+}
+
+/// Attaches every interface and sets up what the running agent watches.
+/// A failed start removes what it added, on every interface: a filter an
+/// earlier agent left in place stays.
+fn start(
+    args: &RunArgs,
+    rules: PathBuf,
+    config: &Config,
+    rule_set: RuleSet,
+    locks: Vec<InterfaceLock>,
+    status: Arc<Mutex<Status>>,
+) -> anyhow::Result<Agent> {
+    // Watching starts first: a change made while attaching is not missed.
+    let files = FileWatch::new(&rules)?;
+    let links = LinkWatch::open().context("watching link events (rtnetlink)")?;
+    // Services first: ACKs to local listeners are not return traffic.
+    let mut watch = GuardWatch::new(&config.guard, args.metrics_hide_processes);
+    let fresh: Vec<PathBuf> = args
+        .iface
+        .iter()
+        .map(|iface| pins::dir(iface))
+        .filter(|dir| !dir.join(pins::XDP_LINK).exists())
+        .collect();
+    let mut interfaces = Vec::new();
+    for (iface, lock) in args.iface.iter().zip(locks) {
+        let mode = args.xdp_mode.into();
+        let rate = args.events_per_second;
+        match Interface::attach(iface, lock, &rule_set, &watch.listeners, mode, rate) {
+            Ok(interface) => interfaces.push(interface),
+            Err(err) => {
+                drop(interfaces);
+                fresh.iter().for_each(|dir| loader::detach(dir));
+                return Err(err);
+            }
+        }
+    }
+    interfaces.iter().for_each(|i| watch.baseline(i));
+    let (low, high) = config.guard.ephemeral;
+    info!(
+        rules = %rules.display(),
+        count = config.rules.len(),
+        default = config.filter.default.name(),
+        guard = ?config.guard.action,
+        ephemeral = %format!("{low}-{high}"),
+        "rules loaded"
+    );
+    Ok(Agent {
+        rules,
+        interfaces,
+        rule_set: Arc::new(rule_set),
+        watch,
+        files,
+        links,
+        status,
+        metrics: args.metrics,
+    })
+}
+
+/// Tells systemd (`Type=notify`) about the agent's state; a no-op when not
+/// run by systemd.
+fn notify(state: &[NotifyState]) {
+    if let Err(err) = sd_notify::notify(false, state) {
+        warn!(%err, "cannot notify systemd");
+    }
+}
+
+fn lock(status: &Mutex<Status>) -> std::sync::MutexGuard<'_, Status> {
+    status.lock().unwrap_or_else(|poison| poison.into_inner())
+}

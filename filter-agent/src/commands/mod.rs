@@ -1,0 +1,213 @@
+//! The one-shot subcommands. This module: those that work on a rules file
+//! (`check`, `test`, `replay`) and the namespace `audit`; [`inspect`]: those
+//! that read or remove what a running agent pinned (`stats`, `guard`,
+//! `watch`, `detach`).
+
+mod inspect;
+
+pub use inspect::{detach, guard, stats, watch};
+
+use std::{io::Write as _, path::Path};
+
+use crate::{
+    audit, compile,
+    config::{self, Action},
+    lint,
+    loader::{Filter, xdp_action},
+    packet, pcap,
+    privileges::{self, Task},
+    reference::Outcome,
+};
+use anyhow::Context as _;
+use filter_common::reason;
+use serde_json::json;
+
+fn verdict_name(xdp_action: u32) -> &'static str {
+    if xdp_action == xdp_action::DROP {
+        "drop"
+    } else {
+        "pass"
+    }
+}
+
+pub fn check(rules: &Path) -> anyhow::Result<()> {
+    let config = config::load(rules)?;
+    let rule_set = compile::compile(&config)?;
+    let warnings = lint::lint(&config);
+    for warning in &warnings {
+        println!("{warning}");
+    }
+    println!(
+        "{}: ok ({} {}, default {}, {} {}, {:.1} MiB of maps)",
+        rules.display(),
+        config.rules.len(),
+        plural(config.rules.len(), "rule", "rules"),
+        config.filter.default.name(),
+        warnings.len(),
+        plural(warnings.len(), "warning", "warnings"),
+        rule_set.map_bytes() as f64 / f64::from(1 << 20),
+    );
+    Ok(())
+}
+
+fn plural(count: usize, one: &'static str, many: &'static str) -> &'static str {
+    if count == 1 { one } else { many }
+}
+
+/// `filter-agent test`: each packet through the real program, not attached.
+pub fn test_packets(rules: &Path, packets: &[String]) -> anyhow::Result<()> {
+    let config = config::load(rules)?;
+    let specs = packets
+        .iter()
+        .map(|text| {
+            packet::parse_description(text)
+                .map_err(|err| anyhow::anyhow!("--packet {text:?}: {err}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rule_set = compile::compile(&config)?;
+    privileges::check(Task::TestRun)?;
+    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
+    for (text, spec) in packets.iter().zip(specs) {
+        let (xdp_action, outcome) = filter.trace_frame(&spec.build())?;
+        let verdict = verdict_name(xdp_action);
+        let decided = match outcome {
+            Outcome::Rule(index) => {
+                let rule = &rule_set.rules[index];
+                format!("rule {:?} ({})", rule.name, rule.action.name())
+            }
+            Outcome::Reason(why) => reason::NAMES[why as usize].replace('_', " "),
+        };
+        let would_drop = outcome.action(&rule_set.rules, |rule| rule.action) == Action::Deny;
+        let note = if config.filter.mode == config::Mode::Monitor && would_drop {
+            " (monitor mode: enforce would drop)"
+        } else {
+            ""
+        };
+        println!("{text}: {verdict} by {decided}{note}");
+    }
+    Ok(())
+}
+
+/// One line of `replay --json`.
+#[derive(serde::Serialize)]
+struct ReplayedPacket<'a> {
+    packet: u64,
+    /// What the program returned: "pass" or "drop".
+    verdict: &'static str,
+    /// What enforce mode does: "allow" or "deny" (differs from the verdict
+    /// in monitor mode).
+    action: &'static str,
+    /// The deciding rule, or null when no rule decided.
+    rule: Option<&'a str>,
+    /// "rule", or why no rule decided: "default_deny", "malformed", ...
+    reason: &'static str,
+}
+
+/// `filter-agent replay`: every packet of a capture through the program.
+pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
+    let config = config::load(rules)?;
+    let rule_set = compile::compile(&config)?;
+    privileges::check(Task::TestRun)?;
+    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
+    let mut rule_hits = vec![0u64; rule_set.rules.len()];
+    let mut reason_hits = [0u64; reason::COUNT as usize];
+    let (mut passed, mut dropped, mut number) = (0u64, 0u64, 0u64);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    pcap::for_each_frame(capture, |frame| -> anyhow::Result<()> {
+        number += 1;
+        let (xdp_action, outcome) = filter.trace_frame(frame)?;
+        let verdict = verdict_name(xdp_action);
+        if xdp_action == xdp_action::DROP {
+            dropped += 1;
+        } else {
+            passed += 1;
+        }
+        let action = outcome.action(&rule_set.rules, |rule| rule.action).name();
+        let (rule, reason) = match outcome {
+            Outcome::Rule(index) => {
+                rule_hits[index] += 1;
+                (Some(rule_set.rules[index].name.as_str()), "rule")
+            }
+            Outcome::Reason(why) => {
+                reason_hits[why as usize] += 1;
+                (None, reason::NAMES[why as usize])
+            }
+        };
+        if json {
+            let line = ReplayedPacket {
+                packet: number,
+                verdict,
+                action,
+                rule,
+                reason,
+            };
+            writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        }
+        Ok(())
+    })?;
+    if !json {
+        writeln!(
+            out,
+            "{}: {number} packets, {passed} passed, {dropped} dropped",
+            capture.display()
+        )?;
+        for (rule, hits) in rule_set.rules.iter().zip(&rule_hits) {
+            writeln!(
+                out,
+                "  {hits:>10}  rule {:?} ({})",
+                rule.name,
+                rule.action.name()
+            )?;
+        }
+        for (name, hits) in reason::NAMES.iter().zip(reason_hits) {
+            if hits > 0 {
+                writeln!(out, "  {hits:>10}  {}", name.replace('_', " "))?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `filter-agent audit`: every namespace's ephemeral range and NAT rules.
+pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let range = match rules {
+        Some(rules) => config::load(rules)?.guard.ephemeral,
+        None => config::DEFAULT_EPHEMERAL,
+    };
+    privileges::check(Task::Audit)?;
+    let namespaces = audit::run(range);
+    if json {
+        let document = json!({"range": [range.0, range.1], "namespaces": namespaces});
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    let findings: usize = namespaces.iter().map(|ns| ns.findings.len()).sum();
+    println!(
+        "{} network namespaces, {findings} {} against the return range {}-{}",
+        namespaces.len(),
+        plural(findings, "finding", "findings"),
+        range.0,
+        range.1
+    );
+    for ns in &namespaces {
+        let ports = ns
+            .port_range
+            .map_or("?".to_owned(), |(low, high)| format!("{low}-{high}"));
+        let status = if ns.findings.is_empty() {
+            "ok"
+        } else {
+            "FLAGGED"
+        };
+        println!("{status:<8} ephemeral {ports:<12} {}", ns.label());
+        if let Some(error) = &ns.error {
+            println!("         note: {error}");
+        }
+        for finding in &ns.findings {
+            println!("         problem: {}", finding.problem);
+            println!("         fix: {}", finding.fix);
+        }
+    }
+    Ok(())
+}

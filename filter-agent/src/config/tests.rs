@@ -1,0 +1,368 @@
+use super::*;
+use filter_common::wire::{IPPROTO_TCP, tcp_flag};
+
+fn parse_ok(text: &str) -> Config {
+    parse(Path::new("rules.toml"), text).unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn error_of(text: &str) -> String {
+    parse(Path::new("rules.toml"), text)
+        .unwrap_err()
+        .to_string()
+}
+
+const HEAD: &str = "[filter]\ndefault = \"deny\"\n";
+
+fn with_rule(body: &str) -> String {
+    format!("{HEAD}[[rule]]\nname = \"r\"\naction = \"allow\"\n{body}\n")
+}
+
+#[test]
+fn set_file_errors_name_the_rules_file_line() {
+    let missing = error_of(&format!(
+        "{HEAD}[sets]\nbad = {{ file = \"/nonexistent/x.txt\" }}\n"
+    ));
+    assert!(
+        missing.starts_with(
+            "rules.toml:4:7: set \"bad\": cannot read set file /nonexistent/x.txt: No such file"
+        ),
+        "{missing}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.txt"), "10.0.0.0/8\n".repeat(100_000)).unwrap();
+    let rules = dir.path().join("rules.toml");
+    let text = "[filter]\ndefault = \"deny\"\nmax_set_file_mib = 1\n[sets]\nbig = { file = \"big.txt\" }\n";
+    let err = parse(&rules, text).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}:5:7: set \"big\": set file", rules.display()))
+            && err.ends_with(
+                "larger than 1 MiB, the most filter-agent reads (raise [filter] max_set_file_mib)"
+            ),
+        "{err}"
+    );
+    let zero = error_of("[filter]\ndefault = \"deny\"\nmax_map_mib = 0\n");
+    assert_eq!(zero, "rules.toml:3:15: must be at least 1 (MiB)");
+}
+
+#[test]
+fn nesting_past_the_parser_limit_is_located() {
+    let deep = format!(
+        "{HEAD}# a comment. with [dots]\n{}b = 1\n",
+        "a.".repeat(300)
+    );
+    let err = error_of(&deep);
+    assert!(err.starts_with("rules.toml:4:1: "), "{err}");
+}
+
+#[test]
+fn text_that_is_not_utf8_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, b"[filter]\ndefault = \"d\xffeny\"\n").unwrap();
+    let err = load(&rules).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("{}:2:13: rules file is not UTF-8 text", rules.display())
+    );
+}
+
+#[test]
+fn reads_filter_settings() {
+    let config =
+        parse_ok("[filter]\ndefault = \"deny\"\nmode = \"monitor\"\nfragments = \"allow\"\n");
+    assert_eq!(config.filter.default, Action::Deny);
+    assert_eq!(config.filter.mode, Mode::Monitor);
+    assert_eq!(config.filter.fragments, Fragments::Allow);
+    assert!(config.rules.is_empty());
+}
+
+#[test]
+fn defaults_are_enforce_and_match_l3() {
+    let config = parse_ok("[filter]\ndefault = \"allow\"\n");
+    assert_eq!(config.filter.mode, Mode::Enforce);
+    assert_eq!(config.filter.fragments, Fragments::MatchL3);
+}
+
+#[test]
+fn reads_a_full_rule() {
+    let config = parse_ok(&with_rule(
+        "proto = \"tcp\"\nsrc = [\"203.0.113.0/24\", \"198.51.100.7\"]\ndst = \"10.0.0.0/8\"\n\
+         sport = \"1024-65535\"\ndport = [22, \"2222\", \"8000-8080\"]\ntcp_flags = \"syn, !ack\"",
+    ));
+    let rule = &config.rules[0];
+    assert_eq!(rule.name, "r");
+    assert_eq!(rule.action, Action::Allow);
+    assert_eq!(rule.proto, Some(IPPROTO_TCP));
+    let src: Vec<String> = rule
+        .src
+        .as_ref()
+        .unwrap()
+        .nets
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(src, ["203.0.113.0/24", "198.51.100.7/32"]);
+    assert_eq!(rule.sport, Some(vec![(1024, 65535)]));
+    assert_eq!(rule.dport, Some(vec![(22, 22), (2222, 2222), (8000, 8080)]));
+    assert_eq!(
+        rule.tcp_flags,
+        Some(TcpFlags {
+            set: tcp_flag::SYN,
+            clear: tcp_flag::ACK
+        })
+    );
+    assert_eq!(rule.location.line, 3);
+    assert!(rule.needs_l4());
+}
+
+#[test]
+fn neighbour_discovery_passes_unless_denied_by_name() {
+    let config = parse_ok(&with_rule("proto = \"icmpv6\""));
+    assert_eq!(
+        config.implicit_nd.as_ref().unwrap().icmp_type,
+        Some(vec![133, 134, 135, 136, 137])
+    );
+    assert_eq!(config.effective_rules().count(), 2);
+    let denied = format!(
+        "{HEAD}[[rule]]\nname = \"no-ra\"\naction = \"deny\"\nproto = \"icmpv6\"\nicmp_type = \"router-advertisement\"\n"
+    );
+    assert!(parse_ok(&denied).implicit_nd.is_none());
+}
+
+#[test]
+fn icmp_types_by_name_and_number() {
+    let config = parse_ok(&with_rule(
+        "proto = \"icmpv6\"\nicmp_type = [\"echo-request\", 135, \"neighbour-advertisement\"]\nicmp_code = 0",
+    ));
+    assert_eq!(config.rules[0].icmp_type, Some(vec![128, 135, 136]));
+    assert_eq!(config.rules[0].icmp_code, Some(vec![0]));
+    let config = parse_ok(&with_rule(
+        "proto = \"icmp\"\nicmp_type = \"destination-unreachable\"",
+    ));
+    assert_eq!(config.rules[0].icmp_type, Some(vec![3]));
+}
+
+#[test]
+fn sets_are_shared_and_expand() {
+    let config = parse_ok(&format!(
+        "{HEAD}[sets]\nbad = [\"198.51.100.0/24\", \"2001:db8:bad::/48\"]\n\
+         [[rule]]\nname = \"a\"\naction = \"deny\"\nsrc = \"@bad\"\n\
+         [[rule]]\nname = \"b\"\naction = \"deny\"\ndst = \"@bad\"\n\
+         [[rule]]\nname = \"c\"\naction = \"deny\"\nsrc = [\"@bad\", \"192.0.2.1\"]\n"
+    ));
+    let [a, b, c] = &config.rules[..] else {
+        panic!()
+    };
+    assert!(Arc::ptr_eq(
+        a.src.as_ref().unwrap(),
+        b.dst.as_ref().unwrap()
+    ));
+    assert_eq!(a.src.as_ref().unwrap().set.as_deref(), Some("bad"));
+    assert_eq!(c.src.as_ref().unwrap().nets.len(), 3);
+}
+
+#[test]
+fn set_files_relative_to_the_rules_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("partners.txt"),
+        "# partners\n192.0.2.0/24\n\n  2001:db8::/32 # v6\n",
+    )
+    .unwrap();
+    let rules = dir.path().join("rules.toml");
+    fs::write(&rules, format!("{HEAD}[sets]\np = {{ file = \"partners.txt\" }}\n[[rule]]\nname = \"p\"\naction = \"allow\"\nsrc = \"@p\"\n")).unwrap();
+    let config = load(&rules).unwrap();
+    assert_eq!(config.rules[0].src.as_ref().unwrap().nets.len(), 2);
+
+    fs::write(
+        dir.path().join("partners.txt"),
+        "192.0.2.0/24\n  192.0.2.300/24\n",
+    )
+    .unwrap();
+    let message = load(&rules).unwrap_err().to_string();
+    let expected = format!("{}:2:3: ", dir.path().join("partners.txt").display());
+    assert!(message.starts_with(&expected), "{message}");
+}
+
+/// Every bad input names file:line:col and what is wrong.
+#[test]
+fn bad_input_is_located() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("colour = 1", "rules.toml:6:1: ", "unknown field `colour`"),
+        ("src = \"10.0.0.300/8\"", "rules.toml:6:7: ", "not a CIDR"),
+        (
+            "src = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
+            "rules.toml:6:22: ",
+            "host bits set",
+        ),
+        (
+            "proto = \"tcp\"\ndport = \"90-80\"",
+            "rules.toml:7:9: ",
+            "inverted port range",
+        ),
+        (
+            "proto = \"tcp\"\ndport = [22, 70000]",
+            "rules.toml:7:14: ",
+            "not in 0-65535",
+        ),
+        (
+            "proto = \"icmp\"\ndport = 22",
+            "rules.toml:7:9: ",
+            "dport needs proto",
+        ),
+        ("sport = 22", "rules.toml:6:9: ", "sport needs proto"),
+        (
+            "proto = \"udp\"\ntcp_flags = \"syn\"",
+            "rules.toml:7:13: ",
+            "tcp_flags needs proto = \"tcp\"",
+        ),
+        (
+            "proto = \"tcp\"\ntcp_flags = \"syn,fyn\"",
+            "rules.toml:7:13: ",
+            "unknown TCP flag \"fyn\"",
+        ),
+        (
+            "proto = \"icmp\"\nicmp_type = [\"echo-request\", \"ping\"]",
+            "rules.toml:7:30: ",
+            "unknown icmp_type \"ping\"",
+        ),
+        (
+            "proto = \"tcp\"\nicmp_type = 3",
+            "rules.toml:7:13: ",
+            "icmp_type needs proto",
+        ),
+        (
+            "proto = \"sctp\"",
+            "rules.toml:6:9: ",
+            "unknown proto \"sctp\"",
+        ),
+        ("proto = 300", "rules.toml:6:9: ", "not in 0-255"),
+        (
+            "src = \"@nothere\"",
+            "rules.toml:6:7: ",
+            "unknown set \"@nothere\"",
+        ),
+        (
+            "src = \"10.0.0.0/8\"\ndst = \"2001:db8::/32\"",
+            "rules.toml:7:7: ",
+            "share no address family",
+        ),
+        (
+            "action2 = \"allow\"",
+            "rules.toml:6:1: ",
+            "unknown field `action2`",
+        ),
+    ];
+    let wrong: Vec<String> = cases
+        .iter()
+        .map(|(body, location, needle)| (body, location, needle, error_of(&with_rule(body))))
+        .filter(|(_, location, needle, message)| {
+            !message.starts_with(**location) || !message.contains(**needle)
+        })
+        .map(|(body, _, _, message)| format!("{body}: {message}"))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn bad_rule_headers_are_located() {
+    let message = error_of(&format!(
+        "{HEAD}[[rule]]\nname = \"a\"\naction = \"permit\"\n"
+    ));
+    assert!(message.starts_with("rules.toml:5:10: "), "{message}");
+    assert!(message.contains("permit"), "{message}");
+    let message = error_of(&format!(
+        "{HEAD}[[rule]]\nname = \"a\"\naction = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\n"
+    ));
+    assert!(
+        message.starts_with("rules.toml:7:8: duplicate rule name \"a\""),
+        "{message}"
+    );
+    let message = error_of(&format!(
+        "{HEAD}[[rule]]\nname = \"a b\"\naction = \"allow\"\n"
+    ));
+    assert!(message.starts_with("rules.toml:4:8: "), "{message}");
+    let message = error_of(&format!("{HEAD}[sets]\nx = [\"1.2.3.0/33\"]\n"));
+    assert!(message.starts_with("rules.toml:4:6: "), "{message}");
+}
+
+#[test]
+fn unknown_filter_key_and_bad_value() {
+    let message = error_of("[filter]\ndefault = \"deny\"\n  colour = \"red\"\n");
+    assert!(message.starts_with("rules.toml:3:3: "), "{message}");
+    let message = error_of("[filter]\ndefault = \"maybe\"\n");
+    assert!(message.starts_with("rules.toml:2:11: "), "{message}");
+    assert!(error_of("[filter]\nmode = \"enforce\"\n").contains("default"));
+}
+
+#[test]
+fn missing_files_name_their_path() {
+    let err = load(Path::new("/nonexistent/rules.toml")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/rules.toml"));
+    let message = error_of(&format!(
+        "{HEAD}[sets]\np = {{ file = \"/nonexistent/p.txt\" }}\n"
+    ));
+    assert!(
+        message.contains("cannot read set file /nonexistent/p.txt"),
+        "{message}"
+    );
+}
+
+#[test]
+fn long_rule_names_are_refused() {
+    let long = "r".repeat(MAX_RULE_NAME + 1);
+    let message = error_of(&format!(
+        "{HEAD}[[rule]]\nname = \"{long}\"\naction = \"allow\"\n"
+    ));
+    assert!(message.starts_with("rules.toml:4:8: "), "{message}");
+    assert!(message.contains("at most 63 characters"), "{message}");
+    parse_ok(&format!(
+        "{HEAD}[[rule]]\nname = \"{}\"\naction = \"allow\"\n",
+        &long[1..]
+    ));
+}
+
+#[test]
+fn set_files_are_found_for_watching() {
+    let text = format!(
+        "{HEAD}[sets]\na = {{ file = \"a.txt\" }}\nb = [\"10.0.0.0/8\"]\nc = {{ file = \"/etc/c.txt\" }}\n"
+    );
+    assert_eq!(
+        set_files(Path::new("/srv/rules.toml"), &text),
+        vec![PathBuf::from("/srv/a.txt"), PathBuf::from("/etc/c.txt")]
+    );
+    assert!(set_files(Path::new("r.toml"), "not toml [").is_empty());
+}
+
+#[test]
+fn guard_defaults_to_counting_the_linux_range() {
+    let config = parse_ok(HEAD);
+    assert_eq!(config.guard, GuardSettings::default());
+    assert_eq!(config.guard.action, GuardAction::Count);
+    assert_eq!(config.guard.ephemeral, (32768, 60999));
+}
+
+#[test]
+fn reads_guard_settings() {
+    let config = parse_ok(&format!(
+        "{HEAD}[guard]\nephemeral = \"49152-65535\"\nservices = [22, \"8000-8080\"]\naction = \"drop\"\n"
+    ));
+    assert_eq!(config.guard.action, GuardAction::Drop);
+    assert_eq!(config.guard.ephemeral, (49152, 65535));
+    assert_eq!(config.guard.services, vec![(22, 22), (8000, 8080)]);
+}
+
+#[test]
+fn bad_guard_settings_are_located() {
+    let message = error_of(&format!("{HEAD}[guard]\nephemeral = [1, 2]\n"));
+    assert!(
+        message.starts_with("rules.toml:4:13: ephemeral is one port range"),
+        "{message}"
+    );
+    let message = error_of(&format!("{HEAD}[guard]\nephemeral = \"60999-32768\"\n"));
+    assert!(message.contains("inverted port range"), "{message}");
+    let message = error_of(&format!("{HEAD}[guard]\naction = \"log\"\n"));
+    assert!(message.starts_with("rules.toml:4:10: "), "{message}");
+    let message = error_of(&format!("{HEAD}[guard]\nrange = \"1-2\"\n"));
+    assert!(message.contains("unknown field `range`"), "{message}");
+}

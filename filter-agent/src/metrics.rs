@@ -12,6 +12,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use filter_common::{guard, reason};
+
 use crate::{counters, guard::GuardReport, pins};
 
 /// Every metric name starts with this.
@@ -22,7 +24,8 @@ pub const PREFIX: &str = "filter_agent";
 pub struct Status {
     pub reloads_succeeded: u64,
     pub reloads_failed: u64,
-    /// Rules in the running rule set (implicit ones included).
+    /// Rules in the rules file: the implicit neighbour-discovery rule,
+    /// which `stats` lists, is not counted.
     pub rules_loaded: u64,
     /// Interfaces the agent should filter and cannot (deleted, or not
     /// attached again): `/healthz` fails while there is one.
@@ -50,42 +53,54 @@ impl Metrics {
 /// One sample of a labelled family.
 type Sample = (Vec<(&'static str, String)>, u64);
 
-impl Collector for Metrics {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut rule_packets = Vec::new();
-        let mut rule_bytes = Vec::new();
-        let mut reason_packets = Vec::new();
-        let mut reason_bytes = Vec::new();
-        let mut guard_packets = Vec::new();
-        let mut guard_bytes = Vec::new();
+/// Packets and bytes, per labelled series, of one counter family pair.
+#[derive(Default)]
+struct Counted {
+    packets: Vec<Sample>,
+    bytes: Vec<Sample>,
+}
+
+impl Counted {
+    fn push(&mut self, labels: Vec<(&'static str, String)>, counter: &filter_common::Counter) {
+        self.packets.push((labels.clone(), counter.packets));
+        self.bytes.push((labels, counter.bytes));
+    }
+}
+
+impl Metrics {
+    /// What the pinned maps counted: (rules, reasons, guard).
+    fn read_pinned(&self) -> (Counted, Counted, Counted) {
+        let (mut rules, mut reasons, mut guard) = Default::default();
         for iface in &self.ifaces {
             let dir = pins::dir(iface);
+            let with = |key: &'static str, value: &str| {
+                vec![("iface", iface.clone()), (key, value.to_owned())]
+            };
             // An interface whose pins cannot be read is left out of this
             // scrape rather than failing all of it.
             if let Ok(snapshot) = counters::read_snapshot(&dir) {
                 for rule in &snapshot.rules {
-                    let labels = vec![
-                        ("iface", iface.clone()),
-                        ("rule", rule.name.clone()),
-                        ("action", rule.action.name().to_owned()),
-                    ];
-                    rule_packets.push((labels.clone(), rule.counter.packets));
-                    rule_bytes.push((labels, rule.counter.bytes));
+                    let mut labels = with("rule", &rule.name);
+                    labels.push(("action", rule.action.name().to_owned()));
+                    Counted::push(&mut rules, labels, &rule.counter);
                 }
-                for (name, counter) in filter_common::reason::NAMES.iter().zip(&snapshot.reasons) {
-                    let labels = vec![("iface", iface.clone()), ("reason", (*name).to_owned())];
-                    reason_packets.push((labels.clone(), counter.packets));
-                    reason_bytes.push((labels, counter.bytes));
+                for (name, counter) in reason::NAMES.iter().zip(&snapshot.reasons) {
+                    Counted::push(&mut reasons, with("reason", name), counter);
                 }
             }
             if let Ok(report) = GuardReport::read_pinned(&dir) {
-                for (name, counter) in filter_common::guard::STAT_NAMES.iter().zip(&report.stats) {
-                    let labels = vec![("iface", iface.clone()), ("kind", (*name).to_owned())];
-                    guard_packets.push((labels.clone(), counter.packets));
-                    guard_bytes.push((labels, counter.bytes));
+                for (name, counter) in guard::STAT_NAMES.iter().zip(&report.stats) {
+                    Counted::push(&mut guard, with("kind", name), counter);
                 }
             }
         }
+        (rules, reasons, guard)
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (rules, reasons, guard) = self.read_pinned();
         let status = self
             .status
             .lock()
@@ -104,24 +119,24 @@ impl Collector for Metrics {
             (
                 "rule_packets",
                 "Packets decided by each rule.",
-                &rule_packets,
+                &rules.packets,
             ),
-            ("rule_bytes", "Bytes decided by each rule.", &rule_bytes),
+            ("rule_bytes", "Bytes decided by each rule.", &rules.bytes),
             (
                 "packets",
                 "Packets no rule decided, by reason (default_allow, default_deny, malformed, ...).",
-                &reason_packets,
+                &reasons.packets,
             ),
-            ("bytes", "Bytes no rule decided, by reason.", &reason_bytes),
+            ("bytes", "Bytes no rule decided, by reason.", &reasons.bytes),
             (
                 "guard_packets",
                 "Ephemeral-port guard: return traffic and outbound attempts inside and outside the range.",
-                &guard_packets,
+                &guard.packets,
             ),
             (
                 "guard_bytes",
                 "Ephemeral-port guard, in bytes.",
-                &guard_bytes,
+                &guard.bytes,
             ),
             (
                 "reloads",
@@ -138,23 +153,24 @@ impl Collector for Metrics {
                     .encode_counter::<NoLabelSet, _, u64>(value, None)?;
             }
         }
+        self.encode_gauges(&mut encoder, &status)
+    }
+}
 
+impl Metrics {
+    fn encode_gauges(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        status: &Status,
+    ) -> Result<(), std::fmt::Error> {
         let rules = ConstGauge::new(status.rules_loaded as i64);
         let name = format!("{PREFIX}_rules_loaded");
-        rules.encode(encoder.encode_descriptor(
-            &name,
-            "Rules in the running rule set.",
-            None,
-            rules.metric_type(),
-        )?)?;
+        let help = "Rules in the running rule set.";
+        rules.encode(encoder.encode_descriptor(&name, help, None, rules.metric_type())?)?;
 
         let name = format!("{PREFIX}_interface_filtered");
-        let mut family = encoder.encode_descriptor(
-            &name,
-            "1 while the interface is filtered, 0 while it is not (deleted, or not attached again).",
-            None,
-            MetricType::Gauge,
-        )?;
+        let help = "1 while the interface is filtered, 0 while it is not (deleted, or not attached again).";
+        let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
         for iface in &self.ifaces {
             let filtered = i64::from(!status.unfiltered.contains(iface));
             family
@@ -163,12 +179,8 @@ impl Collector for Metrics {
         }
 
         let name = format!("{PREFIX}_audit_findings");
-        let mut family = encoder.encode_descriptor(
-            &name,
-            "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat).",
-            None,
-            MetricType::Gauge,
-        )?;
+        let help = "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat).";
+        let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
         for (namespace, kind) in &status.findings {
             let labels = vec![
                 ("namespace", namespace.clone()),
@@ -178,12 +190,8 @@ impl Collector for Metrics {
         }
 
         let name = format!("{PREFIX}_build_info");
-        let mut info = encoder.encode_descriptor(
-            &name,
-            "The running filter-agent's version.",
-            None,
-            MetricType::Gauge,
-        )?;
+        let help = "The running filter-agent's version.";
+        let mut info = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
         info.encode_family(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])?
             .encode_gauge(&1i64)?;
         Ok(())

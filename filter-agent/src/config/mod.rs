@@ -5,6 +5,7 @@
 //! Pure logic: no I/O beyond reading the rules file and the set files it
 //! names. Every error names the file, line and column it is about.
 
+mod fields;
 mod sets;
 mod source;
 
@@ -162,6 +163,17 @@ pub enum Fragments {
     MatchL3,
     Allow,
     Deny,
+}
+
+impl Fragments {
+    /// The value of the program's `FRAGMENTS` global.
+    pub fn raw(self) -> u32 {
+        match self {
+            Fragments::MatchL3 => filter_common::fragments::MATCH_L3,
+            Fragments::Allow => filter_common::fragments::ALLOW,
+            Fragments::Deny => filter_common::fragments::DENY,
+        }
+    }
 }
 
 /// One `[[rule]]`. `None` conditions match anything.

@@ -8,16 +8,14 @@ use std::{
     sync::Arc,
 };
 
-use filter_common::wire::{
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PROTOCOL_NAMES, tcp_flag,
-};
+use filter_common::wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use super::{
     Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_MAX_MAP_MIB,
     FilterSettings, Fragments, GuardAction, GuardSettings, IMPLICIT_ND_RULE, Location,
-    MAX_FILE_BYTES, MAX_RULE_NAME, Mode, ND_TYPES, Rule, TcpFlags, sets::parse_net,
+    MAX_FILE_BYTES, MAX_RULE_NAME, Mode, ND_TYPES, Rule, fields::icmp_type_by_name,
 };
 
 #[derive(Deserialize)]
@@ -203,93 +201,48 @@ impl<'a> Source<'a> {
         let span = raw.span();
         let raw = raw.get_ref();
         let name = raw.name.get_ref();
-        let named = |message: String| format!("rule {name:?}: {message}");
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(self.error(
-                raw.name.span(),
-                named("names may only use letters, digits, '-', '_' and '.'".into()),
-            ));
-        }
-        if name.len() > MAX_RULE_NAME {
-            let message = format!("names are at most {MAX_RULE_NAME} characters");
-            return Err(self.error(raw.name.span(), named(message)));
-        }
+        self.check_rule_name(&raw.name)?;
         let proto = raw
             .proto
             .as_ref()
             .map(|proto| self.proto(proto))
             .transpose()?
             .flatten();
-        let ports = |field: &Option<Spanned<Value>>, key: &str| {
-            let Some(value) = field else { return Ok(None) };
-            if proto != Some(IPPROTO_TCP) && proto != Some(IPPROTO_UDP) {
-                return Err(self.error(
-                    value.span(),
-                    named(format!("{key} needs proto = \"tcp\" or \"udp\"")),
-                ));
-            }
-            self.ports(value).map(Some)
+        let needs = |span: Range<usize>, key: &str, wanted: &str| {
+            self.error(span, format!("rule {name:?}: {key} needs proto = {wanted}"))
         };
-        let sport = ports(&raw.sport, "sport")?;
-        let dport = ports(&raw.dport, "dport")?;
+        let ports = |field: &Option<Spanned<Value>>, key: &str| match field {
+            None => Ok(None),
+            Some(value) if matches!(proto, Some(IPPROTO_TCP | IPPROTO_UDP)) => {
+                self.ports(value).map(Some)
+            }
+            Some(value) => Err(needs(value.span(), key, "\"tcp\" or \"udp\"")),
+        };
         let tcp_flags = match &raw.tcp_flags {
             None => None,
             Some(flags) if proto == Some(IPPROTO_TCP) => Some(self.tcp_flags(flags)?),
-            Some(flags) => {
-                return Err(self.error(
-                    flags.span(),
-                    named("tcp_flags needs proto = \"tcp\"".into()),
-                ));
-            }
+            Some(flags) => return Err(needs(flags.span(), "tcp_flags", "\"tcp\"")),
         };
-        let icmp =
-            |field: &Option<Spanned<Value>>, key: &str, names: fn(&str, bool) -> Option<u8>| {
-                let Some(value) = field else { return Ok(None) };
-                let v6 = match proto {
-                    Some(IPPROTO_ICMP) => false,
-                    Some(IPPROTO_ICMPV6) => true,
-                    _ => {
-                        let message = format!("{key} needs proto = \"icmp\" or \"icmpv6\"");
-                        return Err(self.error(value.span(), named(message)));
-                    }
-                };
-                self.icmp_values(value, key, |text| names(text, v6))
-                    .map(Some)
+        let icmp = |field: &Option<Spanned<Value>>, key: &str, by_name: IcmpNames| {
+            let Some(value) = field else { return Ok(None) };
+            let v6 = match proto {
+                Some(IPPROTO_ICMP) => false,
+                Some(IPPROTO_ICMPV6) => true,
+                _ => return Err(needs(value.span(), key, "\"icmp\" or \"icmpv6\"")),
             };
-        let icmp_type = icmp(&raw.icmp_type, "icmp_type", icmp_type_by_name)?;
-        let icmp_code = icmp(&raw.icmp_code, "icmp_code", |_, _| None)?;
-        let src = raw
-            .src
-            .as_ref()
-            .map(|value| self.addresses(value, sets))
-            .transpose()?;
-        let dst = raw
-            .dst
-            .as_ref()
-            .map(|value| self.addresses(value, sets))
-            .transpose()?;
-        if let (Some(src_list), Some(dst_list)) = (&src, &dst) {
-            let families = |list: &AddressList| {
-                (
-                    list.nets.iter().any(|net| net.addr().is_ipv4()),
-                    list.nets.iter().any(|net| net.addr().is_ipv6()),
-                )
-            };
-            let (src_v4, src_v6) = families(src_list);
-            let (dst_v4, dst_v6) = families(dst_list);
-            if !(src_v4 && dst_v4 || src_v6 && dst_v6) {
-                let span = raw.dst.as_ref().map_or(span.clone(), Spanned::span);
-                return Err(self.error(
-                    span,
-                    named(
-                        "src and dst share no address family, so the rule can never match".into(),
-                    ),
-                ));
-            }
+            let values = self.icmp_values(value, key, |text| by_name(text, v6))?;
+            Ok(Some(values))
+        };
+        let addresses = |field: &Option<Spanned<Value>>| {
+            let value = field.as_ref();
+            value.map(|value| self.addresses(value, sets)).transpose()
+        };
+        let (src, dst) = (addresses(&raw.src)?, addresses(&raw.dst)?);
+        if let (Some(src), Some(dst), Some(value)) = (&src, &dst, &raw.dst)
+            && !share_a_family(src, dst)
+        {
+            let message = "src and dst share no address family, so the rule can never match";
+            return Err(self.error(value.span(), format!("rule {name:?}: {message}")));
         }
         Ok(Rule {
             name: name.clone(),
@@ -297,33 +250,30 @@ impl<'a> Source<'a> {
             proto,
             src,
             dst,
-            sport,
-            dport,
+            sport: ports(&raw.sport, "sport")?,
+            dport: ports(&raw.dport, "dport")?,
             tcp_flags,
-            icmp_type,
-            icmp_code,
+            icmp_type: icmp(&raw.icmp_type, "icmp_type", icmp_type_by_name)?,
+            icmp_code: icmp(&raw.icmp_code, "icmp_code", |_, _| None)?,
             location: self.locate(Some(span)),
         })
     }
 
-    /// `None` for "any".
-    fn proto(&self, value: &Spanned<Value>) -> Result<Option<u8>, ConfigError> {
-        match value.get_ref() {
-            Value::String(name) if name == "any" => Ok(None),
-            Value::String(name) => match PROTOCOL_NAMES.iter().find(|(known, _)| known == name) {
-                Some(&(_, number)) => Ok(Some(number)),
-                None => Err(self.error(
-                    value.span(),
-                    format!(
-                        "unknown proto {name:?}: use tcp, udp, icmp, icmpv6, any or a number 0-255"
-                    ),
-                )),
-            },
-            Value::Integer(number) => u8::try_from(*number)
-                .map(Some)
-                .map_err(|_| self.error(value.span(), format!("proto {number} is not in 0-255"))),
-            _ => Err(self.error(value.span(), "proto must be a name or a number 0-255")),
-        }
+    /// Letters, digits, '-', '_' and '.', at most [`MAX_RULE_NAME`] of them.
+    fn check_rule_name(&self, name: &Spanned<String>) -> Result<(), ConfigError> {
+        let text = name.get_ref();
+        let message = if text.is_empty()
+            || !text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            "names may only use letters, digits, '-', '_' and '.'".to_owned()
+        } else if text.len() > MAX_RULE_NAME {
+            format!("names are at most {MAX_RULE_NAME} characters")
+        } else {
+            return Ok(());
+        };
+        Err(self.error(name.span(), format!("rule {text:?}: {message}")))
     }
 
     pub(super) fn guard(&self, raw: &RawGuard) -> Result<GuardSettings, ConfigError> {
@@ -347,134 +297,18 @@ impl<'a> Source<'a> {
             services,
         })
     }
-
-    fn ports(&self, value: &Spanned<Value>) -> Result<Vec<(u16, u16)>, ConfigError> {
-        let span = value.span();
-        items(value.get_ref())
-            .into_iter()
-            .map(|item| {
-                let bad = |message: String| self.item_error(&span, item, message);
-                let port = |text: &str| {
-                    text.trim()
-                        .parse::<u16>()
-                        .map_err(|_| bad(format!("{text:?} is not a port (0-65535)")))
-                };
-                match item {
-                    Value::Integer(number) => u16::try_from(*number)
-                        .map(|port| (port, port))
-                        .map_err(|_| bad(format!("port {number} is not in 0-65535"))),
-                    Value::String(text) => {
-                        let (lo, hi) = match text.split_once('-') {
-                            Some((lo, hi)) => (port(lo)?, port(hi)?),
-                            None => (port(text)?, port(text)?),
-                        };
-                        if lo > hi {
-                            return Err(bad(format!("inverted port range {text:?}")));
-                        }
-                        Ok((lo, hi))
-                    }
-                    _ => Err(bad("a port is a number or a \"lo-hi\" string".into())),
-                }
-            })
-            .collect()
-    }
-
-    fn tcp_flags(&self, value: &Spanned<String>) -> Result<TcpFlags, ConfigError> {
-        let mut flags = TcpFlags { set: 0, clear: 0 };
-        for word in value.get_ref().split(',').map(str::trim) {
-            let (negated, name) = match word.strip_prefix('!') {
-                Some(name) => (true, name.trim()),
-                None => (false, word),
-            };
-            let bit = match name {
-                "fin" => tcp_flag::FIN,
-                "syn" => tcp_flag::SYN,
-                "rst" => tcp_flag::RST,
-                "psh" => tcp_flag::PSH,
-                "ack" => tcp_flag::ACK,
-                "urg" => tcp_flag::URG,
-                "ece" => tcp_flag::ECE,
-                "cwr" => tcp_flag::CWR,
-                _ => {
-                    let message = format!(
-                        "unknown TCP flag {word:?}: use fin, syn, rst, psh, ack, urg, ece, cwr"
-                    );
-                    return Err(self.error(value.span(), message));
-                }
-            };
-            if (flags.set | flags.clear) & bit != 0 {
-                return Err(self.error(value.span(), format!("TCP flag {name:?} given twice")));
-            }
-            if negated {
-                flags.clear |= bit;
-            } else {
-                flags.set |= bit;
-            }
-        }
-        Ok(flags)
-    }
-
-    fn icmp_values(
-        &self,
-        value: &Spanned<Value>,
-        key: &str,
-        by_name: impl Fn(&str) -> Option<u8>,
-    ) -> Result<Vec<u8>, ConfigError> {
-        let span = value.span();
-        items(value.get_ref())
-            .into_iter()
-            .map(|item| match item {
-                Value::Integer(number) => u8::try_from(*number).map_err(|_| {
-                    self.item_error(&span, item, format!("{key} {number} is not in 0-255"))
-                }),
-                Value::String(name) => by_name(name)
-                    .ok_or_else(|| self.item_error(&span, item, format!("unknown {key} {name:?}"))),
-                _ => Err(self.item_error(&span, item, format!("{key} must be a name or a number"))),
-            })
-            .collect()
-    }
-
-    fn addresses(
-        &self,
-        value: &Spanned<Value>,
-        sets: &HashMap<String, Arc<AddressList>>,
-    ) -> Result<Arc<AddressList>, ConfigError> {
-        let span = value.span();
-        let values = items(value.get_ref());
-        // A lone "@set" shares the set's list with every other rule naming it.
-        if let [Value::String(text)] = values.as_slice()
-            && let Some(name) = text.strip_prefix('@')
-        {
-            return sets.get(name).cloned().ok_or_else(|| {
-                self.item_error(&span, values[0], format!("unknown set \"@{name}\""))
-            });
-        }
-        let mut nets = Vec::new();
-        for item in values {
-            let Value::String(text) = item else {
-                return Err(self.item_error(
-                    &span,
-                    item,
-                    "addresses are strings: CIDR, address or \"@set\"".into(),
-                ));
-            };
-            match text.strip_prefix('@') {
-                Some(name) => {
-                    let set = sets.get(name).ok_or_else(|| {
-                        self.item_error(&span, item, format!("unknown set \"@{name}\""))
-                    })?;
-                    nets.extend_from_slice(&set.nets);
-                }
-                None => nets.push(
-                    parse_net(text).map_err(|message| self.item_error(&span, item, message))?,
-                ),
-            }
-        }
-        Ok(Arc::new(AddressList { set: None, nets }))
-    }
 }
 
 /// A scalar as a one-item list; a list as it is.
+/// ICMP or ICMPv6 (the flag) names of types or codes.
+type IcmpNames = fn(&str, bool) -> Option<u8>;
+
+/// Whether a packet could match both lists: they share an address family.
+fn share_a_family(src: &AddressList, dst: &AddressList) -> bool {
+    let has = |list: &AddressList, v4: bool| list.nets.iter().any(|net| net.addr().is_ipv4() == v4);
+    (has(src, true) && has(dst, true)) || (has(src, false) && has(dst, false))
+}
+
 /// Whether a rule denies some neighbour discovery by name.
 fn denies_nd(rules: &[Rule]) -> bool {
     rules.iter().any(|rule| {
@@ -485,52 +319,4 @@ fn denies_nd(rules: &[Rule]) -> bool {
                 .as_ref()
                 .is_some_and(|types| types.iter().any(|t| ND_TYPES.contains(t)))
     })
-}
-
-pub(super) fn items(value: &Value) -> Vec<&Value> {
-    match value {
-        Value::Array(values) => values.iter().collect(),
-        other => vec![other],
-    }
-}
-
-/// ICMP and ICMPv6 type names.
-fn icmp_type_by_name(name: &str, v6: bool) -> Option<u8> {
-    let v4_names: &[(&str, u8)] = &[
-        ("echo-reply", 0),
-        ("destination-unreachable", 3),
-        ("source-quench", 4),
-        ("redirect", 5),
-        ("echo-request", 8),
-        ("router-advertisement", 9),
-        ("router-solicitation", 10),
-        ("time-exceeded", 11),
-        ("parameter-problem", 12),
-        ("timestamp-request", 13),
-        ("timestamp-reply", 14),
-    ];
-    let v6_names: &[(&str, u8)] = &[
-        ("destination-unreachable", 1),
-        ("packet-too-big", 2),
-        ("time-exceeded", 3),
-        ("parameter-problem", 4),
-        ("echo-request", 128),
-        ("echo-reply", 129),
-        ("mld-listener-query", 130),
-        ("mld-listener-report", 131),
-        ("mld-listener-done", 132),
-        ("router-solicitation", 133),
-        ("router-advertisement", 134),
-        ("neighbor-solicitation", 135),
-        ("neighbour-solicitation", 135),
-        ("neighbor-advertisement", 136),
-        ("neighbour-advertisement", 136),
-        ("redirect", 137),
-        ("mld2-listener-report", 143),
-    ];
-    let names = if v6 { v6_names } else { v4_names };
-    names
-        .iter()
-        .find(|(known, _)| *known == name)
-        .map(|(_, number)| *number)
 }

@@ -184,76 +184,78 @@ fn set_files_relative_to_the_rules_file() {
     assert!(message.starts_with(&expected), "{message}");
 }
 
+/// Rule bodies, where their error is, and what it says.
+const BAD_RULES: &[(&str, &str, &str)] = &[
+    ("colour = 1", "rules.toml:6:1: ", "unknown field `colour`"),
+    ("src = \"10.0.0.300/8\"", "rules.toml:6:7: ", "not a CIDR"),
+    (
+        "src = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
+        "rules.toml:6:22: ",
+        "host bits set",
+    ),
+    (
+        "proto = \"tcp\"\ndport = \"90-80\"",
+        "rules.toml:7:9: ",
+        "inverted port range",
+    ),
+    (
+        "proto = \"tcp\"\ndport = [22, 70000]",
+        "rules.toml:7:14: ",
+        "not in 0-65535",
+    ),
+    (
+        "proto = \"icmp\"\ndport = 22",
+        "rules.toml:7:9: ",
+        "dport needs proto",
+    ),
+    ("sport = 22", "rules.toml:6:9: ", "sport needs proto"),
+    (
+        "proto = \"udp\"\ntcp_flags = \"syn\"",
+        "rules.toml:7:13: ",
+        "tcp_flags needs proto = \"tcp\"",
+    ),
+    (
+        "proto = \"tcp\"\ntcp_flags = \"syn,fyn\"",
+        "rules.toml:7:13: ",
+        "unknown TCP flag \"fyn\"",
+    ),
+    (
+        "proto = \"icmp\"\nicmp_type = [\"echo-request\", \"ping\"]",
+        "rules.toml:7:30: ",
+        "unknown icmp_type \"ping\"",
+    ),
+    (
+        "proto = \"tcp\"\nicmp_type = 3",
+        "rules.toml:7:13: ",
+        "icmp_type needs proto",
+    ),
+    (
+        "proto = \"sctp\"",
+        "rules.toml:6:9: ",
+        "unknown proto \"sctp\"",
+    ),
+    ("proto = 300", "rules.toml:6:9: ", "not in 0-255"),
+    (
+        "src = \"@nothere\"",
+        "rules.toml:6:7: ",
+        "unknown set \"@nothere\"",
+    ),
+    (
+        "src = \"10.0.0.0/8\"\ndst = \"2001:db8::/32\"",
+        "rules.toml:7:7: ",
+        "share no address family",
+    ),
+    (
+        "action2 = \"allow\"",
+        "rules.toml:6:1: ",
+        "unknown field `action2`",
+    ),
+];
+
 /// Every bad input names file:line:col and what is wrong.
 #[test]
 fn bad_input_is_located() {
-    let cases: &[(&str, &str, &str)] = &[
-        ("colour = 1", "rules.toml:6:1: ", "unknown field `colour`"),
-        ("src = \"10.0.0.300/8\"", "rules.toml:6:7: ", "not a CIDR"),
-        (
-            "src = [\"10.0.0.0/8\", \"10.0.0.1/8\"]",
-            "rules.toml:6:22: ",
-            "host bits set",
-        ),
-        (
-            "proto = \"tcp\"\ndport = \"90-80\"",
-            "rules.toml:7:9: ",
-            "inverted port range",
-        ),
-        (
-            "proto = \"tcp\"\ndport = [22, 70000]",
-            "rules.toml:7:14: ",
-            "not in 0-65535",
-        ),
-        (
-            "proto = \"icmp\"\ndport = 22",
-            "rules.toml:7:9: ",
-            "dport needs proto",
-        ),
-        ("sport = 22", "rules.toml:6:9: ", "sport needs proto"),
-        (
-            "proto = \"udp\"\ntcp_flags = \"syn\"",
-            "rules.toml:7:13: ",
-            "tcp_flags needs proto = \"tcp\"",
-        ),
-        (
-            "proto = \"tcp\"\ntcp_flags = \"syn,fyn\"",
-            "rules.toml:7:13: ",
-            "unknown TCP flag \"fyn\"",
-        ),
-        (
-            "proto = \"icmp\"\nicmp_type = [\"echo-request\", \"ping\"]",
-            "rules.toml:7:30: ",
-            "unknown icmp_type \"ping\"",
-        ),
-        (
-            "proto = \"tcp\"\nicmp_type = 3",
-            "rules.toml:7:13: ",
-            "icmp_type needs proto",
-        ),
-        (
-            "proto = \"sctp\"",
-            "rules.toml:6:9: ",
-            "unknown proto \"sctp\"",
-        ),
-        ("proto = 300", "rules.toml:6:9: ", "not in 0-255"),
-        (
-            "src = \"@nothere\"",
-            "rules.toml:6:7: ",
-            "unknown set \"@nothere\"",
-        ),
-        (
-            "src = \"10.0.0.0/8\"\ndst = \"2001:db8::/32\"",
-            "rules.toml:7:7: ",
-            "share no address family",
-        ),
-        (
-            "action2 = \"allow\"",
-            "rules.toml:6:1: ",
-            "unknown field `action2`",
-        ),
-    ];
-    let wrong: Vec<String> = cases
+    let wrong: Vec<String> = BAD_RULES
         .iter()
         .map(|(body, location, needle)| (body, location, needle, error_of(&with_rule(body))))
         .filter(|(_, location, needle, message)| {

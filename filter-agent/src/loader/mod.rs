@@ -16,7 +16,7 @@ use aya::{
         xdp::XdpLinkId,
     },
 };
-use filter_common::{Counter, fragments, names, reason};
+use filter_common::{Counter, names, reason};
 use thiserror::Error;
 
 pub use attach::{AttachMode, Attached, detach, if_index, interface_exists};
@@ -26,7 +26,7 @@ pub use probe::{time_program, xdp_action};
 
 use crate::{
     compile::{AddressDim, RuleSet, TableDim},
-    config::{Fragments, GuardAction},
+    config::GuardAction,
     counters,
     guard::{self, GuardReport, Listeners},
     pins::{self, PinError},
@@ -192,88 +192,12 @@ impl Filter {
         Self::load_with(rules, &options)
     }
 
+    /// Loads an instance as `options` say; the ways above are shorthands.
     pub fn load_with(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Self, LoadError> {
-        let trace = u32::from(options.trace);
-        let event_rate = options.event_rate;
-        let settings = &rules.settings;
-        let default_action = settings.default.raw();
-        let mode = settings.mode.raw();
-        let fragments = match settings.fragments {
-            Fragments::MatchL3 => fragments::MATCH_L3,
-            Fragments::Allow => fragments::ALLOW,
-            Fragments::Deny => fragments::DENY,
-        };
-        let guard_mode = rules.guard.action.raw();
-        let (low, high) = rules.guard.ephemeral;
-        let (low, high) = (u32::from(low), u32::from(high));
-        let entries = |len: usize| (len as u32).max(1);
-        let rule_count = entries(rules.rules.len());
-        let custom = ProgramObject::get()?;
-        let mut loader = EbpfLoader::new();
-        if let Some(dir) = options.pins {
-            for name in pins::SHARED_MAPS {
-                loader.map_pin_path(name, dir.join(name));
-            }
-        }
-        let mut ebpf = loader
-            .override_global(names::GUARD_MODE, &guard_mode, true)
-            .override_global(names::EPHEMERAL_LOW, &low, true)
-            .override_global(names::EPHEMERAL_HIGH, &high, true)
-            .override_global(names::DEFAULT_ACTION, &default_action, true)
-            .override_global(names::MODE, &mode, true)
-            .override_global(names::FRAGMENTS, &fragments, true)
-            .override_global(names::CHUNKS, &rules.chunks, true)
-            .override_global(names::TRACE, &trace, true)
-            .override_global(names::EVENT_RATE, &event_rate, true)
-            .map_max_entries(names::SRC_NODES, entries(rules.src.blocks.len()))
-            .map_max_entries(names::DST_NODES, entries(rules.dst.blocks.len()))
-            .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
-            .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
-            .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
-            .map_max_entries(names::SPORT_BITS, entries(rules.sport.bitmaps.len()))
-            .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
-            .map_max_entries(names::RULE_STATS, rule_count)
-            .map_max_entries(names::RULE_ACTIONS, rule_count)
-            .load(custom.as_ref().map_or(PROGRAM_OBJECT, ProgramObject::bytes))?;
-        fill_addresses(&mut ebpf, names::SRC_NODES, names::SRC_BITS, &rules.src)?;
-        fill_addresses(&mut ebpf, names::DST_NODES, names::DST_BITS, &rules.dst)?;
-        fill_table(
-            &mut ebpf,
-            names::PROTO_CLASS,
-            names::PROTO_BITS,
-            &rules.proto,
-        )?;
-        fill_table(
-            &mut ebpf,
-            names::SPORT_CLASS,
-            names::SPORT_BITS,
-            &rules.sport,
-        )?;
-        fill_table(
-            &mut ebpf,
-            names::DPORT_CLASS,
-            names::DPORT_BITS,
-            &rules.dport,
-        )?;
-        let actions = rules.rules.iter().map(|rule| rule.action.raw());
-        fill_array(&mut ebpf, names::RULE_ACTIONS, actions.enumerate())?;
-        let services = guard::service_words(&rules.guard.services, &Listeners::default());
-        fill_array(
-            &mut ebpf,
-            names::SERVICE_PORTS,
-            services.into_iter().enumerate(),
-        )?;
-        let program = program_mut(&mut ebpf)?;
-        program.load().map_err(|err| refused(names::PROGRAM, err))?;
-        log_verified(names::PROGRAM, program.info());
+        let mut ebpf = open(rules, options)?;
+        fill_maps(&mut ebpf, rules)?;
         let guard_on = rules.guard.action != GuardAction::Off;
-        if guard_on {
-            let egress = egress_mut(&mut ebpf)?;
-            egress
-                .load()
-                .map_err(|err| refused(names::EGRESS_PROGRAM, err))?;
-            log_verified(names::EGRESS_PROGRAM, egress.info());
-        }
+        verify(&mut ebpf, guard_on)?;
         Ok(Self {
             ebpf,
             link: None,
@@ -342,6 +266,76 @@ impl Filter {
         let map = self.ebpf.map(name).ok_or_else(|| missing_map(name))?;
         Ok(counters::array_totals(map)?)
     }
+}
+
+/// Reads the object with the rule set's settings as its globals and its
+/// maps sized for the rule set (the shared ones pinned as `options` say).
+fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
+    let trace = u32::from(options.trace);
+    let settings = &rules.settings;
+    let (default_action, mode) = (settings.default.raw(), settings.mode.raw());
+    let fragments = settings.fragments.raw();
+    let guard_mode = rules.guard.action.raw();
+    let (low, high) = rules.guard.ephemeral;
+    let (low, high) = (u32::from(low), u32::from(high));
+    let entries = |len: usize| (len as u32).max(1);
+    let rule_count = entries(rules.rules.len());
+    let custom = ProgramObject::get()?;
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = options.pins {
+        for name in pins::SHARED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    Ok(loader
+        .override_global(names::GUARD_MODE, &guard_mode, true)
+        .override_global(names::EPHEMERAL_LOW, &low, true)
+        .override_global(names::EPHEMERAL_HIGH, &high, true)
+        .override_global(names::DEFAULT_ACTION, &default_action, true)
+        .override_global(names::MODE, &mode, true)
+        .override_global(names::FRAGMENTS, &fragments, true)
+        .override_global(names::CHUNKS, &rules.chunks, true)
+        .override_global(names::TRACE, &trace, true)
+        .override_global(names::EVENT_RATE, &options.event_rate, true)
+        .map_max_entries(names::SRC_NODES, entries(rules.src.blocks.len()))
+        .map_max_entries(names::DST_NODES, entries(rules.dst.blocks.len()))
+        .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
+        .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
+        .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
+        .map_max_entries(names::SPORT_BITS, entries(rules.sport.bitmaps.len()))
+        .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
+        .map_max_entries(names::RULE_STATS, rule_count)
+        .map_max_entries(names::RULE_ACTIONS, rule_count)
+        .load(custom.as_ref().map_or(PROGRAM_OBJECT, ProgramObject::bytes))?)
+}
+
+/// Writes the compiled rule set into the maps, before the program can see
+/// a packet.
+fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
+    fill_addresses(ebpf, names::SRC_NODES, names::SRC_BITS, &rules.src)?;
+    fill_addresses(ebpf, names::DST_NODES, names::DST_BITS, &rules.dst)?;
+    fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
+    fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
+    fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
+    let actions = rules.rules.iter().map(|rule| rule.action.raw());
+    fill_array(ebpf, names::RULE_ACTIONS, actions.enumerate())?;
+    let services = guard::service_words(&rules.guard.services, &Listeners::default());
+    fill_array(ebpf, names::SERVICE_PORTS, services.into_iter().enumerate())
+}
+
+/// Hands the programs to the verifier: the filter, and the guard's egress
+/// half when the guard is on.
+fn verify(ebpf: &mut Ebpf, guard_on: bool) -> Result<(), LoadError> {
+    let program = program_mut(ebpf)?;
+    program.load().map_err(|err| refused(names::PROGRAM, err))?;
+    log_verified(names::PROGRAM, program.info());
+    if guard_on {
+        let egress = egress_mut(ebpf)?;
+        let loaded = egress.load();
+        loaded.map_err(|err| refused(names::EGRESS_PROGRAM, err))?;
+        log_verified(names::EGRESS_PROGRAM, egress.info());
+    }
+    Ok(())
 }
 
 fn missing_map(name: &str) -> LoadError {

@@ -148,7 +148,9 @@ impl PacketSpec {
         let mut ip = vec![0u8; 20];
         ip[0] = 0x40 | (header_len / 4) as u8;
         ip[2..4].copy_from_slice(&total_len.to_be_bytes());
-        ip[6..8].copy_from_slice(&(self.fragment_offset & 0x1fff).to_be_bytes());
+        ip[6..8].copy_from_slice(
+            &(self.fragment_offset & filter_common::wire::IPV4_FRAGMENT_OFFSET).to_be_bytes(),
+        );
         ip[8] = 64;
         ip[9] = self.transport.proto(false);
         ip[12..16].copy_from_slice(&src.octets());

@@ -207,7 +207,7 @@ fn parse_ipv4(frame: &[u8], start: usize) -> Option<Parsed> {
     if header[0] >> 4 != 4 || header_len < 20 || frame.len() < start + header_len {
         return None;
     }
-    let fragment = be16(header, 6)? & 0x1fff != 0;
+    let fragment = be16(header, 6)? & IPV4_FRAGMENT_OFFSET != 0;
     let src = IpAddr::from(<[u8; 4]>::try_from(&header[12..16]).ok()?);
     let dst = IpAddr::from(<[u8; 4]>::try_from(&header[16..20]).ok()?);
     transport(frame, start + header_len, src, dst, header[9], fragment)

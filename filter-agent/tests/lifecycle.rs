@@ -15,8 +15,8 @@ use std::{
     time::Duration,
 };
 
-use filter_agent::{compile::compile, config, loader, pins};
-use testbed::{Daemon, Pair};
+use filter_agent::{compile::compile, config, counters, loader, pins};
+use testbed::{Daemon, Pair, wait_until};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const DENIED_PORT: u16 = 9000;
@@ -123,12 +123,20 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
             }
         })
     };
+    // Traffic flows through every agent, every gap between them and
+    // every reload: each waits for more datagrams to have been sent.
+    let flowing = |what: &str| {
+        let from = sent.load(Ordering::Relaxed);
+        wait_until(what, Duration::from_secs(5), || {
+            sent.load(Ordering::Relaxed) >= from + 200
+        });
+    };
     for _ in 0..RESTARTS {
-        thread::sleep(Duration::from_millis(150));
+        flowing("datagrams sent while an agent runs");
         let (status, log) = agent.stop();
         assert!(status.is_some_and(|s| s.success()), "{log:?}");
         // The agent is down: the pinned filter keeps dropping.
-        thread::sleep(Duration::from_millis(150));
+        flowing("datagrams sent while no agent runs");
         agent = start_agent(&pair, rules.path(), false);
         assert!(
             agent.seen().iter().any(|line| line.contains("took over")),
@@ -138,14 +146,27 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     }
     // Reloads under the same traffic.
     for _ in 0..RESTARTS {
-        thread::sleep(Duration::from_millis(100));
+        flowing("datagrams sent before a reload");
         agent.signal(libc::SIGHUP);
         agent.expect("rules reloaded", Duration::from_secs(5));
     }
-    thread::sleep(Duration::from_millis(150));
+    flowing("datagrams sent after the last reload");
     sending.store(false, Ordering::Relaxed);
     sending_thread.join().unwrap();
-    thread::sleep(Duration::from_millis(100));
+    // The last datagrams are counted before the agent reads its counters.
+    let all = sent.load(Ordering::Relaxed);
+    wait_until(
+        "every datagram sent counted in the pins",
+        Duration::from_secs(2),
+        || {
+            counters::read_snapshot(&pins.0).is_ok_and(|snapshot| {
+                snapshot
+                    .rules
+                    .iter()
+                    .any(|rule| rule.name == "deny-9000" && rule.counter.packets == all)
+            })
+        },
+    );
     let (_, log) = agent.stop();
     let sent = sent.load(Ordering::Relaxed);
     assert!(sent > 1000, "only {sent} datagrams sent");
@@ -185,7 +206,11 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     probe
         .send_to(b"open", (Pair::SERVER_V4, DENIED_PORT))
         .unwrap();
-    thread::sleep(Duration::from_millis(200));
+    wait_until(
+        "the datagram arrives unfiltered",
+        Duration::from_secs(2),
+        || received.load(Ordering::Relaxed) == 1,
+    );
     receiving.store(false, Ordering::Relaxed);
     receiver_thread.join().unwrap();
     assert_eq!(received.load(Ordering::Relaxed), 1);
@@ -350,9 +375,31 @@ fn metrics_are_served_and_count_what_the_filter_did() {
     for _ in 0..3 {
         assert!(!probe(&pair, &receiver));
     }
+    // Four datagrams no rule decides: counted as default_allow.
+    let sender = pair
+        .client
+        .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
+        .unwrap()
+        .unwrap();
+    for _ in 0..4 {
+        sender.send_to(b"allowed", (Pair::SERVER_V4, 9001)).unwrap();
+    }
     let address = "127.0.0.1:9469";
     assert_eq!(http_get(&pair.server, address, "/healthz"), "ok\n");
-    let text = http_get(&pair.server, address, "/metrics");
+    let iface = &pair.server_if;
+    let allowed =
+        format!("filter_agent_packets_total{{iface=\"{iface}\",reason=\"default_allow\"}} ");
+    let mut text = String::new();
+    wait_until(
+        "the four datagrams in /metrics",
+        Duration::from_secs(2),
+        || {
+            text = http_get(&pair.server, address, "/metrics");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&allowed))
+                .is_some_and(|packets| packets.parse::<f64>().is_ok_and(|n| n >= 4.0))
+        },
+    );
     let samples = samples(&text);
     let value = |series: &str| {
         samples
@@ -361,7 +408,6 @@ fn metrics_are_served_and_count_what_the_filter_did() {
             .unwrap_or_else(|| panic!("{series} not in\n{text}"))
             .1
     };
-    let iface = &pair.server_if;
     assert_eq!(
         value(&format!(
             "filter_agent_rule_packets_total{{iface=\"{iface}\",rule=\"deny-9000\",action=\"deny\"}}"
@@ -373,13 +419,20 @@ fn metrics_are_served_and_count_what_the_filter_did() {
             "filter_agent_rule_bytes_total{{iface=\"{iface}\",rule=\"deny-9000\",action=\"deny\"}}"
         )) >= 3.0 * 42.0
     );
-    // Every reason has its series, and nothing here is malformed or denied
-    // by default.
-    for reason in filter_common::reason::NAMES {
-        let series = format!("filter_agent_packets_total{{iface=\"{iface}\",reason=\"{reason}\"}}");
-        let packets = value(&series);
-        if matches!(reason, "malformed" | "default_deny" | "guard_drop") {
-            assert_eq!(packets, 0.0, "{series}");
+    // Every reason has its series, with what this test sent: four
+    // datagrams by default, the ARP request before the first probe, and
+    // nothing malformed, fragmented or denied by default.
+    let reason = |reason: &str| {
+        value(&format!(
+            "filter_agent_packets_total{{iface=\"{iface}\",reason=\"{reason}\"}}"
+        ))
+    };
+    for name in filter_common::reason::NAMES {
+        let packets = reason(name);
+        match name {
+            "default_allow" => assert!(packets >= 4.0, "{name}: {packets}"),
+            "non_ip" => assert!(packets >= 1.0, "{name}: {packets}"),
+            _ => assert_eq!(packets, 0.0, "{name}"),
         }
     }
     assert_eq!(value("filter_agent_reloads_total{result=\"success\"}"), 0.0);
@@ -518,11 +571,25 @@ fn watch_prints_sampled_drops_with_their_rule() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Let watch connect before the packet.
-    thread::sleep(Duration::from_millis(300));
-    assert!(!probe(&pair, &receiver));
-    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
-    let line = lines.next().unwrap().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    let stdout = std::io::BufReader::new(watch.stdout.take().unwrap());
+    let reader = thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    // watch connects in its own time: a denied probe until it prints one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        assert!(!probe(&pair, &receiver));
+        if let Ok(line) = received.recv_timeout(Duration::from_millis(100)) {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch printed no line for 5 s of denied probes"
+        );
+    };
     assert!(
         line.starts_with("DROP udp 10.200.0.1:")
             && line.ends_with(" -> 10.200.0.2:9000 rule=deny-9000"),
@@ -530,7 +597,7 @@ fn watch_prints_sampled_drops_with_their_rule() {
     );
     // The agent stopping ends watch.
     agent.stop();
-    assert!(lines.next().is_none());
+    reader.join().unwrap();
     assert!(watch.wait().unwrap().success());
 }
 

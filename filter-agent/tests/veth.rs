@@ -10,13 +10,14 @@ use std::{
 use filter_agent::{
     compile::compile,
     config,
-    loader::{AttachMode, Attached, Filter},
+    loader::{self, AttachMode, Attached, Filter},
 };
 use filter_common::reason;
 use support::Pins;
 use testbed::{
     Daemon, Pair,
     traffic::{self, Responder},
+    wait_until,
 };
 
 mod support;
@@ -198,41 +199,63 @@ fn rule_set_swaps_are_atomic_under_traffic() {
         .unwrap()
         .unwrap();
     let sending = Arc::new(AtomicBool::new(true));
+    let sent: Arc<[AtomicU64; 2]> = Arc::new(Default::default());
     let sender = {
-        let sending = Arc::clone(&sending);
+        let (sending, sent) = (Arc::clone(&sending), Arc::clone(&sent));
         thread::spawn(move || {
-            let mut sent = [0u64; 2];
             while sending.load(Ordering::Relaxed) {
                 for (index, port) in [PORT_A, PORT_B].into_iter().enumerate() {
                     if sender_socket
                         .send_to(b"swap", (Pair::SERVER_V4, port))
                         .is_ok()
                     {
-                        sent[index] += 1;
+                        sent[index].fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 // About 20,000 datagrams a second: far below what the
                 // receivers drain, so none is lost after the filter.
                 thread::sleep(Duration::from_micros(100));
             }
-            sent
         })
+    };
+    let total = || {
+        sent.iter()
+            .map(|port| port.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let flowing = || {
+        let from = total();
+        wait_until("datagrams sent", Duration::from_secs(5), || {
+            total() >= from + 100
+        });
     };
 
     // counted[port][rule]: summed over every instance that was attached.
     let mut counted = [[0u64; 3]; 2];
-    let mut record = |old: &Filter, a_allowed: bool| {
-        let rules = old.rule_counters().unwrap();
+    // What `filter` counted: [port][rule].
+    let count = |filter: &Filter, a_allowed: bool| {
+        let rules = filter.rule_counters().unwrap();
         let (a, b) = if a_allowed {
             (ALLOW, DENY)
         } else {
             (DENY, ALLOW)
         };
-        counted[0][a] += rules[a].packets;
-        counted[1][b] += rules[b].packets;
+        let mut by_port = [[0u64; 3]; 2];
+        by_port[0][a] = rules[a].packets;
+        by_port[1][b] = rules[b].packets;
+        by_port
+    };
+    let record = |counted: &mut [[u64; 3]; 2], old: &Filter, a_allowed: bool| {
+        for (total, new) in counted
+            .iter_mut()
+            .flatten()
+            .zip(count(old, a_allowed).iter().flatten())
+        {
+            *total += new;
+        }
     };
     for swap in 0..SWAPS {
-        thread::sleep(Duration::from_millis(40));
+        flowing();
         let a_allowed_now = swap.is_multiple_of(2);
         let mut next = if a_allowed_now {
             rules(PORT_B, PORT_A)
@@ -241,15 +264,23 @@ fn rule_set_swaps_are_atomic_under_traffic() {
         };
         assert_eq!(attach(&mut next), Attached::Adopted);
         let old = std::mem::replace(&mut filter, next);
-        // Let packets already inside the old program finish.
-        thread::sleep(Duration::from_millis(5));
-        record(&old, a_allowed_now);
+        // Packets already inside the old program finish first, as the
+        // agent waits for them before it carries the counts over.
+        loader::wait_for_running_programs();
+        record(&mut counted, &old, a_allowed_now);
     }
-    thread::sleep(Duration::from_millis(40));
+    flowing();
     sending.store(false, Ordering::Relaxed);
-    let sent = sender.join().unwrap();
-    thread::sleep(Duration::from_millis(100));
-    record(&filter, SWAPS.is_multiple_of(2));
+    sender.join().unwrap();
+    let sent = [0, 1].map(|port| sent[port].load(Ordering::Relaxed));
+    // The last datagrams reach the program before its counts are read.
+    let last_a_allowed = SWAPS.is_multiple_of(2);
+    wait_until("every datagram counted", Duration::from_secs(2), || {
+        let mut so_far = counted;
+        record(&mut so_far, &filter, last_a_allowed);
+        so_far.iter().flatten().sum::<u64>() >= sent[0] + sent[1]
+    });
+    record(&mut counted, &filter, last_a_allowed);
     stop.store(true, Ordering::Relaxed);
     for receiver in receivers {
         receiver.join().unwrap();

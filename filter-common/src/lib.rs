@@ -47,6 +47,10 @@ pub mod wire {
         ("icmpv6", IPPROTO_ICMPV6),
     ];
 
+    /// The fragment offset bits of the IPv4 header's flags/offset field: a
+    /// packet with any of them set is a non-first fragment.
+    pub const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
+
     /// 802.1Q and 802.1ad: at most an outer and an inner tag.
     pub const MAX_VLAN_TAGS: usize = 2;
     /// Headers walked after the IPv6 header to find the upper layer: five
@@ -133,6 +137,11 @@ pub const MAX_RULES: u32 = MAX_CHUNKS * RULES_PER_CHUNK;
 /// L4 header (non-first fragments do not) and the TCP flags byte.
 pub const fn proto_index(proto: u8, has_l4: bool, tcp_flags: u8) -> u32 {
     ((proto as u32) << 9) | ((has_l4 as u32) << 8) | tcp_flags as u32
+}
+
+/// The inverse of [`proto_index`]: (protocol, has L4 header, TCP flags).
+pub const fn proto_index_parts(index: u32) -> (u8, bool, u8) {
+    ((index >> 9) as u8, index & (1 << 8) != 0, index as u8)
 }
 pub const PROTO_TABLE_SIZE: u32 = 1 << 17;
 

@@ -15,8 +15,8 @@ use network_types::{
 
 use filter_common::wire::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, MAX_IPV6_EXT_HEADERS,
-    MAX_VLAN_TAGS,
+    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPV4_FRAGMENT_OFFSET,
+    MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
 };
 pub use filter_common::wire::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -112,7 +112,7 @@ fn parse_ipv4(cur: &mut Cursor) -> Result<Packet, Malformed> {
         return Err(Malformed);
     }
     cur.skip(header_len - size_of::<Ipv4Hdr>())?;
-    let fragment_offset = u16::from_be_bytes(unsafe { (*ip).frags }) & 0x1fff;
+    let fragment_offset = u16::from_be_bytes(unsafe { (*ip).frags }) & IPV4_FRAGMENT_OFFSET;
     let proto = unsafe { (*ip).proto };
     let addresses = unsafe { (*ip).src_addr.as_ptr() };
     parse_l4(cur, addresses, false, proto, fragment_offset == 0)

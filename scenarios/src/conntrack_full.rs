@@ -14,6 +14,7 @@ use anyhow::{Context as _, ensure};
 use testbed::{
     Chain, Netns,
     traffic::{self, Responder},
+    within,
 };
 
 use crate::{Agent, agent, nft, say, step};
@@ -26,6 +27,9 @@ const TABLE: u32 = 512;
 const FLOOD: u32 = 40_000;
 const FLOOD_INTERVAL: &str = "u200";
 const CONNECTIONS: usize = 10;
+/// How long the flood may take to fill the table (or, with the agent, to be
+/// dropped in numbers).
+const FLOOD_EFFECT: Duration = Duration::from_secs(15);
 const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 /// The host's stateful firewall: new connections to the service, replies.
@@ -143,8 +147,20 @@ fn flood_and_connect(agent: Option<&Path>) -> anyhow::Result<(u64, usize, u64)> 
         .stderr(Stdio::null())
         .spawn()
         .context("running hping3")?;
-    // Two seconds of flood: 10,000 SYNs, the table many times over.
-    std::thread::sleep(Duration::from_secs(2));
+    // The flood has its effect before the connections: without the agent
+    // the table is (nearly) full, with it the flood is being dropped.
+    let flooded = within(FLOOD_EFFECT, || match &agent {
+        None => conntrack_count(host).is_ok_and(|count| count >= u64::from(TABLE) * 9 / 10),
+        Some(agent) => agent
+            .json(&["stats", "--iface", &iface])
+            .and_then(|stats| agent::reason_packets(&stats, &iface, "default_deny"))
+            .is_ok_and(|dropped| dropped >= u64::from(TABLE) * 4),
+    });
+    if !flooded {
+        let _ = flood.kill();
+        let _ = flood.wait();
+        anyhow::bail!("the flood had no effect within {FLOOD_EFFECT:?}");
+    }
     let attempts = (|| -> anyhow::Result<(u64, usize)> {
         let entries = conntrack_count(host)?;
         let server = SocketAddr::from((chain.server_addr(), PORT));

@@ -109,6 +109,19 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "the guard did not name exactly the failed ports"
     );
     let (fix, after) = ports::fix_and_retry(&agent, container, server, ALLOWED, CONNECTIONS)?;
+    ensure!(
+        fix.contains(&format!(
+            "ip_local_port_range=\"{} {}\"",
+            ALLOWED.0, ALLOWED.1
+        )),
+        "the audit's fix does not set the upstream range: {fix}"
+    );
+    ensure!(
+        after.total() == before.total(),
+        "{} connections after the fix, {} before",
+        after.total(),
+        before.total()
+    );
     agent.stop()?;
     Ok(Outcome {
         before,

@@ -9,8 +9,10 @@ mod daemon;
 mod netns;
 mod refused;
 pub mod traffic;
+mod wait;
 
 pub use chain::Chain;
 pub use daemon::Daemon;
 pub use netns::{Netns, Pair, TestbedError};
 pub use refused::refused_object;
+pub use wait::{wait_until, within};

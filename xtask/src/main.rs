@@ -180,30 +180,49 @@ fn run_bench(args: &[&str]) -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    let (passed, failed) = util::cargo_test(&["test", "--all-targets"])?;
+    // Every test binary runs, whichever fails first.
+    let (mut passed, mut failed) = util::cargo_test(&["test", "--all-targets", "--no-fail-fast"])?;
     // The benchmark harness, with tiny counts, so that it cannot rot; its
-    // figures gate nothing.
-    run_bench(&[
-        "--runs",
-        "1",
-        "--repeat",
-        "100",
-        "--sizes",
-        "10,100",
-        "--set-sizes",
-        "1000",
-    ])?;
-    // And the live benchmark: every receiver, a few thousand packets each,
-    // every packet accounted for in the receiver's counters.
-    run_bench(&[
-        "--live",
-        "--runs",
-        "1",
-        "--seconds",
-        "0.01",
-        "--sizes",
-        "1,100",
-    ])?;
+    // figures gate nothing, but a missing peer fails it. And the live
+    // benchmark: every receiver, a few thousand packets each, every packet
+    // accounted for in the receiver's counters.
+    let smoke: [(&str, &[&str]); 2] = [
+        (
+            "bench",
+            &[
+                "--require-peer",
+                "--runs",
+                "1",
+                "--repeat",
+                "100",
+                "--sizes",
+                "10,100",
+                "--set-sizes",
+                "1000",
+            ],
+        ),
+        (
+            "bench --live",
+            &[
+                "--live",
+                "--runs",
+                "1",
+                "--seconds",
+                "0.01",
+                "--sizes",
+                "1,100",
+            ],
+        ),
+    ];
+    for (name, args) in smoke {
+        match run_bench(args) {
+            Ok(()) => passed += 1,
+            Err(err) => {
+                eprintln!("smoke test `{name}` FAILED: {err:#}");
+                failed += 1;
+            }
+        }
+    }
     // The agent on Debian's own kernels, in qemu.
     let (vm_passed, vm_failed) = vm_checks(&[])?;
     let (passed, failed) = (passed + u64::from(vm_passed), failed + u64::from(vm_failed));

@@ -78,6 +78,9 @@ struct Options {
     sizes: Option<Vec<usize>>,
     set_sizes: Vec<usize>,
     json: Option<PathBuf>,
+    /// `--require-peer`: fail, rather than leave its column empty, when
+    /// xdp-filter cannot be measured (the smoke test in `cargo xtask test`).
+    require_peer: bool,
 }
 
 /// "10,100,1000" -> [10, 100, 1000]
@@ -94,6 +97,7 @@ fn options() -> anyhow::Result<Options> {
         sizes: None,
         set_sizes: vec![100_000, 1_000_000],
         json: None,
+        require_peer: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -106,6 +110,7 @@ fn options() -> anyhow::Result<Options> {
             "--json" => options.json = Some(value()?.into()),
             "--sizes" => options.sizes = Some(numbers(&value()?)?),
             "--set-sizes" => options.set_sizes = numbers(&value()?)?,
+            "--require-peer" => options.require_peer = true,
             "--bench" => {} // added by `cargo bench`-style runners
             other => bail!("unknown argument {other}"),
         }
@@ -370,9 +375,14 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let first = loaded.first().context("no rule-set sizes")?;
     // xdp-filter with the smallest set's exact-match entries, on its frames.
-    let xdp_filter = XdpFilter::load(&first.config)
-        .map_err(|err| eprintln!("xdp-filter not measured: {err:#}"))
-        .ok();
+    let xdp_filter = match XdpFilter::load(&first.config) {
+        Ok(peer) => Some(peer),
+        Err(err) if options.require_peer => return Err(err.context("the peer, xdp-filter")),
+        Err(err) => {
+            eprintln!("xdp-filter not measured: {err:#}");
+            None
+        }
+    };
     // The smallest set again, without the guard, for its per-packet cost.
     let mut unguarded = first.config.clone();
     unguarded.guard.action = GuardAction::Off;

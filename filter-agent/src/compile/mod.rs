@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use filter_common::{
     AddressBlock, BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK,
-    WORDS_PER_CHUNK, proto_index,
+    WORDS_PER_CHUNK, proto_index_parts,
 };
 use thiserror::Error;
 
@@ -297,8 +297,7 @@ fn proto_dim(rules: &[&Rule], bitmap: &BitmapBuilder) -> TableDim {
     let mut classes = ClassTable::new();
     let mut table = Vec::with_capacity(PROTO_TABLE_SIZE as usize);
     for index in 0..PROTO_TABLE_SIZE {
-        let (proto, has_l4, flags) = ((index >> 9) as u8, index & 0x100 != 0, index as u8);
-        debug_assert_eq!(proto_index(proto, has_l4, flags), index);
+        let (proto, has_l4, flags) = proto_index_parts(index);
         let satisfied = (0u32..)
             .zip(&conditions.distinct)
             .filter(|(_, (condition, _))| {

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use super::*;
 use crate::config;
-use filter_common::{CHILD, V6_ROOT};
+use filter_common::{CHILD, V6_ROOT, proto_index};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 fn compile_text(rules: &str) -> RuleSet {

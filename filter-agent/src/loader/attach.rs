@@ -108,7 +108,7 @@ impl Filter {
         if attached == Attached::Adopted {
             // Packets still inside the old program would be counted after
             // its counters were carried over: wait for them to leave.
-            rcu_barrier();
+            wait_for_running_programs();
         }
         let previous = counters::carried_over(dir);
         self.pin_rule_stats(dir)?;
@@ -255,7 +255,7 @@ pub fn if_index(iface: &str) -> Option<u32> {
 /// XDP and tc programs run inside RCU read-side sections). Without it
 /// (kernels booted with `nohz_full`) a few packets of the old program may
 /// go uncounted.
-fn rcu_barrier() {
+pub fn wait_for_running_programs() {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes two integers and touches no memory of ours.
     if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } != 0 {

@@ -19,7 +19,9 @@ use aya::{
 use filter_common::{Counter, names, reason};
 use thiserror::Error;
 
-pub use attach::{AttachMode, Attached, detach, if_index, interface_exists};
+pub use attach::{
+    AttachMode, Attached, detach, if_index, interface_exists, wait_for_running_programs,
+};
 pub use kernel::{MIN_KERNEL, VERIFIER_LOG_DIR, check_kernel, has_tcx, kernel_version};
 use kernel::{log_verified, refused};
 pub use probe::{time_program, xdp_action};

@@ -1,5 +1,8 @@
 //! filter-agent's library: everything but the process entry point, so that
-//! integration tests use the same code paths as the binary.
+//! integration tests use the same code paths as the binary. Data flows one
+//! way: rules file -> [`config`] -> [`lint`] / [`compile`] -> [`loader`]
+//! (through [`pins`]) -> kernel -> [`counters`] -> [`metrics`] and the
+//! [`commands`]; [`agent`] is the daemon that keeps it running.
 
 pub mod agent;
 pub mod audit;

@@ -372,6 +372,8 @@ fn metrics_are_served_and_count_what_the_filter_did() {
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
     let mut agent = start_agent(&pair, rules.path(), true);
+    // The first probe needs ARP again: a frame no rule can see.
+    pair.client.ip(&["neigh", "flush", "all"]).unwrap();
     for _ in 0..3 {
         assert!(!probe(&pair, &receiver));
     }

@@ -1,4 +1,5 @@
-//! The project's helper: `cargo xtask setup | demo | test`.
+//! The project's helper: `cargo xtask setup | demo | test | vm-test |
+//! bench | scenario NAME`.
 
 mod demo;
 mod setup;

@@ -4,12 +4,11 @@
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
 use filter_common::{
-    DECISION_RULE, Event, event, reason,
+    DECISION_RULE, Event, event, reason, stored_address,
     wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PROTOCOL_NAMES},
 };
 
@@ -64,7 +63,7 @@ pub fn format(event: &Event, rules: &[RuleInfo], range: (u16, u16)) -> String {
         _ => "PASS",
     };
     let mut line = String::from(verdict);
-    let (src, dst) = (address(event.src), address(event.dst));
+    let (src, dst) = (stored_address(event.src), stored_address(event.dst));
     if src.is_unspecified() && dst.is_unspecified() && event.proto == 0 {
         let _ = write!(line, " frame of {} bytes", event.len);
     } else {
@@ -114,14 +113,6 @@ pub fn format(event: &Event, rules: &[RuleInfo], range: (u16, u16)) -> String {
         _ => {}
     }
     line
-}
-
-fn address(bytes: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(bytes);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
 }
 
 /// tcpdump's flag letters.

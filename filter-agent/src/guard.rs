@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fs,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     path::Path,
 };
 
@@ -192,11 +192,7 @@ pub fn proto_name(proto: u8) -> String {
 
 /// The peer's address, IPv4-mapped addresses shown as IPv4.
 pub fn peer_address(peer: &GuardPeer) -> IpAddr {
-    let v6 = Ipv6Addr::from(peer.addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
+    filter_common::stored_address(peer.addr)
 }
 
 #[cfg(test)]
@@ -246,7 +242,7 @@ mod tests {
         };
         peer.addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 1]);
         assert_eq!(peer_address(&peer).to_string(), "10.0.0.1");
-        peer.addr = Ipv6Addr::LOCALHOST.octets();
+        peer.addr = std::net::Ipv6Addr::LOCALHOST.octets();
         assert_eq!(peer_address(&peer).to_string(), "::1");
     }
 }

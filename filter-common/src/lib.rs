@@ -223,6 +223,16 @@ pub struct GuardPort {
     pub direction: u8,
 }
 
+/// An address as the program stores it (IPv4 mapped into IPv6,
+/// `::ffff:a.b.c.d`), as the address it is.
+pub fn stored_address(bytes: [u8; 16]) -> core::net::IpAddr {
+    let v6 = core::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => core::net::IpAddr::V4(v4),
+        None => core::net::IpAddr::V6(v6),
+    }
+}
+
 /// Key of `GUARD_PEERS`: the remote address and port of out-of-range
 /// traffic. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`).
 #[repr(C)]

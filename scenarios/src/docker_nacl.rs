@@ -113,15 +113,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         list(&container_attempts.failed)
     );
     ensure!(
-        !container_attempts.failed.is_empty()
-            && container_attempts
-                .failed
-                .iter()
-                .all(|&port| !ports::within(ALLOWED, port))
-            && container_attempts
-                .answered
-                .iter()
-                .all(|&port| ports::within(ALLOWED, port)),
+        container_attempts.failed_exactly_outside(ALLOWED),
         "failures are not exactly the ports outside {ALLOWED:?}: {container_attempts:?}"
     );
 

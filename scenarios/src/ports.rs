@@ -25,6 +25,14 @@ impl Attempts {
         self.answered.len() + self.failed.len()
     }
 
+    /// Some connections failed, and exactly those whose local port lies
+    /// outside `allowed`: the upstream filter's signature.
+    pub fn failed_exactly_outside(&self, allowed: (u16, u16)) -> bool {
+        !self.failed.is_empty()
+            && self.failed.iter().all(|&port| !within(allowed, port))
+            && self.answered.iter().all(|&port| within(allowed, port))
+    }
+
     fn used(&self, port: u16) -> bool {
         self.answered.contains(&port) || self.failed.contains(&port)
     }

@@ -108,9 +108,9 @@ pub enum Command {
 /// Running the filter: the default when no subcommand is given.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Network interface to filter; repeat for several, each gets its own
-    /// attachment.
-    #[arg(long, required = true)]
+    /// Network interface to filter; repeat, or separate with commas, for
+    /// several: each gets its own attachment.
+    #[arg(long, required = true, value_delimiter = ',', value_parser = interface_name)]
     pub iface: Vec<String>,
     /// The rules file (TOML).
     #[arg(long, required = true)]
@@ -154,6 +154,19 @@ impl From<XdpModeArg> for AttachMode {
     }
 }
 
+/// An interface name: not empty (an unset variable in a service's command
+/// line is the usual cause).
+fn interface_name(name: &str) -> Result<String, String> {
+    if name.trim().is_empty() {
+        return Err(
+            "an interface name is needed (the Debian package's service reads them \
+                    from FILTER_AGENT_IFACES in /etc/default/filter-agent)"
+                .to_owned(),
+        );
+    }
+    Ok(name.to_owned())
+}
+
 /// Folds clap's multi-line error report into one line.
 pub fn one_line_error(err: &clap::Error) -> String {
     let rendered = err.render().to_string();
@@ -164,18 +177,24 @@ pub fn one_line_error(err: &clap::Error) -> String {
     format!("{folded} (see --help)")
 }
 
-/// Logs to standard error, at `RUST_LOG` or info; coloured on a terminal.
+/// Logs to standard error, at `RUST_LOG` or info; coloured on a terminal,
+/// and without a timestamp of its own under journald, which adds one.
 pub fn init_logging() {
     use std::io::IsTerminal as _;
     use tracing_subscriber::{EnvFilter, fmt, prelude::*};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    // systemd sets JOURNAL_STREAM when standard error goes to the journal.
+    let layer = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        layer.without_time().boxed()
+    } else {
+        layer.boxed()
+    };
     tracing_subscriber::registry()
-        .with(
-            fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false),
-        )
+        .with(layer)
         .with(filter)
         .init();
 }

@@ -23,7 +23,10 @@ fn systemd_unit_verifies_cleanly() {
     let unit = std::fs::read_to_string(UNIT).unwrap();
     for needed in [
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/bin/sh -c 'kill -HUP $MAINPID'",
+        "EnvironmentFile=-/etc/default/filter-agent",
+        "--iface ${FILTER_AGENT_IFACES}",
+        "StartLimitBurst=",
         "Restart=on-failure",
         "WatchdogSec=",
         "NoNewPrivileges=yes",
@@ -37,9 +40,10 @@ fn systemd_unit_verifies_cleanly() {
     // the one just built.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("filter-agent.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/filter-agent", AGENT)).unwrap();
+    std::fs::write(&path, unit.replace("/usr/sbin/filter-agent", AGENT)).unwrap();
+    // The man page it names is installed by the package, not here.
     let output = Command::new("systemd-analyze")
-        .arg("verify")
+        .args(["verify", "--man=no"])
         .arg(&path)
         .output()
         .unwrap();
@@ -88,7 +92,8 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
         .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
         .arg(rules.path())
         .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "400000");
+        .env("WATCHDOG_USEC", "400000")
+        .env("JOURNAL_STREAM", "8:12345");
     let mut agent = Daemon::start(command, None).unwrap();
     let mut seen = Vec::new();
     let ready = expect(&socket, "READY=1", &mut seen);
@@ -109,6 +114,12 @@ fn sd_notify_ready_watchdog_reload_and_stop() {
     let (status, log) = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
     assert!(!pins::dir(&pair.server_if).exists());
+    // journald stamps each line itself: the agent's lines carry no time.
+    let stamped = |line: &&String| line.starts_with(|c: char| c.is_ascii_digit());
+    assert!(
+        !log.is_empty() && !log.iter().any(|line| stamped(&line)),
+        "{log:?}"
+    );
 }
 
 #[test]
@@ -138,5 +149,30 @@ fn kubernetes_rules_are_valid() {
         "path: /sys/fs/bpf",
     ] {
         assert!(manifest.contains(needed), "{needed} missing");
+    }
+}
+
+/// The shipped alerting rules load, and their unit tests (one per alert,
+/// firing and not firing) pass.
+#[test]
+fn alerting_rules_check_and_their_tests_pass() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/prometheus");
+    let runs: [&[&str]; 3] = [
+        &["check", "rules", "filter-agent.rules.yml"],
+        &["test", "rules", "filter-agent.rules.test.yml"],
+        &["check", "config", "prometheus.yml"],
+    ];
+    for args in runs {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }

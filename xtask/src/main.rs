@@ -1,7 +1,8 @@
-//! The project's helper: `cargo xtask setup | demo | test | vm-test |
-//! bench | scenario NAME`.
+//! The project's helper: `cargo xtask setup | demo | test | package |
+//! vm-test | bench | scenario NAME`.
 
 mod demo;
+mod package;
 mod setup;
 mod util;
 mod vm;
@@ -33,6 +34,8 @@ enum Task {
     /// Lint, then run every test (unit and real-kernel integration tests),
     /// then `vm-test` on every kernel.
     Test,
+    /// Build the Debian package, target/debian/filter-agent_VERSION_amd64.deb.
+    Package,
     /// Boot Debian's stock kernels (bullseye 5.10, bookworm 6.1, trixie
     /// 6.12) in qemu and run the agent in each: one line per check.
     VmTest {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
+        Task::Package => setup::run().and_then(|()| package::run().map(drop)),
         Task::VmTest { kernels } => setup::run().and_then(|()| vm_test(&kernels)),
         Task::Bench {
             live,
@@ -215,11 +219,20 @@ fn test() -> anyhow::Result<()> {
             ],
         ),
     ];
-    for (name, args) in smoke {
-        match run_bench(args) {
+    let mut outcomes: Vec<(&str, anyhow::Result<()>)> = smoke
+        .into_iter()
+        .map(|(name, args)| (name, run_bench(args)))
+        .collect();
+    // The Debian package builds, and lintian finds no error in it.
+    outcomes.push((
+        "package",
+        package::run().and_then(|deb| package::lint(&deb)),
+    ));
+    for (name, outcome) in outcomes {
+        match outcome {
             Ok(()) => passed += 1,
             Err(err) => {
-                eprintln!("smoke test `{name}` FAILED: {err:#}");
+                eprintln!("`cargo xtask {name}` FAILED: {err:#}");
                 failed += 1;
             }
         }

@@ -29,6 +29,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // promtool, which checks the /metrics page in the faults test.
     "prometheus",
+    // `cargo xtask package`: strip and objdump, and the package's checker.
+    "binutils",
+    "lintian",
     // `cargo xtask vm-test`: the emulator and the guest's userland.
     "qemu-system-x86",
     "busybox-static",

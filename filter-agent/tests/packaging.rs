@@ -12,6 +12,8 @@ use std::{
 use filter_agent::pins;
 use testbed::{Daemon, Pair};
 
+mod support;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const UNIT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -23,7 +25,7 @@ fn systemd_unit_verifies_cleanly() {
     let unit = std::fs::read_to_string(UNIT).unwrap();
     for needed in [
         "Type=notify",
-        "ExecReload=/bin/sh -c 'kill -HUP $MAINPID'",
+        "ExecReload=/bin/sh -c '/usr/sbin/filter-agent check --rules /etc/filter-agent/rules.toml && kill -HUP \"$MAINPID\"'",
         "EnvironmentFile=-/etc/default/filter-agent",
         "--iface ${FILTER_AGENT_IFACES}",
         "StartLimitBurst=",
@@ -175,4 +177,54 @@ fn alerting_rules_check_and_their_tests_pass() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// `systemctl reload` runs the unit's ExecReload: run here the same way
+/// (its command, with MAINPID set), it fails on a rules file `check`
+/// rejects, without signalling the agent, and applies a good one.
+#[test]
+fn the_units_reload_command_refuses_a_bad_file_and_applies_a_good_one() {
+    let pair = Pair::create("reloadcmd").unwrap();
+    let _pins = support::Pins::of(&pair.server_if);
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[filter]\ndefault = \"allow\"\n").unwrap();
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
+        .arg(&rules);
+    let mut agent = Daemon::start(command, None).unwrap();
+    agent.expect("serving metrics", Duration::from_secs(10));
+    let unit = std::fs::read_to_string(UNIT).unwrap();
+    let reload = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecReload=/bin/sh -c "))
+        .expect("ExecReload runs a shell command")
+        .trim_matches('\'')
+        .replace("/usr/sbin/filter-agent", AGENT)
+        .replace("/etc/filter-agent/rules.toml", rules.to_str().unwrap());
+    let systemctl_reload = || {
+        Command::new("sh")
+            .args(["-c", &reload])
+            .env("MAINPID", agent.pid().to_string())
+            .output()
+            .unwrap()
+    };
+    std::fs::write(&rules, "[filter]\ndefault = \"maybe\"\n").unwrap();
+    let refused = systemctl_reload();
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("rules.toml:2:11"),
+        "{refused:?}"
+    );
+    std::fs::write(&rules, "[filter]\ndefault = \"deny\"\n").unwrap();
+    let applied = systemctl_reload();
+    assert!(applied.status.success(), "{applied:?}");
+    agent.expect("rules reloaded", Duration::from_secs(5));
+    let (_, log) = agent.stop();
+    // The refused file never reached the agent.
+    assert!(
+        !log.iter().any(|line| line.contains("reload rejected")),
+        "{log:?}"
+    );
 }

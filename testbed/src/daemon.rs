@@ -91,6 +91,11 @@ impl Daemon {
         (status, std::mem::take(&mut self.seen))
     }
 
+    /// The process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
     pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: plain kill(2) on our own child's pid.

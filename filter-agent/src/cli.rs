@@ -115,6 +115,11 @@ pub struct RunArgs {
     /// The rules file (TOML).
     #[arg(long, required = true)]
     pub rules: Option<PathBuf>,
+    /// Wait up to SECONDS for an interface that does not exist yet (at
+    /// boot, a NIC's driver may create it after the agent started); 0 fails
+    /// at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub iface_timeout: u64,
     /// How to attach: `native` runs in the driver (fastest), `skb` is the
     /// generic mode every interface supports, `auto` tries native first.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]

@@ -18,6 +18,7 @@ use support::Pins;
 use testbed::{
     Daemon, Netns, Pair,
     traffic::{Responder, http_get, icmp_echo, tcp_attempt, tcp_exchange, udp_exchange},
+    wait_until,
 };
 
 mod support;
@@ -280,16 +281,6 @@ fn start_agent(pair: &Pair, args: &[&str], rules: &Path) -> Daemon {
     agent
 }
 
-/// Polls `condition` until it holds or `deadline` has passed; fails naming
-/// `what` never happened.
-fn wait_until(deadline: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !condition() {
-        assert!(Instant::now() < end, "{what} within {deadline:?}");
-        thread::yield_now();
-    }
-}
-
 fn xdp_attached(ns: &Netns, iface: &str) -> bool {
     ns.ip(&["link", "show", "dev", iface])
         .is_ok_and(|output| text(output).contains("prog/xdp"))
@@ -322,8 +313,8 @@ fn an_interface_created_again_is_filtered_again_within_a_second() {
 
     pair.add_link().unwrap();
     wait_until(
-        Duration::from_secs(1),
         "the re-created interface got the filter",
+        Duration::from_secs(1),
         || xdp_attached(&pair.server, &pair.server_if),
     );
     agent.expect(
@@ -331,7 +322,7 @@ fn an_interface_created_again_is_filtered_again_within_a_second() {
         Duration::from_secs(1),
     );
     // The link carries traffic (echo is allowed), and the filter denies.
-    wait_until(Duration::from_secs(5), "an echo over the new link", || {
+    wait_until("an echo over the new link", Duration::from_secs(5), || {
         icmp_echo(&pair.client, Pair::SERVER_V4.into()).unwrap()
     });
     assert!(!udp_exchange(&pair.client, denied).unwrap());
@@ -751,5 +742,57 @@ fn a_new_listener_is_known_before_its_first_client_packet() {
         (answered, out_of_range),
         (20, 0),
         "(connections answered, return packets counted out of range)"
+    );
+}
+
+/// At boot the agent may start before the NIC exists: with
+/// `--iface-timeout` it waits for it, attaches as soon as it appears and
+/// only then reports ready; an interface that never comes is one error line
+/// once the time is up.
+#[test]
+fn an_interface_that_appears_after_the_start_is_waited_for() {
+    let pair = Pair::create("late").unwrap();
+    let _pins = Pins::of(&pair.server_if);
+    let _echo = Responder::start(&pair.server, 9999).unwrap();
+    pair.delete_link().unwrap();
+    let rules = rules_file();
+    let mut command = pair.server.command(AGENT);
+    command
+        .args(["--detach-on-exit", "--iface-timeout", "30"])
+        .args(["--iface", &pair.server_if, "--rules"])
+        .arg(rules.path());
+    let mut agent = Daemon::start(command, None).unwrap();
+    agent.expect(
+        "waiting for the interface to appear",
+        Duration::from_secs(10),
+    );
+    assert!(!agent.seen().iter().any(|line| line.contains("ready")));
+    pair.add_link().unwrap();
+    agent.expect("filter attached", Duration::from_secs(5));
+    agent.expect("ready", Duration::from_secs(5));
+    wait_until("an echo over the new link", Duration::from_secs(5), || {
+        icmp_echo(&pair.client, Pair::SERVER_V4.into()).unwrap()
+    });
+    let denied = SocketAddr::from((Pair::SERVER_V4, 9999));
+    assert!(!udp_exchange(&pair.client, denied).unwrap());
+    drop(agent);
+
+    let started = Instant::now();
+    let output = pair
+        .server
+        .command(AGENT)
+        .args(["--iface-timeout", "1", "--iface", "fa-never", "--rules"])
+        .arg(rules.path())
+        .output()
+        .unwrap();
+    let line = error_line(&output);
+    assert!(
+        line.contains("no network interface named `fa-never` after waiting 1s"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
     );
 }

@@ -54,7 +54,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
-    let (locks, metrics_listener) = claim(&args)?;
+    privileges::check(privileges::Task::Attach)?;
+    loader::check_kernel()?;
     let status = Arc::new(Mutex::new(Status {
         rules_loaded: config.rules.len() as u64,
         ..Status::default()
@@ -64,7 +65,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
-        let mut agent = start(&args, rules, &config, rule_set, locks, Arc::clone(&status))?;
+        // Opened first: an interface created meanwhile is not missed.
+        let mut links = LinkWatch::open().context("watching link events (rtnetlink)")?;
+        let timeout = Duration::from_secs(args.iface_timeout);
+        wait_for_interfaces(&args.iface, timeout, &mut links).await?;
+        let (locks, metrics_listener) = claim(&args)?;
+        let status = Arc::clone(&status);
+        let started = start(
+            &args,
+            rules,
+            &config,
+            rule_set,
+            locks,
+            links,
+            Arc::clone(&status),
+        );
+        let mut agent = started?;
         let registry = Metrics::registry(args.iface.clone(), Arc::clone(&status));
         let result = tokio::select! {
             result = agent.serve() => result,
@@ -83,16 +99,40 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Checks that the agent may start and claims what it needs: each
-/// interface's lock and the metrics port. Nothing is attached yet.
-fn claim(args: &RunArgs) -> anyhow::Result<(Vec<InterfaceLock>, std::net::TcpListener)> {
-    privileges::check(privileges::Task::Attach)?;
-    loader::check_kernel()?;
-    // All or none: an unknown second interface must not leave the first
-    // one attached.
-    if let Some(missing) = args.iface.iter().find(|i| !loader::interface_exists(i)) {
-        anyhow::bail!(loader::LoadError::UnknownInterface(missing.clone()));
+/// Returns once every interface in `ifaces` exists, or fails naming one
+/// that did not appear within `timeout` (at once when it is zero). All or
+/// none: an unknown second interface must not leave the first attached.
+async fn wait_for_interfaces(
+    ifaces: &[String],
+    timeout: Duration,
+    links: &mut LinkWatch,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut waiting_for = None;
+    while let Some(missing) = ifaces.iter().find(|i| !loader::interface_exists(i)) {
+        let unknown = loader::LoadError::UnknownInterface(missing.clone());
+        if timeout.is_zero() {
+            anyhow::bail!(unknown);
+        }
+        if waiting_for.replace(missing) != Some(missing) {
+            info!(iface = %missing, "waiting for the interface to appear (--iface-timeout)");
+        }
+        if tokio::time::timeout_at(deadline, links.changed())
+            .await
+            .is_err()
+        {
+            anyhow::bail!(
+                "{unknown} after waiting {}s (--iface-timeout)",
+                timeout.as_secs()
+            );
+        }
     }
+    Ok(())
+}
+
+/// Claims what the agent needs: each interface's lock and the metrics
+/// port. Nothing is attached yet.
+fn claim(args: &RunArgs) -> anyhow::Result<(Vec<InterfaceLock>, std::net::TcpListener)> {
     for vanished in pins::vanished(loader::interface_exists) {
         loader::detach(&vanished.dir);
         let iface = vanished.iface;
@@ -129,11 +169,11 @@ fn start(
     config: &Config,
     rule_set: RuleSet,
     locks: Vec<InterfaceLock>,
+    links: LinkWatch,
     status: Arc<Mutex<Status>>,
 ) -> anyhow::Result<Agent> {
     // Watching starts first: a change made while attaching is not missed.
     let files = FileWatch::new(&rules)?;
-    let links = LinkWatch::open().context("watching link events (rtnetlink)")?;
     // Services first: ACKs to local listeners are not return traffic.
     let mut watch = GuardWatch::new(&config.guard, args.metrics_hide_processes);
     let fresh: Vec<PathBuf> = args

@@ -56,6 +56,22 @@ fn systemd_unit_verifies_cleanly() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // Hardened: systemd's own exposure score, at most 3.0 (of 10).
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = report
+        .lines()
+        .find_map(|line| {
+            line.split("Overall exposure level for filter-agent.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in {report}"));
+    assert!(exposure <= 3.0, "exposure {exposure}:\n{report}");
 }
 
 /// Waits for a notify message containing `needle`; returns it.

@@ -166,6 +166,7 @@ fn kubernetes_rules_are_valid() {
         "prometheus.io/scrape: \"true\"",
         "prometheus.io/port: \"9469\"",
         "path: /sys/fs/bpf",
+        "--iface=$(FILTER_AGENT_IFACES)",
     ] {
         assert!(manifest.contains(needed), "{needed} missing");
     }

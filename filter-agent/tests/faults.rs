@@ -5,6 +5,7 @@
 //! `cargo xtask vm-test` runs the same two starts on Debian's kernels.
 
 use std::{
+    ffi::OsStr,
     net::{SocketAddr, UdpSocket},
     path::Path,
     process::Output,
@@ -270,15 +271,9 @@ fn rules_files_that_are_not_regular_files_are_refused_at_once() {
 
 /// The agent on `pair`'s server side with `args`, started and ready.
 fn start_agent(pair: &Pair, args: &[&str], rules: &Path) -> Daemon {
-    let mut command = pair.server.command(AGENT);
-    command
-        .arg("--detach-on-exit")
-        .args(args)
-        .arg("--rules")
-        .arg(rules);
-    let mut agent = Daemon::start(command, None).unwrap();
-    agent.expect("ready", Duration::from_secs(10));
-    agent
+    let args = ["--detach-on-exit"].iter().chain(args).chain(&["--rules"]);
+    let args = args.map(OsStr::new).chain([rules.as_os_str()]);
+    Daemon::agent(AGENT, &pair.server, args)
 }
 
 fn xdp_attached(ns: &Netns, iface: &str) -> bool {

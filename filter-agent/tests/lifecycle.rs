@@ -3,6 +3,7 @@
 //! without a gap and keeps counting, `detach` removes it. Needs root.
 
 use std::{
+    ffi::OsStr,
     io::Write as _,
     net::UdpSocket,
     path::{Path, PathBuf},
@@ -39,16 +40,10 @@ use support::Pins;
 /// The agent on the server end of `pair`, once it is ready; with
 /// `detach`, it removes the filter when it stops.
 fn start_agent(pair: &Pair, rules: &Path, detach: bool) -> Daemon {
-    let mut command = pair.server.command(AGENT);
-    if detach {
-        command.arg("--detach-on-exit");
-    }
-    command
-        .args(["--iface", &pair.server_if, "--rules"])
-        .arg(rules);
-    let mut agent = Daemon::start(command, None).unwrap();
-    agent.expect("serving metrics", Duration::from_secs(10));
-    agent
+    let detach = detach.then_some("--detach-on-exit");
+    let iface = ["--iface", &pair.server_if, "--rules"];
+    let args = detach.into_iter().chain(iface).map(OsStr::new);
+    Daemon::agent(AGENT, &pair.server, args.chain([rules.as_os_str()]))
 }
 
 fn rules_file(text: &str) -> tempfile::NamedTempFile {

@@ -207,12 +207,9 @@ fn the_units_reload_command_refuses_a_bad_file_and_applies_a_good_one() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, "[filter]\ndefault = \"allow\"\n").unwrap();
-    let mut command = pair.server.command(AGENT);
-    command
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(&rules);
-    let mut agent = Daemon::start(command, None).unwrap();
-    agent.expect("serving metrics", Duration::from_secs(10));
+    let args = ["--detach-on-exit", "--iface", &pair.server_if, "--rules"];
+    let args = args.map(std::ffi::OsStr::new).into_iter();
+    let mut agent = Daemon::agent(AGENT, &pair.server, args.chain([rules.as_os_str()]));
     let unit = std::fs::read_to_string(UNIT).unwrap();
     let reload = unit
         .lines()

@@ -5,6 +5,7 @@
 //! agent's state says. Needs root.
 
 use std::{
+    ffi::OsStr,
     io::Write as _,
     net::UdpSocket,
     path::Path,
@@ -37,12 +38,7 @@ fn prometheus_answers_every_dashboard_query_and_alert_with_what_the_traffic_did(
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    let mut agent = pair.server.command(AGENT);
-    agent
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(&rules);
-    let mut agent = Daemon::start(agent, None).unwrap();
-    agent.expect("serving metrics", Duration::from_secs(10));
+    let mut agent = start_agent(&pair, &rules);
     let sender = pair
         .client
         .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
@@ -107,6 +103,13 @@ fn prometheus_answers_every_dashboard_query_and_alert_with_what_the_traffic_did(
         assert_eq!(rule["health"], "ok", "{rule}");
     }
     agent.stop();
+}
+
+/// The agent on `pair`'s server interface, removing its filter on exit.
+fn start_agent(pair: &Pair, rules: &Path) -> Daemon {
+    let args = ["--detach-on-exit", "--iface", &pair.server_if, "--rules"];
+    let args = args.map(OsStr::new).into_iter().chain([rules.as_os_str()]);
+    Daemon::agent(AGENT, &pair.server, args)
 }
 
 /// Prometheus in the server's namespace, scraping the agent every second
@@ -233,12 +236,7 @@ fn the_scraped_page_passes_promtool() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    let mut agent = pair.server.command(AGENT);
-    agent
-        .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
-        .arg(&rules);
-    let mut agent = Daemon::start(agent, None).unwrap();
-    agent.expect("serving metrics", Duration::from_secs(10));
+    let agent = start_agent(&pair, &rules);
     let (status, page) = http_get(&pair.server, METRICS, "/metrics").unwrap();
     assert_eq!(status, 200);
     let mut promtool = Command::new("promtool")

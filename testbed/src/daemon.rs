@@ -91,6 +91,21 @@ impl Daemon {
         (status, std::mem::take(&mut self.seen))
     }
 
+    /// filter-agent (`binary`) run in `ns` with `args`; returns once it
+    /// reports ready (rules attached, metrics served), and panics if it
+    /// does not within 10 s.
+    pub fn agent<S: AsRef<std::ffi::OsStr>>(
+        binary: &str,
+        ns: &crate::Netns,
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        let mut command = ns.command(binary);
+        command.args(args);
+        let mut agent = Self::start(command, None).expect("starting filter-agent");
+        agent.expect("ready", Duration::from_secs(10));
+        agent
+    }
+
     /// The process's id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -645,3 +645,29 @@ fn one_agent_filters_several_interfaces() {
         );
     }
 }
+
+/// `stats` and `guard` without `--iface` list every pinned interface; one
+/// whose agent is just starting (its directory made, nothing pinned yet) is
+/// passed over, not an error for all of them.
+#[test]
+fn listing_every_interface_passes_over_one_being_set_up() {
+    let pair = Pair::create("list").unwrap();
+    let _pins = Pins::of(&pair.server_if);
+    let rules = rules_file(RULES);
+    let agent = start_agent(&pair, rules.path(), false);
+    let starting = Pins::of(&format!("{}x", pair.server_if));
+    std::fs::create_dir(&starting.0).unwrap();
+    for command in ["stats", "guard"] {
+        let output = Command::new(AGENT)
+            .args([command, "--json"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command}: {output:?}");
+        assert!(
+            stdout.contains(&format!("\"{}\"", pair.server_if)),
+            "{command}: {stdout}"
+        );
+    }
+    drop(agent);
+}

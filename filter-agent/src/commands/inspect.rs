@@ -12,7 +12,7 @@ use crate::{
     events,
     guard::{self, GuardReport},
     loader,
-    pins::{self, InterfaceLock},
+    pins::{self, InterfaceLock, PinError},
     privileges::{self, Task},
 };
 
@@ -36,7 +36,12 @@ pub fn guard(iface: Option<&str>, top: usize, json: bool) -> anyhow::Result<()> 
     let ifaces = pinned_interfaces(&asked)?;
     let mut documents = Vec::new();
     for iface in &ifaces {
-        let report = GuardReport::read_pinned(&pins::dir(iface))?;
+        let report = match GuardReport::read_pinned(&pins::dir(iface)) {
+            Ok(report) => report,
+            // Found, not asked for: an agent is just starting or detaching.
+            Err(PinError::NoGuardMaps(_)) if asked.is_empty() => continue,
+            Err(err) => return Err(err.into()),
+        };
         if json {
             documents.push(guard_json(iface, &report, top));
         } else {
@@ -145,12 +150,18 @@ pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
 /// every `watch` seconds with rates.
 pub fn stats(asked: &[String], json: bool, watch: Option<u64>) -> anyhow::Result<()> {
     privileges::check(Task::ReadCounters)?;
-    let ifaces = pinned_interfaces(asked)?;
     let read = || -> anyhow::Result<Vec<(String, Snapshot)>> {
-        ifaces
-            .iter()
-            .map(|iface| Ok((iface.clone(), counters::read_snapshot(&pins::dir(iface))?)))
-            .collect()
+        let mut snapshots = Vec::new();
+        for iface in pinned_interfaces(asked)? {
+            match counters::read_snapshot(&pins::dir(&iface)) {
+                Ok(snapshot) => snapshots.push((iface, snapshot)),
+                // Found, not asked for: an agent is just starting or
+                // detaching there.
+                Err(PinError::NotPinned(_)) if asked.is_empty() => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(snapshots)
     };
     let mut previous = read()?;
     print_stats(&previous, None, json)?;
@@ -220,8 +231,11 @@ fn print_stats(
     json: bool,
 ) -> anyhow::Result<()> {
     let mut documents = Vec::new();
-    for (index, (iface, snapshot)) in current.iter().enumerate() {
-        let before = since.and_then(|(previous, seconds)| Some((&previous.get(index)?.1, seconds)));
+    for (iface, snapshot) in current {
+        let before = since.and_then(|(previous, seconds)| {
+            let (_, before) = previous.iter().find(|(name, _)| name == iface)?;
+            Some((before, seconds))
+        });
         let rows = stats_rows(snapshot, before);
         let rule_count = snapshot.rules.len();
         if json {

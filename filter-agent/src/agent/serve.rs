@@ -252,16 +252,18 @@ impl Agent {
             status.reloads_succeeded += 1;
             status.rules_loaded = count as u64;
         }
-        info!(rules = %self.rules.display(), count, trigger, "rules reloaded");
         // Set files may have come or gone. The new watch is in place before
-        // the old one goes, so no change is missed.
-        match FileWatch::new(&self.rules) {
+        // the old one goes, and before the reload is reported, so that a
+        // change made by whoever waits for that report is not missed.
+        let changed_meanwhile = match FileWatch::new(&self.rules) {
             Ok(new) => std::mem::replace(&mut self.files, new).pending(),
             Err(err) => {
                 warn!(err = %format!("{err:#}"), "cannot watch the rules file");
                 false
             }
-        }
+        };
+        info!(rules = %self.rules.display(), count, trigger, "rules reloaded");
+        changed_meanwhile
     }
 }
 

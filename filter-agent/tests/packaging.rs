@@ -167,6 +167,10 @@ fn kubernetes_rules_are_valid() {
         "prometheus.io/port: \"9469\"",
         "path: /sys/fs/bpf",
         "--iface=$(FILTER_AGENT_IFACES)",
+        // The Debian package's layout.
+        "command: [\"/usr/sbin/filter-agent\"]",
+        "--rules=/etc/filter-agent/rules.toml",
+        "mountPath: /etc/filter-agent",
     ] {
         assert!(manifest.contains(needed), "{needed} missing");
     }

@@ -37,11 +37,12 @@ enum Task {
     /// Build the Debian package, target/debian/filter-agent_VERSION_amd64.deb.
     Package,
     /// Boot Debian's stock kernels (bullseye 5.10, bookworm 6.1, trixie
-    /// 6.12) in qemu and run the agent in each: one line per check.
+    /// 6.12) in qemu and run the agent in each, then a Debian 12 with
+    /// systemd that installs the package: one line per check.
     VmTest {
-        /// Only these suites (default: all).
-        #[arg(long = "kernel", value_name = "SUITE")]
-        kernels: Vec<String>,
+        /// Only these guests: bullseye, bookworm, trixie, systemd (default: all).
+        #[arg(long = "guest", alias = "kernel", value_name = "GUEST")]
+        guests: Vec<String>,
     },
     /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
     /// writes target/bench.json. With --live: whole-path cost with live
@@ -71,7 +72,7 @@ fn main() -> ExitCode {
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
         Task::Package => setup::run().and_then(|()| package::run().map(drop)),
-        Task::VmTest { kernels } => setup::run().and_then(|()| vm_test(&kernels)),
+        Task::VmTest { guests } => setup::run().and_then(|()| vm_test(&guests)),
         Task::Bench {
             live,
             runs,
@@ -110,8 +111,8 @@ fn scenario(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn vm_test(kernels: &[String]) -> anyhow::Result<()> {
-    let (passed, failed) = vm_checks(kernels)?;
+fn vm_test(guests: &[String]) -> anyhow::Result<()> {
+    let (passed, failed) = vm_checks(guests)?;
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         anyhow::bail!("{failed} vm checks failed");
@@ -119,19 +120,17 @@ fn vm_test(kernels: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vm-test`'s checks on `kernels` (all when empty): passed and failed.
-fn vm_checks(kernels: &[String]) -> anyhow::Result<(u32, u32)> {
-    let known: Vec<&str> = vm::SUITES.iter().map(|suite| suite.name).collect();
-    if let Some(unknown) = kernels.iter().find(|name| !known.contains(&name.as_str())) {
-        anyhow::bail!(
-            "no kernel {unknown:?}; the kernels are {}",
-            known.join(", ")
-        );
+/// `vm-test`'s checks in `guests` (all when empty): passed and failed.
+fn vm_checks(guests: &[String]) -> anyhow::Result<(u32, u32)> {
+    let mut known: Vec<&str> = vm::SUITES.iter().map(|suite| suite.name).collect();
+    known.push(vm::SYSTEMD);
+    if let Some(unknown) = guests.iter().find(|name| !known.contains(&name.as_str())) {
+        anyhow::bail!("no guest {unknown:?}; the guests are {}", known.join(", "));
     }
-    let chosen: Vec<&str> = if kernels.is_empty() {
+    let chosen: Vec<&str> = if guests.is_empty() {
         known
     } else {
-        kernels.iter().map(String::as_str).collect()
+        guests.iter().map(String::as_str).collect()
     };
     vm::run(&chosen)
 }
@@ -228,6 +227,8 @@ fn test() -> anyhow::Result<()> {
         "package",
         package::run().and_then(|deb| package::lint(&deb)),
     ));
+    // The DaemonSet passes Kubernetes' schemas.
+    outcomes.push(("package (DaemonSet schema)", package::validate_manifest()));
     for (name, outcome) in outcomes {
         match outcome {
             Ok(()) => passed += 1,

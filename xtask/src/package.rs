@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use crate::util::{self, workspace_root};
 
 /// The package's version: the workspace's.
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAINTAINER: &str = "filter-agent developers <filter-agent@example.invalid>";
 const DESCRIPTION: &str = "stateless XDP packet filter and ephemeral-port guard
  filter-agent enforces an ordered allow/deny list in XDP, before conntrack,
@@ -27,6 +27,11 @@ const DESCRIPTION: &str = "stateless XDP packet filter and ephemeral-port guard
 
 /// Builds the package; returns its path.
 pub fn run() -> anyhow::Result<PathBuf> {
+    build(VERSION)
+}
+
+/// Builds the package with `version` (a later one to test upgrades).
+pub fn build(version: &str) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     util::cargo(&[
         "build",
@@ -48,14 +53,14 @@ pub fn run() -> anyhow::Result<PathBuf> {
         "--",
         out,
     ])?;
-    let stage = root.join(format!("target/debian/filter-agent_{VERSION}_amd64"));
+    let stage = root.join(format!("target/debian/filter-agent_{version}_amd64"));
     let _ = fs::remove_dir_all(&stage);
     let binary = stage.join("usr/sbin/filter-agent");
     install(&root.join("target/release/filter-agent"), &binary, 0o755)?;
     util::run(Command::new("strip").arg("--strip-unneeded").arg(&binary))?;
-    stage_files(&root, &stage, &generated)?;
-    write_control(&stage, &binary)?;
-    let deb = root.join(format!("target/debian/filter-agent_{VERSION}_amd64.deb"));
+    stage_files(&root, &stage, &generated, version)?;
+    write_control(&stage, &binary, version)?;
+    let deb = root.join(format!("target/debian/filter-agent_{version}_amd64.deb"));
     util::run(
         Command::new("dpkg-deb")
             .args(["--root-owner-group", "-Zxz", "--build"])
@@ -75,8 +80,23 @@ pub fn lint(deb: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// Checks the DaemonSet manifest against Kubernetes' own schemas (strict:
+/// an unknown field fails), for an older and the newest supported release.
+pub fn validate_manifest() -> anyhow::Result<()> {
+    let manifest = workspace_root().join("packaging/kubernetes/filter-agent.yaml");
+    for version in ["1.28.0", "1.37.0"] {
+        util::run(
+            Command::new(crate::setup::kubernetes_validate().join("bin/kubernetes-validate"))
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&manifest),
+        )
+        .with_context(|| format!("the DaemonSet manifest against Kubernetes {version}"))?;
+    }
+    Ok(())
+}
+
 /// Everything but the binary and the control files.
-fn stage_files(root: &Path, stage: &Path, generated: &Path) -> anyhow::Result<()> {
+fn stage_files(root: &Path, stage: &Path, generated: &Path, version: &str) -> anyhow::Result<()> {
     let packaging = root.join("packaging");
     let debian = packaging.join("debian");
     let files = [
@@ -126,7 +146,7 @@ fn stage_files(root: &Path, stage: &Path, generated: &Path) -> anyhow::Result<()
     fs::write(
         &changelog,
         format!(
-            "filter-agent ({VERSION}) unstable; urgency=medium\n\n  * Built by cargo xtask package.\n\n -- {MAINTAINER}  Wed, 02 Dec 2026 00:00:00 +0000\n"
+            "filter-agent ({version}) unstable; urgency=medium\n\n  * Built by cargo xtask package.\n\n -- {MAINTAINER}  Wed, 02 Dec 2026 00:00:00 +0000\n"
         ),
     )?;
     util::run(Command::new("gzip").args(["-9n"]).arg(&changelog))?;
@@ -141,11 +161,11 @@ fn stage_files(root: &Path, stage: &Path, generated: &Path) -> anyhow::Result<()
 }
 
 /// `DEBIAN/control` (with the libc the binary needs) and `conffiles`.
-fn write_control(stage: &Path, binary: &Path) -> anyhow::Result<()> {
+fn write_control(stage: &Path, binary: &Path, version: &str) -> anyhow::Result<()> {
     let installed_kib = du_kib(stage)?;
     let glibc = glibc_needed(binary)?;
     let control = format!(
-        "Package: filter-agent\nVersion: {VERSION}\nArchitecture: amd64\nMaintainer: {MAINTAINER}\n\
+        "Package: filter-agent\nVersion: {version}\nArchitecture: amd64\nMaintainer: {MAINTAINER}\n\
          Installed-Size: {installed_kib}\nDepends: libc6 (>= {glibc}), libgcc-s1, init-system-helpers (>= 1.54~)\n\
          Section: net\nPriority: optional\nHomepage: https://example.invalid/filter-agent\n\
          Description: {DESCRIPTION}\n"

@@ -35,6 +35,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // `cargo xtask vm-test`: the emulator and the guest's userland.
     "qemu-system-x86",
     "busybox-static",
+    // ... and the Debian 12 system of its systemd guest (mke2fs is in
+    // e2fsprogs, part of every Debian).
+    "mmdebstrap",
+    // The DaemonSet's schema check runs in a venv (setup installs it).
+    "python3-venv",
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";
@@ -54,7 +59,43 @@ pub fn run() -> anyhow::Result<()> {
     ensure_bpf_linker(&sysroot)?;
     ensure_bpffs()?;
     ensure_packages()?;
+    ensure_kubernetes_validate()?;
     Ok(())
+}
+
+/// The DaemonSet's schema check (Kubernetes' own JSON schemas, bundled):
+/// no Debian package has them, PyPI does.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Where [`KUBERNETES_VALIDATE`] is installed: its own venv under target/.
+pub fn kubernetes_validate() -> PathBuf {
+    crate::util::workspace_root().join("target/tools/kubernetes-validate-1.37.0")
+}
+
+fn ensure_kubernetes_validate() -> anyhow::Result<()> {
+    let venv = kubernetes_validate();
+    if venv.join("bin/kubernetes-validate").exists() {
+        println!("setup: {KUBERNETES_VALIDATE} ok");
+        return Ok(());
+    }
+    println!(
+        "setup: installing {KUBERNETES_VALIDATE} (PyPI) in {}",
+        venv.display()
+    );
+    let _ = fs::remove_dir_all(&venv);
+    // Debian's python3 (python3-venv), whatever else is first on PATH.
+    run_command(
+        Command::new("/usr/bin/python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv),
+    )?;
+    run_command(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(KUBERNETES_VALIDATE),
+    )
+    .context("installing kubernetes-validate from PyPI")
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {

@@ -93,9 +93,7 @@ impl Agent {
         let mut audits = interval(AUDIT_EVERY);
         audits.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut watchdog = Watchdog::new();
-        let names: Vec<&str> = self.interfaces.iter().map(|i| i.name.as_str()).collect();
-        let ready = format!("filtering {}", names.join(", "));
-        notify(&[NotifyState::Ready, NotifyState::Status(&ready)]);
+        notify(&[NotifyState::Ready, NotifyState::Status(&self.filtering())]);
         let metrics = self.metrics;
         info!(%metrics, "ready: serving metrics at /metrics, watching the rules file, events for `filter-agent watch`");
         let mut again = false;
@@ -174,6 +172,12 @@ impl Agent {
         }
     }
 
+    /// The unit's status text: what is being filtered.
+    fn filtering(&self) -> String {
+        let names: Vec<&str> = self.interfaces.iter().map(|i| i.name.as_str()).collect();
+        format!("filtering {}", names.join(", "))
+    }
+
     /// Reloads the rules; `None` when a signal stopped the agent meanwhile,
     /// else whether the rules file changed again during the reload.
     async fn on_reload(
@@ -240,13 +244,19 @@ impl Agent {
             Ok(count) => count,
             Err(err) => {
                 lock(&self.status).reloads_failed += 1;
+                let err = format!("{err:#}");
                 error!(
                     trigger,
-                    "reload rejected, the previous rules stay in force: {err:#}"
+                    "reload rejected, the previous rules stay in force: {err}"
                 );
+                // Until the next good reload, `systemctl status` says so.
+                let why = err.lines().next().unwrap_or_default();
+                let status = format!("{}; reload rejected: {why}", self.filtering());
+                notify(&[NotifyState::Status(&status)]);
                 return false;
             }
         };
+        notify(&[NotifyState::Status(&self.filtering())]);
         {
             let mut status = lock(&self.status);
             status.reloads_succeeded += 1;

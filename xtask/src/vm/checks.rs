@@ -20,7 +20,8 @@ const START: &str = "filter-agent --iface eth0 --iface fa0 --rules /vm/rules.tom
 const AGENT_LOG: &str = "/tmp/agent.log";
 const RESTART_LOG: &str = "/tmp/agent-2.log";
 const WAIT: Duration = Duration::from_secs(30);
-const GUEST_BODY: &str = "hello from the guest";
+/// What the guest's web servers answer.
+pub(super) const GUEST_BODY: &str = "hello from the guest";
 
 /// Runs every check in `vm`, recording one line each in `report`.
 pub fn run(vm: &mut Vm, report: &mut Report) {
@@ -262,7 +263,7 @@ fn guard_report(vm: &mut Vm) -> anyhow::Result<Value> {
 }
 
 /// The one interface's document of a `--json` listing.
-fn json_document(text: &str) -> anyhow::Result<Value> {
+pub(super) fn json_document(text: &str) -> anyhow::Result<Value> {
     let value: Value = serde_json::from_str(text)?;
     Ok(match value {
         Value::Array(mut documents) if documents.len() == 1 => documents.remove(0),
@@ -324,7 +325,8 @@ fn audit(vm: &mut Vm) -> anyhow::Result<String> {
     Ok(flagged.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
-fn reloads(vm: &mut Vm, result: &str) -> anyhow::Result<f64> {
+/// The agent's `filter_agent_reloads_total` of `result`.
+pub(super) fn reloads(vm: &mut Vm, result: &str) -> anyhow::Result<f64> {
     let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
     Ok(metric(
         &metrics,
@@ -511,19 +513,25 @@ fn same_state(vm: &mut Vm, baseline: &str, when: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn peer_get(vm: &mut Vm, port: u16) -> anyhow::Result<bool> {
+/// An HTTP request from the `peer` namespace to 10.9.0.1 (over veth).
+pub(super) fn peer_get(vm: &mut Vm, port: u16) -> anyhow::Result<bool> {
     let answer = vm.run(&format!("get_in peer 10.9.0.1 {port}"))?;
     Ok(answer.rc == 0 && answer.output.contains(GUEST_BODY))
 }
 
 /// An HTTP request from the host through a 127.0.0.1 forward.
-fn host_get(port: u16) -> bool {
-    let Ok(mut stream) =
-        TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), Duration::from_secs(5))
+pub(super) fn host_get(port: u16) -> bool {
+    http_get(port, Duration::from_secs(8))
+}
+
+/// Whether the guest answers an HTTP request on the forward `port` within
+/// about `timeout` (connecting, then reading).
+pub(super) fn http_get(port: u16, timeout: Duration) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), timeout)
     else {
         return false;
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(8)));
+    let _ = stream.set_read_timeout(Some(timeout));
     if stream.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
         return false;
     }

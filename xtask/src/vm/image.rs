@@ -12,7 +12,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::kernels::Kernel;
 use crate::util::output;
 
 /// Host programs the checks run in the guest (with their libraries).
@@ -58,6 +57,19 @@ pub struct Archive {
 }
 
 impl Archive {
+    /// An archive with the console device and static busybox, the base of
+    /// every initramfs here.
+    pub fn with_busybox() -> anyhow::Result<Self> {
+        let mut archive = Self::default();
+        archive.char_device("dev/console", 5, 1);
+        archive.file(
+            BUSYBOX,
+            0o755,
+            &fs::read(BUSYBOX).context("busybox-static is not installed")?,
+        );
+        Ok(archive)
+    }
+
     fn entry(&mut self, path: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
         self.inode += 1;
         let name_size = path.len() + 1;
@@ -134,13 +146,7 @@ impl Archive {
 
 /// Everything but the kernel's modules: the same for every kernel.
 pub fn userland(agent: &Path, refused: &[u8], work: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut archive = Archive::default();
-    archive.char_device("dev/console", 5, 1);
-    archive.file(
-        BUSYBOX,
-        0o755,
-        &fs::read(BUSYBOX).context("busybox-static is not installed")?,
-    );
+    let mut archive = Archive::with_busybox()?;
     let stripped = work.join("filter-agent");
     let status = Command::new("strip")
         .arg("--strip-debug")
@@ -175,12 +181,12 @@ pub fn userland(agent: &Path, refused: &[u8], work: &Path) -> anyhow::Result<Vec
     Ok(archive.finish())
 }
 
-/// The kernel's modules and their load order, as a second archive (the
-/// kernel unpacks concatenated archives one after the other).
-pub fn modules(kernel: &Kernel) -> Vec<u8> {
+/// Kernel modules and their load order, as a second archive (the kernel
+/// unpacks concatenated archives one after the other).
+pub fn modules(modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut archive = Archive::default();
     let mut order = String::new();
-    for (name, bytes) in &kernel.modules {
+    for (name, bytes) in modules {
         archive.file(&format!("lib/modules/{name}"), 0o644, bytes);
         order.push_str(name);
         order.push('\n');

@@ -20,15 +20,18 @@ pub struct Suite {
     pub debian: &'static str,
 }
 
+/// Debian 12, whose kernel the systemd guest boots.
+pub const BOOKWORM: Suite = Suite {
+    name: "bookworm",
+    debian: "Debian 12",
+};
+
 pub const SUITES: [Suite; 3] = [
     Suite {
         name: "bullseye",
         debian: "Debian 11",
     },
-    Suite {
-        name: "bookworm",
-        debian: "Debian 12",
-    },
+    BOOKWORM,
     Suite {
         name: "trixie",
         debian: "Debian 13",
@@ -38,7 +41,7 @@ pub const SUITES: [Suite; 3] = [
 /// Modules the checks need (their dependencies are found by themselves):
 /// the NIC, veth and dummy links, clsact and the tc filters of the tests,
 /// and nftables NAT for the egress guard's post-NAT check.
-const MODULES: &[&str] = &[
+pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_net",
     "veth",
@@ -57,9 +60,17 @@ pub struct Kernel {
     /// `uname -r` inside the VM, e.g. `6.1.0-50-amd64`.
     pub release: String,
     pub vmlinuz: PathBuf,
-    /// The modules of [`MODULES`] and their dependencies, dependencies
-    /// first, uncompressed (busybox's insmod reads plain ELF).
-    pub modules: Vec<(String, Vec<u8>)>,
+    /// `.../modules/RELEASE` in the unpacked package.
+    pub modules_dir: PathBuf,
+}
+
+impl Kernel {
+    /// The modules `names` and their dependencies, dependencies first,
+    /// uncompressed (busybox's insmod reads plain ELF).
+    pub fn modules(&self, names: &[&str]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        resolve_modules(&self.modules_dir, names)
+            .with_context(|| format!("modules of {}", self.release))
+    }
 }
 
 pub fn fetch(suite: Suite, target: &Path) -> anyhow::Result<Kernel> {
@@ -70,12 +81,11 @@ pub fn fetch(suite: Suite, target: &Path) -> anyhow::Result<Kernel> {
     }
     let release = fs::read_to_string(&done)?.trim().to_owned();
     let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
-    let modules = resolve_modules(&modules_dir(&root, &release)?)
-        .with_context(|| format!("modules of {release}"))?;
+    let modules_dir = modules_dir(&root, &release)?;
     Ok(Kernel {
         release,
         vmlinuz,
-        modules,
+        modules_dir,
     })
 }
 
@@ -152,10 +162,10 @@ fn modules_dir(root: &Path, release: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no modules directory for {release} in {}", root.display()))
 }
 
-/// Finds [`MODULES`] and everything they depend on (their `depends=`
+/// Finds `names` and everything they depend on (their `depends=`
 /// modinfo), in load order. A name that is built into the kernel needs no
 /// file.
-fn resolve_modules(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+fn resolve_modules(dir: &Path, names: &[&str]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let mut files = HashMap::new();
     index(&dir.join("kernel"), &mut files)?;
     let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
@@ -166,7 +176,7 @@ fn resolve_modules(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         .collect();
     let mut ordered = Vec::new();
     let mut seen = BTreeSet::new();
-    for name in MODULES {
+    for name in names {
         visit(name, &files, &builtin, &mut seen, &mut ordered)?;
     }
     Ok(ordered)
@@ -190,9 +200,14 @@ fn visit(
         bail!("no module {name}, and it is not built in");
     };
     let bytes = read_module(path)?;
-    // Soft dependencies name crypto algorithms (`crc32c`), which the
-    // `_generic` modules implement; one that is not found stays soft.
+    // Soft dependencies name crypto algorithms (`crc32c`, or by alias
+    // `crypto-crc32c`), which the `_generic` modules implement; one that is
+    // not found stays soft.
     for soft in soft_pre_dependencies(&bytes) {
+        let soft = soft
+            .strip_prefix("crypto-")
+            .unwrap_or(&soft)
+            .replace('-', "_");
         let generic = format!("{soft}_generic");
         if let Some(name) = [soft.as_str(), generic.as_str()]
             .into_iter()

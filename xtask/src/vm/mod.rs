@@ -1,24 +1,33 @@
 //! `cargo xtask vm-test`: boots Debian's stock kernels (11, 12 and 13) in
 //! qemu and runs the agent inside each, as a user would, on a virtio NIC
-//! and on veth in namespaces. One line per check and kernel, then
+//! and on veth in namespaces; then a whole Debian 12 with systemd as PID 1
+//! that installs the Debian package. One line per check and guest, then
 //! `N passed, N failed`.
 
 mod checks;
+mod debian;
 mod image;
 mod kernels;
 mod qemu;
+mod systemd;
 
 use std::{fs, path::Path, time::Instant};
 
 use anyhow::Context as _;
 
-use crate::util::{cargo, workspace_root};
+use crate::{
+    package,
+    util::{cargo, workspace_root},
+};
 
 pub use kernels::SUITES;
 
-/// Runs the checks on every kernel of `suites`; returns how many passed
-/// and failed.
-pub fn run(suites: &[&str]) -> anyhow::Result<(u32, u32)> {
+/// The guest with systemd as PID 1 (next to the kernels' [`SUITES`]).
+pub const SYSTEMD: &str = "systemd";
+
+/// Runs the checks in every guest of `guests` (kernel suites and
+/// [`SYSTEMD`]); returns how many passed and failed.
+pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     let started = Instant::now();
     let target = workspace_root().join("target/vm");
     fs::create_dir_all(&target)?;
@@ -27,19 +36,23 @@ pub fn run(suites: &[&str]) -> anyhow::Result<(u32, u32)> {
     let refused = refused_object()?;
     let userland = image::userland(&agent, &refused, &target)?;
     let mut report = Report::default();
-    for suite in SUITES.iter().filter(|suite| suites.contains(&suite.name)) {
+    for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
         let kernel = kernels::fetch(*suite, &target)?;
         report.kernel = format!("{} {}", suite.debian, kernel.release);
         let work = target.join(suite.name);
         fs::create_dir_all(&work)?;
         let initrd = work.join("initrd.cpio");
         let mut bytes = userland.clone();
-        bytes.extend(image::modules(&kernel));
+        bytes.extend(image::modules(&kernel.modules(kernels::MODULES)?));
         fs::write(&initrd, bytes)?;
-        // An emulated boot now and then dies in the guest's clock code:
-        // one retry before calling it a failure.
-        let booted = qemu::Vm::boot(&kernel.vmlinuz, &initrd, &work)
-            .or_else(|_| qemu::Vm::boot(&kernel.vmlinuz, &initrd, &work));
+        let machine = qemu::Machine {
+            vmlinuz: &kernel.vmlinuz,
+            initrd: &initrd,
+            append: "",
+            disk: None,
+            reboot: false,
+        };
+        let booted = qemu::Vm::boot_with_retry(&machine, &work);
         let mut vm = match booted {
             Ok(vm) => vm,
             Err(err) => {
@@ -57,14 +70,55 @@ pub fn run(suites: &[&str]) -> anyhow::Result<(u32, u32)> {
         report.record("boot", uname);
         checks::run(&mut vm, &mut report);
     }
+    if guests.contains(&SYSTEMD) {
+        report.kernel = "Debian 12, systemd".into();
+        systemd_guest(&target, &refused, &mut report);
+    }
     println!(
-        "vm-test: {} kernels in {:.0} s: {} passed, {} failed",
-        suites.len(),
+        "vm-test: {} guests in {:.0} s: {} passed, {} failed",
+        guests.len(),
         started.elapsed().as_secs_f64(),
         report.passed,
         report.failed
     );
     Ok((report.passed, report.failed))
+}
+
+/// Debian 12 from its packages, booted from a disk with systemd as PID 1,
+/// installing this build's Debian package (and a later version of it).
+fn systemd_guest(target: &Path, refused: &[u8], report: &mut Report) {
+    let work = target.join("debian12");
+    let booted = (|| {
+        let current = package::run()?;
+        let upgrade = package::build(&format!("{}+upgrade", package::VERSION))?;
+        let kernel = kernels::fetch(kernels::BOOKWORM, target)?;
+        let system = debian::prepare(&kernel, &[current.clone(), upgrade.clone()], refused, &work)?;
+        let machine = qemu::Machine {
+            vmlinuz: &kernel.vmlinuz,
+            initrd: &system.initrd,
+            append: "",
+            disk: Some(&system.disk),
+            reboot: true,
+        };
+        let vm = qemu::Vm::boot_with_retry(&machine, &work)?;
+        let name = |deb: &Path| {
+            deb.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        };
+        let packages = systemd::Packages {
+            current: name(&current).unwrap_or_default(),
+            upgrade: name(&upgrade).unwrap_or_default(),
+        };
+        anyhow::Ok((vm, packages))
+    })();
+    match booted {
+        Ok((mut vm, packages)) => systemd::run(&mut vm, &packages, report),
+        Err(err) => {
+            report.record("build, install and boot the image", Err(err));
+        }
+    }
+    // The disk is this run's copy of the cached image.
+    let _ = fs::remove_file(work.join("disk.img"));
 }
 
 /// One line per check, printed as it completes.

@@ -48,8 +48,20 @@ pub struct Answer {
     pub output: String,
 }
 
+/// What qemu boots.
+pub struct Machine<'a> {
+    pub vmlinuz: &'a Path,
+    pub initrd: &'a Path,
+    /// The kernel's command line after `console=ttyS0 panic=-1 quiet`.
+    pub append: &'a str,
+    /// A raw disk image, the guest's `/dev/vda`.
+    pub disk: Option<&'a Path>,
+    /// Whether a reboot in the guest boots again (else qemu exits).
+    pub reboot: bool,
+}
+
 impl Vm {
-    pub fn boot(vmlinuz: &Path, initrd: &Path, work: &Path) -> anyhow::Result<Self> {
+    pub fn boot(machine: &Machine, work: &Path) -> anyhow::Result<Self> {
         let started = Instant::now();
         let console = work.join("console.log");
         let socket = work.join("control.sock");
@@ -63,21 +75,26 @@ impl Vm {
             "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:{},hostfwd=tcp:127.0.0.1:{}-:{}",
             forwards[0], FORWARDED[0], forwards[1], FORWARDED[1]
         );
-        let qemu = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "1024"])
-            .args([
-                "-accel",
-                "tcg",
-                "-nographic",
-                "-no-reboot",
-                "-monitor",
-                "none",
-            ])
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "1024"])
+            .args(["-accel", "tcg", "-nographic", "-monitor", "none"]);
+        if !machine.reboot {
+            qemu.arg("-no-reboot");
+        }
+        if let Some(disk) = machine.disk {
+            // The disk is a throwaway copy: no need to flush it.
+            qemu.arg("-drive").arg(format!(
+                "file={},if=virtio,format=raw,cache=unsafe",
+                disk.display()
+            ));
+        }
+        let qemu = qemu
             .arg("-kernel")
-            .arg(vmlinuz)
+            .arg(machine.vmlinuz)
             .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .arg(machine.initrd)
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.append))
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
             .arg("-chardev")
             .arg(format!("file,id=console,path={}", console.display()))
@@ -102,18 +119,41 @@ impl Vm {
             forwards,
             boot_seconds: 0.0,
         };
-        // The whole line, so that none of it is left for the first answer.
-        vm.read_until(BOOT_DEADLINE, |text| {
+        vm.wait_ready()?;
+        vm.boot_seconds = started.elapsed().as_secs_f64();
+        Ok(vm)
+    }
+
+    /// [`Vm::boot`], once more if it fails: an emulated boot now and then
+    /// dies in the guest's clock code.
+    pub fn boot_with_retry(machine: &Machine, work: &Path) -> anyhow::Result<Self> {
+        Self::boot(machine, work).or_else(|_| Self::boot(machine, work))
+    }
+
+    /// Waits for the guest's `vm: ready` line (the whole line, so that
+    /// none of it is left for the first answer).
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        self.read_until(BOOT_DEADLINE, |text| {
             text[text.find(READY)?..].contains('\n').then_some(())
         })
         .with_context(|| {
             format!(
                 "the guest never said `{READY}`; console:\n{}",
-                tail(&vm.console)
+                tail(&self.console)
             )
-        })?;
-        vm.boot_seconds = started.elapsed().as_secs_f64();
-        Ok(vm)
+        })
+    }
+
+    /// Reboots the guest with `systemctl reboot` and waits until it reads
+    /// commands again; returns the seconds that took.
+    pub fn reboot(&mut self) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        // No answer to wait for: the command channel goes down with the
+        // system, and what it said before is skipped up to `ready`.
+        let line = BASE64_STANDARD.encode("systemctl reboot");
+        self.control.write_all(format!("{line}\n").as_bytes())?;
+        self.wait_ready()?;
+        Ok(started.elapsed().as_secs_f64())
     }
 
     /// Runs `script` with the guest's `sh` and returns its output and status.

@@ -1,0 +1,210 @@
+//! The Debian 12 system of `vm-test`'s systemd checks: minbase plus
+//! systemd, udev, kmod, iproute2, busybox and bpftool from Debian's
+//! packages (mmdebstrap), cached under `target/vm/debian12/rootfs`. Each
+//! run stages the guest's files and the packages to install in it, writes
+//! the tree to an ext4 disk image (`mke2fs -d`: no loop device, no mount)
+//! and boots the stock kernel with a small busybox initramfs that mounts
+//! the disk and hands over to systemd.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+
+use super::{image, kernels::Kernel};
+use crate::util::run;
+
+/// How the image is made; changing it (or [`MASKED`]) makes a new one.
+const MMDEBSTRAP: &[&str] = &[
+    "--quiet",
+    "--variant=minbase",
+    "--mode=root",
+    "--format=directory",
+    "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool",
+    "bookworm",
+];
+const MIRROR: &str = "http://deb.debian.org/debian";
+/// Units of the image that only cost boot time in a throwaway VM.
+const MASKED: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "e2scrub_reap.service",
+];
+/// The units the checks need, enabled in the image.
+const ENABLED: &[&str] = &[
+    "systemd-networkd.service",
+    "vm-control.service",
+    "vm-www@8080.service",
+    "vm-www@9000.service",
+];
+/// The modules the initramfs loads to mount the disk; the rest come from
+/// the disk, loaded by udev and the kernel as Debian loads them.
+const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
+/// The disk's size: sparse, a few hundred MiB of it used.
+const DISK_BYTES: u64 = 2 << 30;
+
+/// The guest's files: (path in the image, contents, mode).
+const GUEST_FILES: &[(&str, &str, u32)] = &[
+    (
+        "vm/control.sh",
+        include_str!("guest/systemd/control.sh"),
+        0o755,
+    ),
+    ("vm/serve.sh", include_str!("guest/serve.sh"), 0o755),
+    (
+        "vm/prelude.sh",
+        include_str!("guest/systemd/prelude.sh"),
+        0o644,
+    ),
+    ("vm/veth.sh", include_str!("guest/systemd/veth.sh"), 0o755),
+    (
+        "vm/rules.toml",
+        include_str!("../../../examples/rules.toml"),
+        0o644,
+    ),
+    (
+        "vm/rules-9000.toml",
+        include_str!("guest/rules-9000.toml"),
+        0o644,
+    ),
+    (
+        "vm/rules-bad.toml",
+        include_str!("guest/rules-bad.toml"),
+        0o644,
+    ),
+    (
+        "etc/systemd/system/vm-control.service",
+        include_str!("guest/systemd/vm-control.service"),
+        0o644,
+    ),
+    (
+        "etc/systemd/system/vm-www@.service",
+        include_str!("guest/systemd/vm-www@.service"),
+        0o644,
+    ),
+    (
+        "etc/systemd/network/10-nic.network",
+        include_str!("guest/systemd/10-nic.network"),
+        0o644,
+    ),
+    ("www/index.html", "hello from the guest\n", 0o644),
+    ("etc/hostname", "vm\n", 0o644),
+];
+
+/// A bootable system: the kernel, its initramfs and the disk.
+pub struct System {
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+}
+
+/// Builds (or reuses) the image and writes this run's disk with `debs`
+/// under `/root/debs` and `refused` as `/vm/refused.o`.
+pub fn prepare(
+    kernel: &Kernel,
+    debs: &[PathBuf],
+    refused: &[u8],
+    work: &Path,
+) -> anyhow::Result<System> {
+    let rootfs = work.join("rootfs");
+    let recipe = format!("{MMDEBSTRAP:?}\n{MASKED:?}\n");
+    let stamp = rootfs.join(".xtask-recipe");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(recipe.as_str()) {
+        bootstrap(&rootfs)?;
+        fs::write(&stamp, &recipe)?;
+    }
+    stage(&rootfs, kernel, debs, refused)?;
+    let disk = work.join("disk.img");
+    let _ = fs::remove_file(&disk);
+    fs::File::create(&disk)?.set_len(DISK_BYTES)?;
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-L", "root", "-d"])
+        .arg(&rootfs)
+        .arg(&disk))
+    .context("writing the image to an ext4 disk")?;
+    let initrd = work.join("initrd.cpio");
+    fs::write(&initrd, initramfs(kernel)?)?;
+    Ok(System { initrd, disk })
+}
+
+/// mmdebstrap into a fresh directory, then in place of the old image.
+fn bootstrap(rootfs: &Path) -> anyhow::Result<()> {
+    println!("vm-test: building the Debian 12 image (mmdebstrap, about a minute)");
+    let fresh = rootfs.with_file_name("rootfs-new");
+    let _ = fs::remove_dir_all(&fresh);
+    fs::create_dir_all(&fresh)?;
+    run(Command::new("mmdebstrap")
+        .args(MMDEBSTRAP)
+        .arg(&fresh)
+        .arg(MIRROR))
+    .context("mmdebstrap of Debian 12 (bookworm)")?;
+    let _ = fs::remove_dir_all(rootfs);
+    fs::rename(&fresh, rootfs)?;
+    chroot(rootfs, &[&["systemctl", "mask"], MASKED].concat())?;
+    Ok(())
+}
+
+/// This run's files: the guest's, the packages, the kernel's modules.
+fn stage(rootfs: &Path, kernel: &Kernel, debs: &[PathBuf], refused: &[u8]) -> anyhow::Result<()> {
+    for (path, text, mode) in GUEST_FILES {
+        write(&rootfs.join(path), text.as_bytes(), *mode)?;
+    }
+    write(&rootfs.join("vm/refused.o"), refused, 0o644)?;
+    let staged = rootfs.join("root/debs");
+    let _ = fs::remove_dir_all(&staged);
+    for deb in debs {
+        let name = deb.file_name().context("a package without a file name")?;
+        write(&staged.join(name), &fs::read(deb)?, 0o644)?;
+    }
+    // The modules the checks need, where modprobe finds them (depmod's
+    // index), with the kernel's list of what is built in.
+    let modules = rootfs.join("usr/lib/modules").join(&kernel.release);
+    let _ = fs::remove_dir_all(&modules);
+    let mut wanted = BOOT_MODULES.to_vec();
+    wanted.extend_from_slice(super::kernels::MODULES);
+    for (name, bytes) in kernel.modules(&wanted)? {
+        write(&modules.join("kernel").join(name), &bytes, 0o644)?;
+    }
+    for index in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
+        let from = kernel.modules_dir.join(index);
+        if from.exists() {
+            fs::copy(&from, modules.join(index))?;
+        }
+    }
+    chroot(rootfs, &["depmod", &kernel.release])?;
+    chroot(
+        rootfs,
+        &[&["systemctl", "enable", "--quiet"], ENABLED].concat(),
+    )
+}
+
+/// Busybox, the disk's modules and an init that switches to the disk.
+fn initramfs(kernel: &Kernel) -> anyhow::Result<Vec<u8>> {
+    let mut archive = image::Archive::with_busybox()?;
+    archive.file("init", 0o755, include_bytes!("guest/systemd/init"));
+    let mut bytes = archive.finish();
+    bytes.extend(image::modules(&kernel.modules(BOOT_MODULES)?));
+    Ok(bytes)
+}
+
+fn chroot(rootfs: &Path, command: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("chroot").arg(rootfs).args(command))
+        .with_context(|| format!("`{}` in the image", command.join(" ")))
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    fs::create_dir_all(path.parent().context("a path without a parent")?)?;
+    fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}

@@ -211,41 +211,46 @@ fn veth_traffic(vm: &mut Vm) -> anyhow::Result<String> {
 fn counters(vm: &mut Vm) -> anyhow::Result<String> {
     let mut seen = Vec::new();
     for iface in ["eth0", "fa0"] {
-        let document =
-            json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
-        let web = document["rules"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|rule| rule["rule"] == "web")
-            .and_then(|rule| rule["packets"].as_u64())
-            .unwrap_or(0);
-        let denied = document["reasons"]["default_deny"]["packets"]
-            .as_u64()
-            .unwrap_or(0);
-        ensure!(
-            web > 0 && denied > 0,
-            "stats for {iface}: web {web}, default_deny {denied}"
-        );
-        let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
-        let web_metric = metric(
-            &metrics,
-            "filter_agent_rule_packets_total",
-            &[("iface", iface), ("rule", "web")],
-        );
-        let deny_metric = metric(
-            &metrics,
-            "filter_agent_packets_total",
-            &[("iface", iface), ("reason", "default_deny")],
-        );
-        ensure!(
-            web_metric.is_some_and(|value| value > 0.0)
-                && deny_metric.is_some_and(|value| value > 0.0),
-            "/metrics for {iface}: web {web_metric:?}, default_deny {deny_metric:?}"
-        );
+        let (web, denied) = counted(vm, iface)?;
         seen.push(format!("{iface} web {web} deny {denied}"));
     }
     Ok(seen.join(", "))
+}
+
+/// Checks that `filter-agent stats` and `/metrics` count the `web` rule
+/// and default denials on `iface`; returns both packet counts.
+pub(super) fn counted(vm: &mut Vm, iface: &str) -> anyhow::Result<(u64, u64)> {
+    let document = json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
+    let web = document["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|rule| rule["rule"] == "web")
+        .and_then(|rule| rule["packets"].as_u64())
+        .unwrap_or(0);
+    let denied = document["reasons"]["default_deny"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        web > 0 && denied > 0,
+        "stats for {iface}: web {web}, default_deny {denied}"
+    );
+    let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
+    let web_metric = metric(
+        &metrics,
+        "filter_agent_rule_packets_total",
+        &[("iface", iface), ("rule", "web")],
+    );
+    let deny_metric = metric(
+        &metrics,
+        "filter_agent_packets_total",
+        &[("iface", iface), ("reason", "default_deny")],
+    );
+    ensure!(
+        web_metric.is_some_and(|value| value > 0.0) && deny_metric.is_some_and(|value| value > 0.0),
+        "/metrics for {iface}: web {web_metric:?}, default_deny {deny_metric:?}"
+    );
+    Ok((web, denied))
 }
 
 fn watch(vm: &mut Vm) -> anyhow::Result<String> {

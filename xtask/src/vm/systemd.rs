@@ -19,13 +19,12 @@ use anyhow::{Context as _, ensure};
 
 use super::{
     Report,
-    checks::{GUEST_BODY, host_get, http_get, json_document, peer_get, reloads},
+    checks::{GUEST_BODY, counted, host_get, http_get, peer_get, reloads},
     qemu::Vm,
 };
 
 const RULES: &str = "/etc/filter-agent/rules.toml";
 const DEFAULTS: &str = "/etc/default/filter-agent";
-const METRICS: &str = "get 127.0.0.1 9469 /metrics";
 const WAIT: Duration = Duration::from_secs(30);
 /// WatchdogSec= (30 s) and RestartSec= (5 s) of the unit, with room.
 const WATCHDOG_WAIT: Duration = Duration::from_secs(90);
@@ -281,36 +280,27 @@ fn nic_traffic(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
         mode.contains("mode=\"native\""),
         "the NIC is not in native XDP: {mode}"
     );
-    Ok(format!("native XDP; {}", counted(vm, nic)?))
+    Ok(format!("native XDP; {}", counted_text(vm, nic)?))
 }
 
-/// Checks that `stats` and `/metrics` count the `web` rule and default
-/// denials on `iface`; says how many.
-fn counted(vm: &mut Vm, iface: &str) -> anyhow::Result<String> {
-    let stats = json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
-    let web = stats["rules"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|rule| rule["rule"] == "web")
-        .and_then(|rule| rule["packets"].as_u64())
-        .unwrap_or(0);
-    let denied = stats["reasons"]["default_deny"]["packets"]
-        .as_u64()
-        .unwrap_or(0);
-    ensure!(
-        web > 0 && denied > 0,
-        "stats for {iface}: web {web}, default_deny {denied}"
-    );
-    let metrics = vm.ok(METRICS)?;
-    let series = format!("filter_agent_packets_total{{iface=\"{iface}\",reason=\"default_deny\"}}");
-    ensure!(
-        metrics.lines().any(|line| line.starts_with(&series)),
-        "/metrics has no {series}"
-    );
+/// What `stats` and `/metrics` counted on `iface` (both must count).
+fn counted_text(vm: &mut Vm, iface: &str) -> anyhow::Result<String> {
+    let (web, denied) = counted(vm, iface)?;
     Ok(format!(
-        "stats: web {web}, default_deny {denied}; /metrics too"
+        "stats and /metrics: web {web}, default_deny {denied}"
     ))
+}
+
+/// Waits until the peer's connections to :9000 are answered (or not).
+fn wait_for_9000(vm: &mut Vm, answered: bool) -> anyhow::Result<()> {
+    let what = if answered { "answered" } else { "denied" };
+    vm.wait_until(
+        &format!("10.9.0.1:9000 {what} from the peer"),
+        WAIT,
+        "get_in peer 10.9.0.1 9000",
+        |answer| answer.output.contains(GUEST_BODY) == answered,
+    )?;
+    Ok(())
 }
 
 fn veth(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
@@ -328,7 +318,7 @@ fn veth(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
     );
     Ok(format!(
         "peer -> fa0 :8080 answered, :9000 not; {}",
-        counted(vm, "fa0")?
+        counted_text(vm, "fa0")?
     ))
 }
 
@@ -344,12 +334,7 @@ fn reload(vm: &mut Vm) -> anyhow::Result<String> {
     let before = reloads(vm, "success")?;
     put_rules(vm, "rules-9000.toml")?;
     vm.ok("systemctl reload filter-agent")?;
-    vm.wait_until(
-        "the reloaded rules answering :9000",
-        WAIT,
-        "get_in peer 10.9.0.1 9000",
-        |answer| answer.output.contains(GUEST_BODY),
-    )?;
+    wait_for_9000(vm, true)?;
     let after = reloads(vm, "success")?;
     ensure!(
         after > before,
@@ -388,12 +373,7 @@ fn bad_reload(vm: &mut Vm) -> anyhow::Result<String> {
     );
     put_rules(vm, "rules.toml")?;
     vm.ok("systemctl reload filter-agent")?;
-    vm.wait_until(
-        "the original rules denying :9000 again",
-        WAIT,
-        "get_in peer 10.9.0.1 9000",
-        |answer| !answer.output.contains(GUEST_BODY),
-    )?;
+    wait_for_9000(vm, false)?;
     let back = show_one(vm, "StatusText")?;
     ensure!(
         !back.contains("rejected"),

@@ -6,6 +6,7 @@
 
 mod chain;
 mod daemon;
+pub mod docker;
 mod netns;
 mod refused;
 pub mod traffic;

@@ -40,6 +40,16 @@ impl Netns {
         Ok(netns)
     }
 
+    /// Names the network namespace of process `pid` (a container's) so
+    /// that it is entered like the others; dropping it removes the name
+    /// only, the namespace lives as long as its processes.
+    pub fn attach(name: &str, pid: &str) -> Result<Self, TestbedError> {
+        ip(&["netns", "attach", name, pid])?;
+        Ok(Self {
+            name: name.to_owned(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -265,7 +275,7 @@ pub(crate) fn ip(args: &[&str]) -> Result<Output, TestbedError> {
 }
 
 /// Runs `command` (described as `description`); fails unless it succeeds.
-fn checked(mut command: Command, description: String) -> Result<Output, TestbedError> {
+pub(crate) fn checked(mut command: Command, description: String) -> Result<Output, TestbedError> {
     let output = command.output().map_err(|source| TestbedError::Spawn {
         command: description.clone(),
         source,

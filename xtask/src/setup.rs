@@ -40,6 +40,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "mmdebstrap",
     // The DaemonSet's schema check runs in a venv (setup installs it).
     "python3-venv",
+    // Docker's own NAT for the docker-nacl incident: testbed runs an engine
+    // of its own in a namespace (no service of the host is started).
+    "docker.io",
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";

@@ -57,7 +57,11 @@ pub struct Finding {
     /// "port_range" or "nat".
     pub kind: &'static str,
     pub problem: String,
+    /// What to do now; for a port range, one command to run as printed.
     pub fix: String,
+    /// How to make the fix outlive a reboot or a new container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
 }
 
 impl Namespace {
@@ -90,26 +94,30 @@ impl Namespace {
         }
     }
 
-    /// The command that sets `range` as this namespace's ephemeral range.
-    fn range_fix(&self, (low, high): (u16, u16)) -> String {
+    /// The command that sets `range` as this namespace's ephemeral range,
+    /// and how to keep it.
+    fn range_fix(&self, (low, high): (u16, u16)) -> (String, Option<String>) {
         let sysctl = format!("sysctl -w net.ipv4.ip_local_port_range=\"{low} {high}\"");
         if self.host {
-            return format!("{sysctl} (and persist it in /etc/sysctl.d/, e.g. 90-ephemeral.conf)");
+            let keep = format!(
+                "net.ipv4.ip_local_port_range = {low} {high} in /etc/sysctl.d/90-ephemeral.conf"
+            );
+            return (sysctl, Some(keep));
         }
         let now = match (self.names.first(), self.pid) {
             (Some(name), _) if !name.starts_with("docker:") => {
                 format!("ip netns exec {name} {sysctl}")
             }
             (_, Some(pid)) => format!("nsenter --target {pid} --net {sysctl}"),
-            _ => sysctl.clone(),
+            _ => sysctl,
         };
-        match &self.container {
-            Some(_) => format!(
-                "{now}; to keep it, start the container with \
-                 docker run --sysctl net.ipv4.ip_local_port_range=\"{low} {high}\" ..."
-            ),
-            None => now,
-        }
+        let keep = self.container.as_ref().map(|_| {
+            format!(
+                "start the container with docker run --sysctl \
+                 net.ipv4.ip_local_port_range=\"{low} {high}\" ..."
+            )
+        });
+        (now, keep)
     }
 }
 
@@ -120,13 +128,15 @@ pub fn findings(ns: &Namespace, range: (u16, u16)) -> Vec<Finding> {
     if let Some((from, to)) = ns.port_range
         && (from < low || to > high)
     {
+        let (fix, keep) = ns.range_fix(range);
         found.push(Finding {
             kind: "port_range",
             problem: format!(
                 "ephemeral ports {from}-{to} are not inside the allowed return range \
                  {low}-{high}: connections from ports outside it will fail at random"
             ),
-            fix: ns.range_fix(range),
+            fix,
+            keep,
         });
     }
     for nat in &ns.nat {
@@ -149,6 +159,7 @@ pub fn findings(ns: &Namespace, range: (u16, u16)) -> Vec<Finding> {
                 "pin the ports: nft `masquerade to :{low}-{high}` / `snat to ADDR:{low}-{high}`, \
                  or iptables `-p tcp ... -j MASQUERADE --to-ports {low}-{high}` (and -p udp)"
             ),
+            keep: None,
         });
     }
     found
@@ -375,12 +386,13 @@ mod tests {
             port_range: Some((1024, 65535)),
             ..Namespace::default()
         };
-        let fix = &findings(&container, (49152, 65535))[0].fix;
-        assert!(
-            fix.starts_with("nsenter --target 4242 --net sysctl -w"),
-            "{fix}"
+        let finding = &findings(&container, (49152, 65535))[0];
+        assert_eq!(
+            finding.fix,
+            "nsenter --target 4242 --net sysctl -w net.ipv4.ip_local_port_range=\"49152 65535\""
         );
-        assert!(fix.contains("docker run --sysctl net.ipv4.ip_local_port_range=\"49152 65535\""));
+        let keep = finding.keep.as_deref().unwrap_or_default();
+        assert!(keep.contains("docker run --sysctl net.ipv4.ip_local_port_range=\"49152 65535\""));
         let host = Namespace {
             host: true,
             port_range: Some((1024, 65535)),

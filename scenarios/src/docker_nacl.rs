@@ -1,13 +1,14 @@
-//! Incident 3 (Docker + AWS Network ACL): a container behind the host's
-//! MASQUERADE, and a stateless ACL upstream that allows only source ports
-//! 49152-65535. NAT keeps the container's port, so connections fail
+//! Incident 3 (Docker + AWS Network ACL): a container on Docker's default
+//! bridge behind Docker's own MASQUERADE (a real engine, testbed's, in the
+//! host's namespace), and a stateless ACL upstream that allows only source
+//! ports 49152-65535. NAT keeps the container's port, so connections fail
 //! whenever the container picks one below 49152; the host itself, whose
 //! range was fixed, is fine.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
 use anyhow::ensure;
-use testbed::{Chain, traffic::Responder};
+use testbed::{Chain, docker::Docker, traffic::Responder};
 
 use crate::{
     Agent, nft,
@@ -20,6 +21,8 @@ const PORT: u16 = 443;
 /// and ports would otherwise collide with its earlier connections in the
 /// NAT table, and MASQUERADE would pick another source port (from 1024 up).
 const HOST_PORT: u16 = 8443;
+/// Docker's default bridge (docker0) in the host's namespace.
+const BRIDGE: &str = "10.213.0.1/24";
 /// What the ACL allows (and the range AWS's guide suggests for Linux).
 const ALLOWED: (u16, u16) = (49152, 65535);
 const CONNECTIONS: usize = 20;
@@ -45,29 +48,25 @@ pub struct Outcome {
 
 pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     step!(
-        "docker-nacl: a container behind the host's MASQUERADE; upstream, a stateless ACL \
+        "docker-nacl: a Docker container behind Docker's own MASQUERADE; upstream, a stateless ACL \
          that allows only source ports {}-{} (and replies to them)",
         ALLOWED.0,
         ALLOWED.1
     );
-    let chain = Chain::create("dkr", &["ctr", "host", "acl", "srv"])?;
-    let (container, host, acl) = (chain.client(), &chain.namespaces[1], &chain.namespaces[2]);
-    let uplink = chain.left_if(1);
-    nft(
-        host,
-        &format!(
-            "table ip fa_docker {{ chain postrouting {{ type nat hook postrouting priority 100;\n\
-             ip saddr 10.210.0.0/24 oifname \"{uplink}\" masquerade\n}}\n}}\n"
-        ),
-    )?;
+    let chain = Chain::create("dkr", &["host", "acl", "srv"])?;
+    let (host, acl) = (chain.client(), &chain.namespaces[1]);
+    let uplink = chain.left_if(0);
+    let docker = Docker::start(host, BRIDGE)?;
+    let container = docker.run("ctr", &[])?;
+    let container = &container.netns;
     nft(
         acl,
         &format!(
             "table ip fa_nacl {{ chain forward {{ type filter hook forward priority 0;\n\
              iifname \"{}\" tcp sport != {lo}-{hi} drop\n\
              iifname \"{}\" tcp dport != {lo}-{hi} drop\n}}\n}}\n",
-            chain.right_if(1),
-            chain.left_if(2),
+            chain.right_if(0),
+            chain.left_if(1),
             lo = ALLOWED.0,
             hi = ALLOWED.1
         ),
@@ -80,8 +79,9 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     let _host_service = Responder::start(chain.server(), HOST_PORT)?;
     let server = SocketAddr::from((chain.server_addr(), PORT));
     say!(
-        "namespaces: container {} (ip_local_port_range {}-{}, the kernel's default), host {} \
-         (range {}-{}, NAT, filter-agent counting on {uplink}), ACL {}, server {}",
+        "namespaces: container {} (Docker's, on docker0 {BRIDGE}; ip_local_port_range {}-{}, \
+         the kernel's default), host {} (range {}-{}, dockerd and its MASQUERADE, filter-agent \
+         counting on {uplink}), ACL {}, server {}",
         container.name(),
         LINUX_DEFAULT.0,
         LINUX_DEFAULT.1,

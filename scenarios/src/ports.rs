@@ -104,7 +104,7 @@ pub fn guard_ports(agent: &Agent, iface: &str, direction: &str) -> anyhow::Resul
 
 /// `filter-agent audit` with the agent's rules: for the namespace named
 /// `name`: its port range ("1024-65000") and the fix the audit gives.
-fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String)> {
+fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String, Option<String>)> {
     let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
     let document = agent.json(&["audit", "--rules", rules])?;
     let namespace = document["namespaces"]
@@ -117,12 +117,14 @@ fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String)> {
                 .is_some_and(|names| names.iter().any(|n| n == name))
         })
         .with_context(|| format!("the audit did not find {name}"))?;
-    let fix = namespace["findings"][0]["fix"]
+    let finding = &namespace["findings"][0];
+    let fix = finding["fix"]
         .as_str()
         .with_context(|| format!("no finding for {name}"))?
         .to_owned();
+    let keep = finding["keep"].as_str().map(str::to_owned);
     let range = &namespace["port_range"];
-    Ok((format!("{}-{}", range[0], range[1]), fix))
+    Ok((format!("{}-{}", range[0], range[1]), fix, keep))
 }
 
 /// Shows what `audit` says about `client`, runs its fix exactly as
@@ -136,12 +138,15 @@ pub fn fix_and_retry(
     range: (u16, u16),
     count: usize,
 ) -> anyhow::Result<(String, Attempts)> {
-    let (found, fix) = audit_fix(agent, client.name())?;
+    let (found, fix, keep) = audit_fix(agent, client.name())?;
     say!(
         "`filter-agent audit`: {} has ip_local_port_range {found}; fix:",
         client.name()
     );
     say!("  {fix}");
+    if let Some(keep) = keep {
+        say!("  and to keep it: {keep}");
+    }
 
     step!("applying the audit's fix as printed");
     let output = Command::new("sh").args(["-c", &fix]).output()?;

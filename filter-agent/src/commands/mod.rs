@@ -207,6 +207,9 @@ pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
         for finding in &ns.findings {
             println!("         problem: {}", finding.problem);
             println!("         fix: {}", finding.fix);
+            if let Some(keep) = &finding.keep {
+                println!("         keep: {keep}");
+            }
         }
     }
     Ok(())

@@ -48,7 +48,6 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
         let machine = qemu::Machine {
             vmlinuz: &kernel.vmlinuz,
             initrd: &initrd,
-            append: "",
             disk: None,
             reboot: false,
         };
@@ -96,7 +95,6 @@ fn systemd_guest(target: &Path, refused: &[u8], report: &mut Report) {
         let machine = qemu::Machine {
             vmlinuz: &kernel.vmlinuz,
             initrd: &system.initrd,
-            append: "",
             disk: Some(&system.disk),
             reboot: true,
         };

@@ -52,8 +52,6 @@ pub struct Answer {
 pub struct Machine<'a> {
     pub vmlinuz: &'a Path,
     pub initrd: &'a Path,
-    /// The kernel's command line after `console=ttyS0 panic=-1 quiet`.
-    pub append: &'a str,
     /// A raw disk image, the guest's `/dev/vda`.
     pub disk: Option<&'a Path>,
     /// Whether a reboot in the guest boots again (else qemu exits).
@@ -93,8 +91,7 @@ impl Vm {
             .arg(machine.vmlinuz)
             .arg("-initrd")
             .arg(machine.initrd)
-            .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 quiet {}", machine.append))
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
             .arg("-chardev")
             .arg(format!("file,id=console,path={}", console.display()))

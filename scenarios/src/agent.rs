@@ -64,6 +64,18 @@ impl Agent {
         json(&self.binary, args)
     }
 
+    /// `filter-agent audit --rules RULES --json` (with Docker's API at
+    /// `docker_host`, if given), parsed.
+    pub fn audit(&self, docker_host: Option<&str>) -> anyhow::Result<Value> {
+        let rules = self.rules.to_str().context("a non-UTF-8 path")?;
+        let mut command = Command::new(&self.binary);
+        command.args(["audit", "--rules", rules]);
+        if let Some(host) = docker_host {
+            command.env("DOCKER_HOST", host);
+        }
+        output_json(command, "audit")
+    }
+
     /// Stops the agent; fails unless it exits cleanly.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let daemon = self.daemon.take().context("not running")?;
@@ -85,11 +97,16 @@ impl Drop for Agent {
 
 /// `BINARY ARGS --json`, parsed.
 pub fn json(binary: &Path, args: &[&str]) -> anyhow::Result<Value> {
-    let output = Command::new(binary).args(args).arg("--json").output()?;
+    let mut command = Command::new(binary);
+    command.args(args);
+    output_json(command, &args.join(" "))
+}
+
+fn output_json(mut command: Command, what: &str) -> anyhow::Result<Value> {
+    let output = command.arg("--json").output()?;
     ensure!(
         output.status.success(),
-        "filter-agent {}: {}",
-        args.join(" "),
+        "filter-agent {what}: {}",
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(serde_json::from_slice(&output.stdout)?)

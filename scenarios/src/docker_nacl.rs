@@ -3,12 +3,20 @@
 //! host's namespace), and a stateless ACL upstream that allows only source
 //! ports 49152-65535. NAT keeps the container's port, so connections fail
 //! whenever the container picks one below 49152; the host itself, whose
-//! range was fixed, is fine.
+//! range was fixed, is fine. Then Docker's port reuse: once the host has
+//! talked to a destination from a port, a container's connection from the
+//! same port to it is moved by MASQUERADE to a port from 1024 up, so even
+//! a container with the right range loses some; pinning the MASQUERADE's
+//! ports (the audit's fix for the bridge) ends that too.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
 use anyhow::ensure;
-use testbed::{Chain, docker::Docker, traffic::Responder};
+use testbed::{
+    Chain, Netns,
+    docker::Docker,
+    traffic::{self, Responder},
+};
 
 use crate::{
     Agent, nft,
@@ -21,6 +29,8 @@ const PORT: u16 = 443;
 /// and ports would otherwise collide with its earlier connections in the
 /// NAT table, and MASQUERADE would pick another source port (from 1024 up).
 const HOST_PORT: u16 = 8443;
+/// Where the host and the container both connect, from the same ports.
+const SHARED_PORT: u16 = 8080;
 /// Docker's default bridge (docker0) in the host's namespace.
 const BRIDGE: &str = "10.213.0.1/24";
 /// What the ACL allows (and the range AWS's guide suggests for Linux).
@@ -44,6 +54,12 @@ pub struct Outcome {
     pub egress_ports: BTreeSet<u16>,
     pub fix: String,
     pub after: Attempts,
+    /// The container's connections from ports the host had used to the
+    /// same destination, and the low ports MASQUERADE moved them to.
+    pub reused: Attempts,
+    pub moved_ports: BTreeSet<u16>,
+    /// The same after the audit pinned Docker's MASQUERADE.
+    pub pinned: Attempts,
 }
 
 pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
@@ -57,8 +73,8 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     let (host, acl) = (chain.client(), &chain.namespaces[1]);
     let uplink = chain.left_if(0);
     let docker = Docker::start(host, BRIDGE)?;
-    let container = docker.run("ctr", &[])?;
-    let container = &container.netns;
+    let ctr = docker.run("ctr", &[])?;
+    let container = &ctr.netns;
     nft(
         acl,
         &format!(
@@ -77,6 +93,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     )?;
     let _service = Responder::start(chain.server(), PORT)?;
     let _host_service = Responder::start(chain.server(), HOST_PORT)?;
+    let _shared_service = Responder::start(chain.server(), SHARED_PORT)?;
     let server = SocketAddr::from((chain.server_addr(), PORT));
     say!(
         "namespaces: container {} (Docker's, on docker0 {BRIDGE}; ip_local_port_range {}-{}, \
@@ -127,7 +144,72 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports == container_attempts.failed,
         "the egress guard did not name exactly the failed ports: {egress_ports:?}"
     );
-    let (fix, after) = ports::fix_and_retry(&agent, container, server, ALLOWED, CONNECTIONS)?;
+    let document = agent.audit(Some(docker.host()))?;
+    let label = ports::audited(&document, container.name())?["container"].clone();
+    let field = |name: &str| label[name].as_str().unwrap_or("?").to_owned();
+    say!(
+        "`filter-agent audit` names it from Docker's API: {} {} ({})",
+        field("runtime"),
+        field("name"),
+        field("id")
+    );
+    ensure!(
+        label["name"] == container.name()
+            && ctr.id.starts_with(label["id"].as_str().unwrap_or("-")),
+        "the audit did not name the container {} ({}): {label}",
+        container.name(),
+        ctr.id
+    );
+    let (fix, after) = ports::fix_and_retry(
+        &agent,
+        Some(docker.host()),
+        container,
+        server,
+        ALLOWED,
+        CONNECTIONS,
+    )?;
+
+    step!(
+        "Docker's port reuse: the host connects to {} from {CONNECTIONS} ports, then the container \
+         (now in range) from the same ports to the same place",
+        SocketAddr::from((chain.server_addr(), SHARED_PORT))
+    );
+    let shared = SocketAddr::from((chain.server_addr(), SHARED_PORT));
+    let reported = egress_ports.clone();
+    let (reused, moved_ports) =
+        from_the_hosts_ports(&agent, &uplink, [host, container], shared, 0, &reported)?;
+    ensure!(
+        !reused.failed.is_empty() && !moved_ports.is_empty(),
+        "no connection from a port the host had used failed: {reused:?}"
+    );
+    ensure!(
+        moved_ports
+            .iter()
+            .all(|&port| !ports::within(ALLOWED, port))
+            && moved_ports.len() <= reused.failed.len(),
+        "the guard's new ports are not the failed connections' moved ports: {moved_ports:?}"
+    );
+    let document = agent.audit(Some(docker.host()))?;
+    let nat = ports::finding(ports::audited(&document, host.name())?, "nat")?;
+    say!(
+        "`filter-agent audit` on {}: {}",
+        host.name(),
+        nat["problem"].as_str().unwrap_or("?")
+    );
+    ensure!(
+        nat["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains(container.name())),
+        "the audit's NAT finding does not name the container: {nat}"
+    );
+    ports::apply(nat)?;
+    let reported = &reported | &moved_ports;
+    let (pinned, still_moved) =
+        from_the_hosts_ports(&agent, &uplink, [host, container], shared, 1, &reported)?;
+    ensure!(
+        pinned.failed.is_empty() && still_moved.is_empty(),
+        "still failing with Docker's MASQUERADE pinned: {pinned:?}, moved to {still_moved:?}"
+    );
     agent.stop()?;
     Ok(Outcome {
         host: host_attempts,
@@ -135,5 +217,42 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports,
         fix,
         after,
+        reused,
+        moved_ports,
+        pinned,
     })
+}
+
+/// The host connects to `server` from [`CONNECTIONS`] fixed ports (set
+/// `round` of them), then `container` from the same ports: MASQUERADE
+/// finds each post-NAT address and port taken and moves the container's
+/// connection. Returns the container's attempts (by its own ports) and
+/// the egress guard's out-of-range ports that are new beyond `reported`.
+fn from_the_hosts_ports(
+    agent: &Agent,
+    uplink: &str,
+    [host, container]: [&Netns; 2],
+    server: SocketAddr,
+    round: u16,
+    reported: &BTreeSet<u16>,
+) -> anyhow::Result<(Attempts, BTreeSet<u16>)> {
+    let from: Vec<u16> = (0..CONNECTIONS as u16)
+        .map(|i| ALLOWED.0 + 1000 + round * 7000 + i * 300)
+        .collect();
+    for &port in &from {
+        let (answered, _) = traffic::tcp_attempt(host, server, Some(port))?;
+        ensure!(answered, "the host's connection from port {port} failed");
+    }
+    let attempts = ports::connect_from(container, server, &from)?;
+    let egress = ports::guard_ports(agent, uplink, "egress")?;
+    let moved: BTreeSet<u16> = egress.difference(reported).copied().collect();
+    say!(
+        "{} connections from the container, each from a port the host had used: {} answered, {} \
+         not; the egress guard saw them leave from {}",
+        attempts.total(),
+        attempts.answered.len(),
+        attempts.failed.len(),
+        list(&moved)
+    );
+    Ok((attempts, moved))
 }

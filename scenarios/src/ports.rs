@@ -5,6 +5,7 @@
 use std::{collections::BTreeSet, net::SocketAddr, process::Command};
 
 use anyhow::{Context as _, ensure};
+use serde_json::Value;
 use testbed::{Netns, traffic};
 
 use crate::{Agent, say, step};
@@ -59,12 +60,11 @@ pub fn connect_many(
 ) -> anyhow::Result<Attempts> {
     let (low, high) = (u32::from(range.0), u32::from(range.1));
     let count = count.max(5);
-    let mut attempts = Attempts::default();
     // The fixed ports first: the kernel's picks then avoid them.
-    for quarter in 0..=4 {
-        let from = (low + (high - low) * quarter / 4) as u16;
-        attempts.record(traffic::tcp_attempt(client, server, Some(from))?);
-    }
+    let quartiles: Vec<u16> = (0..=4)
+        .map(|quarter| (low + (high - low) * quarter / 4) as u16)
+        .collect();
+    let mut attempts = connect_from(client, server, &quartiles)?;
     // A closed socket leaves no TIME_WAIT behind when the peer closed
     // first, so the kernel may pick one of the ports above again: such a
     // pick is tried again, within a bound, instead of counted twice.
@@ -79,6 +79,15 @@ pub fn connect_many(
         if !attempts.used(attempt.1) {
             attempts.record(attempt);
         }
+    }
+    Ok(attempts)
+}
+
+/// One connection from `client` to `server` from each of `ports`.
+pub fn connect_from(client: &Netns, server: SocketAddr, ports: &[u16]) -> anyhow::Result<Attempts> {
+    let mut attempts = Attempts::default();
+    for &port in ports {
+        attempts.record(traffic::tcp_attempt(client, server, Some(port))?);
     }
     Ok(attempts)
 }
@@ -102,12 +111,9 @@ pub fn guard_ports(agent: &Agent, iface: &str, direction: &str) -> anyhow::Resul
         .collect())
 }
 
-/// `filter-agent audit` with the agent's rules: for the namespace named
-/// `name`: its port range ("1024-65000") and the fix the audit gives.
-fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String, Option<String>)> {
-    let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
-    let document = agent.json(&["audit", "--rules", rules])?;
-    let namespace = document["namespaces"]
+/// The namespace named `name` in an audit document.
+pub fn audited<'a>(document: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
+    document["namespaces"]
         .as_array()
         .context("no namespaces in the audit")?
         .iter()
@@ -116,38 +122,28 @@ fn audit_fix(agent: &Agent, name: &str) -> anyhow::Result<(String, String, Optio
                 .as_array()
                 .is_some_and(|names| names.iter().any(|n| n == name))
         })
-        .with_context(|| format!("the audit did not find {name}"))?;
-    let finding = &namespace["findings"][0];
-    let fix = finding["fix"]
-        .as_str()
-        .with_context(|| format!("no finding for {name}"))?
-        .to_owned();
-    let keep = finding["keep"].as_str().map(str::to_owned);
-    let range = &namespace["port_range"];
-    Ok((format!("{}-{}", range[0], range[1]), fix, keep))
+        .with_context(|| format!("the audit did not find {name}"))
 }
 
-/// Shows what `audit` says about `client`, runs its fix exactly as
-/// printed (as an operator would paste it), and connects again from the
-/// new `range`; fails if any connection still fails. Returns the fix and
-/// the new attempts.
-pub fn fix_and_retry(
-    agent: &Agent,
-    client: &Netns,
-    server: SocketAddr,
-    range: (u16, u16),
-    count: usize,
-) -> anyhow::Result<(String, Attempts)> {
-    let (found, fix, keep) = audit_fix(agent, client.name())?;
-    say!(
-        "`filter-agent audit`: {} has ip_local_port_range {found}; fix:",
-        client.name()
-    );
-    say!("  {fix}");
-    if let Some(keep) = keep {
-        say!("  and to keep it: {keep}");
-    }
+/// The first finding of `kind` in an audited namespace.
+pub fn finding<'a>(namespace: &'a Value, kind: &str) -> anyhow::Result<&'a Value> {
+    namespace["findings"]
+        .as_array()
+        .and_then(|findings| findings.iter().find(|f| f["kind"] == kind))
+        .with_context(|| format!("no {kind} finding in {namespace}"))
+}
 
+/// Shows a finding's problem, fix and how to keep it, and runs the fix
+/// exactly as printed (as an operator would paste it).
+pub fn apply(finding: &Value) -> anyhow::Result<String> {
+    let text = |field: &str| finding[field].as_str().map(str::to_owned);
+    let fix = text("fix").context("a finding without a fix")?;
+    say!("  {fix}");
+    for (field, intro) in [("keep", "and to keep it"), ("alternative", "or")] {
+        if let Some(value) = text(field) {
+            say!("  {intro}: {value}");
+        }
+    }
     step!("applying the audit's fix as printed");
     let output = Command::new("sh").args(["-c", &fix]).output()?;
     ensure!(
@@ -155,6 +151,30 @@ pub fn fix_and_retry(
         "{fix}: {}",
         String::from_utf8_lossy(&output.stderr).trim()
     );
+    Ok(fix)
+}
+
+/// Shows what `audit` says about `client`'s port range, applies its fix
+/// and connects again from the new `range`; fails if any connection still
+/// fails. Returns the fix and the new attempts.
+pub fn fix_and_retry(
+    agent: &Agent,
+    docker_host: Option<&str>,
+    client: &Netns,
+    server: SocketAddr,
+    range: (u16, u16),
+    count: usize,
+) -> anyhow::Result<(String, Attempts)> {
+    let document = agent.audit(docker_host)?;
+    let namespace = audited(&document, client.name())?;
+    let found = &namespace["port_range"];
+    say!(
+        "`filter-agent audit`: {} has ip_local_port_range {}-{}; fix:",
+        client.name(),
+        found[0],
+        found[1]
+    );
+    let fix = apply(finding(namespace, "port_range")?)?;
     let after = connect_many(client, server, range, count)?;
     say!(
         "{} connections from {}: {} answered, {} not",

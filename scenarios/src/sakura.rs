@@ -100,7 +100,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports == before.failed && ingress_ports == before.failed,
         "the guard did not name exactly the failed ports"
     );
-    let (fix, after) = ports::fix_and_retry(&agent, container, server, ALLOWED, CONNECTIONS)?;
+    let (fix, after) = ports::fix_and_retry(&agent, None, container, server, ALLOWED, CONNECTIONS)?;
     ensure!(
         fix.contains(&format!(
             "ip_local_port_range=\"{} {}\"",

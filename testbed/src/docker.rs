@@ -90,6 +90,11 @@ impl Docker {
         checked(command, format!("docker {}", args.join(" ")))
     }
 
+    /// The engine's address, as `DOCKER_HOST` takes it (`unix://PATH`).
+    pub fn host(&self) -> &str {
+        &self.socket
+    }
+
     /// The engine's directory (data, exec root, socket).
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -210,6 +210,9 @@ pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
             if let Some(keep) = &finding.keep {
                 println!("         keep: {keep}");
             }
+            if let Some(alternative) = &finding.alternative {
+                println!("         or: {alternative}");
+            }
         }
     }
     Ok(())

@@ -72,27 +72,9 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     let second = format!("{first}b");
     // The subnet becomes a bridge in the middle namespace, with both
     // server interfaces on it.
-    let port = format!("{}b", chain.left_if(1));
-    network.ip(&["link", "add", "fabr", "type", "bridge"])?;
-    network.ip(&["addr", "del", "10.210.1.1/24", "dev", &chain.left_if(1)])?;
-    network.ip(&["link", "set", &chain.left_if(1), "master", "fabr"])?;
-    network.ip(&["addr", "add", "10.210.1.1/24", "dev", "fabr"])?;
-    network.ip(&["link", "set", "fabr", "up"])?;
-    network.ip(&[
-        "link",
-        "add",
-        &port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &second,
-        "netns",
-        server.name(),
-    ])?;
-    network.ip(&["link", "set", &port, "master", "fabr", "up"])?;
+    chain.bridge(1)?;
+    chain.join(1, server, &second)?;
     server.ip(&["addr", "add", &format!("{SECOND}/24"), "dev", &second])?;
-    server.ip(&["link", "set", &second, "up"])?;
     // Each address answers ARP only on its own interface, so requests for
     // SECOND arrive there; replies to the client leave by the first.
     server.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;

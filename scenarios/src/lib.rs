@@ -44,7 +44,9 @@ pub fn run(name: &str, agent: &Path) -> anyhow::Result<()> {
             "no scenario {other:?}; the scenarios are {}",
             NAMES.join(", ")
         ),
-    }
+    }?;
+    println!("\n{name}: reproduced, and filter-agent did what it should");
+    Ok(())
 }
 
 /// One line of a scenario's narrative.

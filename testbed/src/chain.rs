@@ -9,6 +9,9 @@ use crate::{
     traffic,
 };
 
+/// The bridge [`Chain::bridge`] makes.
+const BRIDGE: &str = "fabr";
+
 /// `namespaces[0]` is the client, the last one the server; the ones
 /// between forward. Link `i` joins namespace `i` (`left_if(i)`, address
 /// `10.210.i.1`) and `i + 1` (`right_if(i)`, `10.210.i.2`).
@@ -98,6 +101,40 @@ impl Chain {
         self.namespaces
             .last()
             .expect("a chain has two namespaces or more")
+    }
+
+    /// Makes link `link`'s subnet a bridge in its left namespace: the left
+    /// end's address moves to the bridge, the link becomes a port of it,
+    /// and [`Chain::join`] adds more namespaces to the subnet.
+    pub fn bridge(&self, link: usize) -> Result<(), TestbedError> {
+        let (ns, port) = (&self.namespaces[link], self.left_if(link));
+        let address = format!("{}/24", Self::address(link, 1));
+        ns.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ns.ip(&["addr", "del", &address, "dev", &port])?;
+        ns.ip(&["link", "set", &port, "master", BRIDGE])?;
+        ns.ip(&["addr", "add", &address, "dev", BRIDGE])?;
+        ns.ip(&["link", "set", BRIDGE, "up"]).map(drop)
+    }
+
+    /// Joins `ns` to the bridge of link `link` ([`Chain::bridge`]) with a
+    /// veth pair whose end in `ns` is `iface`, up and without address.
+    pub fn join(&self, link: usize, ns: &Netns, iface: &str) -> Result<(), TestbedError> {
+        let bridged = &self.namespaces[link];
+        let port = format!("{iface}p");
+        bridged.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            iface,
+            "netns",
+            ns.name(),
+        ])?;
+        bridged.ip(&["link", "set", &port, "master", BRIDGE, "up"])?;
+        ns.ip(&["link", "set", iface, "up"]).map(drop)
     }
 
     /// The interface of link `link` in its left / right namespace.

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::{Netns, TestbedError};
 
@@ -30,6 +30,12 @@ pub struct Responder {
 
 impl Responder {
     pub fn start(ns: &Netns, port: u16) -> Result<Self, TestbedError> {
+        Self::with_reply_size(ns, port, 0)
+    }
+
+    /// A responder whose TCP answer is the echo padded with zeros to
+    /// `size` bytes (a bulk transfer for [`tcp_fetch`]).
+    pub fn with_reply_size(ns: &Netns, port: u16, size: usize) -> Result<Self, TestbedError> {
         let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
         let (tcp, udp) = ns
             .run(|| -> io::Result<_> {
@@ -50,9 +56,17 @@ impl Responder {
                         Ok((mut stream, _)) => {
                             let _ = stream.set_nonblocking(false);
                             let _ = stream.set_read_timeout(Some(TIMEOUT));
+                            // The whole reply fits in the send buffer, so
+                            // the loop never waits on a slow client.
+                            let _ = stream.set_write_timeout(Some(TIMEOUT));
+                            if size > 0 {
+                                let _ = SockRef::from(&stream).set_send_buffer_size(4 * size);
+                            }
                             let mut buf = [0u8; 64];
                             if let Ok(n) = stream.read(&mut buf) {
-                                let _ = stream.write_all(&buf[..n]);
+                                let mut reply = buf[..n].to_vec();
+                                reply.resize(n.max(size), 0);
+                                let _ = stream.write_all(&reply);
                             }
                         }
                         Err(_) => thread::sleep(POLL),
@@ -101,11 +115,7 @@ pub fn tcp_attempt(
     from_port: Option<u16>,
 ) -> Result<(bool, u16), TestbedError> {
     ns.run(|| -> io::Result<(bool, u16)> {
-        let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
-        if let Some(port) = from_port {
-            socket.set_reuse_address(true)?;
-            socket.bind(&SockAddr::from(SocketAddr::new(unspecified(to.ip()), port)))?;
-        }
+        let socket = bound(to, from_port)?;
         let connected = socket.connect_timeout(&to.into(), TIMEOUT).is_ok();
         let local_port = socket
             .local_addr()?
@@ -121,6 +131,66 @@ pub fn tcp_attempt(
         Ok((stream.read_exact(&mut buf).is_ok(), local_port))
     })
     .and_then(|result| result.map_err(|source| socket_error(ns, source)))
+}
+
+/// Connects over TCP from `ns` from `from` (an address of `ns`, or the
+/// unspecified one, and a port), sends a request and reads the answer
+/// until the server closes or `deadline` passes; the number of bytes that
+/// arrived (0 when no connection was made).
+pub fn tcp_fetch(
+    ns: &Netns,
+    to: SocketAddr,
+    from: SocketAddr,
+    deadline: Duration,
+) -> Result<usize, TestbedError> {
+    ns.run(|| -> io::Result<usize> {
+        let Ok(mut stream) = bound_to(from).and_then(|socket| {
+            socket.connect_timeout(&to.into(), TIMEOUT)?;
+            Ok(TcpStream::from(socket))
+        }) else {
+            return Ok(0);
+        };
+        stream.write_all(b"filter-agent")?;
+        let until = Instant::now() + deadline;
+        let (mut received, mut buf) = (0, [0u8; 4096]);
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            stream.set_read_timeout(Some(left.max(POLL)))?;
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+        Ok(received)
+    })
+    .and_then(|result| result.map_err(|source| socket_error(ns, source)))
+}
+
+/// Connects over TCP from `ns` from `from_port` and aborts the connection
+/// at once (`SO_LINGER` 0: a RST instead of a FIN); true when it was made.
+pub fn tcp_abort(ns: &Netns, to: SocketAddr, from_port: u16) -> Result<bool, TestbedError> {
+    ns.run(|| -> io::Result<bool> {
+        let socket = bound(to, Some(from_port))?;
+        let connected = socket.connect_timeout(&to.into(), TIMEOUT).is_ok();
+        socket.set_linger(Some(Duration::ZERO))?;
+        Ok(connected)
+    })
+    .and_then(|result| result.map_err(|source| socket_error(ns, source)))
+}
+
+/// A TCP socket for `to`, bound to `from_port` if given.
+fn bound(to: SocketAddr, from_port: Option<u16>) -> io::Result<Socket> {
+    match from_port {
+        Some(port) => bound_to(SocketAddr::new(unspecified(to.ip()), port)),
+        None => Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP)),
+    }
+}
+
+/// A TCP socket bound to `from`.
+fn bound_to(from: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(from), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&from.into())?;
+    Ok(socket)
 }
 
 /// Sends one UDP datagram from `ns` and waits for its echo.

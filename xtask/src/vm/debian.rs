@@ -1,6 +1,6 @@
 //! The Debian 12 system of `vm-test`'s systemd checks: minbase plus
-//! systemd, udev, kmod, iproute2, busybox and bpftool from Debian's
-//! packages (mmdebstrap), cached under `target/vm/debian12/rootfs`. Each
+//! systemd, udev, kmod, iproute2, busybox, bpftool, iptables, ipvsadm and procps
+//! from Debian's packages (mmdebstrap), cached under `target/vm/debian12/rootfs`. Each
 //! run stages the guest's files and the packages to install in it, writes
 //! the tree to an ext4 disk image (`mke2fs -d`: no loop device, no mount)
 //! and boots the stock kernel with a small busybox initramfs that mounts
@@ -24,7 +24,7 @@ const MMDEBSTRAP: &[&str] = &[
     "--variant=minbase",
     "--mode=root",
     "--format=directory",
-    "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool",
+    "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool,iptables,ipvsadm,procps",
     "bookworm",
 ];
 const MIRROR: &str = "http://deb.debian.org/debian";
@@ -47,6 +47,20 @@ const ENABLED: &[&str] = &[
 /// The modules the initramfs loads to mount the disk; the rest come from
 /// the disk, loaded by udev and the kernel as Debian loads them.
 const BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
+/// What the real LVS director of `lvs-dr` needs beyond the checks'
+/// modules: IPVS, conntrack and what UFW-style iptables-nft rules use,
+/// and a bridge.
+const LVS_MODULES: &[&str] = &[
+    "ip_vs",
+    "ip_vs_rr",
+    "nf_conntrack",
+    "nft_ct",
+    "nft_compat",
+    "xt_conntrack",
+    "xt_tcpudp",
+    "ip_tables",
+    "bridge",
+];
 /// The disk's size: sparse, a few hundred MiB of it used.
 const DISK_BYTES: u64 = 2 << 30;
 
@@ -104,14 +118,18 @@ pub struct System {
     pub disk: PathBuf,
 }
 
-/// Builds (or reuses) the image and writes this run's disk with `debs`
-/// under `/root/debs` and `refused` as `/vm/refused.o`.
-pub fn prepare(
-    kernel: &Kernel,
-    debs: &[PathBuf],
-    refused: &[u8],
-    work: &Path,
-) -> anyhow::Result<System> {
+/// What a run puts on the disk besides the guest's own files.
+pub struct Staged<'a> {
+    /// Packages, under `/root/debs`.
+    pub debs: &'a [PathBuf],
+    /// An eBPF object every verifier refuses, as `/vm/refused.o`.
+    pub refused: &'a [u8],
+    /// The scenario runner, as `/vm/fa-scenario`.
+    pub scenario: &'a Path,
+}
+
+/// Builds (or reuses) the image and writes this run's disk with `staged`.
+pub fn prepare(kernel: &Kernel, staged: &Staged, work: &Path) -> anyhow::Result<System> {
     let rootfs = work.join("rootfs");
     let recipe = format!("{MMDEBSTRAP:?}\n{MASKED:?}\n");
     let stamp = rootfs.join(".xtask-recipe");
@@ -119,7 +137,7 @@ pub fn prepare(
         bootstrap(&rootfs)?;
         fs::write(&stamp, &recipe)?;
     }
-    stage(&rootfs, kernel, debs, refused)?;
+    stage(&rootfs, kernel, staged)?;
     let disk = work.join("disk.img");
     let _ = fs::remove_file(&disk);
     fs::File::create(&disk)?.set_len(DISK_BYTES)?;
@@ -151,16 +169,21 @@ fn bootstrap(rootfs: &Path) -> anyhow::Result<()> {
 }
 
 /// This run's files: the guest's, the packages, the kernel's modules.
-fn stage(rootfs: &Path, kernel: &Kernel, debs: &[PathBuf], refused: &[u8]) -> anyhow::Result<()> {
+fn stage(rootfs: &Path, kernel: &Kernel, staged: &Staged) -> anyhow::Result<()> {
     for (path, text, mode) in GUEST_FILES {
         write(&rootfs.join(path), text.as_bytes(), *mode)?;
     }
-    write(&rootfs.join("vm/refused.o"), refused, 0o644)?;
-    let staged = rootfs.join("root/debs");
-    let _ = fs::remove_dir_all(&staged);
-    for deb in debs {
+    write(&rootfs.join("vm/refused.o"), staged.refused, 0o644)?;
+    write(
+        &rootfs.join("vm/fa-scenario"),
+        &fs::read(staged.scenario)?,
+        0o755,
+    )?;
+    let debs = rootfs.join("root/debs");
+    let _ = fs::remove_dir_all(&debs);
+    for deb in staged.debs {
         let name = deb.file_name().context("a package without a file name")?;
-        write(&staged.join(name), &fs::read(deb)?, 0o644)?;
+        write(&debs.join(name), &fs::read(deb)?, 0o644)?;
     }
     // The modules the checks need, where modprobe finds them (depmod's
     // index), with the kernel's list of what is built in.
@@ -168,6 +191,7 @@ fn stage(rootfs: &Path, kernel: &Kernel, debs: &[PathBuf], refused: &[u8]) -> an
     let _ = fs::remove_dir_all(&modules);
     let mut wanted = BOOT_MODULES.to_vec();
     wanted.extend_from_slice(super::kernels::MODULES);
+    wanted.extend_from_slice(LVS_MODULES);
     for (name, bytes) in kernel.modules(&wanted)? {
         write(&modules.join("kernel").join(name), &bytes, 0o644)?;
     }

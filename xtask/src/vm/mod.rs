@@ -91,7 +91,20 @@ fn systemd_guest(target: &Path, refused: &[u8], report: &mut Report) {
         let current = package::run()?;
         let upgrade = package::build(&format!("{}+upgrade", package::VERSION))?;
         let kernel = kernels::fetch(kernels::BOOKWORM, target)?;
-        let system = debian::prepare(&kernel, &[current.clone(), upgrade.clone()], refused, &work)?;
+        cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "scenarios",
+            "--bin",
+            "fa-scenario",
+        ])?;
+        let staged = debian::Staged {
+            debs: &[current.clone(), upgrade.clone()],
+            refused,
+            scenario: &workspace_root().join("target/release/fa-scenario"),
+        };
+        let system = debian::prepare(&kernel, &staged, &work)?;
         let machine = qemu::Machine {
             vmlinuz: &kernel.vmlinuz,
             initrd: &system.initrd,

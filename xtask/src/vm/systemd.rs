@@ -74,6 +74,10 @@ pub fn run(vm: &mut Vm, packages: &Packages, report: &mut Report) {
         "veth in a namespace: allowed answers, denied does not",
         veth(vm, &nic),
     );
+    report.record(
+        "lvs-dr on a real IPVS director: UFW loses FINs, RSTs, PMTU; filter-agent does not",
+        lvs_dr(vm),
+    );
     report.record("systemctl reload: new rules, exit 0", reload(vm));
     report.record(
         "bad rules file: reload fails and says why, old rules stay",
@@ -320,6 +324,32 @@ fn veth(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
         "peer -> fa0 :8080 answered, :9000 not; {}",
         counted_text(vm, "fa0")?
     ))
+}
+
+/// `cargo xtask scenario lvs-dr` on Debian's kernel, which has IPVS: the
+/// real director (`scenarios/src/lvs_dr/ipvs.rs`) with the agent the
+/// package installed. The figures are the scenario's own lines.
+fn lvs_dr(vm: &mut Vm) -> anyhow::Result<String> {
+    let output = vm.ok("/vm/fa-scenario lvs-dr /usr/sbin/filter-agent 2>&1")?;
+    // The scenario's own narrative, as `cargo xtask scenario` prints it.
+    for line in output.lines() {
+        println!("      | {line}");
+    }
+    let figures: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            line.contains("transfers complete")
+                || line.starts_with("far client")
+                || line.starts_with("director:")
+        })
+        .collect();
+    ensure!(
+        output.contains("lvs-dr: reproduced"),
+        "the scenario did not end as it should: {}",
+        output.trim()
+    );
+    Ok(figures.join(" | "))
 }
 
 /// Installs `/vm/FILE` as the rules (by rename, as editors do).

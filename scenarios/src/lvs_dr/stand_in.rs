@@ -1,8 +1,8 @@
-//! Incident 5 (LINE): an LVS balancer in direct-routing mode sees only the
-//! client-to-server half of every flow. Filtered with UFW-style rules
-//! (ESTABLISHED,RELATED accept, INVALID drop, dport 80 accept), its
+//! The stand-in for kernels without IPVS: the balancer is a namespace that
+//! only receives, which is what a direct-routing director's conntrack sees
+//! (the client-to-server half of every flow). With UFW-style rules its
 //! conntrack takes SYN and ACK for new flows but marks FIN, RST and ICMP
-//! destination-unreachable INVALID and drops them. filter-agent's
+//! destination-unreachable INVALID and drops them; filter-agent's
 //! stateless rules on TCP flags and ICMP types pass them.
 
 use std::path::Path;
@@ -11,6 +11,7 @@ use anyhow::ensure;
 use serde_json::Value;
 use testbed::{Netns, Pair};
 
+use super::{RULE_NAMES, RULES, UFW};
 use crate::{Agent, agent, say, step};
 
 /// Packets sent per class.
@@ -26,63 +27,15 @@ const CLASSES: [(&str, &[&str]); 5] = [
     ("ICMP unreachable", &["--icmp", "-C", "3", "-K", "3"]),
 ];
 
-/// UFW's shape (before.rules, then the user's `allow 80/tcp`). The balancer
-/// never answers itself: in direct routing the real servers do, so its
-/// own replies are dropped before conntrack sees them.
-const UFW: &str = "*raw
+/// The stand-in balancer never answers itself (in direct routing the real
+/// servers do), so its own replies are dropped before conntrack sees them.
+const NO_REPLIES: &str = "*raw
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 -A OUTPUT -o lo -j ACCEPT
 -A OUTPUT -j DROP
 COMMIT
-*filter
-:INPUT DROP [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -i lo -j ACCEPT
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -m conntrack --ctstate INVALID -j DROP
--A INPUT -p icmp -m icmp --icmp-type 3 -j ACCEPT
--A INPUT -p icmp -m icmp --icmp-type 8 -j ACCEPT
--A INPUT -p tcp -m tcp --dport 80 -j ACCEPT
-COMMIT
 ";
-
-/// The fix, stateless: each packet class allowed by its flags or type.
-const RULES: &str = r#"
-[filter]
-default = "deny"
-
-[guard]
-services = [80]
-
-[[rule]]
-name = "http-new"
-action = "allow"
-proto = "tcp"
-dport = "80"
-tcp_flags = "syn,!ack"
-
-[[rule]]
-name = "http-ack-fin"
-action = "allow"
-proto = "tcp"
-dport = "80"
-tcp_flags = "ack"
-
-[[rule]]
-name = "http-rst"
-action = "allow"
-proto = "tcp"
-dport = "80"
-tcp_flags = "rst"
-
-[[rule]]
-name = "icmp-unreachable"
-action = "allow"
-proto = "icmp"
-icmp_type = [3]
-"#;
 
 /// How many packets of one class got through.
 #[derive(Debug)]
@@ -94,12 +47,13 @@ pub struct Class {
 
 pub fn run(binary: &Path) -> anyhow::Result<Vec<Class>> {
     step!(
-        "lvs-dr: a direct-routing balancer sees only client-to-server packets; \
+        "lvs-dr (stand-in): a direct-routing balancer sees only client-to-server packets; \
          {PER_CLASS} of each class sent to its VIP"
     );
     let stateful = {
         let pair = Pair::create("lvs")?;
-        pair.server.exec_with_input("iptables-restore", &[], UFW)?;
+        pair.server
+            .exec_with_input("iptables-restore", &[], &format!("{NO_REPLIES}{UFW}"))?;
         say!(
             "UFW-style iptables on {} (ESTABLISHED,RELATED accept; INVALID drop; tcp dport 80 accept)",
             pair.server.name()
@@ -203,7 +157,7 @@ fn ufw_accepted(balancer: &Netns) -> anyhow::Result<u64> {
 fn agent_passed(agent: &Agent, iface: &str) -> anyhow::Result<u64> {
     let stats: Value = agent.json(&["stats", "--iface", iface])?;
     let mut passed = 0;
-    for rule in ["http-new", "http-ack-fin", "http-rst", "icmp-unreachable"] {
+    for rule in RULE_NAMES {
         passed += agent::rule_packets(&stats, iface, rule)?;
     }
     Ok(passed)

@@ -17,6 +17,7 @@ pub mod links;
 pub mod lint;
 pub mod loader;
 pub mod metrics;
+pub mod notrack;
 pub mod packet;
 pub mod pcap;
 pub mod pins;

@@ -32,6 +32,8 @@ pub struct Status {
     pub unfiltered: std::collections::BTreeSet<String>,
     /// Open audit findings: (namespace, kind).
     pub findings: Vec<(String, &'static str)>,
+    /// Each namespace's conntrack table at the last audit.
+    pub conntrack: Vec<(String, crate::audit::Conntrack)>,
 }
 
 /// The collector behind `/metrics`.
@@ -179,7 +181,7 @@ impl Metrics {
         }
 
         let name = format!("{PREFIX}_audit_findings");
-        let help = "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat).";
+        let help = "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat, conntrack).";
         let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
         for (namespace, kind) in &status.findings {
             let labels = vec![
@@ -187,6 +189,38 @@ impl Metrics {
                 ("kind", (*kind).to_owned()),
             ];
             family.encode_family(&labels)?.encode_gauge(&1i64)?;
+        }
+
+        for (name, help, value) in [
+            (
+                "conntrack_entries",
+                "Entries in the namespace's conntrack table, at the last audit (every minute).",
+                (|table: &crate::audit::Conntrack| table.entries) as fn(&_) -> u64,
+            ),
+            (
+                "conntrack_max",
+                "The conntrack table's maximum (nf_conntrack_max), at the last audit.",
+                |table| table.max,
+            ),
+        ] {
+            let name = format!("{PREFIX}_{name}");
+            let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+            for (namespace, table) in &status.conntrack {
+                family
+                    .encode_family(&vec![("namespace", namespace.clone())])?
+                    .encode_gauge(&(value(table) as i64))?;
+            }
+        }
+        let name = format!("{PREFIX}_conntrack_drops");
+        let help = "Packets conntrack dropped silently in the namespace (drop, early_drop, insert_failed of /proc/net/stat/nf_conntrack), at the last audit.";
+        let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+        for (namespace, table) in &status.conntrack {
+            for (kind, count) in table.drops() {
+                let labels = vec![("namespace", namespace.clone()), ("kind", kind.to_owned())];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+            }
         }
 
         let name = format!("{PREFIX}_build_info");

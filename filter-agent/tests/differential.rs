@@ -129,6 +129,7 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
         tcp_flags,
         icmp_type: if is_icmp { icmp(rng) } else { None },
         icmp_code: if is_icmp { icmp(rng) } else { None },
+        notrack: false,
         location: Location {
             file: PathBuf::from("random"),
             line: index + 1,
@@ -153,6 +154,7 @@ fn random_config(rng: &mut StdRng) -> Config {
         tcp_flags: None,
         icmp_type: Some((133..=137).collect()),
         icmp_code: None,
+        notrack: false,
         location: Location {
             file: PathBuf::from("random"),
             line: 0,

@@ -17,7 +17,7 @@ use testbed::{
     within,
 };
 
-use crate::{Agent, agent, nft, say, step};
+use crate::{Agent, agent, nft, ports, say, step};
 
 const PORT: u16 = 8080;
 /// The conntrack table size for the scenario (global; restored after).
@@ -77,7 +77,8 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     let _table = ConntrackMax::set(TABLE)?;
 
-    let (stateful_entries, stateful_answered, stateful_table_full_drops) = flood_and_connect(None)?;
+    let (stateful_entries, stateful_answered, stateful_table_full_drops) =
+        flood_and_connect(binary, false)?;
     say!(
         "without filter-agent: {stateful_entries} conntrack entries during the flood; \
          legitimate connections answered: {stateful_answered} of {CONNECTIONS}"
@@ -96,7 +97,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     step!(
         "the same, with filter-agent on the host's interface: the service only for 10.210.0.0/24"
     );
-    let (filtered_entries, filtered_answered, dropped_in_xdp) = flood_and_connect(Some(binary))?;
+    let (filtered_entries, filtered_answered, dropped_in_xdp) = flood_and_connect(binary, true)?;
     say!(
         "with filter-agent: {filtered_entries} conntrack entries during the flood \
          ({dropped_in_xdp} flood packets dropped in XDP, default_deny); \
@@ -120,11 +121,12 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-/// A fresh client and host; with `agent`, filter-agent on the host. Starts
-/// the flood, lets it fill the table, connects while it goes on:
-/// (conntrack entries, connections answered, packets dropped: by conntrack
-/// for a full table without the agent, in XDP with it).
-fn flood_and_connect(agent: Option<&Path>) -> anyhow::Result<(u64, usize, u64)> {
+/// A fresh client and host; when `filtered`, filter-agent (`binary`) on
+/// the host. Starts the flood, lets it fill the table, connects while it
+/// goes on: (conntrack entries, connections answered, packets dropped: by
+/// conntrack for a full table without the agent, in XDP with it). Without
+/// the agent, `filter-agent audit` must flag the full table meanwhile.
+fn flood_and_connect(binary: &Path, filtered: bool) -> anyhow::Result<(u64, usize, u64)> {
     let chain = Chain::create("ctf", &["cli", "host"])?;
     let (client, host) = (chain.client(), chain.server());
     let iface = chain.right_if(0);
@@ -132,8 +134,8 @@ fn flood_and_connect(agent: Option<&Path>) -> anyhow::Result<(u64, usize, u64)> 
     host.ip(&["route", "add", "default", "via", "10.210.0.1"])?;
     nft(host, STATEFUL)?;
     let _service = Responder::start(host, PORT)?;
-    let agent = agent
-        .map(|binary| Agent::start(binary, host, &[&iface], RULES))
+    let agent = filtered
+        .then(|| Agent::start(binary, host, &[&iface], RULES))
         .transpose()?;
 
     let target = chain.server_addr().to_string();
@@ -164,6 +166,15 @@ fn flood_and_connect(agent: Option<&Path>) -> anyhow::Result<(u64, usize, u64)> 
     }
     let attempts = (|| -> anyhow::Result<(u64, usize)> {
         let entries = conntrack_count(host)?;
+        if !filtered {
+            let audit = agent::json(binary, &["audit"])?;
+            let flagged = ports::finding(ports::audited(&audit, host.name())?, "conntrack")?;
+            say!(
+                "`filter-agent audit` on {}: {}",
+                host.name(),
+                flagged["problem"].as_str().unwrap_or("?")
+            );
+        }
         let server = SocketAddr::from((chain.server_addr(), PORT));
         let mut answered = 0;
         for _ in 0..CONNECTIONS {

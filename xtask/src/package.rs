@@ -166,7 +166,7 @@ fn write_control(stage: &Path, binary: &Path, version: &str) -> anyhow::Result<(
     let glibc = glibc_needed(binary)?;
     let control = format!(
         "Package: filter-agent\nVersion: {version}\nArchitecture: amd64\nMaintainer: {MAINTAINER}\n\
-         Installed-Size: {installed_kib}\nDepends: libc6 (>= {glibc}), libgcc-s1, init-system-helpers (>= 1.54~)\n\
+         Installed-Size: {installed_kib}\nDepends: libc6 (>= {glibc}), libgcc-s1, init-system-helpers (>= 1.54~)\nRecommends: nftables\n\
          Section: net\nPriority: optional\nHomepage: https://example.invalid/filter-agent\n\
          Description: {DESCRIPTION}\n"
     );

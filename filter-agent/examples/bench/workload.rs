@@ -95,6 +95,7 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
                 tcp_flags: None,
                 icmp_type: None,
                 icmp_code: None,
+                notrack: false,
                 location: Location {
                     file: PathBuf::from("bench"),
                     line: index + 1,
@@ -291,6 +292,7 @@ pub fn address_list(nets: &[Ipv4Net]) -> Config {
             tcp_flags: None,
             icmp_type: None,
             icmp_code: None,
+            notrack: false,
             location: Location {
                 file: PathBuf::from("bench"),
                 line: 1,

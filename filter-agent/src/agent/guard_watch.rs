@@ -129,14 +129,18 @@ impl GuardWatch {
     /// Logs each new finding once, and publishes the open ones.
     pub(super) fn report_audit(&mut self, namespaces: &[audit::Namespace], status: &Mutex<Status>) {
         let mut open = Vec::new();
+        let mut conntrack = Vec::new();
         for ns in namespaces {
+            let label = if self.hide_processes {
+                ns.label_without_processes()
+            } else {
+                ns.label()
+            };
+            if let Some(table) = ns.conntrack {
+                conntrack.push((label.clone(), table));
+            }
             for finding in &ns.findings {
-                let label = if self.hide_processes {
-                    ns.label_without_processes()
-                } else {
-                    ns.label()
-                };
-                open.push((label, finding.kind));
+                open.push((label.clone(), finding.kind));
                 if self
                     .logged_findings
                     .insert((ns.inode, finding.problem.clone()))
@@ -149,6 +153,8 @@ impl GuardWatch {
                 }
             }
         }
-        lock(status).findings = open;
+        let mut status = lock(status);
+        status.findings = open;
+        status.conntrack = conntrack;
     }
 }

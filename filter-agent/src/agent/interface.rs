@@ -14,6 +14,7 @@ use crate::{
     events,
     guard::{GuardReport, Listeners},
     loader::{self, AttachMode, Attached, Filter},
+    notrack,
     pins::{self, InterfaceLock},
 };
 
@@ -54,6 +55,7 @@ impl Interface {
         if let Some(logger) = filter.logger() {
             forward_program_logs(logger)?;
         }
+        notrack::apply(iface, &rule_set.notrack)?;
         let (attached, bases) = filter.install(iface, mode, &dir, &rule_set.rules)?;
         if rule_set.guard.action != GuardAction::Off && !loader::has_tcx() {
             info!(
@@ -94,6 +96,9 @@ impl Interface {
     /// cannot be taken, and the first instance's forwarding shows whether
     /// it ever is.
     pub(super) fn swap(&mut self, mut filter: Filter, rule_set: &RuleSet) -> anyhow::Result<()> {
+        // The conntrack bypass first: if nftables refuses it, nothing of
+        // this interface has changed.
+        notrack::apply(&self.name, &rule_set.notrack)?;
         let (_, bases) = filter.install(&self.name, self.mode, &self.dir, &rule_set.rules)?;
         self.filter = filter;
         self.rules = rule_set.rules.clone();
@@ -169,6 +174,9 @@ impl Interface {
         if detach {
             info!(iface = %self.name, "detaching");
             loader::detach(&self.dir);
+            if let Err(err) = notrack::remove(&self.name) {
+                warn!(iface = %self.name, %err, "the notrack table stays");
+            }
         } else {
             info!(
                 iface = %self.name,

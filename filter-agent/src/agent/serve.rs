@@ -166,7 +166,8 @@ impl Agent {
     /// Audits every namespace, off the runtime.
     async fn on_audit_due(&mut self) {
         let range = self.watch.settings.ephemeral;
-        match tokio::task::spawn_blocking(move || audit::run(range)).await {
+        let rule_set = Arc::clone(&self.rule_set);
+        match tokio::task::spawn_blocking(move || audit::run(range, &rule_set.notrack)).await {
             Ok(namespaces) => self.watch.report_audit(&namespaces, &self.status),
             Err(err) => warn!(%err, "namespace audit failed"),
         }

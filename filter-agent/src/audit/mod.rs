@@ -6,6 +6,7 @@
 //! [`nat_rules`] are pure.
 
 mod containers;
+mod untracked;
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +19,8 @@ use std::{
 };
 
 pub use containers::{Container, Runtime};
+
+use crate::config::Rule;
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
@@ -42,10 +45,58 @@ pub struct Namespace {
     pub reserved_ports: Option<String>,
     /// Source-NAT rules (`nft list ruleset`, which shows iptables-nft too).
     pub nat: Vec<NatRule>,
+    /// The conntrack table, when conntrack runs in the namespace.
+    pub conntrack: Option<Conntrack>,
     /// Why something could not be read, if so.
     pub error: Option<String>,
     /// Filled by [`judge`].
     pub findings: Vec<Finding>,
+}
+
+/// A namespace's conntrack table and the counters of its silent drops
+/// (`/proc/net/stat/nf_conntrack`, summed over CPUs; they never reset).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Conntrack {
+    pub entries: u64,
+    pub max: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+}
+
+impl Conntrack {
+    /// The drop counters by name.
+    pub fn drops(&self) -> [(&'static str, u64); 3] {
+        [
+            ("drop", self.drop),
+            ("early_drop", self.early_drop),
+            ("insert_failed", self.insert_failed),
+        ]
+    }
+}
+
+/// Sums the named columns of `/proc/net/stat/nf_conntrack` (a header of
+/// names, then a line of hexadecimal numbers per CPU).
+pub fn conntrack_stat(text: &str) -> Conntrack {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let mut sums = Conntrack::default();
+    for line in lines {
+        for (name, value) in header.iter().zip(line.split_whitespace()) {
+            let value = u64::from_str_radix(value, 16).unwrap_or(0);
+            match *name {
+                "drop" => sums.drop += value,
+                "early_drop" => sums.early_drop += value,
+                "insert_failed" => sums.insert_failed += value,
+                _ => {}
+            }
+        }
+    }
+    sums
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -69,7 +120,7 @@ pub struct NatRule {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// "port_range" or "nat".
+    /// "port_range", "nat" or "conntrack".
     pub kind: &'static str,
     pub problem: String,
     /// What to do now: one command to run as printed, where there is one.
@@ -255,6 +306,9 @@ fn findings(ns: &Namespace, range: (u16, u16), docker: &[DockerNat]) -> Vec<Find
             }),
         });
     }
+    if let Some(table) = ns.conntrack {
+        found.extend(conntrack_finding(table));
+    }
     for (at, nat) in ns.nat.iter().enumerate() {
         let pinned = |(from, to): (u16, u16)| from >= low && to <= high;
         if nat.ports.is_some_and(pinned) || covered(&ns.nat[..at], nat, pinned) {
@@ -311,6 +365,49 @@ fn findings(ns: &Namespace, range: (u16, u16), docker: &[DockerNat]) -> Vec<Find
         found.push(finding);
     }
     found
+}
+
+/// A table over 80% full, or conntrack's silent drop counters above zero.
+fn conntrack_finding(table: Conntrack) -> Option<Finding> {
+    let full = table.max > 0 && table.entries * 5 > table.max * 4;
+    let dropped: Vec<String> = table
+        .drops()
+        .iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(name, count)| format!("{name} {count}"))
+        .collect();
+    if !full && dropped.is_empty() {
+        return None;
+    }
+    let mut facts = Vec::new();
+    if full {
+        facts.push(format!(
+            "the conntrack table is {}% full ({} of {} entries): once full, new flows are dropped",
+            table.entries * 100 / table.max,
+            table.entries,
+            table.max
+        ));
+    }
+    if !dropped.is_empty() {
+        facts.push(format!(
+            "conntrack has dropped packets ({}, since the namespace began; see `conntrack -S`)",
+            dropped.join(", ")
+        ));
+    }
+    let max = (table.max * 2).max(65536);
+    Some(Finding {
+        kind: "conntrack",
+        problem: facts.join("; "),
+        // The table's size is the host's (the sysctl is global).
+        fix: format!("sysctl -w net.netfilter.nf_conntrack_max={max}"),
+        keep: Some(format!(
+            "net.netfilter.nf_conntrack_max = {max} in /etc/sysctl.d/90-conntrack.conf"
+        )),
+        alternative: Some(
+            "keep a public service's flows out of the table: `notrack = true` on its allow rule"
+                .to_owned(),
+        ),
+    })
 }
 
 fn pin_ports_advice((low, high): (u16, u16)) -> String {
@@ -500,19 +597,21 @@ pub fn inspect(ns: &mut Namespace) {
                     };
                     let range = sysctl("ip_local_port_range")?;
                     let reserved = sysctl("ip_local_reserved_ports")?;
+                    let conntrack = read_conntrack();
                     // Child processes start in this thread's namespace.
                     let ruleset = Command::new("nft")
                         .args(["list", "ruleset"])
                         .output()
                         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
-                    Ok((range, reserved, ruleset))
+                    Ok((range, reserved, ruleset, conntrack))
                 })
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("audit thread panicked")))
         })
     });
     match result {
-        Ok((range, reserved, ruleset)) => {
+        Ok((range, reserved, ruleset, conntrack)) => {
+            ns.conntrack = conntrack;
             ns.port_range = parse_range(&range);
             ns.reserved_ports = Some(reserved).filter(|r| !r.is_empty());
             match ruleset {
@@ -522,6 +621,22 @@ pub fn inspect(ns: &mut Namespace) {
         }
         Err(err) => ns.error = Some(format!("cannot enter {}: {err}", path.display())),
     }
+}
+
+/// The calling thread's namespace's conntrack table, if conntrack runs
+/// there. The maximum is global; namespaces other than the first may show
+/// it only under /proc/sys/net/nf_conntrack_max.
+fn read_conntrack() -> Option<Conntrack> {
+    let number = |path: &str| fs::read_to_string(path).ok()?.trim().parse::<u64>().ok();
+    let entries = number("/proc/sys/net/netfilter/nf_conntrack_count")?;
+    let max = number("/proc/sys/net/netfilter/nf_conntrack_max")
+        .or_else(|| number("/proc/sys/net/nf_conntrack_max"))?;
+    let stat = fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").unwrap_or_default();
+    Some(Conntrack {
+        entries,
+        max,
+        ..conntrack_stat(&stat)
+    })
 }
 
 fn named_path(name: &str) -> PathBuf {
@@ -536,11 +651,23 @@ fn parse_range(text: &str) -> Option<(u16, u16)> {
     Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
 }
 
-/// Discovers, inspects and judges every namespace against `range`.
-pub fn run(range: (u16, u16)) -> Vec<Namespace> {
+/// Discovers, inspects and judges every namespace against `range`, and
+/// the host's own ruleset against the `notrack` rules of the rule set.
+pub fn run(range: (u16, u16), notrack: &[Rule]) -> Vec<Namespace> {
     let mut namespaces = discover();
     namespaces.iter_mut().for_each(inspect);
     judge(&mut namespaces, range);
+    if notrack.iter().any(|rule| rule.notrack)
+        && let Some(host) = namespaces.iter_mut().find(|ns| ns.host)
+    {
+        match Command::new("nft").args(["-j", "list", "ruleset"]).output() {
+            Ok(listed) => match serde_json::from_slice(&listed.stdout) {
+                Ok(json) => host.findings.extend(untracked::findings(&json, notrack)),
+                Err(err) => host.error = Some(format!("cannot read `nft -j list ruleset`: {err}")),
+            },
+            Err(err) => host.error = Some(format!("cannot run nft: {err}")),
+        }
+    }
     namespaces
 }
 
@@ -738,6 +865,43 @@ mod tests {
                 .as_deref()
                 .unwrap_or_default()
                 .contains("/etc/sysctl.d/")
+        );
+    }
+
+    #[test]
+    fn conntrack_full_or_dropping_is_flagged() {
+        let stat = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+0000000f  00000000 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000001 0000001a 00000000 00000000  00000000 00000000 00000000 00000000
+0000000f  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000006 00000003 00000000  00000000 00000000 00000000 00000000
+";
+        let counted = conntrack_stat(stat);
+        assert_eq!(
+            (counted.drop, counted.early_drop, counted.insert_failed),
+            (32, 3, 1)
+        );
+        let calm = Conntrack {
+            entries: 100,
+            max: 512,
+            ..Conntrack::default()
+        };
+        assert_eq!(conntrack_finding(calm), None);
+        let full = conntrack_finding(Conntrack {
+            entries: 500,
+            ..calm
+        })
+        .unwrap();
+        assert!(
+            full.problem
+                .starts_with("the conntrack table is 97% full (500 of 512 entries)")
+        );
+        assert_eq!(full.fix, "sysctl -w net.netfilter.nf_conntrack_max=65536");
+        let dropping = conntrack_finding(Conntrack { ..counted }).unwrap();
+        assert!(
+            dropping
+                .problem
+                .contains("drop 32, early_drop 3, insert_failed 1"),
+            "{}",
+            dropping.problem
         );
     }
 }

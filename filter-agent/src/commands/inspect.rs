@@ -11,7 +11,7 @@ use crate::{
     counters::{self, Snapshot},
     events,
     guard::{self, GuardReport},
-    loader,
+    loader, notrack,
     pins::{self, InterfaceLock, PinError},
     privileges::{self, Task},
 };
@@ -140,6 +140,7 @@ pub fn detach(ifaces: &[String]) -> anyhow::Result<()> {
         }
         let lock = InterfaceLock::existing(iface)?;
         loader::detach(&dir);
+        notrack::remove(iface)?;
         drop(lock);
         println!("{iface}: detached");
     }

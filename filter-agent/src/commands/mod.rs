@@ -172,12 +172,15 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
 
 /// `filter-agent audit`: every namespace's ephemeral range and NAT rules.
 pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let range = match rules {
-        Some(rules) => config::load(rules)?.guard.ephemeral,
-        None => config::DEFAULT_EPHEMERAL,
+    let (range, notrack) = match rules {
+        Some(rules) => {
+            let config = config::load(rules)?;
+            (config.guard.ephemeral, config.rules)
+        }
+        None => (config::DEFAULT_EPHEMERAL, Vec::new()),
     };
     privileges::check(Task::Audit)?;
-    let namespaces = audit::run(range);
+    let namespaces = audit::run(range, &notrack);
     if json {
         let document = json!({"range": [range.0, range.1], "namespaces": namespaces});
         println!("{}", serde_json::to_string_pretty(&document)?);

@@ -40,6 +40,8 @@ pub struct RuleSet {
     pub dport: TableDim,
     pub src: AddressDim,
     pub dst: AddressDim,
+    /// The rules whose flows skip conntrack (nftables, [`crate::notrack`]).
+    pub notrack: Vec<Rule>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +122,11 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
     })
     .map_err(|err| err.with_limit(limit_mib))?;
     Ok(RuleSet {
+        notrack: rules
+            .iter()
+            .filter(|rule| rule.notrack)
+            .map(|&rule| rule.clone())
+            .collect(),
         settings: config.filter,
         guard: config.guard.clone(),
         rules: rules

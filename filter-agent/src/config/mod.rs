@@ -39,6 +39,9 @@ pub struct Config {
 /// Longest rule name: names are kept with the pinned counters (see
 /// `state::RuleRecord`), where `stats` and the metrics read them.
 pub const MAX_RULE_NAME: usize = 63;
+/// Prefixes a `notrack` rule may name per field: nftables holds them in
+/// the agent's table, and a huge set there is slow to load.
+pub const MAX_NOTRACK_PREFIXES: usize = 10_000;
 
 /// Name of the rule that lets neighbour discovery through.
 pub const IMPLICIT_ND_RULE: &str = "implicit-ipv6-nd";
@@ -190,6 +193,9 @@ pub struct Rule {
     pub tcp_flags: Option<TcpFlags>,
     pub icmp_type: Option<Vec<u8>>,
     pub icmp_code: Option<Vec<u8>>,
+    /// Conntrack skips the flows the rule describes, and their replies
+    /// (`notrack = true`; tcp or udp only, see [`crate::notrack`]).
+    pub notrack: bool,
     /// Where the rule starts, for lint messages.
     pub location: Location,
 }

@@ -15,7 +15,8 @@ use toml::{Spanned, Value};
 use super::{
     Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_MAX_MAP_MIB,
     FilterSettings, Fragments, GuardAction, GuardSettings, IMPLICIT_ND_RULE, Location,
-    MAX_FILE_BYTES, MAX_RULE_NAME, Mode, ND_TYPES, Rule, fields::icmp_type_by_name,
+    MAX_FILE_BYTES, MAX_NOTRACK_PREFIXES, MAX_RULE_NAME, Mode, ND_TYPES, Rule,
+    fields::icmp_type_by_name,
 };
 
 #[derive(Deserialize)]
@@ -63,6 +64,7 @@ pub(super) struct RawRule {
     tcp_flags: Option<Spanned<String>>,
     icmp_type: Option<Spanned<Value>>,
     icmp_code: Option<Spanned<Value>>,
+    notrack: Option<Spanned<bool>>,
 }
 
 /// The text being validated, for turning spans into locations.
@@ -157,6 +159,7 @@ impl<'a> Source<'a> {
             tcp_flags: None,
             icmp_type: Some(ND_TYPES.collect()),
             icmp_code: None,
+            notrack: false,
             location: self.locate(None),
         }
     }
@@ -244,6 +247,20 @@ impl<'a> Source<'a> {
             let message = "src and dst share no address family, so the rule can never match";
             return Err(self.error(value.span(), format!("rule {name:?}: {message}")));
         }
+        let notrack = match &raw.notrack {
+            Some(notrack) if *notrack.get_ref() => {
+                self.check_notrack(
+                    name,
+                    notrack.span(),
+                    raw.action,
+                    proto,
+                    &raw.tcp_flags,
+                    [&src, &dst],
+                )?;
+                true
+            }
+            _ => false,
+        };
         Ok(Rule {
             name: name.clone(),
             action: raw.action,
@@ -255,8 +272,45 @@ impl<'a> Source<'a> {
             tcp_flags,
             icmp_type: icmp(&raw.icmp_type, "icmp_type", icmp_type_by_name)?,
             icmp_code: icmp(&raw.icmp_code, "icmp_code", |_, _| None)?,
+            notrack,
             location: self.locate(Some(span)),
         })
+    }
+
+    /// `notrack` is for whole flows that the rule allows, which nftables
+    /// can describe: tcp or udp, no TCP flags, a bounded number of prefixes.
+    fn check_notrack(
+        &self,
+        name: &str,
+        span: Range<usize>,
+        action: Action,
+        proto: Option<u8>,
+        tcp_flags: &Option<Spanned<String>>,
+        addresses: [&Option<Arc<AddressList>>; 2],
+    ) -> Result<(), ConfigError> {
+        let problem = if action != Action::Allow {
+            Some(
+                "notrack needs action = \"allow\" (conntrack never sees what XDP drops)".to_owned(),
+            )
+        } else if !matches!(proto, Some(IPPROTO_TCP | IPPROTO_UDP)) {
+            Some("notrack needs proto = \"tcp\" or \"udp\"".to_owned())
+        } else if tcp_flags.is_some() {
+            Some("notrack applies to whole flows: it cannot go with tcp_flags".to_owned())
+        } else {
+            addresses.into_iter().flatten().find_map(|list| {
+                (list.nets.len() > MAX_NOTRACK_PREFIXES).then(|| {
+                    format!(
+                        "notrack rules may name at most {MAX_NOTRACK_PREFIXES} prefixes per \
+                         field (nftables holds them), not {}",
+                        list.nets.len()
+                    )
+                })
+            })
+        };
+        match problem {
+            Some(problem) => Err(self.error(span, format!("rule {name:?}: {problem}"))),
+            None => Ok(()),
+        }
     }
 
     /// Letters, digits, '-', '_' and '.', at most [`MAX_RULE_NAME`] of them.

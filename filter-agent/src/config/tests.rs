@@ -225,6 +225,16 @@ const BAD_RULES: &[(&str, &str, &str)] = &[
         "unknown icmp_type \"ping\"",
     ),
     (
+        "proto = \"icmp\"\nnotrack = true",
+        "rules.toml:7:11: ",
+        "notrack needs proto = \"tcp\" or \"udp\"",
+    ),
+    (
+        "proto = \"tcp\"\ntcp_flags = \"syn\"\nnotrack = true",
+        "rules.toml:8:11: ",
+        "notrack applies to whole flows",
+    ),
+    (
         "proto = \"tcp\"\nicmp_type = 3",
         "rules.toml:7:13: ",
         "icmp_type needs proto",

@@ -1,6 +1,7 @@
 //! The Debian 12 system of `vm-test`'s systemd checks: minbase plus
-//! systemd, udev, kmod, iproute2, busybox, bpftool, iptables, ipvsadm and procps
-//! from Debian's packages (mmdebstrap), cached under `target/vm/debian12/rootfs`. Each
+//! systemd, udev, kmod, iproute2, busybox, bpftool, nftables, and
+//! iptables, ipvsadm and procps for the LVS director, from Debian's
+//! packages (mmdebstrap), cached under `target/vm/debian12/rootfs`. Each
 //! run stages the guest's files and the packages to install in it, writes
 //! the tree to an ext4 disk image (`mke2fs -d`: no loop device, no mount)
 //! and boots the stock kernel with a small busybox initramfs that mounts
@@ -24,7 +25,7 @@ const MMDEBSTRAP: &[&str] = &[
     "--variant=minbase",
     "--mode=root",
     "--format=directory",
-    "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool,iptables,ipvsadm,procps",
+    "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool,iptables,ipvsadm,procps,nftables",
     "bookworm",
 ];
 const MIRROR: &str = "http://deb.debian.org/debian";

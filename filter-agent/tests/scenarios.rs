@@ -26,7 +26,7 @@ fn docker_nacl_egress_guard_reports_post_nat_ports() {
 }
 
 #[test]
-fn conntrack_full_flood_in_xdp_keeps_connections_working() {
+fn conntrack_full_public_service_skips_conntrack_under_a_flood() {
     let conntrack_max = || std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max");
     let before = conntrack_max().unwrap();
     scenarios::conntrack_full::run(Path::new(AGENT)).unwrap();

@@ -124,13 +124,6 @@ pub fn rule_packets(stats: &Value, iface: &str, name: &str) -> anyhow::Result<u6
         .with_context(|| format!("no rule {name} on {iface}"))
 }
 
-/// Packets counted for `reason` (e.g. "default_deny") on `iface`.
-pub fn reason_packets(stats: &Value, iface: &str, reason: &str) -> anyhow::Result<u64> {
-    interface(stats, iface)?["reasons"][reason]["packets"]
-        .as_u64()
-        .with_context(|| format!("no reason {reason} on {iface}"))
-}
-
 fn interface<'a>(reports: &'a Value, iface: &str) -> anyhow::Result<&'a Value> {
     reports
         .as_array()

@@ -8,7 +8,8 @@
 //! everything else.
 
 use std::{
-    net::SocketAddr,
+    io,
+    net::{SocketAddr, UdpSocket},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -25,14 +26,17 @@ use testbed::{
 use crate::{Agent, agent, nft, ports, say, step};
 
 const PORT: u16 = 8080;
+/// The DNS-like UDP service (an echo), public too.
+const DNS_PORT: u16 = 5353;
 /// Another service the stateful firewall allows, and one it does not.
 const TRACKED_PORT: u16 = 9090;
 const CLOSED_PORT: u16 = 7070;
 /// The conntrack table size for the scenario (global; restored after).
 const TABLE: u32 = 512;
-/// Spoofed SYNs per flood at most (5,000 a second from everywhere, as
-/// many from one address of the clients' network, so at most 8 s); it is
-/// stopped once the legitimate connections have been tried.
+/// Spoofed packets per flood at most (SYNs to the TCP service, datagrams
+/// to the UDP one, each 5,000 a second from everywhere and as many from
+/// one address of the clients' network, so at most 8 s); they are stopped
+/// once the legitimate side has been tried.
 const FLOOD: u32 = 40_000;
 const FLOOD_INTERVAL: &str = "u200";
 /// A spoofed source in the clients' own network.
@@ -49,6 +53,7 @@ const STATEFUL: &str =
     iifname \"lo\" accept
     ct state established,related accept
     tcp dport { 8080, 9090 } ct state new accept
+    udp dport 5353 ct state new accept
   }
 }
 ";
@@ -65,63 +70,90 @@ action = "allow"
 proto = "tcp"
 dport = "8080"
 notrack = true
+
+[[rule]]
+name = "public-dns"
+action = "allow"
+proto = "udp"
+dport = "5353"
+notrack = true
 "#;
+
+/// What the legitimate side saw during a flood.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// The most conntrack entries seen, and those of the two services.
+    pub entries: u64,
+    pub service_entries: u64,
+    /// TCP connections and UDP queries answered, of [`CONNECTIONS`].
+    pub connections: usize,
+    pub queries: usize,
+    /// The host's own UDP `sendto()` refused with EPERM (no entry could
+    /// be made for it).
+    pub sendto_refused: bool,
+}
 
 #[derive(Debug)]
 pub struct Outcome {
-    /// conntrack entries after the flood, and legitimate connections
-    /// answered, without filter-agent.
-    pub stateful_entries: u64,
-    pub stateful_answered: usize,
+    pub stateful: Served,
     /// Packets conntrack itself dropped because the table was full: no
     /// firewall rule counts them.
     pub stateful_table_full_drops: u64,
-    /// With filter-agent: the most conntrack entries seen during the
-    /// flood, those of the service, connections answered, how far the
-    /// drop counters moved, and flood packets its rule passed.
-    pub filtered_entries: u64,
-    pub filtered_service_entries: u64,
-    pub filtered_answered: usize,
+    pub filtered: Served,
+    /// How far the drop counters moved with filter-agent, and the flood
+    /// packets its rules passed.
     pub filtered_drops_moved: u64,
     pub flood_passed: u64,
-    /// The audit's fix for the host's firewall, run as printed.
-    pub notrack_fix: String,
+    /// The audit's fixes for the host's firewall, run as printed.
+    pub notrack_fixes: Vec<String>,
 }
 
 pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     step!(
-        "conntrack-full: a public service on a host with a stateful firewall (nftables, \
-         conntrack), nf_conntrack_max {TABLE}, under a spoofed SYN flood from everywhere and from \
-         the clients' own network (hping3 --rand-source and -a {SPOOFED_CLIENT}, 5,000/s each)"
+        "conntrack-full: public TCP and UDP services on a host with a stateful firewall \
+         (nftables, conntrack), nf_conntrack_max {TABLE}, under spoofed SYN and UDP floods from \
+         everywhere and from the clients' own network (hping3 --rand-source and -a \
+         {SPOOFED_CLIENT}, 5,000/s each)"
     );
     let _table = ConntrackMax::set(TABLE)?;
 
-    let (stateful_entries, stateful_answered, stateful_table_full_drops) = stateful(binary)?;
-    say!(
-        "without filter-agent: {stateful_entries} conntrack entries during the flood; \
-         legitimate connections answered: {stateful_answered} of {CONNECTIONS}"
-    );
+    let (stateful, stateful_table_full_drops) = without_agent(binary)?;
+    report("without filter-agent", &stateful);
     say!(
         "conntrack dropped {stateful_table_full_drops} packets because its table was full \
          (/proc/net/stat/nf_conntrack; no firewall rule counted them)"
     );
     ensure!(
-        stateful_entries >= u64::from(TABLE) * 9 / 10
-            && stateful_answered <= CONNECTIONS / 5
+        stateful.entries >= u64::from(TABLE) * 9 / 10
+            && stateful.connections <= CONNECTIONS / 5
+            && stateful.queries <= CONNECTIONS / 5
+            && stateful.sendto_refused
             && stateful_table_full_drops > 0,
-        "the flood did not fill the table and stop new connections"
+        "the flood did not fill the table and stop new flows: {stateful:?}"
     );
 
     step!(
-        "the same, with filter-agent on the host's interface: the service public, its flows kept \
-         out of conntrack (notrack = true)"
+        "the same, with filter-agent on the host's interface: both services public, their flows \
+         kept out of conntrack (notrack = true)"
     );
     Ok(Outcome {
-        stateful_entries,
-        stateful_answered,
+        stateful,
         stateful_table_full_drops,
         ..public(binary)?
     })
+}
+
+fn report(what: &str, served: &Served) {
+    say!(
+        "{what}: at most {} conntrack entries during the flood, {} of them for ports {PORT} and \
+         {DNS_PORT}; legitimate TCP connections answered: {} of {CONNECTIONS}, UDP queries: {} of \
+         {CONNECTIONS}; the host's own UDP sendto() refused (EPERM): {}",
+        served.entries,
+        served.service_entries,
+        served.connections,
+        served.queries,
+        served.sendto_refused
+    );
 }
 
 /// A fresh client and host with the stateful firewall and the services.
@@ -131,7 +163,7 @@ fn site() -> anyhow::Result<(Chain, Vec<Responder>)> {
     // Replies to spoofed sources leave towards the client (and vanish).
     host.ip(&["route", "add", "default", "via", "10.210.0.1"])?;
     nft(host, STATEFUL)?;
-    let services = [PORT, TRACKED_PORT, CLOSED_PORT]
+    let services = [PORT, DNS_PORT, TRACKED_PORT, CLOSED_PORT]
         .map(|port| Responder::start(host, port))
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
@@ -145,10 +177,16 @@ struct Flood(Vec<Child>);
 impl Flood {
     fn start(client: &Netns, target: &str) -> anyhow::Result<Self> {
         let mut flood = Self(Vec::new());
-        for source in [&["--rand-source"][..], &["-a", SPOOFED_CLIENT]] {
+        let kinds = [["-S", "-p", "8080"], ["--udp", "-p", "5353"]];
+        let sources = [&["--rand-source"][..], &["-a", SPOOFED_CLIENT]];
+        for (kind, source) in kinds
+            .iter()
+            .flat_map(|kind| sources.map(|source| (kind, source)))
+        {
             let child = client
                 .command("hping3")
-                .args(["-q", "-S", "-p", "8080"])
+                .arg("-q")
+                .args(kind)
                 .args(source)
                 .args(["-i", FLOOD_INTERVAL, "-c", &FLOOD.to_string(), target])
                 .stdout(Stdio::null())
@@ -170,11 +208,11 @@ impl Drop for Flood {
     }
 }
 
-/// Without filter-agent: floods until conntrack drops, then connects
-/// while the flood goes on; `filter-agent audit` must flag the full table
-/// meanwhile. (conntrack entries, connections answered, packets conntrack
-/// dropped for a full table).
-fn stateful(binary: &Path) -> anyhow::Result<(u64, usize, u64)> {
+/// Without filter-agent: floods until conntrack drops, then serves while
+/// the flood goes on; `filter-agent audit` must flag the full table
+/// meanwhile. Returns what was served and the packets conntrack dropped
+/// for a full table.
+fn without_agent(binary: &Path) -> anyhow::Result<(Served, u64)> {
     let (chain, _services) = site()?;
     let (client, host) = (chain.client(), chain.server());
     let flood = Flood::start(client, &chain.server_addr().to_string())?;
@@ -182,7 +220,6 @@ fn stateful(binary: &Path) -> anyhow::Result<(u64, usize, u64)> {
         table_full_drops(host).is_ok_and(|drops| drops > 0)
     });
     ensure!(flooded, "the flood had no effect within {FLOOD_EFFECT:?}");
-    let entries = conntrack_count(host)?;
     let audit = agent::json(binary, &["audit"])?;
     let flagged = ports::finding(ports::audited(&audit, host.name())?, "conntrack")?;
     say!(
@@ -190,22 +227,43 @@ fn stateful(binary: &Path) -> anyhow::Result<(u64, usize, u64)> {
         host.name(),
         flagged["problem"].as_str().unwrap_or("?")
     );
-    let answered = connect(&chain, PORT)?;
+    let served = serve(&chain)?;
     drop(flood);
-    Ok((entries, answered, table_full_drops(host)?))
+    Ok((served, table_full_drops(host)?))
 }
 
-/// With filter-agent and the public notrack rule; the audit's fix for the
-/// host's firewall applied first. The stateful fields are left at zero.
+/// The legitimate side during a flood: connections and queries from the
+/// client, one datagram the host sends itself, the table sampled between.
+fn serve(chain: &Chain) -> anyhow::Result<Served> {
+    let host = chain.server();
+    let mut served = Served {
+        entries: conntrack_count(host)?,
+        ..Served::default()
+    };
+    for _ in 0..CONNECTIONS {
+        served.connections += connect(chain, PORT)?;
+        let dns = SocketAddr::from((chain.server_addr(), DNS_PORT));
+        served.queries += usize::from(traffic::udp_exchange(chain.client(), dns)?);
+        served.entries = served.entries.max(conntrack_count(host)?);
+    }
+    served.service_entries = service_entries(host)?;
+    let outside = SocketAddr::from((chain.client_addr(), 9));
+    let sent = host.run(|| UdpSocket::bind("0.0.0.0:0")?.send_to(b"query", outside))?;
+    served.sendto_refused = sent.is_err_and(|err| err.kind() == io::ErrorKind::PermissionDenied);
+    Ok(served)
+}
+
+/// With filter-agent and the public notrack rules; the audit's fixes for
+/// the host's firewall applied first. The stateful fields are left empty.
 fn public(binary: &Path) -> anyhow::Result<Outcome> {
     let (chain, _services) = site()?;
     let (client, host) = (chain.client(), chain.server());
     let iface = chain.right_if(0);
     let agent = Agent::start(binary, host, &[&iface], RULES)?;
 
-    // The firewall accepts the service only as `ct state new`: untracked
+    // The firewall accepts the services only as `ct state new`: untracked
     // packets would fall to its policy. The audit, run on the host, says
-    // so; its fix is run as printed.
+    // so; its fixes are run as printed.
     let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
     let output = host.exec(
         binary.to_str().context("a non-UTF-8 path")?,
@@ -216,42 +274,44 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
         .as_array()
         .and_then(|all| all.iter().find(|ns| ns["host"] == true))
         .context("no host namespace in the audit")?;
-    let finding = ports::finding(own, "notrack")?;
-    say!(
-        "`filter-agent audit` on the host: {}",
-        finding["problem"].as_str().unwrap_or("?")
+    let mut notrack_fixes = Vec::new();
+    for finding in own["findings"].as_array().into_iter().flatten() {
+        if finding["kind"] != "notrack" {
+            continue;
+        }
+        say!(
+            "`filter-agent audit` on the host: {}",
+            finding["problem"].as_str().unwrap_or("?")
+        );
+        let fix = finding["fix"].as_str().context("no fix")?.to_owned();
+        say!("  {fix}");
+        host.exec("sh", &["-c", &fix])?;
+        notrack_fixes.push(fix);
+    }
+    ensure!(
+        notrack_fixes.len() == 2,
+        "the audit did not flag both services: {notrack_fixes:?}"
     );
-    let notrack_fix = finding["fix"].as_str().context("no fix")?.to_owned();
-    say!("  {notrack_fix}");
-    host.exec("sh", &["-c", &notrack_fix])?;
 
     let drops_before = all_drops(host)?;
     let flood = Flood::start(client, &chain.server_addr().to_string())?;
     let passed = || {
-        agent
-            .json(&["stats", "--iface", &iface])
-            .and_then(|stats| agent::rule_packets(&stats, &iface, "public-web"))
+        let stats = agent.json(&["stats", "--iface", &iface])?;
+        let web = agent::rule_packets(&stats, &iface, "public-web")?;
+        anyhow::Ok(web + agent::rule_packets(&stats, &iface, "public-dns")?)
     };
     let flooded = within(FLOOD_EFFECT, || {
         passed().is_ok_and(|count| count >= u64::from(TABLE) * 4)
     });
-    ensure!(flooded, "the flood never reached the service in numbers");
-    // The table's count over the connections, sampled between them.
-    let mut entries = conntrack_count(host)?;
-    let mut answered = 0;
-    for _ in 0..CONNECTIONS {
-        answered += connect(&chain, PORT)?;
-        entries = entries.max(conntrack_count(host)?);
-    }
-    let service_entries = service_entries(host)?;
+    ensure!(flooded, "the flood never reached the services in numbers");
+    let served = serve(&chain)?;
     let flood_passed = passed()?;
     drop(flood);
     let drops_moved = all_drops(host)? - drops_before;
+    report("with filter-agent", &served);
     say!(
-        "with filter-agent: at most {entries} conntrack entries during the flood, {service_entries} \
-         of them for port {PORT} ({flood_passed} flood packets passed by the rule public-web); \
-         legitimate connections answered: {answered} of {CONNECTIONS}; conntrack's drop counters \
-         moved by {drops_moved}"
+        "({flood_passed} flood packets passed by the rules public-web and public-dns; conntrack's \
+         drop counters moved by {drops_moved})"
     );
     let tracked = connect(&chain, TRACKED_PORT)? == 1;
     let closed = connect(&chain, CLOSED_PORT)? == 1;
@@ -261,26 +321,25 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
     );
     agent.stop()?;
     ensure!(
-        answered == CONNECTIONS
-            && service_entries == 0
-            && entries < u64::from(TABLE)
+        served.connections == CONNECTIONS
+            && served.queries == CONNECTIONS
+            && !served.sendto_refused
+            && served.service_entries == 0
+            && served.entries < u64::from(TABLE)
             && drops_moved == 0,
-        "filter-agent did not keep the service out of the table"
+        "filter-agent did not keep the services out of the table: {served:?}, drops {drops_moved}"
     );
     ensure!(
         tracked && !closed,
         "the stateful firewall no longer guards the other ports"
     );
     Ok(Outcome {
-        stateful_entries: 0,
-        stateful_answered: 0,
+        stateful: Served::default(),
         stateful_table_full_drops: 0,
-        filtered_entries: entries,
-        filtered_service_entries: service_entries,
-        filtered_answered: answered,
+        filtered: served,
         filtered_drops_moved: drops_moved,
         flood_passed,
-        notrack_fix,
+        notrack_fixes,
     })
 }
 
@@ -294,11 +353,14 @@ fn connect(chain: &Chain, port: u16) -> anyhow::Result<usize> {
     )?))
 }
 
-/// conntrack entries for the service's port in `netns`.
+/// conntrack entries for the two services' ports in `netns`.
 fn service_entries(netns: &Netns) -> anyhow::Result<u64> {
     let table = netns.run(|| std::fs::read_to_string("/proc/thread-self/net/nf_conntrack"))??;
-    let needle = format!("dport={PORT} ");
-    Ok(table.lines().filter(|line| line.contains(&needle)).count() as u64)
+    let needles = [PORT, DNS_PORT].map(|port| format!("dport={port} "));
+    Ok(table
+        .lines()
+        .filter(|line| needles.iter().any(|needle| line.contains(needle)))
+        .count() as u64)
 }
 
 fn conntrack_count(netns: &Netns) -> anyhow::Result<u64> {

@@ -134,11 +134,12 @@ fn port_list(ports: &[(u16, u16)]) -> String {
 /// Makes the agent's table for `iface` hold the notrack flows of `rules`;
 /// with none, [`remove`]s it.
 pub fn apply(iface: &str, rules: &[Rule]) -> Result<(), NotrackError> {
-    if iface.contains(['"', '\\']) {
-        return Err(NotrackError::Name(iface.to_owned()));
-    }
     if !rules.iter().any(|rule| rule.notrack) {
         return remove(iface);
+    }
+    // The name goes into the script as a quoted string.
+    if iface.contains(['"', '\\']) {
+        return Err(NotrackError::Name(iface.to_owned()));
     }
     nft(iface, &["-f", "-"], Some(&script(iface, rules))).map(drop)
 }

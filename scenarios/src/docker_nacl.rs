@@ -9,11 +9,11 @@
 //! a container with the right range loses some; pinning the MASQUERADE's
 //! ports (the audit's fix for the bridge) ends that too.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::Path};
+use std::{collections::BTreeSet, io, net::SocketAddr, path::Path};
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use testbed::{
-    Chain, Netns,
+    Chain, Netns, TestbedError,
     docker::Docker,
     traffic::{self, Responder},
 };
@@ -223,11 +223,12 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-/// The host connects to `server` from [`CONNECTIONS`] fixed ports (set
-/// `round` of them), then `container` from the same ports: MASQUERADE
-/// finds each post-NAT address and port taken and moves the container's
-/// connection. Returns the container's attempts (by its own ports) and
-/// the egress guard's out-of-range ports that are new beyond `reported`.
+/// The host connects to `server` from a fixed port, then `container` from
+/// the same port, [`CONNECTIONS`] times (ports of set `round`):
+/// MASQUERADE finds each post-NAT address and port taken and moves the
+/// container's connection. Returns the container's attempts (by its own
+/// ports) and the egress guard's out-of-range ports that are new beyond
+/// `reported`.
 fn from_the_hosts_ports(
     agent: &Agent,
     uplink: &str,
@@ -236,14 +237,21 @@ fn from_the_hosts_ports(
     round: u16,
     reported: &BTreeSet<u16>,
 ) -> anyhow::Result<(Attempts, BTreeSet<u16>)> {
-    let from: Vec<u16> = (0..CONNECTIONS as u16)
-        .map(|i| ALLOWED.0 + 1000 + round * 7000 + i * 300)
-        .collect();
-    for &port in &from {
-        let (answered, _) = traffic::tcp_attempt(host, server, Some(port))?;
-        ensure!(answered, "the host's connection from port {port} failed");
+    let first = ALLOWED.0 + 1000 + round * 7000;
+    let mut candidates = (first..first + 7000).step_by(200);
+    let mut attempts = Attempts::default();
+    while attempts.total() < CONNECTIONS {
+        let port = candidates
+            .next()
+            .context("too few free ports for the connections")?;
+        match attempt_from(host, server, port)? {
+            Some((answered, _)) => ensure!(answered, "the host's connection from {port} failed"),
+            None => continue,
+        }
+        if let Some(attempt) = attempt_from(container, server, port)? {
+            attempts.record(attempt);
+        }
     }
-    let attempts = ports::connect_from(container, server, &from)?;
     let egress = ports::guard_ports(agent, uplink, "egress")?;
     let moved: BTreeSet<u16> = egress.difference(reported).copied().collect();
     say!(
@@ -255,4 +263,16 @@ fn from_the_hosts_ports(
         list(&moved)
     );
     Ok((attempts, moved))
+}
+
+/// One connection from `port`, or `None` when the namespace still holds
+/// the port (its own earlier connection from it, in TIME_WAIT).
+fn attempt_from(ns: &Netns, server: SocketAddr, port: u16) -> anyhow::Result<Option<(bool, u16)>> {
+    match traffic::tcp_attempt(ns, server, Some(port)) {
+        Ok(attempt) => Ok(Some(attempt)),
+        Err(TestbedError::Socket { source, .. }) if source.kind() == io::ErrorKind::AddrInUse => {
+            Ok(None)
+        }
+        Err(err) => Err(err.into()),
+    }
 }

@@ -39,7 +39,7 @@ impl Attempts {
     }
 
     /// Records one `tcp_attempt`: whether it was answered, and its port.
-    fn record(&mut self, (answered, port): (bool, u16)) {
+    pub(crate) fn record(&mut self, (answered, port): (bool, u16)) {
         if answered {
             self.answered.insert(port);
         } else {
@@ -84,7 +84,7 @@ pub fn connect_many(
 }
 
 /// One connection from `client` to `server` from each of `ports`.
-pub fn connect_from(client: &Netns, server: SocketAddr, ports: &[u16]) -> anyhow::Result<Attempts> {
+fn connect_from(client: &Netns, server: SocketAddr, ports: &[u16]) -> anyhow::Result<Attempts> {
     let mut attempts = Attempts::default();
     for &port in ports {
         attempts.record(traffic::tcp_attempt(client, server, Some(port))?);

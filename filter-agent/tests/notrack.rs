@@ -52,27 +52,9 @@ fn tracked(ns: &Netns, port: u16) -> usize {
 
 /// The fix of the audit's "notrack" finding on `ns` (as its host), if any.
 fn notrack_fix(ns: &Netns, rules: &Path) -> Option<String> {
-    let output = ns
-        .exec(
-            AGENT,
-            &["audit", "--json", "--rules", rules.to_str().unwrap()],
-        )
-        .unwrap();
-    let audit: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let host = audit["namespaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|ns| ns["host"] == true)
-        .unwrap()
-        .clone();
-    let finding = host["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|finding| finding["kind"] == "notrack")?
-        .clone();
-    finding["fix"].as_str().map(str::to_owned)
+    let host = scenarios::agent::audit_host(Path::new(AGENT), ns, rules).unwrap();
+    let fix = scenarios::ports::findings(&host, "notrack").next()?["fix"].as_str();
+    fix.map(str::to_owned)
 }
 
 /// An editor's rename-write: the agent sees the change and reloads.

@@ -102,6 +102,19 @@ pub fn json(binary: &Path, args: &[&str]) -> anyhow::Result<Value> {
     output_json(command, &args.join(" "))
 }
 
+/// `BINARY audit --rules RULES --json` run inside `netns`, so that `netns`
+/// is the audit's host: the host's namespace in it.
+pub fn audit_host(binary: &Path, netns: &Netns, rules: &Path) -> anyhow::Result<Value> {
+    let mut command = netns.command(binary.to_str().context("a non-UTF-8 path")?);
+    command.arg("audit").arg("--rules").arg(rules);
+    let audit = output_json(command, "audit")?;
+    audit["namespaces"]
+        .as_array()
+        .and_then(|all| all.iter().find(|ns| ns["host"] == true))
+        .cloned()
+        .context("no host namespace in the audit")
+}
+
 fn output_json(mut command: Command, what: &str) -> anyhow::Result<Value> {
     let output = command.arg("--json").output()?;
     ensure!(

@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
 use testbed::{
     Chain, Netns,
     traffic::{self, Responder},
@@ -266,21 +265,9 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
     // The firewall accepts the services only as `ct state new`: untracked
     // packets would fall to its policy. The audit, run on the host, says
     // so; its fixes are run as printed.
-    let rules = agent.rules().to_str().context("a non-UTF-8 path")?;
-    let output = host.exec(
-        binary.to_str().context("a non-UTF-8 path")?,
-        &["audit", "--json", "--rules", rules],
-    )?;
-    let audit: Value = serde_json::from_slice(&output.stdout)?;
-    let own = audit["namespaces"]
-        .as_array()
-        .and_then(|all| all.iter().find(|ns| ns["host"] == true))
-        .context("no host namespace in the audit")?;
+    let own = agent::audit_host(binary, host, agent.rules())?;
     let mut notrack_fixes = Vec::new();
-    for finding in own["findings"].as_array().into_iter().flatten() {
-        if finding["kind"] != "notrack" {
-            continue;
-        }
+    for finding in ports::findings(&own, "notrack") {
         say!(
             "`filter-agent audit` on the host: {}",
             finding["problem"].as_str().unwrap_or("?")

@@ -6,7 +6,7 @@
 //! tests (`filter-agent/tests/scenarios.rs`) also check the figures each
 //! returns. Run one with `cargo xtask scenario NAME`.
 
-mod agent;
+pub mod agent;
 pub mod asymmetric;
 pub mod conntrack_full;
 pub mod docker_nacl;

@@ -126,11 +126,19 @@ pub fn audited<'a>(document: &'a Value, name: &str) -> anyhow::Result<&'a Value>
 }
 
 /// The first finding of `kind` in an audited namespace.
-pub fn finding<'a>(namespace: &'a Value, kind: &str) -> anyhow::Result<&'a Value> {
+pub fn finding<'a>(namespace: &'a Value, kind: &'a str) -> anyhow::Result<&'a Value> {
+    findings(namespace, kind)
+        .next()
+        .with_context(|| format!("no {kind} finding in {namespace}"))
+}
+
+/// Every finding of `kind` in an audited namespace.
+pub fn findings<'a>(namespace: &'a Value, kind: &'a str) -> impl Iterator<Item = &'a Value> {
     namespace["findings"]
         .as_array()
-        .and_then(|findings| findings.iter().find(|f| f["kind"] == kind))
-        .with_context(|| format!("no {kind} finding in {namespace}"))
+        .into_iter()
+        .flatten()
+        .filter(move |finding| finding["kind"] == kind)
 }
 
 /// Shows a finding's problem, fix and how to keep it, and runs the fix

@@ -163,26 +163,28 @@ struct Endpoint {
 }
 
 impl DockerContainer {
-    /// Fills in what the API knows of `container`, if it is this one.
-    pub fn describe(&self, container: &mut Container) -> bool {
-        let matches = container.runtime == Runtime::Docker
+    /// Whether this entry is `container` (a Docker container whose short
+    /// id starts this one's).
+    pub fn is(&self, container: &Container) -> bool {
+        container.runtime == Runtime::Docker
             && container
                 .id
                 .as_ref()
-                .is_some_and(|id| self.id.starts_with(id.as_str()));
-        if matches {
-            container.name = self
-                .names
-                .first()
-                .map(|name| name.trim_start_matches('/').to_owned());
-            container.addresses = self
-                .network_settings
-                .iter()
-                .flat_map(|settings| settings.networks.values())
-                .filter_map(|endpoint| endpoint.ip_address.parse().ok())
-                .collect();
-        }
-        matches
+                .is_some_and(|id| self.id.starts_with(id.as_str()))
+    }
+
+    /// Fills in what the API knows of `container`.
+    pub fn describe(&self, container: &mut Container) {
+        container.name = self
+            .names
+            .first()
+            .map(|name| name.trim_start_matches('/').to_owned());
+        container.addresses = self
+            .network_settings
+            .iter()
+            .flat_map(|settings| settings.networks.values())
+            .filter_map(|endpoint| endpoint.ip_address.parse().ok())
+            .collect();
     }
 }
 
@@ -272,8 +274,9 @@ mod tests {
         );
         let listed: Vec<DockerContainer> = serde_json::from_str(&answer).unwrap();
         let mut container = from_cgroup(&format!("0::/docker/{id}\n")).unwrap();
-        assert!(!listed[1].describe(&mut container));
-        assert!(listed[0].describe(&mut container));
+        assert!(!listed[1].is(&container));
+        assert!(listed[0].is(&container));
+        listed[0].describe(&mut container);
         assert_eq!(container.label(), "docker web (4f8e2c0a4f8e)");
         assert_eq!(container.addresses, [Ipv4Addr::new(10, 213, 0, 2)]);
     }

@@ -535,10 +535,13 @@ pub fn discover() -> Vec<Namespace> {
 /// Without an API socket they keep the id from their cgroup; a socket that
 /// does not answer is noted on each.
 fn name_docker_containers(namespaces: &mut [Namespace]) {
-    let docker: Vec<&mut Container> = namespaces
+    let docker: Vec<&mut Namespace> = namespaces
         .iter_mut()
-        .filter_map(|ns| ns.container.as_mut())
-        .filter(|container| container.runtime == Runtime::Docker)
+        .filter(|ns| {
+            ns.container
+                .as_ref()
+                .is_some_and(|container| container.runtime == Runtime::Docker)
+        })
         .collect();
     let Some(socket) = containers::docker_socket().filter(|_| !docker.is_empty()) else {
         return;
@@ -548,17 +551,15 @@ fn name_docker_containers(namespaces: &mut [Namespace]) {
     }
     match containers::docker_containers(Path::new(&socket)) {
         Ok(listed) => {
-            for container in docker {
-                listed.iter().any(|entry| entry.describe(container));
+            for container in docker.into_iter().filter_map(|ns| ns.container.as_mut()) {
+                if let Some(entry) = listed.iter().find(|entry| entry.is(container)) {
+                    entry.describe(container);
+                }
             }
         }
         Err(err) => {
             let note = format!("Docker's API on {socket}: {err}; named by cgroup id only");
-            for ns in namespaces.iter_mut().filter(|ns| {
-                ns.container
-                    .as_ref()
-                    .is_some_and(|c| c.runtime == Runtime::Docker)
-            }) {
+            for ns in docker {
                 ns.error = Some(note.clone());
             }
         }

@@ -8,11 +8,11 @@ use std::{
 };
 
 use filter_common::{
-    DECISION_RULE, Event, event, reason, stored_address,
+    Event, event, reason, stored_address,
     wire::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PROTOCOL_NAMES},
 };
 
-use crate::compile::RuleInfo;
+use crate::{compile::RuleInfo, reference::Outcome};
 
 /// Where the agent serves each interface's event lines to `watch`.
 pub const SOCKET_DIR: &str = "/run/filter-agent";
@@ -32,19 +32,18 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
 }
 
 /// How the deciding counter slot of an event is shown: `rule=NAME`,
-/// `rule=default` or `reason=NAME`; `None` for egress events.
+/// `rule=NAME reason=over_limit`, `rule=default` or `reason=NAME`; `None`
+/// for egress events.
 pub fn decision(event: &Event, rules: &[RuleInfo]) -> Option<String> {
     if event.slot == event::NO_SLOT {
         return None;
     }
-    if event.slot & DECISION_RULE != 0 {
-        let index = (event.slot & !DECISION_RULE) as usize;
-        let name = rules.get(index).map_or("?", |rule| rule.name.as_str());
-        return Some(format!("rule={name}"));
-    }
-    Some(match event.slot {
-        reason::DEFAULT_ALLOW | reason::DEFAULT_DENY => "rule=default".to_owned(),
-        why => format!(
+    let name = |index: usize| rules.get(index).map_or("?", |rule| rule.name.as_str());
+    Some(match Outcome::from_slot(event.slot) {
+        Outcome::Rule(index) => format!("rule={}", name(index)),
+        Outcome::OverLimit(index) => format!("rule={} reason=over_limit", name(index)),
+        Outcome::Reason(reason::DEFAULT_ALLOW | reason::DEFAULT_DENY) => "rule=default".to_owned(),
+        Outcome::Reason(why) => format!(
             "reason={}",
             reason::NAMES
                 .get(why as usize)
@@ -137,6 +136,7 @@ fn tcp_flags(flags: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use filter_common::{DECISION_OVER_LIMIT, DECISION_RULE};
 
     fn mapped(v4: [u8; 4]) -> [u8; 16] {
         std::net::Ipv4Addr::from(v4).to_ipv6_mapped().octets()
@@ -162,6 +162,7 @@ mod tests {
         let rule = |name: &str| RuleInfo {
             name: name.to_owned(),
             action: crate::config::Action::Deny,
+            limit: None,
         };
         let names = vec![rule("ssh"), rule("web")];
         let range = (32768, 60999);
@@ -180,6 +181,14 @@ mod tests {
                 range
             ),
             "WOULD-DROP tcp 203.0.113.5:443 -> 10.0.0.11:5000 flags SA rule=web"
+        );
+        assert_eq!(
+            format(
+                &event(DECISION_RULE | DECISION_OVER_LIMIT | 1, event::DROP, event::GUARD_NONE),
+                &names,
+                range
+            ),
+            "DROP tcp 203.0.113.5:443 -> 10.0.0.11:5000 flags SA rule=web reason=over_limit"
         );
         let mut egress = event(event::NO_SLOT, event::PASS, event::GUARD_OUTBOUND);
         egress.tcp_flags = 0x02;

@@ -4,6 +4,7 @@ use std::{
     fs::File,
     io::{BufReader, Read, Seek, SeekFrom},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use pcap_file::{
@@ -35,11 +36,12 @@ pub enum PcapError {
     },
 }
 
-/// Calls `each` with every frame of the capture at `path`, in order.
-/// Returns the number of frames.
+/// Calls `each` with every frame of the capture at `path`, in order, and
+/// when it was captured (since the epoch; a block without a time stamp
+/// takes the one before it). Returns the number of frames.
 pub fn for_each_frame<E: From<PcapError>>(
     path: &Path,
-    mut each: impl FnMut(&[u8]) -> Result<(), E>,
+    mut each: impl FnMut(Duration, &[u8]) -> Result<(), E>,
 ) -> Result<u64, E> {
     let open = |source| PcapError::Open {
         path: path.to_owned(),
@@ -60,6 +62,7 @@ pub fn for_each_frame<E: From<PcapError>>(
     file.seek(SeekFrom::Start(0)).map_err(open)?;
     let file = BufReader::new(file);
     let mut count = 0;
+    let mut time = Duration::ZERO;
     if magic == PCAPNG_MAGIC {
         let mut reader = PcapNgReader::new(file).map_err(format)?;
         // Link type per interface of the current section.
@@ -74,8 +77,15 @@ pub fn for_each_frame<E: From<PcapError>>(
                     links.push(description.linktype);
                     continue;
                 }
-                Block::EnhancedPacket(packet) => (packet.interface_id, packet.data),
-                Block::Packet(packet) => (u32::from(packet.interface_id), packet.data),
+                Block::EnhancedPacket(packet) => {
+                    time = packet.timestamp;
+                    (packet.interface_id, packet.data)
+                }
+                Block::Packet(packet) => {
+                    // The obsolete block's default resolution: microseconds.
+                    time = Duration::from_micros(packet.timestamp);
+                    (u32::from(packet.interface_id), packet.data)
+                }
                 Block::SimplePacket(packet) => (0, packet.data),
                 _ => continue,
             };
@@ -87,7 +97,7 @@ pub fn for_each_frame<E: From<PcapError>>(
             if link != DataLink::ETHERNET {
                 return Err(link_type(count, link).into());
             }
-            each(&data)?;
+            each(time, &data)?;
         }
     } else {
         let mut reader = PcapReader::new(file).map_err(format)?;
@@ -98,7 +108,7 @@ pub fn for_each_frame<E: From<PcapError>>(
             if link != DataLink::ETHERNET {
                 return Err(link_type(count, link).into());
             }
-            each(&packet.data)?;
+            each(packet.timestamp, &packet.data)?;
         }
     }
     Ok(count)
@@ -106,8 +116,6 @@ pub fn for_each_frame<E: From<PcapError>>(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use pcap_file::{
         pcap::{PcapHeader, PcapPacket, PcapWriter},
         pcapng::{
@@ -127,9 +135,10 @@ mod tests {
             ..Default::default()
         };
         let mut writer = PcapWriter::with_header(File::create(path).unwrap(), header).unwrap();
-        for frame in frames {
+        for (second, frame) in (1..).zip(frames) {
+            let time = Duration::from_secs(second);
             writer
-                .write_packet(&PcapPacket::new(Duration::ZERO, frame.len() as u32, frame))
+                .write_packet(&PcapPacket::new(time, frame.len() as u32, frame))
                 .unwrap();
         }
     }
@@ -140,16 +149,19 @@ mod tests {
         let path = dir.path().join("a.pcap");
         write_pcap(&path, DataLink::ETHERNET, &[b"first frame...", b"second"]);
         let mut seen = Vec::new();
-        let count = for_each_frame::<PcapError>(&path, |frame| {
-            seen.push(frame.to_vec());
+        let count = for_each_frame::<PcapError>(&path, |time, frame| {
+            seen.push((time.as_secs(), frame.to_vec()));
             Ok(())
         })
         .unwrap();
         assert_eq!(count, 2);
-        assert_eq!(seen, [b"first frame...".to_vec(), b"second".to_vec()]);
+        assert_eq!(
+            seen,
+            [(1, b"first frame...".to_vec()), (2, b"second".to_vec())]
+        );
 
         write_pcap(&path, DataLink::RAW, &[b"raw ip"]);
-        let err = for_each_frame::<PcapError>(&path, |_| Ok(())).unwrap_err();
+        let err = for_each_frame::<PcapError>(&path, |_, _| Ok(())).unwrap_err();
         assert!(err.to_string().contains("only Ethernet"), "{err}");
 
         // pcapng, with the link type given per interface.
@@ -172,7 +184,7 @@ mod tests {
             .write_pcapng_block(packet(0, b"ethernet frame"))
             .unwrap();
         drop(writer);
-        let count = for_each_frame::<PcapError>(&path, |frame| {
+        let count = for_each_frame::<PcapError>(&path, |_, frame| {
             assert_eq!(frame, b"ethernet frame");
             Ok(())
         })
@@ -190,14 +202,14 @@ mod tests {
             .unwrap();
         writer.write_pcapng_block(packet(0, b"raw ip")).unwrap();
         drop(writer);
-        let err = for_each_frame::<PcapError>(&path, |_| Ok(())).unwrap_err();
+        let err = for_each_frame::<PcapError>(&path, |_, _| Ok(())).unwrap_err();
         assert!(
             err.to_string().contains("packet 2 has link type RAW"),
             "{err}"
         );
 
         std::fs::write(&path, b"not a capture at all").unwrap();
-        let err = for_each_frame::<PcapError>(&path, |_| Ok(())).unwrap_err();
+        let err = for_each_frame::<PcapError>(&path, |_, _| Ok(())).unwrap_err();
         assert!(err.to_string().contains("not a valid pcap"), "{err}");
     }
 }

@@ -2,11 +2,13 @@
 //! classifier, written to be obviously correct rather than fast. The
 //! differential tests hold the XDP program to it.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
-use filter_common::{reason, wire::*};
+use filter_common::{DECISION_OVER_LIMIT, DECISION_RULE, reason, wire::*};
 
-use crate::config::{Action, Config, Fragments, GuardAction, GuardSettings, Rule};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::config::{Action, Config, Fragments, GuardAction, GuardSettings, Limit, Rule};
 
 /// What a frame is, as far as the filter is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,14 +55,31 @@ pub enum Outcome {
     Reason(u32),
     /// A rule, by index in `Config::effective_rules`.
     Rule(usize),
+    /// A rule whose rate limit dropped the packet.
+    OverLimit(usize),
 }
 
 impl Outcome {
+    /// The outcome the program recorded as a counter slot (in
+    /// `LAST_DECISION` and in events).
+    pub fn from_slot(slot: u32) -> Self {
+        if slot & DECISION_RULE == 0 {
+            return Outcome::Reason(slot);
+        }
+        let index = (slot & !(DECISION_RULE | DECISION_OVER_LIMIT)) as usize;
+        if slot & DECISION_OVER_LIMIT != 0 {
+            Outcome::OverLimit(index)
+        } else {
+            Outcome::Rule(index)
+        }
+    }
+
     /// The action enforce mode takes: the rule's, or the one a reason
     /// implies. `rules` are in `Config::effective_rules` order.
     pub fn action<R>(self, rules: &[R], action_of: impl Fn(&R) -> Action) -> Action {
         match self {
             Outcome::Rule(index) => action_of(&rules[index]),
+            Outcome::OverLimit(_) => Action::Deny,
             Outcome::Reason(
                 reason::DEFAULT_DENY
                 | reason::MALFORMED
@@ -72,8 +91,20 @@ impl Outcome {
     }
 }
 
-/// Classifies one Ethernet frame.
+/// Classifies one Ethernet frame arriving alone: a rate-limited rule has
+/// its whole burst.
 pub fn classify(config: &Config, frame: &[u8]) -> (Outcome, Action) {
+    classify_at(config, &mut Buckets::default(), 0, frame)
+}
+
+/// Classifies one Ethernet frame arriving at `now_ns`, with the rate-limit
+/// state `buckets` left by the frames before it.
+pub fn classify_at(
+    config: &Config,
+    buckets: &mut Buckets,
+    now_ns: u64,
+    frame: &[u8],
+) -> (Outcome, Action) {
     let fields = match parse(frame) {
         Parsed::Malformed => return (Outcome::Reason(reason::MALFORMED), Action::Deny),
         Parsed::NonIp => return (Outcome::Reason(reason::NON_IP), Action::Allow),
@@ -92,13 +123,48 @@ pub fn classify(config: &Config, frame: &[u8]) -> (Outcome, Action) {
         }
     }
     for (index, rule) in config.effective_rules().enumerate() {
-        if matches(rule, &fields) {
-            return (Outcome::Rule(index), rule.action);
+        if !matches(rule, &fields) {
+            continue;
         }
+        if let Some(limit) = &rule.limit
+            && !buckets.take(index, limit, fields.src, now_ns)
+        {
+            return (Outcome::OverLimit(index), Action::Deny);
+        }
+        return (Outcome::Rule(index), rule.action);
     }
     match config.filter.default {
         Action::Allow => (Outcome::Reason(reason::DEFAULT_ALLOW), Action::Allow),
         Action::Deny => (Outcome::Reason(reason::DEFAULT_DENY), Action::Deny),
+    }
+}
+
+/// Rate-limit state: a token bucket per limited rule, or per rule and
+/// source prefix. A bucket holds up to `burst` tokens, starts full, refills
+/// one token per interval (kept in nanoseconds of credit, so refills are
+/// exact), and each packet that finds a whole token takes it.
+#[derive(Debug, Default)]
+pub struct Buckets {
+    /// (rule index, masked source) -> (credit in ns, time of last update).
+    buckets: HashMap<(usize, Option<IpAddr>), (u64, u64)>,
+}
+
+impl Buckets {
+    fn take(&mut self, rule: usize, limit: &Limit, src: IpAddr, now: u64) -> bool {
+        let source = limit.per_source.map(|(v4, v6)| match src {
+            IpAddr::V4(addr) => IpAddr::V4(Ipv4Net::new(addr, v4).unwrap().network()),
+            IpAddr::V6(addr) => IpAddr::V6(Ipv6Net::new(addr, v6).unwrap().network()),
+        });
+        let token = limit.interval_ns();
+        let full = limit.burst * token;
+        let (credit, last) = self.buckets.entry((rule, source)).or_insert((full, now));
+        *credit = full.min(*credit + now.saturating_sub(*last));
+        *last = now;
+        if *credit < token {
+            return false;
+        }
+        *credit -= token;
+        true
     }
 }
 

@@ -11,11 +11,11 @@ use filter_agent::{
     compile::compile,
     config::{
         Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings,
-        Location, Mode, Rule, TcpFlags,
+        Limit, Location, Mode, Rule, TcpFlags,
     },
     loader::{Filter, xdp_action},
     packet::{self, PacketSpec, Transport},
-    reference::{self, GuardView},
+    reference::{self, GuardView, Outcome},
 };
 use filter_common::guard;
 use ipnet::IpNet;
@@ -114,13 +114,15 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
             TcpFlags { set, clear: 0 }
         }
     });
+    let action = if rng.random_bool(0.5) {
+        Action::Allow
+    } else {
+        Action::Deny
+    };
+    let limit = (action == Action::Allow && rng.random_bool(0.3)).then(|| random_limit(rng));
     Rule {
         name: format!("r{index}"),
-        action: if rng.random_bool(0.5) {
-            Action::Allow
-        } else {
-            Action::Deny
-        },
+        action,
         proto,
         src: addresses(rng),
         dst: addresses(rng),
@@ -130,12 +132,42 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
         icmp_type: if is_icmp { icmp(rng) } else { None },
         icmp_code: if is_icmp { icmp(rng) } else { None },
         notrack: false,
+        limit,
         location: Location {
             file: PathBuf::from("random"),
             line: index + 1,
             column: 1,
         },
     }
+}
+
+/// Rates whose intervals the frames' clock steps straddle; per source with
+/// prefixes that the address pool's prefixes share or split.
+fn random_limit(rng: &mut StdRng) -> Limit {
+    const SECOND: u64 = 1_000_000_000;
+    let (packets, per_ns) = *[(10, SECOND), (100, SECOND), (1000, SECOND), (60, 60 * SECOND)]
+        .choose(rng)
+        .unwrap();
+    let per_source = rng.random_bool(0.5).then(|| {
+        (
+            *[8, 16, 24, 25, 32].choose(rng).unwrap(),
+            *[10, 32, 48, 64, 128].choose(rng).unwrap(),
+        )
+    });
+    Limit {
+        packets,
+        per_ns,
+        burst: rng.random_range(1..=4),
+        per_source,
+    }
+}
+
+/// How far the clock moves between two frames: often less than a limit's
+/// interval, sometimes several.
+fn random_step(rng: &mut StdRng) -> u64 {
+    *[0, 100_000, 1_000_000, 5_000_000, 20_000_000, 300_000_000]
+        .choose(rng)
+        .unwrap()
 }
 
 fn random_config(rng: &mut StdRng) -> Config {
@@ -155,6 +187,7 @@ fn random_config(rng: &mut StdRng) -> Config {
         icmp_type: Some((133..=137).collect()),
         icmp_code: None,
         notrack: false,
+        limit: None,
         location: Location {
             file: PathBuf::from("random"),
             line: 0,
@@ -173,6 +206,7 @@ fn random_config(rng: &mut StdRng) -> Config {
                 .choose(rng)
                 .unwrap(),
             max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
+            limit_sources: filter_agent::config::DEFAULT_LIMIT_SOURCES,
         },
         guard: random_guard(rng),
         rules,
@@ -283,13 +317,20 @@ fn kernel_agrees_with_reference() {
     let mut checked = 0;
     // Frames per guard view (ignored, in range, out of range): all must occur.
     let mut guard_views = [0usize; 3];
+    // Frames a rate limit dropped: limits must be exercised.
+    let mut over_limit = 0;
     for set in 0..RULE_SETS {
         let config = random_config(&mut rng);
-        let filter = Filter::load_traced(&compile(&config).unwrap())
+        let mut filter = Filter::load_traced(&compile(&config).unwrap())
             .unwrap_or_else(|err| panic!("seed {seed}, set {set}: {err:?}"));
+        let mut buckets = reference::Buckets::default();
+        let mut clock = rng.random_range(0..1_000_000_000);
         for _ in 0..FRAMES_PER_SET {
             let frame = random_frame(&mut rng);
-            let (expected_outcome, action) = reference::classify(&config, &frame);
+            clock += random_step(&mut rng);
+            filter.set_clock(clock).unwrap();
+            let (expected_outcome, action) =
+                reference::classify_at(&config, &mut buckets, clock, &frame);
             let expected = (
                 if action == Action::Deny {
                     XDP_DROP
@@ -322,10 +363,11 @@ fn kernel_agrees_with_reference() {
             );
             // What the program recorded is what it counted.
             assert_eq!(
-                filter.trace_frame(&frame).unwrap(),
-                got,
+                filter.last_outcome().unwrap(),
+                got.1,
                 "DIFFERENTIAL_SEED={seed}"
             );
+            over_limit += usize::from(matches!(got.1, Outcome::OverLimit(_)));
             assert_eq!(
                 got,
                 expected,
@@ -336,7 +378,9 @@ fn kernel_agrees_with_reference() {
         }
     }
     println!(
-        "seed {seed}: {checked} frames over {RULE_SETS} rule sets agree; guard views {guard_views:?}"
+        "seed {seed}: {checked} frames over {RULE_SETS} rule sets agree; guard views \
+         {guard_views:?}; {over_limit} over a rate limit"
     );
     assert!(guard_views.iter().all(|&n| n > 100), "{guard_views:?}");
+    assert!(over_limit > 100, "only {over_limit} frames were over a rate limit");
 }

@@ -106,8 +106,10 @@ pub mod reason {
 }
 
 /// `LAST_DECISION` (written only when `TRACE` is set at load time): the
-/// counter slot of the last verdict: a `reason`, or `DECISION_RULE | index`.
+/// counter slot of the last verdict: a `reason`, or `DECISION_RULE | index`
+/// (with `DECISION_OVER_LIMIT` when the rule's rate limit dropped it).
 pub const DECISION_RULE: u32 = 1 << 31;
+pub const DECISION_OVER_LIMIT: u32 = 1 << 30;
 
 /// `FRAGMENTS` global: what to do with non-first fragments.
 pub mod fragments {
@@ -161,6 +163,40 @@ pub const PORT_TABLE_SIZE: u32 = 1 << 16;
 pub mod action {
     pub const ALLOW: u32 = 0;
     pub const DENY: u32 = 1;
+    /// `RULE_ACTIONS` entries hold the action in the low byte and, above
+    /// it, the rule's index in `LIMITS` (0: the rule has no rate limit).
+    pub const MASK: u32 = 0xff;
+    pub const LIMIT_SHIFT: u32 = 8;
+}
+
+/// A rule's rate limit (an entry of `LIMITS`), kept as GCRA: the bucket is
+/// the time its next packet is due, so one 64-bit add takes a token and
+/// every CPU shares the same bucket without a lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Nanoseconds per packet at the limit's rate.
+    pub interval_ns: u64,
+    /// How far ahead of now the due time may run: (burst - 1) intervals.
+    pub tolerance_ns: u64,
+    /// The rule-wide bucket: when the next packet is due (program state).
+    pub due_ns: u64,
+    /// Non-zero: one bucket per source prefix (`SOURCE_BUCKETS`): the
+    /// source as the program stores addresses (IPv4-mapped for IPv4),
+    /// masked with `v4_mask` or `v6_mask`.
+    pub per_source: u32,
+    pub reserved: u32,
+    pub v4_mask: [u8; 16],
+    pub v6_mask: [u8; 16],
+}
+
+/// Key of `SOURCE_BUCKETS`: a rule's limit slot and a masked source
+/// (IPv4-mapped for IPv4). The value is the bucket's due time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceBucket {
+    pub addr: [u8; 16],
+    pub slot: u32,
 }
 
 /// Filter modes, as stored in the `MODE` global.
@@ -329,6 +365,10 @@ pub mod names {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const CHUNKS: &str = "CHUNKS";
     pub const TRACE: &str = "TRACE";
+    pub const CLOCK: &str = "CLOCK";
+    pub const LIMITS: &str = "LIMITS";
+    pub const SOURCE_BUCKETS: &str = "SOURCE_BUCKETS";
+    pub const RULE_OVER_LIMIT: &str = "RULE_OVER_LIMIT";
     pub const LAST_DECISION: &str = "LAST_DECISION";
     pub const EGRESS_PROGRAM: &str = "guard_egress";
     pub const GUARD_MODE: &str = "GUARD_MODE";
@@ -350,6 +390,8 @@ const _: () = assert!(core::mem::size_of::<GuardPeer>() == 20);
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 20);
 const _: () = assert!(core::mem::size_of::<Event>() == 48);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
+const _: () = assert!(core::mem::size_of::<RateLimit>() == 64);
+const _: () = assert!(core::mem::size_of::<SourceBucket>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -365,4 +407,7 @@ mod pod {
     unsafe impl aya::Pod for super::UdpFlow {}
     // SAFETY: `repr(C)`, integers and byte arrays, no padding (asserted).
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: `repr(C)`, integers and byte arrays, no padding (asserted).
+    unsafe impl aya::Pod for super::RateLimit {}
+    unsafe impl aya::Pod for super::SourceBucket {}
 }

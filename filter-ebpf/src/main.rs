@@ -5,9 +5,14 @@
 //! Every verdict leaves through [`finish`], which records why it was reached.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no compare-and-swap, so `AtomicU64`
+// lacks `fetch_add` there.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod events;
 mod guard;
+mod limit;
 mod parse;
 mod rules;
 mod runtime;
@@ -20,7 +25,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
-use filter_common::{Counter, DECISION_RULE, action, event, fragments, mode, reason};
+use filter_common::{
+    Counter, DECISION_OVER_LIMIT, DECISION_RULE, action, event, fragments, mode, reason,
+};
 
 use crate::{
     guard::Inbound,
@@ -42,7 +49,7 @@ static FRAGMENTS: Global<u32> = Global::new(fragments::MATCH_L3);
 /// Non-zero only in instances loaded for `filter-agent test`/`replay`: the
 /// verifier sees the frozen value and drops the tracing code otherwise.
 #[unsafe(no_mangle)]
-static TRACE: Global<u32> = Global::new(0);
+pub(crate) static TRACE: Global<u32> = Global::new(0);
 
 /// The last verdict's slot, when tracing (see `filter_common::DECISION_RULE`).
 #[map]
@@ -56,7 +63,11 @@ static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(reason::COUNT
 #[map]
 static RULE_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
 
-/// `action::*` per rule (sized by the agent).
+/// Per-CPU counters per rule of the packets its rate limit dropped.
+#[map]
+static RULE_OVER_LIMIT: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
+
+/// `action::*` per rule, with its limit slot (sized by the agent).
 #[map]
 static RULE_ACTIONS: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -64,6 +75,7 @@ static RULE_ACTIONS: Array<u32> = Array::with_max_entries(1, 0);
 enum Slot {
     Reason(u32),
     Rule(u32),
+    OverLimit(u32),
 }
 
 /// What `classify` decided.
@@ -129,7 +141,7 @@ fn classify(ctx: &XdpContext, frame: &Result<Frame, Malformed>) -> Verdict {
     let (slot, action) = if guarded == Inbound::Drop {
         (Slot::Reason(reason::GUARD_DROP), action::DENY)
     } else {
-        decide(packet)
+        decide(packet, ctx.data_end())
     };
     Verdict {
         slot,
@@ -138,9 +150,10 @@ fn classify(ctx: &XdpContext, frame: &Result<Frame, Malformed>) -> Verdict {
     }
 }
 
-/// Fragments policy, then the rules, then the default.
+/// Fragments policy, then the rules (and a matching rule's rate limit),
+/// then the default. `end` is the end of packet memory.
 #[inline(always)]
-fn decide(packet: &Packet) -> (Slot, u32) {
+fn decide(packet: &Packet, end: usize) -> (Slot, u32) {
     if packet.fragment {
         match FRAGMENTS.load() {
             fragments::ALLOW => return (Slot::Reason(reason::FRAGMENT_ALLOW), action::ALLOW),
@@ -149,9 +162,13 @@ fn decide(packet: &Packet) -> (Slot, u32) {
         }
     }
     if let Some(rule) = rules::first_match(packet)
-        && let Some(act) = RULE_ACTIONS.get(rule)
+        && let Some(&entry) = RULE_ACTIONS.get(rule)
     {
-        return (Slot::Rule(rule), *act);
+        let limit = entry >> action::LIMIT_SHIFT;
+        if limit != 0 && !limit::admit(limit, packet, end) {
+            return (Slot::OverLimit(rule), action::DENY);
+        }
+        return (Slot::Rule(rule), entry & action::MASK);
     }
     let act = DEFAULT_ACTION.load();
     if act == action::DENY {
@@ -170,6 +187,10 @@ fn finish(ctx: &XdpContext, verdict: Verdict, packet: Option<&Packet>) -> u32 {
     let (counter, decision) = match verdict.slot {
         Slot::Reason(why) => (STATS.get_ptr_mut(why), why),
         Slot::Rule(rule) => (RULE_STATS.get_ptr_mut(rule), DECISION_RULE | rule),
+        Slot::OverLimit(rule) => (
+            RULE_OVER_LIMIT.get_ptr_mut(rule),
+            DECISION_RULE | DECISION_OVER_LIMIT | rule,
+        ),
     };
     if TRACE.load() != 0
         && let Some(last) = LAST_DECISION.get_ptr_mut(0)

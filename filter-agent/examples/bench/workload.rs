@@ -10,7 +10,8 @@ use std::{
 
 use filter_agent::{
     config::{
-        Action, AddressList, Config, FilterSettings, Fragments, GuardSettings, Location, Mode, Rule,
+        Action, AddressList, Config, FilterSettings, Fragments, GuardSettings, Limit, Location,
+        Mode, Rule,
     },
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference::{self, Outcome},
@@ -96,6 +97,7 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
                 icmp_type: None,
                 icmp_code: None,
                 notrack: false,
+                limit: None,
                 location: Location {
                     file: PathBuf::from("bench"),
                     line: index + 1,
@@ -105,16 +107,79 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
         })
         .collect();
     Config {
-        filter: FilterSettings {
-            default: Action::Deny,
-            mode: Mode::Enforce,
-            fragments: Fragments::MatchL3,
-            max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
-        },
+        filter: settings(Action::Deny),
         guard: GuardSettings::default(),
         rules,
         implicit_nd: None,
     }
+}
+
+/// The `[filter]` table with defaults but for the default action.
+fn settings(default: Action) -> FilterSettings {
+    FilterSettings {
+        default,
+        mode: Mode::Enforce,
+        fragments: Fragments::MatchL3,
+        max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
+        limit_sources: filter_agent::config::DEFAULT_LIMIT_SOURCES,
+    }
+}
+
+/// A rule with no conditions beyond those given, and no limit.
+fn bare_rule(name: &str, action: Action) -> Rule {
+    Rule {
+        name: name.into(),
+        action,
+        proto: None,
+        src: None,
+        dst: None,
+        sport: None,
+        dport: None,
+        tcp_flags: None,
+        icmp_type: None,
+        icmp_code: None,
+        notrack: false,
+        limit: None,
+        location: Location {
+            file: PathBuf::from("bench"),
+            line: 1,
+            column: 1,
+        },
+    }
+}
+
+/// A public web service: one rule allowing TCP to port 80 from anywhere,
+/// with `limit` if given, sources remembered in a table of `sources`.
+pub fn public_service(limit: Option<Limit>, sources: u32) -> Config {
+    let rule = Rule {
+        proto: Some(packet::IPPROTO_TCP),
+        dport: Some(vec![(80, 80)]),
+        limit,
+        ..bare_rule("web", Action::Allow)
+    };
+    let mut filter = settings(Action::Deny);
+    filter.limit_sources = sources;
+    Config {
+        filter,
+        guard: GuardSettings::default(),
+        rules: vec![rule],
+        implicit_nd: None,
+    }
+}
+
+/// A spoofed SYN flood on port 80: every frame from another random source.
+pub fn syn_flood(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|_| {
+            let src = Ipv4Addr::from(rng.random::<u32>());
+            let transport = Transport::Tcp {
+                sport: rng.random_range(1024..=65535),
+                dport: 80,
+                flags: tcp_flag::SYN,
+            };
+            PacketSpec::new(src.into(), Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
+        })
+        .collect()
 }
 
 /// A frame that `rule` accepts (inside its prefixes and port ranges).
@@ -181,7 +246,7 @@ pub fn decided_mix(rng: &mut StdRng, config: &Config, count: usize) -> Vec<Vec<u
             let mut frame = candidate(rng, &config.rules, target);
             for _ in 0..1_000 {
                 let decided_by = match reference::classify(config, &frame).0 {
-                    Outcome::Rule(index) => Some(index),
+                    Outcome::Rule(index) | Outcome::OverLimit(index) => Some(index),
                     Outcome::Reason(_) => None,
                 };
                 let hit = match (target, decided_by) {
@@ -274,30 +339,11 @@ pub fn address_list(nets: &[Ipv4Net]) -> Config {
         nets: nets.iter().map(|&net| IpNet::V4(net)).collect(),
     });
     Config {
-        filter: FilterSettings {
-            default: Action::Allow,
-            mode: Mode::Enforce,
-            fragments: Fragments::MatchL3,
-            max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
-        },
+        filter: settings(Action::Allow),
         guard: GuardSettings::default(),
         rules: vec![Rule {
-            name: "blocklist".into(),
-            action: Action::Deny,
-            proto: None,
             src: Some(list),
-            dst: None,
-            sport: None,
-            dport: None,
-            tcp_flags: None,
-            icmp_type: None,
-            icmp_code: None,
-            notrack: false,
-            location: Location {
-                file: PathBuf::from("bench"),
-                line: 1,
-                column: 1,
-            },
+            ..bare_rule("blocklist", Action::Deny)
         }],
         implicit_nd: None,
     }

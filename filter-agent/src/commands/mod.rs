@@ -67,13 +67,23 @@ pub fn test_packets(rules: &Path, packets: &[String]) -> anyhow::Result<()> {
     let rule_set = compile::compile(&config)?;
     privileges::check(Task::TestRun)?;
     let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
+    let mut limited = false;
     for (text, spec) in packets.iter().zip(specs) {
         let (xdp_action, outcome) = filter.trace_frame(&spec.build())?;
         let verdict = verdict_name(xdp_action);
         let decided = match outcome {
-            Outcome::Rule(index) => {
+            Outcome::Rule(index) | Outcome::OverLimit(index) => {
                 let rule = &rule_set.rules[index];
-                format!("rule {:?} ({})", rule.name, rule.action.name())
+                let limit = rule.limit.map_or(String::new(), |limit| {
+                    limited = true;
+                    format!(", limit {limit}")
+                });
+                let over = if matches!(outcome, Outcome::OverLimit(_)) {
+                    " over its limit"
+                } else {
+                    ""
+                };
+                format!("rule {:?} ({}{limit}){over}", rule.name, rule.action.name())
             }
             Outcome::Reason(why) => reason::NAMES[why as usize].replace('_', " "),
         };
@@ -84,6 +94,12 @@ pub fn test_packets(rules: &Path, packets: &[String]) -> anyhow::Result<()> {
             ""
         };
         println!("{text}: {verdict} by {decided}{note}");
+    }
+    if limited {
+        println!(
+            "(rate limits: the packets of one test arrive at the same instant, in order, \
+             so a limited rule passes its burst and drops the rest as over its limit)"
+        );
     }
     Ok(())
 }
@@ -99,24 +115,28 @@ struct ReplayedPacket<'a> {
     action: &'static str,
     /// The deciding rule, or null when no rule decided.
     rule: Option<&'a str>,
-    /// "rule", or why no rule decided: "default_deny", "malformed", ...
+    /// "rule", "over_limit" (the rule's rate limit dropped it), or why no
+    /// rule decided: "default_deny", "malformed", ...
     reason: &'static str,
 }
 
-/// `filter-agent replay`: every packet of a capture through the program.
+/// `filter-agent replay`: every packet of a capture through the program,
+/// at the capture's pace as far as rate limits are concerned.
 pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
     let config = config::load(rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check(Task::TestRun)?;
-    let filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
+    let mut filter = Filter::load_traced(&rule_set).context("loading the XDP program")?;
     let mut rule_hits = vec![0u64; rule_set.rules.len()];
+    let mut over_limit = vec![0u64; rule_set.rules.len()];
     let mut reason_hits = [0u64; reason::COUNT as usize];
     let (mut passed, mut dropped, mut number) = (0u64, 0u64, 0u64);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    pcap::for_each_frame(capture, |frame| -> anyhow::Result<()> {
+    pcap::for_each_frame(capture, |time, frame| -> anyhow::Result<()> {
         number += 1;
-        let (xdp_action, outcome) = filter.trace_frame(frame)?;
+        let clock = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+        let (xdp_action, outcome) = filter.trace_frame_at(frame, clock)?;
         let verdict = verdict_name(xdp_action);
         if xdp_action == xdp_action::DROP {
             dropped += 1;
@@ -128,6 +148,10 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
             Outcome::Rule(index) => {
                 rule_hits[index] += 1;
                 (Some(rule_set.rules[index].name.as_str()), "rule")
+            }
+            Outcome::OverLimit(index) => {
+                over_limit[index] += 1;
+                (Some(rule_set.rules[index].name.as_str()), "over_limit")
             }
             Outcome::Reason(why) => {
                 reason_hits[why as usize] += 1;
@@ -152,13 +176,16 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
             "{}: {number} packets, {passed} passed, {dropped} dropped",
             capture.display()
         )?;
-        for (rule, hits) in rule_set.rules.iter().zip(&rule_hits) {
+        for ((rule, hits), over) in rule_set.rules.iter().zip(&rule_hits).zip(&over_limit) {
             writeln!(
                 out,
                 "  {hits:>10}  rule {:?} ({})",
                 rule.name,
                 rule.action.name()
             )?;
+            if let Some(limit) = rule.limit {
+                writeln!(out, "  {over:>10}  over its limit ({limit})")?;
+            }
         }
         for (name, hits) in reason::NAMES.iter().zip(reason_hits) {
             if hits > 0 {

@@ -17,14 +17,14 @@ use std::collections::HashMap;
 
 use filter_common::{
     AddressBlock, BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK,
-    WORDS_PER_CHUNK, proto_index_parts,
+    RateLimit, SourceBucket, WORDS_PER_CHUNK, action, proto_index_parts,
 };
 use thiserror::Error;
 
 pub use trie::address_blocks;
 use trie::address_dim;
 
-use crate::config::{Action, Config, FilterSettings, GuardSettings, Rule, TcpFlags};
+use crate::config::{Action, Config, FilterSettings, GuardSettings, Limit, Rule, TcpFlags};
 
 /// Everything the program needs for one rule set.
 #[derive(Clone, Debug)]
@@ -48,6 +48,7 @@ pub struct RuleSet {
 pub struct RuleInfo {
     pub name: String,
     pub action: Action,
+    pub limit: Option<Limit>,
 }
 
 /// A field looked up in a flat table (protocol index or port).
@@ -82,7 +83,59 @@ impl RuleSet {
             .iter()
             .map(|dim| dim.blocks.len() * size_of::<AddressBlock>() + dim.bitmaps.len() * chunk)
             .sum::<usize>();
-        tables + addresses + self.rules.len() * 4
+        let limits = self.limits().len() * size_of::<RateLimit>();
+        let sources = if self.has_source_limits() {
+            self.settings.limit_sources as usize * (size_of::<SourceBucket>() + 8)
+        } else {
+            0
+        };
+        tables + addresses + self.rules.len() * 4 + limits + sources
+    }
+
+    /// Each rule's `RULE_ACTIONS` entry: its action, and its slot in
+    /// [`RuleSet::limits`] when it has a rate limit.
+    pub fn action_entries(&self) -> impl Iterator<Item = u32> + '_ {
+        let mut slot = 0;
+        self.rules.iter().map(move |rule| {
+            let limit = rule.limit.map_or(0, |_| {
+                slot += 1;
+                slot << action::LIMIT_SHIFT
+            });
+            rule.action.raw() | limit
+        })
+    }
+
+    /// The `LIMITS` map: slot 0 unused, then each limited rule's limit in
+    /// rule order.
+    pub fn limits(&self) -> Vec<RateLimit> {
+        let limits = self.rules.iter().filter_map(|rule| rule.limit);
+        std::iter::once(RateLimit::default())
+            .chain(limits.map(|limit| rate_limit(&limit)))
+            .collect()
+    }
+
+    pub fn has_source_limits(&self) -> bool {
+        let per_source = |rule: &RuleInfo| rule.limit.is_some_and(|l| l.per_source.is_some());
+        self.rules.iter().any(per_source)
+    }
+}
+
+/// A limit as the program keeps it (see `filter_common::RateLimit`).
+pub fn rate_limit(limit: &Limit) -> RateLimit {
+    let interval_ns = limit.interval_ns();
+    let (v4, v6) = limit.per_source.unwrap_or((32, 128));
+    let v4 = u32::MAX.checked_shl(32 - u32::from(v4)).unwrap_or(0);
+    let v6 = u128::MAX.checked_shl(128 - u32::from(v6)).unwrap_or(0);
+    // IPv4 sources are stored IPv4-mapped: the mapping prefix is kept.
+    let v4_mapped = (u128::MAX << 32) | u128::from(v4);
+    RateLimit {
+        interval_ns,
+        tolerance_ns: (limit.burst - 1) * interval_ns,
+        due_ns: 0,
+        per_source: u32::from(limit.per_source.is_some()),
+        reserved: 0,
+        v4_mask: v4_mapped.to_be_bytes(),
+        v6_mask: v6.to_be_bytes(),
     }
 }
 
@@ -134,6 +187,7 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
             .map(|rule| RuleInfo {
                 name: rule.name.clone(),
                 action: rule.action,
+                limit: rule.limit,
             })
             .collect(),
         chunks,

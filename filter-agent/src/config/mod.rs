@@ -6,6 +6,7 @@
 //! names. Every error names the file, line and column it is about.
 
 mod fields;
+mod limit;
 mod sets;
 mod source;
 
@@ -64,7 +65,14 @@ pub struct FilterSettings {
     pub fragments: Fragments,
     /// The most memory the compiled rules' maps may take, in MiB.
     pub max_map_mib: u32,
+    /// Sources the per-source rate limits remember, all rules together.
+    pub limit_sources: u32,
 }
+
+/// The default of `[filter] limit_sources`.
+pub const DEFAULT_LIMIT_SOURCES: u32 = 65_536;
+/// The most `limit_sources`: 16M buckets take about 1 GiB of kernel memory.
+pub const MAX_LIMIT_SOURCES: u32 = 1 << 24;
 
 /// The default of `[filter] max_map_mib`: room for a few million prefixes.
 pub const DEFAULT_MAX_MAP_MIB: u32 = 1024;
@@ -196,6 +204,8 @@ pub struct Rule {
     /// Conntrack skips the flows the rule describes, and their replies
     /// (`notrack = true`; tcp or udp only, see [`crate::notrack`]).
     pub notrack: bool,
+    /// Packets over this rate are dropped (allow rules only).
+    pub limit: Option<Limit>,
     /// Where the rule starts, for lint messages.
     pub location: Location,
 }
@@ -208,6 +218,38 @@ impl Rule {
             || self.tcp_flags.is_some()
             || self.icmp_type.is_some()
             || self.icmp_code.is_some()
+    }
+}
+
+/// A rate limit: `packets` per `per_ns` nanoseconds with bursts of
+/// `burst`, for the whole rule or per source prefix (IPv4, IPv6 lengths).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Limit {
+    pub packets: u64,
+    pub per_ns: u64,
+    pub burst: u64,
+    pub per_source: Option<(u8, u8)>,
+}
+
+impl Limit {
+    /// Nanoseconds between packets at the limit's rate.
+    pub fn interval_ns(&self) -> u64 {
+        self.per_ns / self.packets
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per_ns {
+            60_000_000_000 => "min",
+            3_600_000_000_000 => "hour",
+            _ => "s",
+        };
+        write!(f, "{}/{unit} burst {}", self.packets, self.burst)?;
+        match self.per_source {
+            Some((v4, v6)) => write!(f, " per source /{v4} /{v6}"),
+            None => Ok(()),
+        }
     }
 }
 

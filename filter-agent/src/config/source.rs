@@ -14,9 +14,10 @@ use toml::{Spanned, Value};
 
 use super::{
     Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_MAX_MAP_MIB,
-    FilterSettings, Fragments, GuardAction, GuardSettings, IMPLICIT_ND_RULE, Location,
+    DEFAULT_LIMIT_SOURCES, FilterSettings, Fragments, MAX_LIMIT_SOURCES, GuardAction, GuardSettings, IMPLICIT_ND_RULE, Location,
     MAX_FILE_BYTES, MAX_NOTRACK_PREFIXES, MAX_RULE_NAME, Mode, ND_TYPES, Rule,
     fields::icmp_type_by_name,
+    limit::RawLimit,
 };
 
 #[derive(Deserialize)]
@@ -40,6 +41,7 @@ struct RawFilter {
     fragments: Fragments,
     max_map_mib: Option<Spanned<u32>>,
     max_set_file_mib: Option<Spanned<u32>>,
+    limit_sources: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +67,7 @@ pub(super) struct RawRule {
     icmp_type: Option<Spanned<Value>>,
     icmp_code: Option<Spanned<Value>>,
     notrack: Option<Spanned<bool>>,
+    limit: Option<Spanned<RawLimit>>,
 }
 
 /// The text being validated, for turning spans into locations.
@@ -98,6 +101,14 @@ impl<'a> Source<'a> {
         };
         let max_map_mib = mib(&raw.filter.max_map_mib, DEFAULT_MAX_MAP_MIB)?;
         let max_set_file = mib(&raw.filter.max_set_file_mib, (MAX_FILE_BYTES >> 20) as u32)?;
+        let limit_sources = match &raw.filter.limit_sources {
+            Some(value) if !(1..=MAX_LIMIT_SOURCES).contains(value.get_ref()) => {
+                let message = format!("limit_sources must be 1-{MAX_LIMIT_SOURCES}");
+                return Err(self.error(value.span(), message));
+            }
+            Some(value) => *value.get_ref(),
+            None => DEFAULT_LIMIT_SOURCES,
+        };
         let sets = raw
             .sets
             .iter()
@@ -119,6 +130,7 @@ impl<'a> Source<'a> {
                 mode: raw.filter.mode,
                 fragments: raw.filter.fragments,
                 max_map_mib,
+                limit_sources,
             },
             guard,
             rules,
@@ -160,6 +172,7 @@ impl<'a> Source<'a> {
             icmp_type: Some(ND_TYPES.collect()),
             icmp_code: None,
             notrack: false,
+            limit: None,
             location: self.locate(None),
         }
     }
@@ -261,6 +274,8 @@ impl<'a> Source<'a> {
             }
             _ => false,
         };
+        let limit = raw.limit.as_ref();
+        let limit = limit.map(|limit| self.limit(name, raw.action, limit));
         Ok(Rule {
             name: name.clone(),
             action: raw.action,
@@ -273,6 +288,7 @@ impl<'a> Source<'a> {
             icmp_type: icmp(&raw.icmp_type, "icmp_type", icmp_type_by_name)?,
             icmp_code: icmp(&raw.icmp_code, "icmp_code", |_, _| None)?,
             notrack,
+            limit: limit.transpose()?,
             location: self.locate(Some(span)),
         })
     }

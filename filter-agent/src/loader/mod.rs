@@ -264,6 +264,11 @@ impl Filter {
         self.sum_counters(names::RULE_STATS)
     }
 
+    /// Per rule, the packets its rate limit dropped, summed over CPUs.
+    pub fn over_limit_counters(&self) -> Result<Vec<Counter>, LoadError> {
+        self.sum_counters(names::RULE_OVER_LIMIT)
+    }
+
     fn sum_counters(&self, name: &str) -> Result<Vec<Counter>, LoadError> {
         let map = self.ebpf.map(name).ok_or_else(|| missing_map(name))?;
         Ok(counters::array_totals(map)?)
@@ -282,6 +287,11 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
     let (low, high) = (u32::from(low), u32::from(high));
     let entries = |len: usize| (len as u32).max(1);
     let rule_count = entries(rules.rules.len());
+    let source_buckets = if rules.has_source_limits() {
+        settings.limit_sources
+    } else {
+        1
+    };
     let custom = ProgramObject::get()?;
     let mut loader = EbpfLoader::new();
     if let Some(dir) = options.pins {
@@ -308,6 +318,9 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
         .map_max_entries(names::RULE_STATS, rule_count)
         .map_max_entries(names::RULE_ACTIONS, rule_count)
+        .map_max_entries(names::RULE_OVER_LIMIT, rule_count)
+        .map_max_entries(names::LIMITS, entries(rules.limits().len()))
+        .map_max_entries(names::SOURCE_BUCKETS, source_buckets)
         .load(custom.as_ref().map_or(PROGRAM_OBJECT, ProgramObject::bytes))?)
 }
 
@@ -319,8 +332,8 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
     fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
     fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
     fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
-    let actions = rules.rules.iter().map(|rule| rule.action.raw());
-    fill_array(ebpf, names::RULE_ACTIONS, actions.enumerate())?;
+    fill_array(ebpf, names::RULE_ACTIONS, rules.action_entries().enumerate())?;
+    fill_array(ebpf, names::LIMITS, rules.limits().into_iter().enumerate())?;
     let services = guard::service_words(&rules.guard.services, &Listeners::default());
     fill_array(ebpf, names::SERVICE_PORTS, services.into_iter().enumerate())
 }

@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, RingBuf},
     programs::{TestRun as _, TestRunOptions, TestRunResult, Xdp},
 };
-use filter_common::{DECISION_RULE, Event, names};
+use filter_common::{Event, names};
 
 use super::{Filter, LoadError, map_mut, missing_map};
 use crate::reference::Outcome;
@@ -43,17 +43,35 @@ impl Filter {
     /// read, however many rules there are.
     pub fn trace_frame(&self, frame: &[u8]) -> Result<(u32, Outcome), LoadError> {
         let action = self.run_packet(frame)?;
+        Ok((action, self.last_outcome()?))
+    }
+
+    /// What the last packet through an instance from
+    /// [`Filter::load_traced`] was counted as.
+    pub fn last_outcome(&self) -> Result<Outcome, LoadError> {
         let map = self
             .ebpf
             .map(names::LAST_DECISION)
             .ok_or_else(|| missing_map(names::LAST_DECISION))?;
         let decision = Array::<_, u32>::try_from(map)?.get(&0, 0)?;
-        let outcome = if decision & DECISION_RULE != 0 {
-            Outcome::Rule((decision & !DECISION_RULE) as usize)
-        } else {
-            Outcome::Reason(decision)
-        };
-        Ok((action, outcome))
+        Ok(Outcome::from_slot(decision))
+    }
+
+    /// [`Filter::trace_frame`] at `clock_ns` (see [`Filter::set_clock`]).
+    pub fn trace_frame_at(
+        &mut self,
+        frame: &[u8],
+        clock_ns: u64,
+    ) -> Result<(u32, Outcome), LoadError> {
+        self.set_clock(clock_ns)?;
+        self.trace_frame(frame)
+    }
+
+    /// Sets the clock that rate limits decide by in an instance from
+    /// [`Filter::load_traced`] (others read the kernel's): a capture
+    /// replays at its own pace, a test at the times it chooses.
+    pub fn set_clock(&mut self, clock_ns: u64) -> Result<(), LoadError> {
+        super::fill_array(&mut self.ebpf, names::CLOCK, [(0, clock_ns)])
     }
 
     /// Runs `frame` through the program and reports the XDP action and the
@@ -61,6 +79,7 @@ impl Filter {
     pub fn classify_frame(&self, frame: &[u8]) -> Result<(u32, Outcome), LoadError> {
         let reasons = self.counters()?;
         let rules = self.rule_counters()?;
+        let over_limit = self.over_limit_counters()?;
         let action = self.run_packet(frame)?;
         let moved_reason = (0u32..)
             .zip(reasons.iter().zip(self.counters()?))
@@ -72,7 +91,13 @@ impl Filter {
             .enumerate()
             .filter(|(_, (before, after))| **before != *after)
             .map(|(index, _)| Outcome::Rule(index));
-        let moved: Vec<Outcome> = moved_reason.chain(moved_rule).collect();
+        let moved_over = over_limit
+            .iter()
+            .zip(self.over_limit_counters()?)
+            .enumerate()
+            .filter(|(_, (before, after))| **before != *after)
+            .map(|(index, _)| Outcome::OverLimit(index));
+        let moved: Vec<Outcome> = moved_reason.chain(moved_rule).chain(moved_over).collect();
         match moved.as_slice() {
             [outcome] => Ok((action, *outcome)),
             _ => Err(LoadError::Counted(moved.len())),

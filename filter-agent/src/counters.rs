@@ -48,24 +48,42 @@ pub fn hash_totals<K: Pod + Eq + Hash>(map: &Map) -> Result<Vec<(K, Counter)>, M
     Ok(entries)
 }
 
+/// What a rule counted: the packets it decided (`RULE_STATS`) and those
+/// its rate limit dropped (`RULE_OVER_LIMIT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounts {
+    pub decided: Counter,
+    pub over_limit: Counter,
+}
+
+impl RuleCounts {
+    pub fn add(&mut self, other: &RuleCounts) {
+        self.decided.add(&other.decided);
+        self.over_limit.add(&other.over_limit);
+    }
+}
+
 /// One entry of the pinned rule table. `base` holds what the rule counted
 /// under earlier rule sets (its name is the identity), so that counts
-/// continue across reloads: total = base + the per-CPU `RULE_STATS` slots.
+/// continue across reloads: total = base + the per-CPU `RULE_STATS` and
+/// `RULE_OVER_LIMIT` slots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct RuleRecord {
     pub name: [u8; NAME_BYTES],
     pub action: u32,
-    pub reserved: u32,
-    pub base: Counter,
+    /// 1 when the rule has a rate limit.
+    pub limited: u32,
+    pub base: RuleCounts,
 }
 
-const _: () = assert!(size_of::<RuleRecord>() == NAME_BYTES + 8 + 16);
+const _: () = assert!(size_of::<RuleRecord>() == NAME_BYTES + 8 + 32);
 // SAFETY: `repr(C)`, integers and a byte array, no padding (size asserted).
 unsafe impl Pod for RuleRecord {}
 
 impl RuleRecord {
-    fn new(rule: &RuleInfo, base: Counter) -> Self {
+    fn new(rule: &RuleInfo, base: RuleCounts) -> Self {
         let mut name = [0u8; NAME_BYTES];
         let bytes = rule.name.as_bytes();
         let len = bytes.len().min(NAME_BYTES - 1);
@@ -73,7 +91,7 @@ impl RuleRecord {
         Self {
             name,
             action: rule.action.raw(),
-            reserved: 0,
+            limited: u32::from(rule.limit.is_some()),
             base,
         }
     }
@@ -84,12 +102,14 @@ impl RuleRecord {
     }
 }
 
-/// A rule's name, action and total count.
+/// A rule's name, action and total counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleTotal {
     pub name: String,
     pub action: Action,
-    pub counter: Counter,
+    /// Whether it has a rate limit (`counts.over_limit` can move).
+    pub limited: bool,
+    pub counts: RuleCounts,
 }
 
 /// Everything `stats` shows for one interface.
@@ -123,13 +143,20 @@ fn pinned_rule_totals(dir: &Path) -> Result<Vec<RuleTotal>, PinError> {
         .iter()
         .collect::<Result<Vec<_>, _>>()
         .map_err(read)?;
-    let counters = pinned_array_totals(dir, names::RULE_STATS)?;
+    let decided = pinned_array_totals(dir, names::RULE_STATS)?;
+    // Pinned by agents since rate limits came; zeros for an older one's.
+    let over_limit = pinned_array_totals(dir, names::RULE_OVER_LIMIT).unwrap_or_default();
     Ok(records
         .iter()
-        .zip(counters)
-        .map(|(record, counter)| {
+        .zip(decided)
+        .enumerate()
+        .map(|(index, (record, decided))| {
+            let over_limit = over_limit.get(index).copied().unwrap_or_default();
             let mut total = record.base;
-            total.add(&counter);
+            total.add(&RuleCounts {
+                decided,
+                over_limit,
+            });
             RuleTotal {
                 name: record.name(),
                 action: if record.action == filter_common::action::DENY {
@@ -137,7 +164,8 @@ fn pinned_rule_totals(dir: &Path) -> Result<Vec<RuleTotal>, PinError> {
                 } else {
                     Action::Allow
                 },
-                counter: total,
+                limited: record.limited != 0,
+                counts: total,
             }
         })
         .collect())
@@ -145,21 +173,21 @@ fn pinned_rule_totals(dir: &Path) -> Result<Vec<RuleTotal>, PinError> {
 
 /// Each rule's total as pinned in `dir` now, by name: what the rules that
 /// keep their name carry over to the next rule set.
-pub fn carried_over(dir: &Path) -> HashMap<String, Counter> {
+pub fn carried_over(dir: &Path) -> HashMap<String, RuleCounts> {
     match pinned_rule_totals(dir) {
-        Ok(totals) => totals.into_iter().map(|t| (t.name, t.counter)).collect(),
+        Ok(totals) => totals.into_iter().map(|t| (t.name, t.counts)).collect(),
         Err(_) => HashMap::new(),
     }
 }
 
 /// Pins the rule table for `rules` in `dir`, with bases from `previous`
-/// ([`carried_over`] before the new program's `RULE_STATS` replaced the
+/// ([`carried_over`] before the new program's rule counters replaced the
 /// old one's). Returns the bases.
 pub fn publish_rule_table(
     rules: &[RuleInfo],
-    previous: &HashMap<String, Counter>,
+    previous: &HashMap<String, RuleCounts>,
     dir: &Path,
-) -> Result<Vec<Counter>, PinError> {
+) -> Result<Vec<RuleCounts>, PinError> {
     let write = |source| read_error(dir, pins::RULES, source);
     let entries = (rules.len() as u32).max(1);
     let mut table = Array::<MapData, RuleRecord>::create(entries, 0).map_err(write)?;

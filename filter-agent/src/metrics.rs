@@ -70,9 +70,9 @@ impl Counted {
 }
 
 impl Metrics {
-    /// What the pinned maps counted: (rules, reasons, guard).
-    fn read_pinned(&self) -> (Counted, Counted, Counted) {
-        let (mut rules, mut reasons, mut guard) = Default::default();
+    /// What the pinned maps counted: (rules, rate limits, reasons, guard).
+    fn read_pinned(&self) -> (Counted, Counted, Counted, Counted) {
+        let (mut rules, mut limits, mut reasons, mut guard) = Default::default();
         for iface in &self.ifaces {
             let dir = pins::dir(iface);
             let with = |key: &'static str, value: &str| {
@@ -84,7 +84,11 @@ impl Metrics {
                 for rule in &snapshot.rules {
                     let mut labels = with("rule", &rule.name);
                     labels.push(("action", rule.action.name().to_owned()));
-                    Counted::push(&mut rules, labels, &rule.counter);
+                    Counted::push(&mut rules, labels, &rule.counts.decided);
+                    if rule.limited {
+                        let labels = with("rule", &rule.name);
+                        Counted::push(&mut limits, labels, &rule.counts.over_limit);
+                    }
                 }
                 for (name, counter) in reason::NAMES.iter().zip(&snapshot.reasons) {
                     Counted::push(&mut reasons, with("reason", name), counter);
@@ -96,13 +100,13 @@ impl Metrics {
                 }
             }
         }
-        (rules, reasons, guard)
+        (rules, limits, reasons, guard)
     }
 }
 
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (rules, reasons, guard) = self.read_pinned();
+        let (rules, limits, reasons, guard) = self.read_pinned();
         let status = self
             .status
             .lock()
@@ -117,13 +121,23 @@ impl Collector for Metrics {
                 status.reloads_failed,
             ),
         ];
-        let counters: [(&str, &str, &[Sample]); 7] = [
+        let counters: [(&str, &str, &[Sample]); 9] = [
             (
                 "rule_packets",
                 "Packets decided by each rule.",
                 &rules.packets,
             ),
             ("rule_bytes", "Bytes decided by each rule.", &rules.bytes),
+            (
+                "rule_over_limit_packets",
+                "Packets a rule matched and its rate limit dropped (counted only in monitor mode).",
+                &limits.packets,
+            ),
+            (
+                "rule_over_limit_bytes",
+                "Bytes a rule matched and its rate limit dropped.",
+                &limits.bytes,
+            ),
             (
                 "packets",
                 "Packets no rule decided, by reason (default_allow, default_deny, malformed, ...).",

@@ -8,7 +8,7 @@
 //!   egress_tc                  before TCX: which tc filter is the agent's
 //!   STATS, GUARD_*, UDP_FLOWS  counters shared by every program instance
 //!   EVENTS                     the event ring buffer
-//!   RULE_STATS                 per-rule per-CPU counters of the running rules
+//!   RULE_STATS, RULE_OVER_LIMIT  per-rule per-CPU counters of the running rules
 //!   RULES                      their names, actions and carried-over counts
 //! ```
 //!

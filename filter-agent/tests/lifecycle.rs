@@ -158,7 +158,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
                 snapshot
                     .rules
                     .iter()
-                    .any(|rule| rule.name == "deny-9000" && rule.counter.packets == all)
+                    .any(|rule| rule.name == "deny-9000" && rule.counts.decided.packets == all)
             })
         },
     );

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use filter_common::{Counter, guard as guard_stat, reason};
+use filter_common::{guard as guard_stat, reason};
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 use crate::{
     compile::{RuleInfo, RuleSet},
     config::GuardAction,
+    counters::RuleCounts,
     events,
     guard::{GuardReport, Listeners},
     loader::{self, AttachMode, Attached, Filter},
@@ -33,7 +34,7 @@ pub(super) struct Interface {
     filter: Filter,
     pub(super) rules: Vec<RuleInfo>,
     /// Per rule: what it counted under earlier rule sets.
-    bases: Vec<Counter>,
+    bases: Vec<RuleCounts>,
     _lock: InterfaceLock,
 }
 
@@ -185,16 +186,21 @@ impl Interface {
         }
     }
 
-    /// Per rule: name, action, total count (earlier rule sets included).
-    fn rule_totals(&self) -> anyhow::Result<Vec<(&RuleInfo, Counter)>> {
-        let counters = self.filter.rule_counters()?;
+    /// Per rule: name, action, total counts (earlier rule sets included).
+    fn rule_totals(&self) -> anyhow::Result<Vec<(&RuleInfo, RuleCounts)>> {
+        let decided = self.filter.rule_counters()?;
+        let over_limit = self.filter.over_limit_counters()?;
         Ok(self
             .rules
             .iter()
-            .zip(counters.iter().zip(&self.bases))
-            .map(|(rule, (counter, base))| {
+            .zip(decided.into_iter().zip(over_limit))
+            .zip(&self.bases)
+            .map(|((rule, (decided, over_limit)), base)| {
                 let mut total = *base;
-                total.add(counter);
+                total.add(&RuleCounts {
+                    decided,
+                    over_limit,
+                });
                 (rule, total)
             })
             .collect())
@@ -204,10 +210,15 @@ impl Interface {
         let iface = &self.name;
         match self.rule_totals() {
             Ok(totals) => {
-                for (rule, counter) in totals {
-                    let (packets, bytes) = (counter.packets, counter.bytes);
+                for (rule, counts) in totals {
+                    let (packets, bytes) = (counts.decided.packets, counts.decided.bytes);
                     let action = rule.action.name();
                     info!(%iface, rule = rule.name, action, packets, bytes, "counted");
+                    if rule.limit.is_some() {
+                        let over = counts.over_limit;
+                        let (packets, bytes) = (over.packets, over.bytes);
+                        info!(%iface, rule = rule.name, packets, bytes, "over its rate limit");
+                    }
                 }
             }
             Err(err) => warn!(%iface, %err, "cannot read rule counters"),

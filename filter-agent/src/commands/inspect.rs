@@ -180,12 +180,14 @@ pub fn stats(asked: &[String], json: bool, watch: Option<u64>) -> anyhow::Result
 
 type Snapshots = [(String, Snapshot)];
 
-/// One row of `stats`: a rule or a reason, its counter and its rate.
+/// One row of `stats`: a rule or a reason, its counter and its rate, and
+/// for a rate-limited rule what its limit dropped.
 struct StatsRow<'a> {
     name: &'a str,
     action: &'static str,
     counter: filter_common::Counter,
     per_second: Option<f64>,
+    over_limit: Option<(filter_common::Counter, Option<f64>)>,
 }
 
 /// The rows of one interface; rates against `before` (a snapshot taken
@@ -197,15 +199,17 @@ fn stats_rows<'a>(snapshot: &'a Snapshot, before: Option<(&Snapshot, f64)>) -> V
         Some(now.saturating_sub(earlier?) as f64 / seconds)
     };
     let rules = snapshot.rules.iter().enumerate().map(|(i, rule)| {
-        let earlier = before.and_then(|(b, _)| {
-            let old = b.rules.get(i).filter(|old| old.name == rule.name)?;
-            Some(old.counter.packets)
-        });
+        let old = before.and_then(|(b, _)| b.rules.get(i).filter(|old| old.name == rule.name));
+        let (decided, over) = (rule.counts.decided, rule.counts.over_limit);
         StatsRow {
             name: &rule.name,
             action: rule.action.name(),
-            counter: rule.counter,
-            per_second: rate(rule.counter.packets, earlier),
+            counter: decided,
+            per_second: rate(decided.packets, old.map(|o| o.counts.decided.packets)),
+            over_limit: rule.limited.then(|| {
+                let earlier = old.map(|o| o.counts.over_limit.packets);
+                (over, rate(over.packets, earlier))
+            }),
         }
     });
     let reasons =
@@ -220,6 +224,7 @@ fn stats_rows<'a>(snapshot: &'a Snapshot, before: Option<(&Snapshot, f64)>) -> V
                     action: "",
                     counter: *counter,
                     per_second: rate(counter.packets, earlier),
+                    over_limit: None,
                 }
             });
     rules.chain(reasons).collect()
@@ -240,9 +245,16 @@ fn print_stats(
         let rows = stats_rows(snapshot, before);
         let rule_count = snapshot.rules.len();
         if json {
+            let counter_json = |counter: &filter_common::Counter, per_second: Option<f64>| {
+                json!({"packets": counter.packets, "bytes": counter.bytes,
+                       "packets_per_second": per_second})
+            };
             let row_json = |row: &StatsRow<'_>| {
-                json!({"packets": row.counter.packets, "bytes": row.counter.bytes,
-                       "packets_per_second": row.per_second})
+                let mut value = counter_json(&row.counter, row.per_second);
+                if let Some((counter, per_second)) = &row.over_limit {
+                    value["over_limit"] = counter_json(counter, *per_second);
+                }
+                value
             };
             let rules: Vec<_> = rows[..rule_count]
                 .iter()
@@ -262,15 +274,21 @@ fn print_stats(
         }
         println!("{iface}");
         println!(
-            "  {:<28} {:<6} {:>14} {:>16} {:>12}",
+            "  {:<28} {:<10} {:>14} {:>16} {:>12}",
             "rule / reason", "action", "packets", "bytes", "packets/s"
         );
-        for row in &rows {
-            let rate = row.per_second.map_or("-".to_owned(), |r| format!("{r:.1}"));
+        let line = |name: &str, action: &str, counter: &filter_common::Counter, rate: Option<f64>| {
+            let rate = rate.map_or("-".to_owned(), |r| format!("{r:.1}"));
             println!(
-                "  {:<28} {:<6} {:>14} {:>16} {:>12}",
-                row.name, row.action, row.counter.packets, row.counter.bytes, rate
+                "  {name:<28} {action:<10} {:>14} {:>16} {rate:>12}",
+                counter.packets, counter.bytes
             );
+        };
+        for row in &rows {
+            line(row.name, row.action, &row.counter, row.per_second);
+            if let Some((counter, rate)) = &row.over_limit {
+                line(row.name, "over-limit", counter, *rate);
+            }
         }
     }
     if json {

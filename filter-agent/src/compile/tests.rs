@@ -242,3 +242,31 @@ fn too_many_rules_is_an_error() {
         }
     );
 }
+
+#[test]
+fn limited_rules_get_limit_slots_and_masks() {
+    let set = compile_text(
+        "[[rule]]\nname = \"web\"\naction = \"allow\"\nlimit = { rate = \"1000/s\", burst = 3 }\n\
+         [[rule]]\nname = \"ssh\"\naction = \"allow\"\n\
+         [[rule]]\nname = \"dns\"\naction = \"allow\"\n\
+         limit = { rate = \"4/min\", per = \"source\", ipv4_prefix = 20, ipv6_prefix = 56 }\n",
+    );
+    let entries: Vec<u32> = set.action_entries().collect();
+    let slot = |n: u32| n << action::LIMIT_SHIFT;
+    // After the implicit ND rule: web in slot 1, ssh unlimited, dns in slot 2.
+    assert_eq!(entries, [0, slot(1), 0, slot(2)]);
+    let limits = set.limits();
+    assert_eq!(limits.len(), 3);
+    assert_eq!(limits[1].interval_ns, 1_000_000);
+    assert_eq!(limits[1].tolerance_ns, 2_000_000);
+    assert_eq!(limits[1].per_source, 0);
+    assert_eq!(limits[2].interval_ns, 15_000_000_000);
+    assert_eq!(limits[2].per_source, 1);
+    let mapped_20 = [
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xf0, 0,
+    ];
+    assert_eq!(limits[2].v4_mask, mapped_20);
+    assert_eq!(&limits[2].v6_mask[..8], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]);
+    assert_eq!(&limits[2].v6_mask[8..], &[0; 8]);
+    assert!(set.has_source_limits());
+}

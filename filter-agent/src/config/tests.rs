@@ -116,6 +116,40 @@ fn reads_a_full_rule() {
 }
 
 #[test]
+fn reads_rate_limits() {
+    let limit = |body: &str| parse_ok(&with_rule(body)).rules[0].limit;
+    let second = 1_000_000_000;
+    assert_eq!(
+        limit("limit = { rate = \"1000/s\" }"),
+        Some(Limit {
+            packets: 1000,
+            per_ns: second,
+            burst: 100,
+            per_source: None,
+        })
+    );
+    let per_source = limit(
+        "limit = { rate = \"30/min\", burst = 5, per = \"source\", ipv4_prefix = 24 }",
+    )
+    .unwrap();
+    assert_eq!(per_source.per_source, Some((24, 64)));
+    assert_eq!((per_source.burst, per_source.interval_ns()), (5, 2 * second));
+    assert_eq!(per_source.to_string(), "30/min burst 5 per source /24 /64");
+    // A bare number is packets per second; a slow rate has a burst of one.
+    assert_eq!(limit("limit = { rate = 5 }").unwrap().burst, 1);
+    assert_eq!(limit("").map(|l| l.burst), None);
+    let denied = "[filter]\ndefault = \"allow\"\n[[rule]]\nname = \"d\"\naction = \"deny\"\n\
+                  limit = { rate = 5 }\n";
+    let message = error_of(denied);
+    assert!(
+        message.starts_with("rules.toml:6:9: ") && message.contains("limit needs action"),
+        "{message}"
+    );
+    let sources = "[filter]\ndefault = \"allow\"\nlimit_sources = 0\n";
+    assert!(error_of(sources).starts_with("rules.toml:3:17: limit_sources must be"));
+}
+
+#[test]
 fn neighbour_discovery_passes_unless_denied_by_name() {
     let config = parse_ok(&with_rule("proto = \"icmpv6\""));
     assert_eq!(
@@ -233,6 +267,51 @@ const BAD_RULES: &[(&str, &str, &str)] = &[
         "proto = \"tcp\"\ntcp_flags = \"syn\"\nnotrack = true",
         "rules.toml:8:11: ",
         "notrack applies to whole flows",
+    ),
+    (
+        "limit = { rate = \"fast\" }",
+        "rules.toml:6:18: ",
+        "rate is \"N/s\"",
+    ),
+    (
+        "limit = { rate = \"10/day\" }",
+        "rules.toml:6:18: ",
+        "unknown unit \"day\"",
+    ),
+    (
+        "limit = { rate = 0 }",
+        "rules.toml:6:18: ",
+        "at least 1",
+    ),
+    (
+        "limit = { rate = \"2000000000/s\" }",
+        "rules.toml:6:18: ",
+        "at most 1000000000/s",
+    ),
+    (
+        "limit = { rate = \"10/s\", burst = 0 }",
+        "rules.toml:6:34: ",
+        "burst must be 1-1000000",
+    ),
+    (
+        "limit = { rate = \"10/s\", per = \"host\" }",
+        "rules.toml:6:32: ",
+        "per must be \"rule\" or \"source\"",
+    ),
+    (
+        "limit = { rate = \"10/s\", ipv4_prefix = 24 }",
+        "rules.toml:6:40: ",
+        "ipv4_prefix needs per = \"source\"",
+    ),
+    (
+        "limit = { rate = \"10/s\", per = \"source\", ipv6_prefix = 129 }",
+        "rules.toml:6:56: ",
+        "ipv6_prefix must be 1-128",
+    ),
+    (
+        "limit = { rate = \"10/s\", brust = 5 }",
+        "rules.toml:6:",
+        "unknown field `brust`",
     ),
     (
         "proto = \"tcp\"\nicmp_type = 3",

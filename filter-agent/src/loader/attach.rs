@@ -11,10 +11,14 @@ use aya::programs::{
     xdp::XdpLink,
 };
 use aya::sys::SyscallError;
-use filter_common::{Counter, names};
+use filter_common::names;
 
 use super::{Filter, LoadError, egress_mut, has_tcx, missing_map, program_mut};
-use crate::{compile::RuleInfo, counters, pins};
+use crate::{
+    compile::RuleInfo,
+    counters::{self, RuleCounts},
+    pins,
+};
 
 /// How to attach the XDP program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +107,7 @@ impl Filter {
         mode: AttachMode,
         dir: &Path,
         rules: &[RuleInfo],
-    ) -> Result<(Attached, Vec<Counter>), LoadError> {
+    ) -> Result<(Attached, Vec<RuleCounts>), LoadError> {
         let attached = self.attach_pinned(iface, mode, dir)?;
         if attached == Attached::Adopted {
             // Packets still inside the old program would be counted after
@@ -119,14 +123,13 @@ impl Filter {
     }
 
     /// Pins this instance's per-rule counters in `dir`, replacing what is
-    /// there in one rename.
+    /// there, one rename per map.
     fn pin_rule_stats(&self, dir: &Path) -> Result<(), LoadError> {
-        let map = self
-            .ebpf
-            .map(names::RULE_STATS)
-            .ok_or_else(|| missing_map(names::RULE_STATS))?;
-        let path = dir.join(names::RULE_STATS);
-        Ok(pins::replace(&path, |staged| map.pin(staged))?)
+        for name in [names::RULE_STATS, names::RULE_OVER_LIMIT] {
+            let map = self.ebpf.map(name).ok_or_else(|| missing_map(name))?;
+            pins::replace(&dir.join(name), |staged| map.pin(staged))?;
+        }
+        Ok(())
     }
 
     fn attach_xdp(&mut self, iface: &str, mode: AttachMode) -> Result<&'static str, LoadError> {

@@ -184,7 +184,11 @@ mod tests {
         );
         assert_eq!(
             format(
-                &event(DECISION_RULE | DECISION_OVER_LIMIT | 1, event::DROP, event::GUARD_NONE),
+                &event(
+                    DECISION_RULE | DECISION_OVER_LIMIT | 1,
+                    event::DROP,
+                    event::GUARD_NONE
+                ),
                 &names,
                 range
             ),

@@ -10,8 +10,8 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc};
 use filter_agent::{
     compile::compile,
     config::{
-        Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings,
-        Limit, Location, Mode, Rule, TcpFlags,
+        Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings, Limit,
+        Location, Mode, Rule, TcpFlags,
     },
     loader::{Filter, xdp_action},
     packet::{self, PacketSpec, Transport},
@@ -145,9 +145,14 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
 /// prefixes that the address pool's prefixes share or split.
 fn random_limit(rng: &mut StdRng) -> Limit {
     const SECOND: u64 = 1_000_000_000;
-    let (packets, per_ns) = *[(10, SECOND), (100, SECOND), (1000, SECOND), (60, 60 * SECOND)]
-        .choose(rng)
-        .unwrap();
+    let (packets, per_ns) = *[
+        (10, SECOND),
+        (100, SECOND),
+        (1000, SECOND),
+        (60, 60 * SECOND),
+    ]
+    .choose(rng)
+    .unwrap();
     let per_source = rng.random_bool(0.5).then(|| {
         (
             *[8, 16, 24, 25, 32].choose(rng).unwrap(),
@@ -382,5 +387,8 @@ fn kernel_agrees_with_reference() {
          {guard_views:?}; {over_limit} over a rate limit"
     );
     assert!(guard_views.iter().all(|&n| n > 100), "{guard_views:?}");
-    assert!(over_limit > 100, "only {over_limit} frames were over a rate limit");
+    assert!(
+        over_limit > 100,
+        "only {over_limit} frames were over a rate limit"
+    );
 }

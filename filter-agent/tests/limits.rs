@@ -204,7 +204,13 @@ fn limits_hold_across_cpus_and_per_source() {
     let _pins = Pins::of(&pair.server_if);
     let (client, server) = (&pair.client, &pair.server);
     client
-        .ip(&["addr", "add", &format!("{QUIET}/24"), "dev", &pair.client_if])
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{QUIET}/24"),
+            "dev",
+            &pair.client_if,
+        ])
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
@@ -286,7 +292,11 @@ fn limits_hold_across_cpus_and_per_source() {
         "per source: the flooding source got {loud} through (expected {expected:.0}), \
          the quiet one {quiet} of {quiet_sent}"
     );
-    assert_eq!(quiet, u64::from(quiet_sent), "the quiet source lost packets");
+    assert_eq!(
+        quiet,
+        u64::from(quiet_sent),
+        "the quiet source lost packets"
+    );
     let error = (loud as f64 - expected) / expected;
     assert!(
         error.abs() <= 0.10,

@@ -43,7 +43,12 @@ pub fn admit(slot: u32, packet: &Packet, end: usize) -> bool {
     // `take` writes it.
     let limit = unsafe { &mut *limit };
     if limit.per_source == 0 {
-        return take(&mut limit.due_ns, now, limit.interval_ns, limit.tolerance_ns);
+        return take(
+            &mut limit.due_ns,
+            now,
+            limit.interval_ns,
+            limit.tolerance_ns,
+        );
     }
     let key = SourceBucket {
         addr: masked_source(limit, packet, end),

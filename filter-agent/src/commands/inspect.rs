@@ -277,13 +277,14 @@ fn print_stats(
             "  {:<28} {:<10} {:>14} {:>16} {:>12}",
             "rule / reason", "action", "packets", "bytes", "packets/s"
         );
-        let line = |name: &str, action: &str, counter: &filter_common::Counter, rate: Option<f64>| {
-            let rate = rate.map_or("-".to_owned(), |r| format!("{r:.1}"));
-            println!(
-                "  {name:<28} {action:<10} {:>14} {:>16} {rate:>12}",
-                counter.packets, counter.bytes
-            );
-        };
+        let line =
+            |name: &str, action: &str, counter: &filter_common::Counter, rate: Option<f64>| {
+                let rate = rate.map_or("-".to_owned(), |r| format!("{r:.1}"));
+                println!(
+                    "  {name:<28} {action:<10} {:>14} {:>16} {rate:>12}",
+                    counter.packets, counter.bytes
+                );
+            };
         for row in &rows {
             line(row.name, row.action, &row.counter, row.per_second);
             if let Some((counter, rate)) = &row.over_limit {

@@ -47,7 +47,9 @@ impl Source<'_> {
             return Err(error(raw.span(), message.into()));
         }
         let raw = raw.get_ref();
-        let (packets, per_ns) = self.rate(&raw.rate).map_err(|m| error(raw.rate.span(), m))?;
+        let (packets, per_ns) = self
+            .rate(&raw.rate)
+            .map_err(|m| error(raw.rate.span(), m))?;
         let burst = match &raw.burst {
             None => default_burst(packets, per_ns),
             Some(burst) => match u64::try_from(*burst.get_ref()) {

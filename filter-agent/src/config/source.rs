@@ -13,11 +13,10 @@ use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use super::{
-    Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_MAX_MAP_MIB,
-    DEFAULT_LIMIT_SOURCES, FilterSettings, Fragments, MAX_LIMIT_SOURCES, GuardAction, GuardSettings, IMPLICIT_ND_RULE, Location,
-    MAX_FILE_BYTES, MAX_NOTRACK_PREFIXES, MAX_RULE_NAME, Mode, ND_TYPES, Rule,
-    fields::icmp_type_by_name,
-    limit::RawLimit,
+    Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_LIMIT_SOURCES,
+    DEFAULT_MAX_MAP_MIB, FilterSettings, Fragments, GuardAction, GuardSettings, IMPLICIT_ND_RULE,
+    Location, MAX_FILE_BYTES, MAX_LIMIT_SOURCES, MAX_NOTRACK_PREFIXES, MAX_RULE_NAME, Mode,
+    ND_TYPES, Rule, fields::icmp_type_by_name, limit::RawLimit,
 };
 
 #[derive(Deserialize)]

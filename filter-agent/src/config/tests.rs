@@ -128,12 +128,14 @@ fn reads_rate_limits() {
             per_source: None,
         })
     );
-    let per_source = limit(
-        "limit = { rate = \"30/min\", burst = 5, per = \"source\", ipv4_prefix = 24 }",
-    )
-    .unwrap();
+    let per_source =
+        limit("limit = { rate = \"30/min\", burst = 5, per = \"source\", ipv4_prefix = 24 }")
+            .unwrap();
     assert_eq!(per_source.per_source, Some((24, 64)));
-    assert_eq!((per_source.burst, per_source.interval_ns()), (5, 2 * second));
+    assert_eq!(
+        (per_source.burst, per_source.interval_ns()),
+        (5, 2 * second)
+    );
     assert_eq!(per_source.to_string(), "30/min burst 5 per source /24 /64");
     // A bare number is packets per second; a slow rate has a burst of one.
     assert_eq!(limit("limit = { rate = 5 }").unwrap().burst, 1);
@@ -278,11 +280,7 @@ const BAD_RULES: &[(&str, &str, &str)] = &[
         "rules.toml:6:18: ",
         "unknown unit \"day\"",
     ),
-    (
-        "limit = { rate = 0 }",
-        "rules.toml:6:18: ",
-        "at least 1",
-    ),
+    ("limit = { rate = 0 }", "rules.toml:6:18: ", "at least 1"),
     (
         "limit = { rate = \"2000000000/s\" }",
         "rules.toml:6:18: ",

@@ -332,7 +332,11 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
     fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
     fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
     fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
-    fill_array(ebpf, names::RULE_ACTIONS, rules.action_entries().enumerate())?;
+    fill_array(
+        ebpf,
+        names::RULE_ACTIONS,
+        rules.action_entries().enumerate(),
+    )?;
     fill_array(ebpf, names::LIMITS, rules.limits().into_iter().enumerate())?;
     let services = guard::service_words(&rules.guard.services, &Listeners::default());
     fill_array(ebpf, names::SERVICE_PORTS, services.into_iter().enumerate())

@@ -127,14 +127,21 @@ fn output_json(mut command: Command, what: &str) -> anyhow::Result<Value> {
 
 /// Packets of the rule `name` in `filter-agent stats --json` of `iface`.
 pub fn rule_packets(stats: &Value, iface: &str, name: &str) -> anyhow::Result<u64> {
+    Ok(rule_counts(stats, iface, name)?.0)
+}
+
+/// The packets rule `name` decided, and those its rate limit dropped (0
+/// without a limit), from `stats --json`.
+pub fn rule_counts(stats: &Value, iface: &str, name: &str) -> anyhow::Result<(u64, u64)> {
     let report = interface(stats, iface)?;
-    report["rules"]
+    let rule = report["rules"]
         .as_array()
         .context("no rules in stats")?
         .iter()
         .find(|rule| rule["rule"] == name)
-        .and_then(|rule| rule["packets"].as_u64())
-        .with_context(|| format!("no rule {name} on {iface}"))
+        .with_context(|| format!("no rule {name} on {iface}"))?;
+    let passed = rule["packets"].as_u64().context("no packets")?;
+    Ok((passed, rule["over_limit"]["packets"].as_u64().unwrap_or(0)))
 }
 
 fn interface<'a>(reports: &'a Value, iface: &str) -> anyhow::Result<&'a Value> {

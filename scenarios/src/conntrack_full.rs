@@ -4,15 +4,17 @@
 //! saying so. The service is public and the flood comes from everywhere,
 //! the clients' own network included, so no allow-list can tell them
 //! apart: filter-agent keeps the service's flows out of conntrack
-//! (`notrack = true`), and the host's stateful firewall goes on guarding
-//! everything else.
+//! (`notrack = true`), holds each source to a rate in XDP (`limit`, per
+//! source: the flood from one spoofed address is cut to it, while
+//! random sources, one packet each, pass to the stack's SYN cookies), and
+//! the host's stateful firewall goes on guarding everything else.
 
 use std::{
     io,
     net::{SocketAddr, UdpSocket},
     path::Path,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, ensure};
@@ -32,15 +34,19 @@ const TRACKED_PORT: u16 = 9090;
 const CLOSED_PORT: u16 = 7070;
 /// The conntrack table size for the scenario (global; restored after).
 const TABLE: u32 = 512;
-/// Spoofed packets per flood at most (SYNs to the TCP service, datagrams
-/// to the UDP one, each 5,000 a second from everywhere and as many from
-/// one address of the clients' network, so at most 8 s); they are stopped
-/// once the legitimate side has been tried.
-const FLOOD: u32 = 40_000;
-const FLOOD_INTERVAL: &str = "u200";
+/// The floods come from everywhere and from one address of the clients'
+/// network, and are stopped once the legitimate side has been tried: SYNs
+/// to the TCP service as fast as hping3 sends (`--flood`), datagrams to
+/// the UDP one at 10,000/s each (the single-threaded echo standing in for
+/// a DNS server answers about that many; more would drop queries in its
+/// socket, a test of the stand-in, not of conntrack).
+const SYN_FLOOD: [&str; 4] = ["-S", "-p", "8080", "--flood"];
+const UDP_FLOOD: [&str; 5] = ["--udp", "-p", "5353", "-i", "u100"];
 /// A spoofed source in the clients' own network.
 const SPOOFED_CLIENT: &str = "10.210.0.77";
 const CONNECTIONS: usize = 10;
+/// Tries per legitimate query.
+const QUERY_TRIES: usize = 3;
 /// How long the flood may take to fill the table (or, with the agent, to
 /// pass it in numbers).
 const FLOOD_EFFECT: Duration = Duration::from_secs(15);
@@ -69,6 +75,7 @@ action = "allow"
 proto = "tcp"
 dport = "8080"
 notrack = true
+limit = { rate = "200/s", burst = 50, per = "source", ipv4_prefix = 32 }
 
 [[rule]]
 name = "public-dns"
@@ -76,13 +83,19 @@ action = "allow"
 proto = "udp"
 dport = "5353"
 notrack = true
+limit = { rate = "200/s", burst = 50, per = "source", ipv4_prefix = 32 }
 "#;
+
+/// The per-source rate above.
+const SOURCE_RATE: u64 = 200;
 
 /// What the legitimate side saw during a flood.
 #[derive(Debug, Default)]
 pub struct Served {
     /// The most conntrack entries seen, and those of the two services.
     pub entries: u64,
+    /// The table's count at each legitimate attempt.
+    pub entries_over_time: Vec<u64>,
     pub service_entries: u64,
     /// TCP connections and UDP queries answered, of [`CONNECTIONS`].
     pub connections: usize,
@@ -103,6 +116,11 @@ pub struct Outcome {
     /// packets its rules passed.
     pub filtered_drops_moved: u64,
     pub flood_passed: u64,
+    /// Packets per second the services' rules saw while the legitimate
+    /// side was tried (the flood's rate at the host's XDP).
+    pub flood_rate: f64,
+    /// Packets the per-source limits dropped, as /metrics reports them.
+    pub over_limit: u64,
     /// The audit's fixes for the host's firewall, run as printed.
     pub notrack_fixes: Vec<String>,
 }
@@ -112,7 +130,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "conntrack-full: public TCP and UDP services on a host with a stateful firewall \
          (nftables, conntrack), nf_conntrack_max {TABLE}, under spoofed SYN and UDP floods from \
          everywhere and from the clients' own network (hping3 --rand-source and -a \
-         {SPOOFED_CLIENT}, 5,000/s each)"
+         {SPOOFED_CLIENT}; SYNs with --flood, datagrams at 10,000/s each)"
     );
     let _table = ConntrackMax::set(TABLE)?;
 
@@ -135,7 +153,8 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
 
     step!(
         "the same, with filter-agent on the host's interface: both services public, their flows \
-         kept out of conntrack (notrack = true)"
+         kept out of conntrack (notrack = true) and each source held to {SOURCE_RATE}/s in XDP \
+         (limit per source)"
     );
     Ok(Outcome {
         stateful,
@@ -146,9 +165,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
 
 fn report(what: &str, served: &Served) {
     say!(
-        "{what}: at most {} conntrack entries during the flood, {} of them for ports {PORT} and \
-         {DNS_PORT}; legitimate TCP connections answered: {} of {CONNECTIONS}, UDP queries: {} of \
-         {CONNECTIONS}; the host's own UDP sendto() refused (EPERM): {}",
+        "{what}: conntrack entries at each attempt {:?} (at most {}), {} of them for ports {PORT} \
+         and {DNS_PORT}; legitimate TCP connections answered: {} of {CONNECTIONS}, UDP queries: {} \
+         of {CONNECTIONS} (in up to {QUERY_TRIES} tries); the host's own UDP sendto() refused (EPERM): {}",
+        served.entries_over_time,
         served.entries,
         served.service_entries,
         served.connections,
@@ -178,7 +198,7 @@ struct Flood(Vec<Child>);
 impl Flood {
     fn start(client: &Netns, target: &str) -> anyhow::Result<Self> {
         let mut flood = Self(Vec::new());
-        let kinds = [["-S", "-p", "8080"], ["--udp", "-p", "5353"]];
+        let kinds = [&SYN_FLOOD[..], &UDP_FLOOD];
         let sources = [&["--rand-source"][..], &["-a", SPOOFED_CLIENT]];
         for (kind, source) in kinds
             .iter()
@@ -187,9 +207,9 @@ impl Flood {
             let child = client
                 .command("hping3")
                 .arg("-q")
-                .args(kind)
+                .args(*kind)
                 .args(source)
-                .args(["-i", FLOOD_INTERVAL, "-c", &FLOOD.to_string(), target])
+                .arg(target)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -237,16 +257,14 @@ fn without_agent(binary: &Path) -> anyhow::Result<(Served, u64)> {
 /// client, one datagram the host sends itself, the table sampled between.
 fn serve(chain: &Chain) -> anyhow::Result<Served> {
     let host = chain.server();
-    let mut served = Served {
-        entries: conntrack_count(host)?,
-        ..Served::default()
-    };
+    let mut served = Served::default();
     for _ in 0..CONNECTIONS {
+        served.entries_over_time.push(conntrack_count(host)?);
         served.connections += connect(chain, PORT)?;
-        let dns = SocketAddr::from((chain.server_addr(), DNS_PORT));
-        served.queries += usize::from(traffic::udp_exchange(chain.client(), dns)?);
-        served.entries = served.entries.max(conntrack_count(host)?);
+        served.queries += query(chain)?;
     }
+    served.entries_over_time.push(conntrack_count(host)?);
+    served.entries = served.entries_over_time.iter().copied().max().unwrap_or(0);
     served.service_entries = service_entries(host)?;
     let outside = SocketAddr::from((chain.client_addr(), 9));
     let sent = host.run(|| UdpSocket::bind("0.0.0.0:0")?.send_to(b"query", outside))?;
@@ -284,23 +302,35 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
 
     let drops_before = all_drops(host)?;
     let flood = Flood::start(client, &chain.server_addr().to_string())?;
-    let passed = || {
+    // (passed, over the limit) by the two rules.
+    let counted = || {
         let stats = agent.json(&["stats", "--iface", &iface])?;
-        let web = agent::rule_packets(&stats, &iface, "public-web")?;
-        anyhow::Ok(web + agent::rule_packets(&stats, &iface, "public-dns")?)
+        let mut sum = (0, 0);
+        for rule in ["public-web", "public-dns"] {
+            let (passed, over) = agent::rule_counts(&stats, &iface, rule)?;
+            sum = (sum.0 + passed, sum.1 + over);
+        }
+        anyhow::Ok(sum)
     };
     let flooded = within(FLOOD_EFFECT, || {
-        passed().is_ok_and(|count| count >= u64::from(TABLE) * 4)
+        counted().is_ok_and(|(passed, _)| passed >= u64::from(TABLE) * 4)
     });
     ensure!(flooded, "the flood never reached the services in numbers");
+    let (passed_before, over_before) = counted()?;
+    let started = Instant::now();
     let served = serve(&chain)?;
-    let flood_passed = passed()?;
+    let (flood_passed, over_after) = counted()?;
+    let flood_rate = (flood_passed + over_after - passed_before - over_before) as f64
+        / started.elapsed().as_secs_f64();
     drop(flood);
+    let over_limit = metrics_over_limit(host)?;
     let drops_moved = all_drops(host)? - drops_before;
     report("with filter-agent", &served);
     say!(
-        "({flood_passed} flood packets passed by the rules public-web and public-dns; conntrack's \
-         drop counters moved by {drops_moved})"
+        "(the flood reached the host's XDP at {flood_rate:.0} packets/s; {flood_passed} packets \
+         passed by the rules public-web and public-dns, {over_limit} dropped over a source's \
+         limit (filter_agent_rule_over_limit_packets_total in /metrics); conntrack's drop \
+         counters moved by {drops_moved})"
     );
     let tracked = connect(&chain, TRACKED_PORT)? == 1;
     let closed = connect(&chain, CLOSED_PORT)? == 1;
@@ -319,6 +349,10 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
         "filter-agent did not keep the services out of the table: {served:?}, drops {drops_moved}"
     );
     ensure!(
+        over_limit > 0,
+        "the per-source limits dropped nothing of the floods from {SPOOFED_CLIENT}"
+    );
+    ensure!(
         tracked && !closed,
         "the stateful firewall no longer guards the other ports"
     );
@@ -328,8 +362,35 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
         filtered: served,
         filtered_drops_moved: drops_moved,
         flood_passed,
+        flood_rate,
+        over_limit,
         notrack_fixes,
     })
+}
+
+/// The packets the rate limits dropped, summed over rules, from the
+/// agent's /metrics in `netns`.
+fn metrics_over_limit(netns: &Netns) -> anyhow::Result<u64> {
+    let (status, body) = traffic::http_get(netns, "127.0.0.1:9469", "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    let metric = "filter_agent_rule_over_limit_packets_total{";
+    Ok(body
+        .lines()
+        .filter(|line| line.starts_with(metric))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Tries a query as a DNS resolver does, up to three times (the flood
+/// overruns the responder's socket now and then): 1 when answered.
+fn query(chain: &Chain) -> anyhow::Result<usize> {
+    let dns = SocketAddr::from((chain.server_addr(), DNS_PORT));
+    for _ in 0..QUERY_TRIES {
+        if traffic::udp_exchange(chain.client(), dns)? {
+            return Ok(1);
+        }
+    }
+    Ok(0)
 }
 
 /// Connects once to `port` on the host: 1 when answered.

@@ -314,3 +314,64 @@ fn replay_reports_per_rule_hits_and_json_lines() {
         "cannot read capture /nonexistent.pcap",
     );
 }
+
+/// A limited rule: `test` packets arrive at one instant (the burst passes,
+/// the rest is over the limit); `replay` decides at the capture's pace.
+#[test]
+fn limits_in_test_and_replay() {
+    use filter_agent::packet::{PacketSpec, Transport, tcp_flag};
+    use pcap_file::pcap::{PcapPacket, PcapWriter};
+
+    let rules = rules_file(
+        "[filter]\ndefault = \"deny\"\n[[rule]]\nname = \"web\"\naction = \"allow\"\n\
+         proto = \"tcp\"\ndport = 443\nlimit = { rate = \"100/s\", burst = 2 }\n",
+    );
+    let rules = rules.path().to_str().unwrap();
+    let syn = "tcp 203.0.113.5:4000 -> 10.0.0.1:443 flags S";
+    let output = agent(&[
+        "test", "--rules", rules, "--packet", syn, "--packet", syn, "--packet", syn,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let verdicts: Vec<&str> = stdout.lines().take(3).collect();
+    assert!(
+        verdicts[1].ends_with(": pass by rule \"web\" (allow, limit 100/s burst 2)"),
+        "{stdout}"
+    );
+    assert!(
+        verdicts[2].ends_with(": drop by rule \"web\" (allow, limit 100/s burst 2) over its limit"),
+        "{stdout}"
+    );
+
+    let frame = PacketSpec::new(
+        "203.0.113.5".parse().unwrap(),
+        "10.0.0.1".parse().unwrap(),
+        Transport::Tcp {
+            sport: 4000,
+            dport: 443,
+            flags: tcp_flag::SYN,
+        },
+    )
+    .build();
+    // Ten SYNs 1 ms apart (1,000/s), then the same 20 ms apart (50/s).
+    let replay = |gap_ms: u64| {
+        let capture = tempfile::NamedTempFile::new().unwrap();
+        let mut writer = PcapWriter::new(capture.reopen().unwrap()).unwrap();
+        for i in 0..10 {
+            let time = std::time::Duration::from_millis(1_700_000_000_000 + i * gap_ms);
+            let packet = PcapPacket::new(time, frame.len() as u32, &frame);
+            writer.write_packet(&packet).unwrap();
+        }
+        drop(writer);
+        let path = capture.path().to_str().unwrap();
+        let output = agent(&["replay", "--rules", rules, "--pcap", path, "--json"]);
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["reason"].clone())
+            .filter(|reason| reason == "over_limit")
+            .count()
+    };
+    assert_eq!(replay(1), 8, "at 1,000/s only the burst of 2 passes");
+    assert_eq!(replay(20), 0, "at 50/s nothing is over 100/s");
+}

@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
     compile::{RuleSet, compile},
-    config::{Config, GuardAction, Limit},
+    config::{Action, Config, GuardAction, Limit},
     loader::{Filter, LoadOptions, time_program},
     packet, reference,
 };
@@ -344,62 +344,81 @@ fn measure_limits(options: &Options, rng: &mut StdRng) -> anyhow::Result<Vec<Lim
     let flood = workload::syn_flood(rng, FLOOD_FRAMES);
     let sample = &flood[..60];
     let repeat = options.repeat;
-    let cases: [(&'static str, Option<Limit>, &[Vec<u8>], u32); 6] = [
-        ("no limit", None, sample, repeat),
-        (
+    let case = |rule, limit, action, frames, repeat| LimitCase {
+        rule,
+        limit,
+        action,
+        frames,
+        repeat,
+    };
+    let (allow, deny) = (Action::Allow, Action::Deny);
+    let cases = [
+        case("no limit", None, allow, sample, repeat),
+        case(
             "no limit, action deny (the cost of a drop)",
             None,
+            deny,
             sample,
             repeat,
         ),
-        (
+        case(
             "limit 1000/s, the flood over it",
             Some(rule_wide),
+            allow,
             sample,
             repeat,
         ),
-        (
+        case(
             "per-source /32, a known source",
             Some(per_source),
+            allow,
             sample,
             repeat,
         ),
-        ("no limit, one run per packet", None, &flood, 1),
-        (
+        case("no limit, one run per packet", None, allow, &flood, 1),
+        case(
             "per-source /32, each packet a new source",
             Some(per_source),
+            allow,
             &flood,
             1,
         ),
     ];
     let filters = cases
         .iter()
-        .enumerate()
-        .map(|(index, (_, limit, _, _))| {
-            let mut config = workload::public_service(*limit, sources);
-            if index == 1 {
-                config.rules[0].action = filter_agent::config::Action::Deny;
-            }
+        .map(|case| {
+            let mut config = workload::public_service(case.limit, sources);
+            config.rules[0].action = case.action;
             load(&compile(&config)?)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let subjects: Vec<Subject<'_>> = cases
         .iter()
         .zip(&filters)
-        .map(|((_, _, frames, repeat), filter)| Subject {
-            frames,
-            time: Box::new(move |frame| Ok(filter.time_packet(frame, *repeat)?)),
+        .map(|(case, filter)| Subject {
+            frames: case.frames,
+            time: Box::new(move |frame| Ok(filter.time_packet(frame, case.repeat)?)),
         })
         .collect();
     let measured = measure(options.runs, &subjects)?;
     Ok(cases
         .iter()
         .zip(measured)
-        .map(|((rule, _, _, _), ns_per_packet)| LimitRow {
-            rule,
+        .map(|(case, ns_per_packet)| LimitRow {
+            rule: case.rule,
             ns_per_packet,
         })
         .collect())
+}
+
+/// One row of the rate-limit table: the public rule as `action` with
+/// `limit`, timed on `frames`, each repeated `repeat` times.
+struct LimitCase<'a> {
+    rule: &'static str,
+    limit: Option<Limit>,
+    action: Action,
+    frames: &'a [Vec<u8>],
+    repeat: u32,
 }
 
 /// Loads `rules` as the agent runs them by default: events on, at the

@@ -81,28 +81,20 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
                 }
             };
             let sport = rng.random_bool(0.15).then(|| vec![(1024, 65535)]);
+            let action = if rng.random_bool(0.7) {
+                Action::Allow
+            } else {
+                Action::Deny
+            };
+            let mut rule = bare_rule(&format!("r{index}"), action);
+            rule.location.line = index + 1;
             Rule {
-                name: format!("r{index}"),
-                action: if rng.random_bool(0.7) {
-                    Action::Allow
-                } else {
-                    Action::Deny
-                },
                 proto: Some(proto),
                 src: prefix(rng, 0.4),
                 dst: prefix(rng, 0.15),
                 sport,
                 dport,
-                tcp_flags: None,
-                icmp_type: None,
-                icmp_code: None,
-                notrack: false,
-                limit: None,
-                location: Location {
-                    file: PathBuf::from("bench"),
-                    line: index + 1,
-                    column: 1,
-                },
+                ..rule
             }
         })
         .collect();

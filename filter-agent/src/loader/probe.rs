@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, RingBuf},
     programs::{TestRun as _, TestRunOptions, TestRunResult, Xdp},
 };
-use filter_common::{Event, names};
+use filter_common::{Counter, Event, names};
 
 use super::{Filter, LoadError, map_mut, missing_map};
 use crate::reference::Outcome;
@@ -81,23 +81,11 @@ impl Filter {
         let rules = self.rule_counters()?;
         let over_limit = self.over_limit_counters()?;
         let action = self.run_packet(frame)?;
-        let moved_reason = (0u32..)
-            .zip(reasons.iter().zip(self.counters()?))
-            .filter(|(_, (before, after))| **before != *after)
-            .map(|(index, _)| Outcome::Reason(index));
-        let moved_rule = rules
-            .iter()
-            .zip(self.rule_counters()?)
-            .enumerate()
-            .filter(|(_, (before, after))| **before != *after)
-            .map(|(index, _)| Outcome::Rule(index));
-        let moved_over = over_limit
-            .iter()
-            .zip(self.over_limit_counters()?)
-            .enumerate()
-            .filter(|(_, (before, after))| **before != *after)
-            .map(|(index, _)| Outcome::OverLimit(index));
-        let moved: Vec<Outcome> = moved_reason.chain(moved_rule).chain(moved_over).collect();
+        let moved = changed(&reasons, &self.counters()?)
+            .map(|index| Outcome::Reason(index as u32))
+            .chain(changed(&rules, &self.rule_counters()?).map(Outcome::Rule))
+            .chain(changed(&over_limit, &self.over_limit_counters()?).map(Outcome::OverLimit))
+            .collect::<Vec<_>>();
         match moved.as_slice() {
             [outcome] => Ok((action, *outcome)),
             _ => Err(LoadError::Counted(moved.len())),
@@ -115,6 +103,11 @@ impl Filter {
         }
         Ok(taken)
     }
+}
+
+/// The indexes where `before` and `after` differ.
+fn changed<'a>(before: &'a [Counter], after: &'a [Counter]) -> impl Iterator<Item = usize> + 'a {
+    (0..before.len()).filter(|&index| before[index] != after[index])
 }
 
 /// Runs `frame` through any loaded XDP program `repeat` times

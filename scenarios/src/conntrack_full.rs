@@ -37,9 +37,9 @@ const TABLE: u32 = 512;
 /// The floods come from everywhere and from one address of the clients'
 /// network, and are stopped once the legitimate side has been tried: SYNs
 /// to the TCP service as fast as hping3 sends (`--flood`), datagrams to
-/// the UDP one at 10,000/s each (the single-threaded echo standing in for
-/// a DNS server answers about that many; more would drop queries in its
-/// socket, a test of the stand-in, not of conntrack).
+/// the UDP one 100 us apart (about 5,000/s each here: the single-threaded
+/// echo standing in for a DNS server answers that many; a full-speed flood
+/// drops queries in its socket, a test of the stand-in, not of conntrack).
 const SYN_FLOOD: [&str; 4] = ["-S", "-p", "8080", "--flood"];
 const UDP_FLOOD: [&str; 5] = ["--udp", "-p", "5353", "-i", "u100"];
 /// A spoofed source in the clients' own network.
@@ -88,6 +88,8 @@ limit = { rate = "200/s", burst = 50, per = "source", ipv4_prefix = 32 }
 
 /// The per-source rate above.
 const SOURCE_RATE: u64 = 200;
+/// The services' rules above: TCP, then UDP.
+const SERVICE_RULES: [&str; 2] = ["public-web", "public-dns"];
 
 /// What the legitimate side saw during a flood.
 #[derive(Debug, Default)]
@@ -116,11 +118,12 @@ pub struct Outcome {
     /// packets its rules passed.
     pub filtered_drops_moved: u64,
     pub flood_passed: u64,
-    /// Packets per second the services' rules saw while the legitimate
-    /// side was tried (the flood's rate at the host's XDP).
-    pub flood_rate: f64,
-    /// Packets the per-source limits dropped, as /metrics reports them.
-    pub over_limit: u64,
+    /// Per service rule (TCP, UDP): packets per second it saw while the
+    /// legitimate side was tried (the floods' rates at the host's XDP).
+    pub flood_rate: [f64; 2],
+    /// Per service rule (TCP, UDP): packets its per-source limit dropped,
+    /// as /metrics reports them.
+    pub over_limit: [u64; 2],
     /// The audit's fixes for the host's firewall, run as printed.
     pub notrack_fixes: Vec<String>,
 }
@@ -130,7 +133,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "conntrack-full: public TCP and UDP services on a host with a stateful firewall \
          (nftables, conntrack), nf_conntrack_max {TABLE}, under spoofed SYN and UDP floods from \
          everywhere and from the clients' own network (hping3 --rand-source and -a \
-         {SPOOFED_CLIENT}; SYNs with --flood, datagrams at 10,000/s each)"
+         {SPOOFED_CLIENT}; SYNs with --flood, datagrams with -i u100)"
     );
     let _table = ConntrackMax::set(TABLE)?;
 
@@ -302,35 +305,43 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
 
     let drops_before = all_drops(host)?;
     let flood = Flood::start(client, &chain.server_addr().to_string())?;
-    // (passed, over the limit) by the two rules.
+    // Per rule: (passed, over the limit).
     let counted = || {
         let stats = agent.json(&["stats", "--iface", &iface])?;
-        let mut sum = (0, 0);
-        for rule in ["public-web", "public-dns"] {
-            let (passed, over) = agent::rule_counts(&stats, &iface, rule)?;
-            sum = (sum.0 + passed, sum.1 + over);
-        }
-        anyhow::Ok(sum)
+        let [web, dns] = SERVICE_RULES.map(|rule| agent::rule_counts(&stats, &iface, rule));
+        anyhow::Ok([web?, dns?])
     };
     let flooded = within(FLOOD_EFFECT, || {
-        counted().is_ok_and(|(passed, _)| passed >= u64::from(TABLE) * 4)
+        counted().is_ok_and(|counts| counts.iter().all(|(passed, _)| *passed >= u64::from(TABLE)))
     });
-    ensure!(flooded, "the flood never reached the services in numbers");
-    let (passed_before, over_before) = counted()?;
+    ensure!(flooded, "the floods never reached the services in numbers");
+    let before = counted()?;
     let started = Instant::now();
     let served = serve(&chain)?;
-    let (flood_passed, over_after) = counted()?;
-    let flood_rate = (flood_passed + over_after - passed_before - over_before) as f64
-        / started.elapsed().as_secs_f64();
+    let after = counted()?;
+    let seconds = started.elapsed().as_secs_f64();
     drop(flood);
-    let over_limit = metrics_over_limit(host)?;
+    let flood_rate = [0, 1].map(|i| {
+        let seen = |(passed, over): (u64, u64)| passed + over;
+        (seen(after[i]) - seen(before[i])) as f64 / seconds
+    });
+    let flood_passed = after.iter().map(|(passed, _)| passed).sum();
+    let [web, dns] = SERVICE_RULES;
+    let over_limit = [
+        metrics_over_limit(host, web)?,
+        metrics_over_limit(host, dns)?,
+    ];
     let drops_moved = all_drops(host)? - drops_before;
     report("with filter-agent", &served);
     say!(
-        "(the flood reached the host's XDP at {flood_rate:.0} packets/s; {flood_passed} packets \
-         passed by the rules public-web and public-dns, {over_limit} dropped over a source's \
-         limit (filter_agent_rule_over_limit_packets_total in /metrics); conntrack's drop \
-         counters moved by {drops_moved})"
+        "(the floods reached the host's XDP at {:.0} packets/s to the TCP service and {:.0} \
+         to the UDP one; the per-source limits dropped {} and {} packets \
+         (filter_agent_rule_over_limit_packets_total in /metrics), {flood_passed} passed in all; \
+         conntrack's drop counters moved by {drops_moved})",
+        flood_rate[0],
+        flood_rate[1],
+        over_limit[0],
+        over_limit[1]
     );
     let tracked = connect(&chain, TRACKED_PORT)? == 1;
     let closed = connect(&chain, CLOSED_PORT)? == 1;
@@ -349,8 +360,8 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
         "filter-agent did not keep the services out of the table: {served:?}, drops {drops_moved}"
     );
     ensure!(
-        over_limit > 0,
-        "the per-source limits dropped nothing of the floods from {SPOOFED_CLIENT}"
+        over_limit.iter().all(|&dropped| dropped > 0),
+        "the per-source limits did not cut both floods from {SPOOFED_CLIENT}: {over_limit:?}"
     );
     ensure!(
         tracked && !closed,
@@ -368,17 +379,18 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
     })
 }
 
-/// The packets the rate limits dropped, summed over rules, from the
-/// agent's /metrics in `netns`.
-fn metrics_over_limit(netns: &Netns) -> anyhow::Result<u64> {
+/// The packets `rule`'s rate limit dropped, from the agent's /metrics in
+/// `netns`.
+fn metrics_over_limit(netns: &Netns, rule: &str) -> anyhow::Result<u64> {
     let (status, body) = traffic::http_get(netns, "127.0.0.1:9469", "/metrics")?;
     ensure!(status == 200, "/metrics answered {status}");
-    let metric = "filter_agent_rule_over_limit_packets_total{";
-    Ok(body
-        .lines()
-        .filter(|line| line.starts_with(metric))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
+    let label = format!("rule=\"{rule}\"");
+    body.lines()
+        .find(|line| {
+            line.starts_with("filter_agent_rule_over_limit_packets_total{") && line.contains(&label)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .with_context(|| format!("no over-limit count for {rule} in /metrics"))
 }
 
 /// Tries a query as a DNS resolver does, up to three times (the flood

@@ -39,27 +39,40 @@ pub fn admit(slot: u32, packet: &Packet, end: usize) -> bool {
         return true;
     };
     let now = now();
-    // SAFETY: a map value; `due_ns` is shared with other CPUs, and only
-    // `take` writes it.
-    let limit = unsafe { &mut *limit };
-    if limit.per_source == 0 {
+    // SAFETY: a map value of this program. Other CPUs change `due_ns`
+    // under us, so it is only reached through its pointer; the rest is
+    // written by the agent before the program runs.
+    let (interval, tolerance, per_source, mask) = unsafe {
+        let mask = if packet.v6 {
+            &(*limit).v6_mask
+        } else {
+            &(*limit).v4_mask
+        };
+        (
+            (*limit).interval_ns,
+            (*limit).tolerance_ns,
+            (*limit).per_source,
+            mask,
+        )
+    };
+    if per_source == 0 {
         return take(
-            &mut limit.due_ns,
+            unsafe { &raw mut (*limit).due_ns },
             now,
-            limit.interval_ns,
-            limit.tolerance_ns,
+            interval,
+            tolerance,
         );
     }
     let key = SourceBucket {
-        addr: masked_source(limit, packet, end),
+        addr: masked_source(mask, packet, end),
         slot,
     };
     match SOURCE_BUCKETS.get_ptr_mut(&key) {
-        Some(due) => take(due, now, limit.interval_ns, limit.tolerance_ns),
+        Some(due) => take(due, now, interval, tolerance),
         None => {
             // A new source has a full bucket: this packet takes one token.
             // A full table evicts its least recently used source.
-            let _ = SOURCE_BUCKETS.insert(&key, &(now + limit.interval_ns), BPF_NOEXIST as u64);
+            let _ = SOURCE_BUCKETS.insert(&key, &(now + interval), BPF_NOEXIST as u64);
             true
         }
     }
@@ -95,16 +108,11 @@ fn take(due: *mut u64, now: u64, interval: u64, tolerance: u64) -> bool {
     true
 }
 
-/// The packet's source under the limit's prefix mask.
+/// The packet's source under its family's prefix `mask`.
 #[inline(always)]
-fn masked_source(limit: &RateLimit, packet: &Packet, end: usize) -> [u8; 16] {
+fn masked_source(mask: &[u8; 16], packet: &Packet, end: usize) -> [u8; 16] {
     // SAFETY: `end` ends the packet that `packet` was parsed from.
     let mut addr = unsafe { guard::address(packet, 0, end) };
-    let mask = if packet.v6 {
-        &limit.v6_mask
-    } else {
-        &limit.v4_mask
-    };
     for (byte, mask) in addr.iter_mut().zip(mask) {
         *byte &= mask;
     }

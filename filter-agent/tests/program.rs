@@ -319,3 +319,44 @@ fn monitor_mode_and_guard_findings_are_events_too() {
     assert_eq!(events[0].guard, event::GUARD_RETURN);
     assert_eq!(events[0].slot, reason::DEFAULT_ALLOW);
 }
+
+/// Per-source buckets group sources by prefix (IPv6 /64 here); in monitor
+/// mode a packet over the limit is counted as such and passed.
+#[test]
+fn per_source_limits_group_by_prefix_and_monitor_mode_passes() {
+    let rules = |mode: &str| {
+        format!(
+            "[filter]\ndefault = \"deny\"\nmode = \"{mode}\"\n[[rule]]\nname = \"web\"\n\
+             action = \"allow\"\nproto = \"tcp\"\nlimit = {{ rate = \"1/hour\", burst = 1, \
+             per = \"source\", ipv4_prefix = 24 }}\n"
+        )
+    };
+    let from = |src: &str| {
+        PacketSpec {
+            src: addr(src),
+            dst: if src.contains(':') {
+                addr("2001:db8::11")
+            } else {
+                addr("10.0.0.11")
+            },
+            ..tcp_v4()
+        }
+        .build()
+    };
+    // After the implicit neighbour-discovery rule.
+    let (web, over) = (Outcome::Rule(1), Outcome::OverLimit(1));
+    let enforce = load_rules(&rules("enforce"));
+    for (src, expected) in [
+        ("2001:db8:1:2::5", (XDP_PASS, web)),
+        ("2001:db8:1:2:ffff::9", (XDP_DROP, over)),
+        ("2001:db8:1:3::5", (XDP_PASS, web)),
+        ("203.0.113.5", (XDP_PASS, web)),
+        ("203.0.113.200", (XDP_DROP, over)),
+        ("203.0.114.5", (XDP_PASS, web)),
+    ] {
+        assert_eq!(verdict(&enforce, &from(src)), expected, "{src}");
+    }
+    let monitor = load_rules(&rules("monitor"));
+    assert_eq!(verdict(&monitor, &from("203.0.113.5")), (XDP_PASS, web));
+    assert_eq!(verdict(&monitor, &from("203.0.113.6")), (XDP_PASS, over));
+}

@@ -93,6 +93,24 @@ pub enum Command {
         #[arg(long, required = true)]
         iface: Vec<String>,
     },
+    /// Turn a cloud provider's stateless ACL (as its API prints it) into a
+    /// rules file for one direction that means exactly what the ACL means.
+    Import {
+        /// The ACL's format.
+        #[arg(long, value_enum)]
+        format: crate::upstream::Format,
+        /// Which ACL, when the file holds several (an AWS NetworkAclId).
+        #[arg(long)]
+        acl: Option<String>,
+        /// The packets whose entries are turned into rules.
+        #[arg(long, value_enum, default_value_t = crate::upstream::Direction::Ingress)]
+        direction: crate::upstream::Direction,
+        /// Write the rules file here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// The ACL file (JSON).
+        file: PathBuf,
+    },
     /// List every network namespace with its ephemeral port range and NAT
     /// rules, and flag those that do not fit the guard's range.
     Audit {

@@ -23,3 +23,4 @@ pub mod pcap;
 pub mod pins;
 pub mod privileges;
 pub mod reference;
+pub mod upstream;

@@ -32,6 +32,13 @@ fn main() -> ExitCode {
         Some(Command::Replay { rules, pcap, json }) => commands::replay(&rules, &pcap, json),
         Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
         Some(Command::Audit { rules, json }) => commands::audit(rules.as_deref(), json),
+        Some(Command::Import {
+            format,
+            acl,
+            direction,
+            output,
+            file,
+        }) => commands::import(format, acl.as_deref(), direction, output.as_deref(), &file),
         Some(Command::Detach { iface }) => commands::detach(&iface),
         Some(Command::Watch { iface }) => commands::watch(&iface),
         Some(Command::Stats { iface, json, watch }) => commands::stats(&iface, json, watch),

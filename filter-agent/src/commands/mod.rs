@@ -17,6 +17,7 @@ use crate::{
     packet, pcap,
     privileges::{self, Task},
     reference::Outcome,
+    upstream,
 };
 use anyhow::Context as _;
 use filter_common::reason;
@@ -194,6 +195,30 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `filter-agent import`: an upstream ACL as a rules file for one
+/// direction, checked as `check` would before it is written.
+pub fn import(
+    format: upstream::Format,
+    acl: Option<&str>,
+    direction: upstream::Direction,
+    output: Option<&Path>,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let acl = upstream::read(format, &text, acl).with_context(|| file.display().to_string())?;
+    let rules = upstream::rules_toml(&acl, direction);
+    let target = output.unwrap_or(Path::new("imported.toml"));
+    let config = config::parse(target, &rules)?;
+    compile::compile(&config)?;
+    match output {
+        Some(path) => std::fs::write(path, rules)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => print!("{rules}"),
+    }
     Ok(())
 }
 

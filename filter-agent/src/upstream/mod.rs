@@ -1,0 +1,161 @@
+//! Upstream ACLs: the stateless packet filters of cloud providers, read
+//! from the JSON their APIs return, as an ordered first-match list that
+//! filter-agent's rules can express ([`rules_toml`]) and that the audit
+//! can hold the host against.
+//!
+//! Pure logic: no I/O, unit tested without root.
+
+mod aws;
+
+use std::{fmt, fmt::Write as _};
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::config::Action;
+
+/// The formats read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `aws ec2 describe-network-acls` output.
+    AwsNacl,
+}
+
+/// Which packets an entry judges, as seen from the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Direction {
+    /// Packets arriving at the host.
+    Ingress,
+    /// Packets leaving it.
+    Egress,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+/// An ACL: entries in evaluation order (first match decides) and what a
+/// packet no entry matches gets, per direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acl {
+    /// The ACL's own identifier (an AWS `NetworkAclId`).
+    pub id: String,
+    pub entries: Vec<Entry>,
+    pub default: Action,
+}
+
+/// One entry, with the ACL's fields in the host's terms: `remote` is the
+/// other end (the source of ingress packets, the destination of egress
+/// ones); ports are the packet's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// What the provider calls it, e.g. "rule 100 (ingress)".
+    pub label: String,
+    /// A rule name for the rules file made from it.
+    pub name: String,
+    pub direction: Direction,
+    pub action: Action,
+    /// `None`: every protocol.
+    pub proto: Option<u8>,
+    /// `None`: any address of either family.
+    pub remote: Option<IpNet>,
+    pub dst_ports: Option<(u16, u16)>,
+    pub icmp_type: Option<u8>,
+    pub icmp_code: Option<u8>,
+}
+
+/// One line, naming the entry and the field.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("not {what}: {message}")]
+    Shape { what: &'static str, message: String },
+    #[error("{entry}: {field} {message}")]
+    Field {
+        entry: String,
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Choice(String),
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::AwsNacl => "aws-nacl",
+        })
+    }
+}
+
+/// Reads `text` in `format`; `id` picks one ACL when the document holds
+/// several.
+pub fn read(format: Format, text: &str, id: Option<&str>) -> Result<Acl, UpstreamError> {
+    match format {
+        Format::AwsNacl => aws::read(text, id),
+    }
+}
+
+/// The rules file that means what `acl` means for packets in `direction`:
+/// its entries in order, each a rule named after it, and its default.
+pub fn rules_toml(acl: &Acl, direction: Direction) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# `filter-agent import` of {}: its {} entries in evaluation order.\n\
+         # Non-first fragments carry no ports: they match only entries without ports.",
+        acl.id,
+        direction.name()
+    );
+    let _ = writeln!(
+        out,
+        "[filter]\ndefault = \"{}\"\nfragments = \"match-l3\"",
+        acl.default.name()
+    );
+    for entry in acl.entries.iter().filter(|e| e.direction == direction) {
+        let _ = writeln!(out, "\n# {}", entry.label);
+        let _ = writeln!(out, "[[rule]]\nname = \"{}\"", entry.name);
+        let _ = writeln!(out, "action = \"{}\"", entry.action.name());
+        if let Some(proto) = entry.proto {
+            let _ = writeln!(out, "proto = {}", proto_text(proto));
+        }
+        if let Some(net) = entry.remote {
+            let key = match direction {
+                Direction::Ingress => "src",
+                Direction::Egress => "dst",
+            };
+            let _ = writeln!(out, "{key} = \"{net}\"");
+        }
+        match entry.dst_ports {
+            Some((low, high)) if low == high => {
+                let _ = writeln!(out, "dport = {low}");
+            }
+            Some((low, high)) => {
+                let _ = writeln!(out, "dport = \"{low}-{high}\"");
+            }
+            None => {}
+        }
+        if let Some(icmp_type) = entry.icmp_type {
+            let _ = writeln!(out, "icmp_type = {icmp_type}");
+        }
+        if let Some(code) = entry.icmp_code {
+            let _ = writeln!(out, "icmp_code = {code}");
+        }
+    }
+    out
+}
+
+/// A protocol as the rules file spells it: a name where it has one.
+fn proto_text(proto: u8) -> String {
+    filter_common::wire::PROTOCOL_NAMES
+        .iter()
+        .find(|(_, number)| *number == proto)
+        .map_or_else(|| proto.to_string(), |(name, _)| format!("\"{name}\""))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+use std::path::Path;
+
+use super::*;
+use crate::config;
+
+const SAMPLE: &str = include_str!("../../../examples/upstream/aws-nacl.json");
+const WEB_TIER: &str = "acl-0a1b2c3d4e5f60718";
+
+fn web_tier() -> Acl {
+    read(Format::AwsNacl, SAMPLE, Some(WEB_TIER)).unwrap()
+}
+
+#[test]
+fn aws_entries_in_rule_number_order_per_direction() {
+    let acl = web_tier();
+    let order = |direction| {
+        acl.entries
+            .iter()
+            .filter(|e| e.direction == direction)
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        order(Direction::Ingress),
+        [
+            "rule-90", "rule-100", "rule-110", "rule-120", "rule-125", "rule-130", "rule-140",
+            "rule-150", "rule-160"
+        ]
+    );
+    assert_eq!(order(Direction::Egress).len(), 6);
+    assert_eq!(acl.default, Action::Deny);
+    let icmp = acl.entries.iter().find(|e| e.name == "rule-150").unwrap();
+    assert_eq!(
+        (icmp.proto, icmp.icmp_type, icmp.icmp_code),
+        (Some(1), Some(3), Some(4))
+    );
+    // Ports of protocols other than TCP and UDP are ignored, as AWS does.
+    let esp = acl
+        .entries
+        .iter()
+        .find(|e| e.name == "rule-140" && e.direction == Direction::Egress);
+    assert_eq!(esp.unwrap().dst_ports, None);
+}
+
+#[test]
+fn imported_rules_are_a_valid_rules_file() {
+    let acl = web_tier();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let text = rules_toml(&acl, direction);
+        let parsed = config::parse(Path::new("imported.toml"), &text)
+            .unwrap_or_else(|err| panic!("{err}\n{text}"));
+        let count = acl
+            .entries
+            .iter()
+            .filter(|e| e.direction == direction)
+            .count();
+        assert_eq!(parsed.rules.len(), count, "{text}");
+        assert_eq!(parsed.filter.default, Action::Deny);
+    }
+    let ingress = rules_toml(&acl, Direction::Ingress);
+    assert!(
+        ingress.contains(
+            "# rule 130 (ingress)\n[[rule]]\nname = \"rule-130\"\naction = \"allow\"\n\
+             proto = \"tcp\"\nsrc = \"0.0.0.0/0\"\ndport = \"49152-65535\"\n"
+        ),
+        "{ingress}"
+    );
+}
+
+#[test]
+fn one_acl_must_be_chosen() {
+    let err = read(Format::AwsNacl, SAMPLE, None).unwrap_err().to_string();
+    assert!(
+        err.contains("pick one with --acl") && err.contains(WEB_TIER),
+        "{err}"
+    );
+    let err = read(Format::AwsNacl, SAMPLE, Some("acl-nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("no ACL acl-nope (there are: "), "{err}");
+}
+
+/// The web tier's ACL with its entry 110 (inbound) changed by `edit`.
+fn with_entry(edit: impl Fn(&mut serde_json::Value)) -> String {
+    let mut document: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    let entries = document["NetworkAcls"][0]["Entries"]
+        .as_array_mut()
+        .unwrap();
+    let entry = entries
+        .iter_mut()
+        .find(|e| e["RuleNumber"] == 110 && e["Egress"] == false)
+        .unwrap();
+    edit(entry);
+    document.to_string()
+}
+
+#[test]
+fn bad_entries_name_the_entry_and_the_field() {
+    let error = |text: &str| {
+        read(Format::AwsNacl, text, Some(WEB_TIER))
+            .unwrap_err()
+            .to_string()
+    };
+    let entry = "acl-0a1b2c3d4e5f60718 rule 110 (ingress): ";
+    let cases: [(String, &str); 6] = [
+        (
+            with_entry(|e| e["Protocol"] = "tcp".into()),
+            "Protocol \"tcp\" is not -1 or a number 0-255",
+        ),
+        (
+            with_entry(|e| e["CidrBlock"] = "10.0.0.300/8".into()),
+            "CidrBlock \"10.0.0.300/8\" is not a CIDR block",
+        ),
+        (
+            with_entry(|e| e["CidrBlock"] = "10.1.2.3/8".into()),
+            "CidrBlock 10.1.2.3/8 has host bits set (AWS stores 10.0.0.0/8)",
+        ),
+        (
+            with_entry(|e| e["PortRange"] = serde_json::json!({"From": 90, "To": 80})),
+            "PortRange 90-80 is not a range of ports",
+        ),
+        (
+            with_entry(|e| e["RuleAction"] = "accept".into()),
+            "RuleAction \"accept\" is not allow or deny",
+        ),
+        (
+            with_entry(|e| e["Ipv6CidrBlock"] = "::/0".into()),
+            "CidrBlock exactly one of CidrBlock and Ipv6CidrBlock is needed",
+        ),
+    ];
+    for (text, message) in cases {
+        assert_eq!(error(&text), format!("{entry}{message}"));
+    }
+    assert!(error("not json").starts_with("not the JSON of `aws ec2 describe-network-acls`: "));
+    assert!(
+        error("{\"NetworkAcls\": [{\"Entries\": []}]}").contains("missing field `NetworkAclId`")
+    );
+}

@@ -1,0 +1,221 @@
+//! Imported upstream ACLs through the real program: each sample file's
+//! ACL, imported for each direction, decides random packets (edge ports,
+//! ICMP types, both families, other protocols) exactly as the ACL's own
+//! semantics do, evaluated here from the raw JSON by an independent
+//! first-match reader. Needs root.
+
+use std::{net::IpAddr, path::Path};
+
+use filter_agent::{
+    compile::compile,
+    config,
+    loader::{Filter, xdp_action},
+    packet::{self, PacketSpec, Transport},
+    reference::Outcome,
+    upstream::{self, Direction, Format},
+};
+use filter_common::reason;
+use ipnet::IpNet;
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use serde_json::Value;
+
+const AWS_SAMPLE: &str = include_str!("../../examples/upstream/aws-nacl.json");
+const PACKETS: usize = 400;
+
+/// The host's own addresses: the destination of ingress packets, the
+/// source of egress ones.
+const LOCAL: [&str; 2] = ["10.0.1.5", "2001:db8:1::5"];
+/// Remote ends inside and outside the sample's blocks.
+const REMOTE: [&str; 6] = [
+    "198.51.100.7",
+    "198.51.200.9",
+    "203.0.113.9",
+    "10.20.30.40",
+    "2001:db8:99::1",
+    "fd00::7",
+];
+const PORTS: [u16; 12] = [
+    0, 22, 23, 53, 80, 443, 1023, 1024, 49151, 49152, 60000, 65535,
+];
+/// ICMP types, without IPv6 neighbour discovery (133-137: the rules file
+/// lets it through ahead of every rule, and no cloud ACL sees it).
+const ICMP_TYPES: [u8; 6] = [0, 3, 8, 11, 128, 129];
+const PROTOCOLS: [u8; 3] = [50, 47, 132];
+
+/// What decides a packet: an entry's rule number, or the ACL's default.
+#[derive(Debug, PartialEq, Eq)]
+enum Decided {
+    Entry(i64),
+    Default,
+}
+
+/// An AWS NACL's first-match evaluation, from the JSON as AWS documents
+/// it (independent of filter-agent's reader).
+fn aws_decides(acl: &Value, egress: bool, packet: &Probe) -> (bool, Decided) {
+    let mut entries: Vec<&Value> = acl["Entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["Egress"] == egress)
+        .collect();
+    entries.sort_by_key(|e| e["RuleNumber"].as_i64().unwrap());
+    let remote = if egress { packet.dst } else { packet.src };
+    for entry in entries {
+        let block = entry["CidrBlock"]
+            .as_str()
+            .or(entry["Ipv6CidrBlock"].as_str());
+        let net: IpNet = block.unwrap().parse().unwrap();
+        if !net.contains(&remote) {
+            continue;
+        }
+        let protocol = entry["Protocol"].as_str().unwrap();
+        if protocol != "-1" && protocol.parse::<u8>().unwrap() != packet.proto {
+            continue;
+        }
+        if matches!(protocol, "6" | "17")
+            && let Some(range) = entry.get("PortRange")
+        {
+            let (from, to) = (
+                range["From"].as_i64().unwrap(),
+                range["To"].as_i64().unwrap(),
+            );
+            if !(from..=to).contains(&i64::from(packet.dport)) {
+                continue;
+            }
+        }
+        if matches!(protocol, "1" | "58")
+            && let Some(icmp) = entry.get("IcmpTypeCode")
+        {
+            let fits = |wanted: i64, got: u8| wanted == -1 || wanted == i64::from(got);
+            if !fits(icmp["Type"].as_i64().unwrap(), packet.icmp.0)
+                || !fits(icmp["Code"].as_i64().unwrap(), packet.icmp.1)
+            {
+                continue;
+            }
+        }
+        let number = entry["RuleNumber"].as_i64().unwrap();
+        let allow = entry["RuleAction"] == "allow";
+        return if number >= 32767 {
+            (allow, Decided::Default)
+        } else {
+            (allow, Decided::Entry(number))
+        };
+    }
+    (false, Decided::Default)
+}
+
+/// A packet as both sides see it.
+struct Probe {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    dport: u16,
+    icmp: (u8, u8),
+    frame: Vec<u8>,
+}
+
+fn random_probe(rng: &mut StdRng, egress: bool) -> Probe {
+    let v6 = rng.random_bool(0.3);
+    let local: IpAddr = LOCAL[usize::from(v6)].parse().unwrap();
+    let remotes: Vec<IpAddr> = REMOTE
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .filter(|r: &IpAddr| r.is_ipv6() == v6)
+        .collect();
+    let remote = *remotes.choose(rng).unwrap();
+    let (src, dst) = if egress {
+        (local, remote)
+    } else {
+        (remote, local)
+    };
+    let port = |rng: &mut StdRng| *PORTS.choose(rng).unwrap();
+    let (sport, dport) = (port(rng), port(rng));
+    let icmp = (
+        *ICMP_TYPES.choose(rng).unwrap(),
+        *[0u8, 4].choose(rng).unwrap(),
+    );
+    let (proto, transport) = match rng.random_range(0..4) {
+        0 => (
+            packet::IPPROTO_TCP,
+            Transport::Tcp {
+                sport,
+                dport,
+                flags: packet::tcp_flag::ACK,
+            },
+        ),
+        1 => (packet::IPPROTO_UDP, Transport::Udp { sport, dport }),
+        2 => (
+            if v6 {
+                packet::IPPROTO_ICMPV6
+            } else {
+                packet::IPPROTO_ICMP
+            },
+            Transport::Icmp {
+                icmp_type: icmp.0,
+                code: icmp.1,
+            },
+        ),
+        _ => {
+            let proto = *PROTOCOLS.choose(rng).unwrap();
+            let payload = vec![0; 8];
+            (proto, Transport::Other { proto, payload })
+        }
+    };
+    Probe {
+        src,
+        dst,
+        proto,
+        dport,
+        icmp,
+        frame: PacketSpec::new(src, dst, transport).build(),
+    }
+}
+
+#[test]
+fn imported_aws_nacl_decides_as_the_acl() {
+    let document: Value = serde_json::from_str(AWS_SAMPLE).unwrap();
+    let mut rng = StdRng::seed_from_u64(19);
+    let mut decided_by_entry = 0;
+    for raw in document["NetworkAcls"].as_array().unwrap() {
+        let id = raw["NetworkAclId"].as_str().unwrap();
+        let acl = upstream::read(Format::AwsNacl, AWS_SAMPLE, Some(id)).unwrap();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let egress = direction == Direction::Egress;
+            let text = upstream::rules_toml(&acl, direction);
+            let config = config::parse(Path::new("imported.toml"), &text).unwrap();
+            let filter = Filter::load_traced(&compile(&config).unwrap()).unwrap();
+            let names: Vec<&str> = config.effective_rules().map(|r| r.name.as_str()).collect();
+            for _ in 0..PACKETS {
+                let probe = random_probe(&mut rng, egress);
+                let (allow, expected) = aws_decides(raw, egress, &probe);
+                let (verdict, outcome) = filter.trace_frame(&probe.frame).unwrap();
+                let got = match outcome {
+                    Outcome::Rule(index) => {
+                        let number = names[index].strip_prefix("rule-").unwrap();
+                        Decided::Entry(number.parse().unwrap())
+                    }
+                    Outcome::Reason(reason::DEFAULT_DENY) => Decided::Default,
+                    other => panic!("{id} {direction:?}: decided by {other:?}"),
+                };
+                let context = format!(
+                    "{id} {direction:?}: {} -> {} proto {} dport {} icmp {:?}",
+                    probe.src, probe.dst, probe.proto, probe.dport, probe.icmp
+                );
+                assert_eq!(got, expected, "{context}\n{text}");
+                let pass = if allow {
+                    xdp_action::PASS
+                } else {
+                    xdp_action::DROP
+                };
+                assert_eq!(verdict, pass, "{context}");
+                decided_by_entry += usize::from(matches!(got, Decided::Entry(_)));
+            }
+        }
+    }
+    // Both the entries and the default must have decided many packets.
+    assert!(
+        (PACKETS..PACKETS * 3).contains(&decided_by_entry),
+        "{decided_by_entry} of {} packets decided by an entry",
+        PACKETS * 4
+    );
+}

@@ -20,17 +20,19 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::Value;
 
 const AWS_SAMPLE: &str = include_str!("../../examples/upstream/aws-nacl.json");
+const IBM_SAMPLE: &str = include_str!("../../examples/upstream/ibm-vpc.json");
 const PACKETS: usize = 400;
 
 /// The host's own addresses: the destination of ingress packets, the
-/// source of egress ones.
-const LOCAL: [&str; 2] = ["10.0.1.5", "2001:db8:1::5"];
-/// Remote ends inside and outside the sample's blocks.
-const REMOTE: [&str; 6] = [
+/// source of egress ones (inside and outside the IBM sample's subnet).
+const LOCAL: [&str; 3] = ["10.240.0.5", "10.0.1.5", "2001:db8:1::5"];
+/// Remote ends inside and outside the samples' blocks.
+const REMOTE: [&str; 7] = [
     "198.51.100.7",
     "198.51.200.9",
     "203.0.113.9",
     "10.20.30.40",
+    "10.240.1.9",
     "2001:db8:99::1",
     "fd00::7",
 ];
@@ -42,10 +44,11 @@ const PORTS: [u16; 12] = [
 const ICMP_TYPES: [u8; 6] = [0, 3, 8, 11, 128, 129];
 const PROTOCOLS: [u8; 3] = [50, 47, 132];
 
-/// What decides a packet: an entry's rule number, or the ACL's default.
+/// What decides a packet: an entry (by the name its rule gets), or the
+/// ACL's default.
 #[derive(Debug, PartialEq, Eq)]
 enum Decided {
-    Entry(i64),
+    Entry(String),
     Default,
 }
 
@@ -98,8 +101,62 @@ fn aws_decides(acl: &Value, egress: bool, packet: &Probe) -> (bool, Decided) {
         return if number >= 32767 {
             (allow, Decided::Default)
         } else {
-            (allow, Decided::Entry(number))
+            (allow, Decided::Entry(format!("rule-{number}")))
         };
+    }
+    (false, Decided::Default)
+}
+
+/// An IBM Cloud VPC network ACL's first-match evaluation, from the JSON as
+/// IBM documents it; no match is a deny.
+fn ibm_decides(acl: &Value, egress: bool, packet: &Probe) -> (bool, Decided) {
+    let direction = if egress { "outbound" } else { "inbound" };
+    for rule in acl["rules"].as_array().unwrap() {
+        if rule["direction"] != direction {
+            continue;
+        }
+        let within = |field: &str, addr: IpAddr| {
+            let net: IpNet = rule[field].as_str().unwrap().parse().unwrap();
+            net.contains(&addr)
+        };
+        if !within("source", packet.src) || !within("destination", packet.dst) {
+            continue;
+        }
+        let protocol = rule["protocol"].as_str().unwrap();
+        let fits = match protocol {
+            "all" | "any" => true,
+            "icmp_tcp_udp" => matches!(packet.proto, 1 | 6 | 17),
+            "tcp" => packet.proto == 6,
+            "udp" => packet.proto == 17,
+            "icmp" => packet.proto == 1,
+            other => panic!("protocol {other}"),
+        };
+        if !fits {
+            continue;
+        }
+        let in_range = |min: &str, max: &str, port: u16| {
+            let low = rule[min].as_i64().unwrap_or(0);
+            let high = rule[max].as_i64().unwrap_or(65535);
+            (low..=high).contains(&i64::from(port))
+        };
+        if matches!(protocol, "tcp" | "udp")
+            && !(in_range("source_port_min", "source_port_max", packet.sport)
+                && in_range("destination_port_min", "destination_port_max", packet.dport))
+        {
+            continue;
+        }
+        let icmp_fits =
+            |field: &str, got: u8| rule[field].as_i64().is_none_or(|v| v == i64::from(got));
+        if protocol == "icmp"
+            && !(icmp_fits("type", packet.icmp.0) && icmp_fits("code", packet.icmp.1))
+        {
+            continue;
+        }
+        let allow = rule["action"] == "allow";
+        return (
+            allow,
+            Decided::Entry(rule["name"].as_str().unwrap().to_owned()),
+        );
     }
     (false, Decided::Default)
 }
@@ -109,6 +166,7 @@ struct Probe {
     src: IpAddr,
     dst: IpAddr,
     proto: u8,
+    sport: u16,
     dport: u16,
     icmp: (u8, u8),
     frame: Vec<u8>,
@@ -116,7 +174,12 @@ struct Probe {
 
 fn random_probe(rng: &mut StdRng, egress: bool) -> Probe {
     let v6 = rng.random_bool(0.3);
-    let local: IpAddr = LOCAL[usize::from(v6)].parse().unwrap();
+    let locals: Vec<IpAddr> = LOCAL
+        .iter()
+        .map(|l| l.parse().unwrap())
+        .filter(|l: &IpAddr| l.is_ipv6() == v6)
+        .collect();
+    let local = *locals.choose(rng).unwrap();
     let remotes: Vec<IpAddr> = REMOTE
         .iter()
         .map(|r| r.parse().unwrap())
@@ -165,20 +228,26 @@ fn random_probe(rng: &mut StdRng, egress: bool) -> Probe {
         src,
         dst,
         proto,
+        sport,
         dport,
         icmp,
         frame: PacketSpec::new(src, dst, transport).build(),
     }
 }
 
-#[test]
-fn imported_aws_nacl_decides_as_the_acl() {
-    let document: Value = serde_json::from_str(AWS_SAMPLE).unwrap();
+/// Imports every ACL of `sample` for both directions and holds the
+/// kernel's verdicts to `decides`; returns the packets an entry decided
+/// (the rest fell to the default).
+fn check_format(
+    format: Format,
+    sample: &str,
+    acls: &[(Option<&str>, &Value)],
+    decides: fn(&Value, bool, &Probe) -> (bool, Decided),
+) -> usize {
     let mut rng = StdRng::seed_from_u64(19);
     let mut decided_by_entry = 0;
-    for raw in document["NetworkAcls"].as_array().unwrap() {
-        let id = raw["NetworkAclId"].as_str().unwrap();
-        let acl = upstream::read(Format::AwsNacl, AWS_SAMPLE, Some(id)).unwrap();
+    for &(id, raw) in acls {
+        let acl = upstream::read(format, sample, id).unwrap();
         for direction in [Direction::Ingress, Direction::Egress] {
             let egress = direction == Direction::Egress;
             let text = upstream::rules_toml(&acl, direction);
@@ -187,35 +256,74 @@ fn imported_aws_nacl_decides_as_the_acl() {
             let names: Vec<&str> = config.effective_rules().map(|r| r.name.as_str()).collect();
             for _ in 0..PACKETS {
                 let probe = random_probe(&mut rng, egress);
-                let (allow, expected) = aws_decides(raw, egress, &probe);
+                let (allow, expected) = decides(raw, egress, &probe);
                 let (verdict, outcome) = filter.trace_frame(&probe.frame).unwrap();
-                let got = match outcome {
-                    Outcome::Rule(index) => {
-                        let number = names[index].strip_prefix("rule-").unwrap();
-                        Decided::Entry(number.parse().unwrap())
-                    }
-                    Outcome::Reason(reason::DEFAULT_DENY) => Decided::Default,
-                    other => panic!("{id} {direction:?}: decided by {other:?}"),
-                };
                 let context = format!(
-                    "{id} {direction:?}: {} -> {} proto {} dport {} icmp {:?}",
-                    probe.src, probe.dst, probe.proto, probe.dport, probe.icmp
+                    "{format} {} {direction:?}: {} -> {} proto {} ports {}->{} icmp {:?}",
+                    acl.id, probe.src, probe.dst, probe.proto, probe.sport, probe.dport, probe.icmp
                 );
-                assert_eq!(got, expected, "{context}\n{text}");
+                let got = match outcome {
+                    Outcome::Rule(index) => names[index],
+                    Outcome::Reason(reason::DEFAULT_DENY) => "",
+                    other => panic!("{context}: decided by {other:?}"),
+                };
+                // One entry may become several rules, NAME-tcp and so on.
+                let same = match &expected {
+                    Decided::Entry(name) => {
+                        got == name
+                            || got
+                                .strip_prefix(name.as_str())
+                                .is_some_and(|rest| rest.starts_with('-'))
+                    }
+                    Decided::Default => got.is_empty(),
+                };
+                assert!(
+                    same,
+                    "{context}: the ACL says {expected:?}, the kernel {got:?}\n{text}"
+                );
                 let pass = if allow {
                     xdp_action::PASS
                 } else {
                     xdp_action::DROP
                 };
                 assert_eq!(verdict, pass, "{context}");
-                decided_by_entry += usize::from(matches!(got, Decided::Entry(_)));
+                decided_by_entry += usize::from(matches!(expected, Decided::Entry(_)));
             }
         }
     }
+    decided_by_entry
+}
+
+#[test]
+fn imported_aws_nacl_decides_as_the_acl() {
+    let document: Value = serde_json::from_str(AWS_SAMPLE).unwrap();
+    let acls: Vec<(Option<&str>, &Value)> = document["NetworkAcls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|acl| (acl["NetworkAclId"].as_str(), acl))
+        .collect();
+    let by_entry = check_format(Format::AwsNacl, AWS_SAMPLE, &acls, aws_decides);
     // Both the entries and the default must have decided many packets.
+    let total = PACKETS * 2 * acls.len();
     assert!(
-        (PACKETS..PACKETS * 3).contains(&decided_by_entry),
-        "{decided_by_entry} of {} packets decided by an entry",
-        PACKETS * 4
+        (total / 4..total * 3 / 4).contains(&by_entry),
+        "{by_entry} of {total} by an entry"
+    );
+}
+
+#[test]
+fn imported_ibm_vpc_acl_decides_as_the_acl() {
+    let document: Value = serde_json::from_str(IBM_SAMPLE).unwrap();
+    let by_entry = check_format(
+        Format::IbmVpc,
+        IBM_SAMPLE,
+        &[(None, &document)],
+        ibm_decides,
+    );
+    let total = PACKETS * 2;
+    assert!(
+        (total / 4..total).contains(&by_entry),
+        "{by_entry} of {total} by an entry"
     );
 }

@@ -133,10 +133,9 @@ pub(super) fn read(text: &str, id: Option<&str>) -> Result<Acl, UpstreamError> {
                 return Err(bad("CidrBlock", message));
             }
         };
-        if remote.trunc() != remote {
-            let message = format!("{remote} has host bits set (AWS stores {})", remote.trunc());
-            return Err(bad("CidrBlock", message));
-        }
+        // AWS keeps a block in canonical form (100.68.0.18/18 becomes
+        // 100.68.0.0/18); a hand-written file gets the same reading.
+        let remote = remote.trunc();
         let dst_ports = match (proto, &entry.port_range) {
             (Some(6 | 17), Some(range)) => {
                 let port = |value: i64| u16::try_from(value).ok();
@@ -173,6 +172,8 @@ pub(super) fn read(text: &str, id: Option<&str>) -> Result<Acl, UpstreamError> {
             action,
             proto,
             remote: Some(remote),
+            local: None,
+            src_ports: None,
             dst_ports,
             icmp_type,
             icmp_code,

@@ -6,6 +6,7 @@
 //! Pure logic: no I/O, unit tested without root.
 
 mod aws;
+mod ibm;
 
 use std::{fmt, fmt::Write as _};
 
@@ -19,6 +20,9 @@ use crate::config::Action;
 pub enum Format {
     /// `aws ec2 describe-network-acls` output.
     AwsNacl,
+    /// An IBM Cloud VPC network ACL (`GET /v1/network_acls/{id}`, or its
+    /// `/rules`).
+    IbmVpc,
 }
 
 /// Which packets an entry judges, as seen from the host.
@@ -51,7 +55,7 @@ pub struct Acl {
 
 /// One entry, with the ACL's fields in the host's terms: `remote` is the
 /// other end (the source of ingress packets, the destination of egress
-/// ones); ports are the packet's.
+/// ones), `local` the host's side; ports are the packet's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// What the provider calls it, e.g. "rule 100 (ingress)".
@@ -64,6 +68,8 @@ pub struct Entry {
     pub proto: Option<u8>,
     /// `None`: any address of either family.
     pub remote: Option<IpNet>,
+    pub local: Option<IpNet>,
+    pub src_ports: Option<(u16, u16)>,
     pub dst_ports: Option<(u16, u16)>,
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
@@ -88,6 +94,7 @@ impl fmt::Display for Format {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Format::AwsNacl => "aws-nacl",
+            Format::IbmVpc => "ibm-vpc",
         })
     }
 }
@@ -97,6 +104,7 @@ impl fmt::Display for Format {
 pub fn read(format: Format, text: &str, id: Option<&str>) -> Result<Acl, UpstreamError> {
     match format {
         Format::AwsNacl => aws::read(text, id),
+        Format::IbmVpc => ibm::read(text),
     }
 }
 
@@ -123,21 +131,25 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> String {
         if let Some(proto) = entry.proto {
             let _ = writeln!(out, "proto = {}", proto_text(proto));
         }
-        if let Some(net) = entry.remote {
-            let key = match direction {
-                Direction::Ingress => "src",
-                Direction::Egress => "dst",
-            };
-            let _ = writeln!(out, "{key} = \"{net}\"");
+        let (src, dst) = match direction {
+            Direction::Ingress => (entry.remote, entry.local),
+            Direction::Egress => (entry.local, entry.remote),
+        };
+        for (key, net) in [("src", src), ("dst", dst)] {
+            if let Some(net) = net {
+                let _ = writeln!(out, "{key} = \"{net}\"");
+            }
         }
-        match entry.dst_ports {
-            Some((low, high)) if low == high => {
-                let _ = writeln!(out, "dport = {low}");
+        for (key, ports) in [("sport", entry.src_ports), ("dport", entry.dst_ports)] {
+            match ports {
+                Some((low, high)) if low == high => {
+                    let _ = writeln!(out, "{key} = {low}");
+                }
+                Some((low, high)) => {
+                    let _ = writeln!(out, "{key} = \"{low}-{high}\"");
+                }
+                None => {}
             }
-            Some((low, high)) => {
-                let _ = writeln!(out, "dport = \"{low}-{high}\"");
-            }
-            None => {}
         }
         if let Some(icmp_type) = entry.icmp_type {
             let _ = writeln!(out, "icmp_type = {icmp_type}");
@@ -147,6 +159,15 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> String {
         }
     }
     out
+}
+
+/// `from-to` as a port range, or the error `bad` makes.
+fn port_range<E>(from: i64, to: i64, bad: impl FnOnce(String) -> E) -> Result<(u16, u16), E> {
+    let port = |value: i64| u16::try_from(value).ok();
+    match (port(from), port(to)) {
+        (Some(from), Some(to)) if from <= to => Ok((from, to)),
+        _ => Err(bad(format!("{from}-{to} is not a range of ports"))),
+    }
 }
 
 /// A protocol as the rules file spells it: a name where it has one.

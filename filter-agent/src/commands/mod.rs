@@ -210,7 +210,7 @@ pub fn import(
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let acl = upstream::read(format, &text, acl).with_context(|| file.display().to_string())?;
-    let rules = upstream::rules_toml(&acl, direction);
+    let rules = upstream::rules_toml(&acl, direction)?;
     let target = output.unwrap_or(Path::new("imported.toml"));
     let config = config::parse(target, &rules)?;
     compile::compile(&config)?;

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{Acl, Direction, Entry, UpstreamError};
-use crate::config::Action;
+use crate::config::{Action, Fragments};
 
 /// The first rule number of the implicit default entries.
 const IMPLICIT: i64 = 32767;
@@ -177,9 +177,12 @@ pub(super) fn read(text: &str, id: Option<&str>) -> Result<Acl, UpstreamError> {
             dst_ports,
             icmp_type,
             icmp_code,
+            needs_ports: false,
         });
     }
     Ok(Acl {
+        fragments: Fragments::MatchL3,
+        directions: &[Direction::Ingress, Direction::Egress],
         id: acl.network_acl_id.clone(),
         entries,
         default: Action::Deny,

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{Acl, Direction, Entry, UpstreamError};
-use crate::config::Action;
+use crate::config::{Action, Fragments};
 use filter_common::wire::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 #[derive(Deserialize)]
@@ -151,10 +151,13 @@ pub(super) fn read(text: &str) -> Result<Acl, UpstreamError> {
                 dst_ports: l4(dst_ports),
                 icmp_type: icmp_only(icmp_type),
                 icmp_code: icmp_only(icmp_code),
+                needs_ports: false,
             });
         }
     }
     Ok(Acl {
+        fragments: Fragments::MatchL3,
+        directions: &[Direction::Ingress, Direction::Egress],
         id,
         entries,
         default: Action::Deny,

@@ -7,13 +7,14 @@
 
 mod aws;
 mod ibm;
+mod sakura;
 
 use std::{fmt, fmt::Write as _};
 
 use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::config::Action;
+use crate::config::{Action, Fragments};
 
 /// The formats read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,6 +24,8 @@ pub enum Format {
     /// An IBM Cloud VPC network ACL (`GET /v1/network_acls/{id}`, or its
     /// `/rules`).
     IbmVpc,
+    /// A Sakura Cloud packet filter (`GET /packetfilter/{id}`).
+    Sakura,
 }
 
 /// Which packets an entry judges, as seen from the host.
@@ -51,6 +54,10 @@ pub struct Acl {
     pub id: String,
     pub entries: Vec<Entry>,
     pub default: Action,
+    /// How non-first fragments are decided (see `config::Fragments`).
+    pub fragments: Fragments,
+    /// The directions the ACL judges; others pass it untouched.
+    pub directions: &'static [Direction],
 }
 
 /// One entry, with the ACL's fields in the host's terms: `remote` is the
@@ -73,6 +80,9 @@ pub struct Entry {
     pub dst_ports: Option<(u16, u16)>,
     pub icmp_type: Option<u8>,
     pub icmp_code: Option<u8>,
+    /// The entry matches only packets with ports (not non-first
+    /// fragments), even without a port condition.
+    pub needs_ports: bool,
 }
 
 /// One line, naming the entry and the field.
@@ -95,6 +105,7 @@ impl fmt::Display for Format {
         f.write_str(match self {
             Format::AwsNacl => "aws-nacl",
             Format::IbmVpc => "ibm-vpc",
+            Format::Sakura => "sakura",
         })
     }
 }
@@ -105,27 +116,45 @@ pub fn read(format: Format, text: &str, id: Option<&str>) -> Result<Acl, Upstrea
     match format {
         Format::AwsNacl => aws::read(text, id),
         Format::IbmVpc => ibm::read(text),
+        Format::Sakura => sakura::read(text),
     }
 }
 
 /// The rules file that means what `acl` means for packets in `direction`:
 /// its entries in order, each a rule named after it, and its default.
-pub fn rules_toml(acl: &Acl, direction: Direction) -> String {
+pub fn rules_toml(acl: &Acl, direction: Direction) -> Result<String, UpstreamError> {
+    if !acl.directions.contains(&direction) {
+        return Err(UpstreamError::Choice(format!(
+            "{} judges {} packets only",
+            acl.id,
+            acl.directions
+                .iter()
+                .map(|d| d.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )));
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,
         "# `filter-agent import` of {}: its {} entries in evaluation order.\n\
-         # Non-first fragments carry no ports: they match only entries without ports.",
-        acl.id,
+         # Non-first fragments carry no ports: they match only entries without ports.\n\
+         # Packets of a direction or family the ACL does not judge meet the default.",
+        one_line(&acl.id),
         direction.name()
     );
     let _ = writeln!(
         out,
-        "[filter]\ndefault = \"{}\"\nfragments = \"match-l3\"",
-        acl.default.name()
+        "[filter]\ndefault = \"{}\"\nfragments = \"{}\"",
+        acl.default.name(),
+        match acl.fragments {
+            Fragments::MatchL3 => "match-l3",
+            Fragments::Allow => "allow",
+            Fragments::Deny => "deny",
+        }
     );
     for entry in acl.entries.iter().filter(|e| e.direction == direction) {
-        let _ = writeln!(out, "\n# {}", entry.label);
+        let _ = writeln!(out, "\n# {}", one_line(&entry.label));
         let _ = writeln!(out, "[[rule]]\nname = \"{}\"", entry.name);
         let _ = writeln!(out, "action = \"{}\"", entry.action.name());
         if let Some(proto) = entry.proto {
@@ -140,7 +169,11 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> String {
                 let _ = writeln!(out, "{key} = \"{net}\"");
             }
         }
-        for (key, ports) in [("sport", entry.src_ports), ("dport", entry.dst_ports)] {
+        let src_ports = match entry.src_ports {
+            None if entry.needs_ports && entry.dst_ports.is_none() => Some((0, 65535)),
+            ports => ports,
+        };
+        for (key, ports) in [("sport", src_ports), ("dport", entry.dst_ports)] {
             match ports {
                 Some((low, high)) if low == high => {
                     let _ = writeln!(out, "{key} = {low}");
@@ -158,7 +191,13 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> String {
             let _ = writeln!(out, "icmp_code = {code}");
         }
     }
-    out
+    Ok(out)
+}
+
+/// Provider text for a comment: control characters (a newline would end
+/// the comment) become spaces.
+fn one_line(text: &str) -> String {
+    text.replace(|c: char| c.is_control(), " ")
 }
 
 /// `from-to` as a port range, or the error `bad` makes.

@@ -46,7 +46,7 @@ fn aws_entries_in_rule_number_order_per_direction() {
 fn imported_rules_are_a_valid_rules_file() {
     let acl = web_tier();
     for direction in [Direction::Ingress, Direction::Egress] {
-        let text = rules_toml(&acl, direction);
+        let text = rules_toml(&acl, direction).unwrap();
         let parsed = config::parse(Path::new("imported.toml"), &text)
             .unwrap_or_else(|err| panic!("{err}\n{text}"));
         let count = acl
@@ -57,7 +57,7 @@ fn imported_rules_are_a_valid_rules_file() {
         assert_eq!(parsed.rules.len(), count, "{text}");
         assert_eq!(parsed.filter.default, Action::Deny);
     }
-    let ingress = rules_toml(&acl, Direction::Ingress);
+    let ingress = rules_toml(&acl, Direction::Ingress).unwrap();
     assert!(
         ingress.contains(
             "# rule 130 (ingress)\n[[rule]]\nname = \"rule-130\"\naction = \"allow\"\n\
@@ -144,4 +144,75 @@ fn bad_entries_name_the_entry_and_the_field() {
     assert!(
         error("{\"NetworkAcls\": [{\"Entries\": []}]}").contains("missing field `NetworkAclId`")
     );
+}
+
+const SAKURA: &str = include_str!("../../../examples/upstream/sakura.json");
+
+/// The sample packet filter with `edit` applied to its expressions.
+fn sakura_with(edit: impl Fn(&mut Vec<serde_json::Value>)) -> Result<Acl, String> {
+    let mut document: serde_json::Value = serde_json::from_str(SAKURA).unwrap();
+    let expressions = document["PacketFilter"]["Expression"]
+        .as_array_mut()
+        .unwrap();
+    edit(expressions);
+    read(Format::Sakura, &document.to_string(), None).map_err(|err| err.to_string())
+}
+
+#[test]
+fn sakura_filters_judge_ipv4_ingress_and_pass_the_rest() {
+    let acl = sakura_with(|_| {}).unwrap();
+    assert_eq!(
+        (acl.default, acl.fragments),
+        (Action::Allow, Fragments::Allow)
+    );
+    let scanners = &acl.entries[0];
+    assert_eq!(scanners.remote, Some("198.51.100.0/24".parse().unwrap()));
+    // The fragment entry is the fragments setting, not a rule.
+    assert!(acl.entries.iter().all(|e| e.name != "expression-5"));
+    let text = rules_toml(&acl, Direction::Ingress).unwrap();
+    assert!(text.contains("name = \"expression-6\"\naction = \"allow\"\nproto = \"udp\"\nsrc = \"0.0.0.0/0\"\nsport = 123\n"), "{text}");
+    // A tcp entry without ports still needs them (fragments do not match).
+    assert!(text.contains("name = \"expression-9\"\naction = \"allow\"\nproto = \"tcp\"\nsrc = \"203.0.113.9/32\"\nsport = \"0-65535\"\n"), "{text}");
+    let egress = rules_toml(&acl, Direction::Egress).unwrap_err().to_string();
+    assert_eq!(egress, "web-servers judges ingress packets only");
+}
+
+#[test]
+fn sakura_entries_that_cannot_be_expressed_are_named() {
+    let set = |index: usize, field: &'static str, value: &'static str| {
+        move |e: &mut Vec<serde_json::Value>| e[index][field] = value.into()
+    };
+    let cases: [(Result<Acl, String>, &str); 6] = [
+        (
+            sakura_with(set(2, "SourceNetwork", "10.0.0.0/255.0.255.0")),
+            "Expression[2]: SourceNetwork \"10.0.0.0/255.0.255.0\" is not an IPv4 address or network",
+        ),
+        (
+            sakura_with(set(2, "DestinationPort", "70000")),
+            "Expression[2]: DestinationPort \"70000\" is not a port or a range N-M of 1-65535",
+        ),
+        (
+            sakura_with(set(2, "Protocol", "sctp")),
+            "Expression[2]: Protocol \"sctp\" is not tcp, udp, icmp, fragment or ip",
+        ),
+        (
+            sakura_with(set(5, "SourceNetwork", "192.0.2.0/24")),
+            "Expression[5]: SourceNetwork of a fragment entry cannot be expressed",
+        ),
+        (
+            sakura_with(set(5, "Action", "deny")),
+            "Expression[5]: Protocol cannot be expressed: Expression[4] (allow) decides some fragments first",
+        ),
+        (
+            sakura_with(set(4, "DestinationPort", "8")),
+            "Expression[4]: DestinationPort is only for tcp and udp",
+        ),
+    ];
+    for (result, message) in cases {
+        let err = result.unwrap_err();
+        assert!(
+            err.starts_with(&format!("web-servers {message}")),
+            "{err}\nwanted: {message}"
+        );
+    }
 }

@@ -31,10 +31,24 @@ pub enum Command {
     },
     /// Run packets through the real XDP program (BPF_PROG_TEST_RUN, nothing
     /// attached) and print each verdict and the rule that decided it.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["rules", "upstream"])))]
     Test {
         /// The rules file (TOML).
         #[arg(long)]
-        rules: PathBuf,
+        rules: Option<PathBuf>,
+        /// Ask instead whether this upstream ACL (as `import` reads it)
+        /// passes each packet, and which entry decides.
+        #[arg(long, requires = "upstream_format")]
+        upstream: Option<PathBuf>,
+        /// The upstream ACL's format.
+        #[arg(long, value_enum)]
+        upstream_format: Option<crate::upstream::Format>,
+        /// Which ACL of the upstream file (an AWS NetworkAclId).
+        #[arg(long, requires = "upstream")]
+        acl: Option<String>,
+        /// Which way the packets cross the upstream ACL.
+        #[arg(long, value_enum, default_value_t = crate::upstream::Direction::Ingress)]
+        direction: crate::upstream::Direction,
         /// e.g. "tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA",
         /// "udp [2001:db8::1]:53 -> [2001:db8::2]:40000 vlan 7",
         /// "icmp 192.0.2.1 -> 192.0.2.2 type 3 code 4". Repeatable.

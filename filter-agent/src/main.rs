@@ -28,7 +28,27 @@ fn main() -> ExitCode {
     cli::init_logging();
     let result = match cli.command {
         Some(Command::Check { rules }) => commands::check(&rules),
-        Some(Command::Test { rules, packet }) => commands::test_packets(&rules, &packet),
+        Some(Command::Test {
+            rules,
+            upstream,
+            upstream_format,
+            acl,
+            direction,
+            packet,
+        }) => match (rules, upstream, upstream_format) {
+            (_, Some(file), Some(format)) => {
+                let upstream = commands::Upstream {
+                    file: &file,
+                    format,
+                    acl: acl.as_deref(),
+                    direction,
+                };
+                commands::test_upstream(&upstream, &packet)
+            }
+            (Some(rules), ..) => commands::test_packets(&rules, &packet),
+            // clap requires one of the two.
+            _ => unreachable!("neither --rules nor --upstream"),
+        },
         Some(Command::Replay { rules, pcap, json }) => commands::replay(&rules, &pcap, json),
         Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
         Some(Command::Audit { rules, json }) => commands::audit(rules.as_deref(), json),
@@ -38,7 +58,15 @@ fn main() -> ExitCode {
             direction,
             output,
             file,
-        }) => commands::import(format, acl.as_deref(), direction, output.as_deref(), &file),
+        }) => {
+            let upstream = commands::Upstream {
+                file: &file,
+                format,
+                acl: acl.as_deref(),
+                direction,
+            };
+            commands::import(&upstream, output.as_deref())
+        }
         Some(Command::Detach { iface }) => commands::detach(&iface),
         Some(Command::Watch { iface }) => commands::watch(&iface),
         Some(Command::Stats { iface, json, watch }) => commands::stats(&iface, json, watch),

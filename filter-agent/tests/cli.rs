@@ -375,3 +375,70 @@ fn limits_in_test_and_replay() {
     assert_eq!(replay(1), 8, "at 1,000/s only the burst of 2 passes");
     assert_eq!(replay(20), 0, "at 50/s nothing is over 100/s");
 }
+
+/// `import` writes a rules file `check` accepts; a bad entry is one line
+/// naming the entry and the field; `test --upstream` names the deciding
+/// entry of the cloud's ACL.
+#[test]
+fn import_and_test_upstream() {
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/upstream/aws-nacl.json"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("imported.toml");
+    let rules = rules.to_str().unwrap();
+    let acl = "acl-0a1b2c3d4e5f60718";
+    let output = agent(&[
+        "import", "--format", "aws-nacl", "--acl", acl, "--output", rules, sample,
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let output = agent(&["check", "--rules", rules]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains(": ok (9 rules, default deny"));
+
+    let broken = std::fs::read_to_string(sample).unwrap().replace(
+        "\"From\": 49152, \"To\": 65535}, \"Protocol\": \"17\"",
+        "\"From\": 65535, \"To\": 49152}, \"Protocol\": \"17\"",
+    );
+    let broken_file = rules_file(&broken);
+    let broken_path = broken_file.path().to_str().unwrap();
+    assert_one_line_error(
+        &agent(&["import", "--format", "aws-nacl", "--acl", acl, broken_path]),
+        1,
+        "acl-0a1b2c3d4e5f60718 rule 140 (ingress): PortRange 65535-49152 is not a range of ports",
+    );
+    assert_one_line_error(
+        &agent(&["import", "--format", "aws-nacl", sample]),
+        1,
+        "pick one with --acl",
+    );
+
+    let output = agent(&[
+        "test",
+        "--upstream",
+        sample,
+        "--upstream-format",
+        "aws-nacl",
+        "--acl",
+        acl,
+        "--packet",
+        "udp 192.0.2.53:53 -> 10.0.1.5:40000",
+        "--packet",
+        "udp 192.0.2.53:53 -> 10.0.1.5:50000",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.contains(
+            ":40000: acl-0a1b2c3d4e5f60718 drops it (aws-nacl ingress): no entry matches"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            ":50000: acl-0a1b2c3d4e5f60718 passes it (aws-nacl ingress): entry rule 140 (ingress)"
+        ),
+        "{stdout}"
+    );
+}

@@ -131,6 +131,16 @@ pub enum Command {
         /// Take the range from this rules file's [guard] (default 32768-60999).
         #[arg(long)]
         rules: Option<PathBuf>,
+        /// Hold every namespace and NAT rule to this upstream ACL instead:
+        /// which of their ports would it drop replies to? Exit 1 if any.
+        #[arg(long, requires = "upstream_format", conflicts_with = "rules")]
+        upstream: Option<PathBuf>,
+        /// The upstream ACL's format.
+        #[arg(long, value_enum)]
+        upstream_format: Option<crate::upstream::Format>,
+        /// Which ACL of the upstream file (an AWS NetworkAclId).
+        #[arg(long, requires = "upstream")]
+        acl: Option<String>,
         /// One JSON document instead of text.
         #[arg(long)]
         json: bool,

@@ -51,7 +51,24 @@ fn main() -> ExitCode {
         },
         Some(Command::Replay { rules, pcap, json }) => commands::replay(&rules, &pcap, json),
         Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
-        Some(Command::Audit { rules, json }) => commands::audit(rules.as_deref(), json),
+        Some(Command::Audit {
+            rules,
+            upstream,
+            upstream_format,
+            acl,
+            json,
+        }) => match (upstream, upstream_format) {
+            (Some(file), Some(format)) => {
+                let upstream = commands::Upstream {
+                    file: &file,
+                    format,
+                    acl: acl.as_deref(),
+                    direction: filter_agent::upstream::Direction::Ingress,
+                };
+                commands::audit_upstream(&upstream, json)
+            }
+            _ => commands::audit(rules.as_deref(), json),
+        },
         Some(Command::Import {
             format,
             acl,

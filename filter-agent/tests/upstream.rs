@@ -415,3 +415,78 @@ fn imported_ibm_vpc_acl_decides_as_the_acl() {
         "{by_entry} of {total} by an entry"
     );
 }
+
+/// Incident 1 predicted: a namespace using 1024-65000 behind a Sakura-style
+/// filter that passes replies to 32768-61000 only is FLAGGED with exactly
+/// the ports the filter drops and the entry that drops them; its fix, run
+/// as printed, makes it OK.
+#[test]
+fn audit_upstream_flags_a_namespace_the_acl_would_cut_off() {
+    let ns = testbed::Netns::create(&format!("fa-upa-{}", std::process::id())).unwrap();
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .unwrap();
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/upstream/sakura.json"
+    );
+    let audit = || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_filter-agent"))
+            .args([
+                "audit",
+                "--upstream",
+                sample,
+                "--upstream-format",
+                "sakura",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        let document: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let ours = document["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["namespace"].as_str().unwrap().contains(ns.name()))
+            .cloned()
+            .expect("the audit did not list the namespace");
+        (output.status.code(), document["allowed"].clone(), ours)
+    };
+    let (status, allowed, ours) = audit();
+    assert_eq!(status, Some(1), "flagged, so exit 1");
+    assert_eq!(allowed, serde_json::json!([32768, 61000]));
+    let blocked: Vec<(String, u64, u64, String)> = ours["blocked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["proto"].as_str().unwrap().to_owned(),
+                b["ports"][0].as_u64().unwrap(),
+                b["ports"][1].as_u64().unwrap(),
+                b["entry"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let deny = "Expression[10]: Deny ALL".to_owned();
+    assert_eq!(
+        blocked,
+        [
+            ("tcp".to_owned(), 1024, 32767, deny.clone()),
+            ("tcp".to_owned(), 61001, 65000, deny.clone()),
+            ("udp".to_owned(), 1024, 32767, deny.clone()),
+            ("udp".to_owned(), 61001, 65000, deny),
+        ]
+    );
+    let fix = ours["fixes"][0]["fix"].as_str().expect("no fix").to_owned();
+    let applied = std::process::Command::new("sh")
+        .args(["-c", &fix])
+        .status()
+        .unwrap();
+    assert!(applied.success(), "{fix}");
+    let (_, _, ours) = audit();
+    assert_eq!(
+        ours["blocked"],
+        serde_json::json!([]),
+        "still blocked after {fix}"
+    );
+}

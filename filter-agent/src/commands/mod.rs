@@ -287,6 +287,127 @@ fn parse_packets(packets: &[String]) -> anyhow::Result<Vec<packet::PacketSpec>> 
         .collect()
 }
 
+/// `filter-agent audit --upstream`: which ports of every namespace and
+/// NAT rule the upstream ACL would drop replies to, with the deciding
+/// entries, and the fixes both ways. Fails (exit 1) when any would.
+pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()> {
+    use upstream::predict;
+    let (acl, _, _) = upstream.load()?;
+    let allowed = predict::widest_allowed(&acl).with_context(|| {
+        format!(
+            "{} passes replies to no port from 1024 up: nothing can connect out",
+            acl.id
+        )
+    })?;
+    privileges::check(Task::Audit)?;
+    // Judged against the range the ACL passes: the fixes in each owner's
+    // form come with it.
+    let namespaces = audit::run(allowed, &[]);
+    let blocked_in = |range: (u16, u16)| predict::blocked(&acl, range);
+    let mut flagged = 0;
+    let mut report = Vec::new();
+    for ns in &namespaces {
+        let own = ns.port_range.map(blocked_in).unwrap_or_default();
+        let nat: Vec<_> = ns
+            .nat
+            .iter()
+            // Masquerade without a port range may use any port from 1024.
+            .map(|rule| (rule, blocked_in(rule.ports.unwrap_or((1024, 65535)))))
+            .filter(|(_, blocked)| !blocked.is_empty())
+            .collect();
+        flagged += usize::from(!own.is_empty()) + nat.len();
+        report.push((ns, own, nat));
+    }
+    let acl_fix = |range: (u16, u16)| {
+        format!(
+            "or change the ACL: let TCP and UDP replies reach {}-{} ahead of the entries named",
+            range.0, range.1
+        )
+    };
+    if json {
+        let namespaces: Vec<_> = report
+            .iter()
+            .map(|(ns, own, nat)| {
+                json!({
+                    "namespace": ns.label(),
+                    "inode": ns.inode,
+                    "port_range": ns.port_range,
+                    "blocked": own,
+                    "fixes": ns.findings.iter().filter(|f| f.kind == "port_range" && !own.is_empty()).collect::<Vec<_>>(),
+                    "nat": nat.iter().map(|(rule, blocked)| json!({
+                        "rule": rule.rule, "ports": rule.ports, "blocked": blocked,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let document = json!({
+            "acl": acl.id, "format": upstream.format.to_string(), "allowed": [allowed.0, allowed.1],
+            "flagged": flagged, "namespaces": namespaces,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        println!(
+            "{} network namespaces against the upstream ACL {} ({}): replies (TCP from port 443, \
+             UDP from 53, from any peer) pass to {}-{} at most; {flagged} flagged",
+            namespaces.len(),
+            acl.id,
+            upstream.format,
+            allowed.0,
+            allowed.1
+        );
+        let show = |blocked: &[predict::Decided]| {
+            blocked
+                .iter()
+                .map(|b| {
+                    let entry = b.entry.as_deref().unwrap_or("no entry: the default");
+                    format!("{} {}-{} ({entry})", b.proto, b.ports.0, b.ports.1)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (ns, own, nat) in &report {
+            let ports = ns
+                .port_range
+                .map_or("?".to_owned(), |(low, high)| format!("{low}-{high}"));
+            let status = if own.is_empty() { "OK" } else { "FLAGGED" };
+            println!("{status:<8} ephemeral {ports:<12} {}", ns.label());
+            if !own.is_empty() {
+                println!("         blocked: {}", show(own));
+                for finding in ns.findings.iter().filter(|f| f.kind == "port_range") {
+                    println!("         fix: {}", finding.fix);
+                    if let Some(keep) = &finding.keep {
+                        println!("         keep: {keep}");
+                    }
+                }
+                if let Some(range) = ns.port_range {
+                    println!("         {}", acl_fix(range));
+                }
+            }
+            for (rule, blocked) in nat {
+                let ports = rule
+                    .ports
+                    .map_or("no port range: any port from 1024".to_owned(), |(l, h)| {
+                        format!("{l}-{h}")
+                    });
+                println!("FLAGGED  NAT {} ({ports}) in {}", rule.rule, ns.label());
+                println!("         blocked: {}", show(blocked));
+                println!(
+                    "         fix: give it the ports {}-{} (iptables `--to-ports {}-{}`, nft `masquerade to :{}-{}`)",
+                    allowed.0, allowed.1, allowed.0, allowed.1, allowed.0, allowed.1
+                );
+                println!("         {}", acl_fix(rule.ports.unwrap_or((1024, 65535))));
+            }
+        }
+    }
+    if flagged > 0 {
+        anyhow::bail!(
+            "the upstream ACL {} would drop replies to {flagged} namespaces or NAT rules",
+            acl.id
+        );
+    }
+    Ok(())
+}
+
 /// `filter-agent audit`: every namespace's ephemeral range and NAT rules.
 pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let (range, notrack) = match rules {

@@ -7,6 +7,7 @@
 
 mod aws;
 mod ibm;
+pub mod predict;
 mod sakura;
 
 use std::{fmt, fmt::Write as _};

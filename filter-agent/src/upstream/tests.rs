@@ -216,3 +216,50 @@ fn sakura_entries_that_cannot_be_expressed_are_named() {
         );
     }
 }
+
+/// Incident 1: a Sakura-style filter allowing return traffic to
+/// 32768-61000 and a namespace using 1024-65000.
+#[test]
+fn predicts_incident_one() {
+    let acl = sakura_with(|_| {}).unwrap();
+    let blocked = predict::blocked(&acl, (1024, 65000));
+    let ranges: Vec<(&str, (u16, u16), Option<&str>)> = blocked
+        .iter()
+        .map(|b| (b.proto, b.ports, b.entry.as_deref()))
+        .collect();
+    let deny_all = Some("Expression[10]: Deny ALL");
+    assert_eq!(
+        ranges,
+        [
+            ("tcp", (1024, 32767), deny_all),
+            ("tcp", (61001, 65000), deny_all),
+            ("udp", (1024, 32767), deny_all),
+            ("udp", (61001, 65000), deny_all),
+        ]
+    );
+    assert_eq!(predict::widest_allowed(&acl), Some((32768, 61000)));
+    assert!(predict::blocked(&acl, (32768, 60999)).is_empty());
+}
+
+/// Incident 3: an AWS NACL allowing return traffic to 49152-65535 only,
+/// and a masquerade that may use any port from 1024 or the Linux default.
+#[test]
+fn predicts_incident_three() {
+    let acl = web_tier();
+    let blocked = predict::blocked(&acl, (32768, 60999));
+    let ranges: Vec<(&str, (u16, u16))> = blocked.iter().map(|b| (b.proto, b.ports)).collect();
+    assert_eq!(ranges, [("tcp", (32768, 49151)), ("udp", (32768, 49151))]);
+    assert!(
+        blocked.iter().all(|b| b.entry.is_none()),
+        "the default denies them"
+    );
+    // Port 443 is allowed by its own entry (rule 120), so a masquerade
+    // over 1024-65535 is blocked around it.
+    let nat = predict::blocked(&acl, (1024, 65535));
+    assert!(
+        nat.iter()
+            .any(|b| b.proto == "tcp" && b.ports == (1024, 49151)),
+        "{nat:?}"
+    );
+    assert_eq!(predict::widest_allowed(&acl), Some((49152, 65535)));
+}

@@ -320,7 +320,8 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
     }
     let acl_fix = |range: (u16, u16)| {
         format!(
-            "or change the ACL: let TCP and UDP replies reach {}-{} ahead of the entries named",
+            "or change the ACL: let TCP and UDP traffic of ports {}-{} through (replies in; \
+             packets out, where it judges them) ahead of the entries named",
             range.0, range.1
         )
     };
@@ -347,8 +348,8 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
         println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
         println!(
-            "{} network namespaces against the upstream ACL {} ({}): replies (TCP from port 443, \
-             UDP from 53, from any peer) pass to {}-{} at most; {flagged} flagged",
+            "{} network namespaces against the upstream ACL {} ({}): connections (to TCP 443 and \
+             UDP 53 of any peer) pass both ways from {}-{} at most; {flagged} flagged",
             namespaces.len(),
             acl.id,
             upstream.format,
@@ -360,7 +361,10 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
                 .iter()
                 .map(|b| {
                     let entry = b.entry.as_deref().unwrap_or("no entry: the default");
-                    format!("{} {}-{} ({entry})", b.proto, b.ports.0, b.ports.1)
+                    format!(
+                        "{} {} {}-{} ({entry})",
+                        b.direction, b.proto, b.ports.0, b.ports.1
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -401,7 +405,7 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
     }
     if flagged > 0 {
         anyhow::bail!(
-            "the upstream ACL {} would drop replies to {flagged} namespaces or NAT rules",
+            "the upstream ACL {} would drop connections of {flagged} namespaces or NAT rules",
             acl.id
         );
     }

@@ -1,23 +1,28 @@
 //! Predicting return-traffic mismatches: which local ports an upstream
-//! ACL drops replies to, and the entry that decides each range.
+//! ACL drops traffic of outbound connections on, and the entry that
+//! decides each range: replies coming in to the local port, and (where
+//! the ACL judges outbound packets) the packets going out from it.
 //!
-//! A reply is judged as the ACL would judge one from a peer that no
-//! address-specific entry names (entries for `0.0.0.0/0` or any source
-//! apply, others do not), from the service port most replies come from:
-//! TCP 443 and UDP 53. The host's own side of an entry (a destination
-//! block) is taken to include the host.
+//! Traffic is judged as the ACL would judge it with a peer that no
+//! address-specific entry names (entries for `0.0.0.0/0` or any address
+//! apply, others do not), on the service port most connections go to:
+//! TCP 443 and UDP 53. The host's own side of an entry (a block of its
+//! subnet) is taken to include the host.
 
 use filter_common::wire::{IPPROTO_TCP, IPPROTO_UDP};
 
 use super::{Acl, Direction};
 use crate::config::Action;
 
-/// The protocols judged, with the remote port their replies come from.
-pub const REPLIES: [(u8, &str, u16); 2] = [(IPPROTO_TCP, "tcp", 443), (IPPROTO_UDP, "udp", 53)];
+/// The protocols judged, with the remote (service) port.
+pub const SERVICES: [(u8, &str, u16); 2] = [(IPPROTO_TCP, "tcp", 443), (IPPROTO_UDP, "udp", 53)];
 
-/// Local ports whose replies one entry (or the default) decides.
+/// Local ports whose traffic in one direction one entry (or the default)
+/// decides.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Decided {
+    /// "inbound" (replies to the port) or "outbound" (packets from it).
+    pub direction: &'static str,
     pub proto: &'static str,
     pub ports: (u16, u16),
     pub allowed: bool,
@@ -25,71 +30,89 @@ pub struct Decided {
     pub entry: Option<String>,
 }
 
-/// Every local port of `range`, for TCP and UDP replies, in ranges by the
-/// entry that decides them (first match), in port order.
-pub fn replies(acl: &Acl, range: (u16, u16)) -> Vec<Decided> {
+/// Every local port of `range`, for TCP and UDP, in ranges by the entry
+/// that decides them (first match), per direction the ACL judges.
+pub fn decide(acl: &Acl, range: (u16, u16)) -> Vec<Decided> {
     let mut out = Vec::new();
-    for (proto, name, remote_port) in REPLIES {
-        let mut undecided = vec![range];
-        let mut decided: Vec<Decided> = Vec::new();
-        let entries = acl
-            .entries
-            .iter()
-            .filter(|e| e.direction == Direction::Ingress);
-        for entry in entries {
-            let applies = entry
-                .remote
-                .is_none_or(|net| net.prefix_len() == 0 && net.addr().is_ipv4())
-                && entry.proto.is_none_or(|p| p == proto)
-                && entry
-                    .src_ports
-                    .is_none_or(|(lo, hi)| (lo..=hi).contains(&remote_port));
-            if !applies {
-                continue;
-            }
-            let (lo, hi) = entry.dst_ports.unwrap_or((0, 65535));
-            let mut rest = Vec::new();
-            for (a, b) in undecided {
-                let (from, to) = (a.max(lo), b.min(hi));
-                if from > to {
-                    rest.push((a, b));
-                    continue;
-                }
-                decided.push(Decided {
-                    proto: name,
-                    ports: (from, to),
-                    allowed: entry.action == Action::Allow,
-                    entry: Some(entry.label.clone()),
-                });
-                if a < from {
-                    rest.push((a, from - 1));
-                }
-                if to < b {
-                    rest.push((to + 1, b));
-                }
-            }
-            undecided = rest;
+    for &direction in acl.directions {
+        for (proto, name, service) in SERVICES {
+            out.extend(decide_one(acl, direction, proto, name, service, range));
         }
-        decided.extend(undecided.into_iter().map(|ports| Decided {
-            proto: name,
-            ports,
-            allowed: acl.default == Action::Allow,
-            entry: None,
-        }));
-        decided.sort_by_key(|d| d.ports);
-        out.extend(decided);
     }
     out
 }
 
-/// The blocked ranges of [`replies`], adjacent ones by the same entry
+fn decide_one(
+    acl: &Acl,
+    direction: Direction,
+    proto: u8,
+    name: &'static str,
+    service: u16,
+    range: (u16, u16),
+) -> Vec<Decided> {
+    let label = match direction {
+        Direction::Ingress => "inbound",
+        Direction::Egress => "outbound",
+    };
+    let mut undecided = vec![range];
+    let mut decided: Vec<Decided> = Vec::new();
+    for entry in acl.entries.iter().filter(|e| e.direction == direction) {
+        // Which of the entry's port conditions is the peer's, which ours.
+        let (remote_ports, local_ports) = match direction {
+            Direction::Ingress => (entry.src_ports, entry.dst_ports),
+            Direction::Egress => (entry.dst_ports, entry.src_ports),
+        };
+        let applies = entry
+            .remote
+            .is_none_or(|net| net.prefix_len() == 0 && net.addr().is_ipv4())
+            && entry.proto.is_none_or(|p| p == proto)
+            && remote_ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&service));
+        if !applies {
+            continue;
+        }
+        let (lo, hi) = local_ports.unwrap_or((0, 65535));
+        let mut rest = Vec::new();
+        for (a, b) in undecided {
+            let (from, to) = (a.max(lo), b.min(hi));
+            if from > to {
+                rest.push((a, b));
+                continue;
+            }
+            decided.push(Decided {
+                direction: label,
+                proto: name,
+                ports: (from, to),
+                allowed: entry.action == Action::Allow,
+                entry: Some(entry.label.clone()),
+            });
+            if a < from {
+                rest.push((a, from - 1));
+            }
+            if to < b {
+                rest.push((to + 1, b));
+            }
+        }
+        undecided = rest;
+    }
+    decided.extend(undecided.into_iter().map(|ports| Decided {
+        direction: label,
+        proto: name,
+        ports,
+        allowed: acl.default == Action::Allow,
+        entry: None,
+    }));
+    decided.sort_by_key(|d| d.ports);
+    decided
+}
+
+/// The blocked ranges of [`decide`], adjacent ones by the same entry
 /// merged.
 pub fn blocked(acl: &Acl, range: (u16, u16)) -> Vec<Decided> {
     let mut merged: Vec<Decided> = Vec::new();
-    for d in replies(acl, range).into_iter().filter(|d| !d.allowed) {
+    for d in decide(acl, range).into_iter().filter(|d| !d.allowed) {
         match merged.last_mut() {
             Some(last)
-                if last.proto == d.proto
+                if (last.direction, last.proto) == (d.direction, d.proto)
                     && last.entry == d.entry
                     && last.ports.1 + 1 == d.ports.0 =>
             {
@@ -101,10 +124,11 @@ pub fn blocked(acl: &Acl, range: (u16, u16)) -> Vec<Decided> {
     merged
 }
 
-/// The widest range of ports from 1024 up whose TCP and UDP replies both
-/// pass: what to set `ip_local_port_range` or a NAT rule's ports to.
+/// The widest range of ports from 1024 up whose TCP and UDP traffic
+/// passes both ways: what to set `ip_local_port_range` or a NAT rule's
+/// ports to.
 pub fn widest_allowed(acl: &Acl) -> Option<(u16, u16)> {
-    let decided = replies(acl, (1024, 65535));
+    let decided = decide(acl, (1024, 65535));
     let mut best: Option<(u16, u16)> = None;
     let mut start: Option<u16> = None;
     for port in 1024..=65535u16 {

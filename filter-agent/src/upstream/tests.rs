@@ -263,3 +263,34 @@ fn predicts_incident_three() {
     );
     assert_eq!(predict::widest_allowed(&acl), Some((49152, 65535)));
 }
+
+/// An ACL that also judges outbound packets by their source port: the
+/// IBM sample lets connections out only from 32768-60999.
+#[test]
+fn predicts_outbound_source_ports() {
+    let text = include_str!("../../../examples/upstream/ibm-vpc.json");
+    let acl = read(Format::IbmVpc, text, None).unwrap();
+    let blocked = predict::blocked(&acl, (1024, 65000));
+    let outbound: Vec<(&str, (u16, u16), Option<&str>)> = blocked
+        .iter()
+        .filter(|b| b.direction == "outbound")
+        .map(|b| (b.proto, b.ports, b.entry.as_deref()))
+        .collect();
+    assert_eq!(
+        outbound,
+        [
+            ("tcp", (1024, 32767), None),
+            ("tcp", (61000, 65000), None),
+            ("udp", (1024, 32767), None),
+            ("udp", (61000, 65000), None),
+        ]
+    );
+    let deny = Some("rule 7: deny-all-inbound (ingress)");
+    assert!(
+        blocked.iter().any(|b| b.direction == "inbound"
+            && b.ports == (1024, 32767)
+            && b.entry.as_deref() == deny),
+        "{blocked:?}"
+    );
+    assert_eq!(predict::widest_allowed(&acl), Some((32768, 60999)));
+}

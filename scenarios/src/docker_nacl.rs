@@ -144,6 +144,23 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports == container_attempts.failed,
         "the egress guard did not name exactly the failed ports: {egress_ports:?}"
     );
+    let predicted = predicted_blocked(binary, container.name())?;
+    say!(
+        "`filter-agent audit --upstream` predicts it from the ACL as AWS would print it: replies \
+         to the container's TCP ports {} are dropped (rule 100 lets 49152-65535 in, the default \
+         denies the rest)",
+        predicted
+            .iter()
+            .map(|(lo, hi)| format!("{lo}-{hi}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let blocked = |port: &u16| predicted.iter().any(|&(lo, hi)| lo <= *port && *port <= hi);
+    ensure!(
+        container_attempts.failed.iter().all(blocked)
+            && !container_attempts.answered.iter().any(blocked),
+        "the prediction {predicted:?} and the failures {container_attempts:?} disagree"
+    );
     let document = agent.audit(Some(docker.host()))?;
     let label = ports::audited(&document, container.name())?["container"].clone();
     let field = |name: &str| label[name].as_str().unwrap_or("?").to_owned();
@@ -221,6 +238,57 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         moved_ports,
         pinned,
     })
+}
+
+/// The scenario's ACL as `aws ec2 describe-network-acls` would print it:
+/// TCP replies in to 49152-65535 only, everything out.
+const NACL: &str = r#"{"NetworkAcls": [{"Associations": [], "Entries": [
+ {"CidrBlock": "0.0.0.0/0", "Egress": false, "PortRange": {"From": 49152, "To": 65535}, "Protocol": "6", "RuleAction": "allow", "RuleNumber": 100},
+ {"CidrBlock": "0.0.0.0/0", "Egress": false, "Protocol": "-1", "RuleAction": "deny", "RuleNumber": 32767},
+ {"CidrBlock": "0.0.0.0/0", "Egress": true, "Protocol": "-1", "RuleAction": "allow", "RuleNumber": 100},
+ {"CidrBlock": "0.0.0.0/0", "Egress": true, "Protocol": "-1", "RuleAction": "deny", "RuleNumber": 32767}],
+ "IsDefault": false, "NetworkAclId": "acl-0d0c4e7a1b2c3d4e5", "OwnerId": "111122223333", "Tags": [],
+ "VpcId": "vpc-0fedcba9876543210"}]}"#;
+
+/// `filter-agent audit --upstream` with [`NACL`]: the TCP port ranges of
+/// the namespace `name` it predicts inbound replies to be dropped on.
+fn predicted_blocked(binary: &Path, name: &str) -> anyhow::Result<Vec<(u16, u16)>> {
+    let file = std::env::temp_dir().join(format!("fa-nacl-{}.json", std::process::id()));
+    std::fs::write(&file, NACL)?;
+    let output = std::process::Command::new(binary)
+        .args(["audit", "--upstream"])
+        .arg(&file)
+        .args(["--upstream-format", "aws-nacl", "--json"])
+        .output();
+    std::fs::remove_file(&file)?;
+    let output = output?;
+    // Exit 1: something is flagged, as it should be here.
+    ensure!(
+        output.status.code() == Some(1),
+        "audit --upstream flagged nothing: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let document: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let namespace = document["namespaces"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|ns| ns["namespace"].as_str().is_some_and(|l| l.contains(name)))
+        })
+        .with_context(|| format!("audit --upstream did not list {name}"))?;
+    let ranges = namespace["blocked"]
+        .as_array()
+        .context("no blocked ranges")?
+        .iter()
+        .filter(|b| b["proto"] == "tcp" && b["direction"] == "inbound")
+        .filter_map(|b| {
+            Some((
+                b["ports"][0].as_u64()? as u16,
+                b["ports"][1].as_u64()? as u16,
+            ))
+        })
+        .collect();
+    Ok(ranges)
 }
 
 /// The host connects to `server` from a fixed port, then `container` from

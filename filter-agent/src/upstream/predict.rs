@@ -124,11 +124,24 @@ pub fn blocked(acl: &Acl, range: (u16, u16)) -> Vec<Decided> {
     merged
 }
 
-/// The widest range of ports from 1024 up whose TCP and UDP traffic
-/// passes both ways: what to set `ip_local_port_range` or a NAT rule's
-/// ports to.
+/// The widest range of ports from 1024 up whose traffic passes both ways
+/// for every protocol the ACL lets through at all (one it blocks on every
+/// port of a direction is beyond any range): what to set
+/// `ip_local_port_range` or a NAT rule's ports to.
 pub fn widest_allowed(acl: &Acl) -> Option<(u16, u16)> {
     let decided = decide(acl, (1024, 65535));
+    let passes = |direction: &str, proto: &str| {
+        decided
+            .iter()
+            .any(|d| (d.direction, d.proto) == (direction, proto) && d.allowed)
+    };
+    let usable = |proto: &str| {
+        decided
+            .iter()
+            .filter(|d| d.proto == proto)
+            .all(|d| passes(d.direction, proto))
+    };
+    let decided: Vec<&Decided> = decided.iter().filter(|d| usable(d.proto)).collect();
     let mut best: Option<(u16, u16)> = None;
     let mut start: Option<u16> = None;
     for port in 1024..=65535u16 {

@@ -294,3 +294,19 @@ fn predicts_outbound_source_ports() {
     );
     assert_eq!(predict::widest_allowed(&acl), Some((32768, 60999)));
 }
+
+/// A protocol an ACL blocks on every port of a direction (UDP here) does
+/// not keep the others from having a range.
+#[test]
+fn a_protocol_blocked_everywhere_leaves_the_range_to_the_others() {
+    let nacl = r#"{"NetworkAcls": [{"NetworkAclId": "acl-1", "Entries": [
+     {"CidrBlock": "0.0.0.0/0", "Egress": false, "PortRange": {"From": 49152, "To": 65535}, "Protocol": "6", "RuleAction": "allow", "RuleNumber": 100},
+     {"CidrBlock": "0.0.0.0/0", "Egress": true, "Protocol": "-1", "RuleAction": "allow", "RuleNumber": 100}]}]}"#;
+    let acl = read(Format::AwsNacl, nacl, None).unwrap();
+    assert_eq!(
+        predict::widest_allowed(&acl),
+        Some((49152, 65535)),
+        "{:?}",
+        predict::decide(&acl, (1024, 65535))
+    );
+}

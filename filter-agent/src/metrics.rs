@@ -34,6 +34,19 @@ pub struct Status {
     pub findings: Vec<(String, &'static str)>,
     /// Each namespace's conntrack table at the last audit.
     pub conntrack: Vec<(String, crate::audit::Conntrack)>,
+    /// With `[upstream]`: per namespace, the ports of each direction and
+    /// protocol whose traffic the cloud's ACL would drop, at the last audit.
+    pub upstream_blocked: Vec<UpstreamBlocked>,
+}
+
+/// One series of `filter_agent_upstream_blocked_ports`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamBlocked {
+    pub namespace: String,
+    pub acl: String,
+    pub direction: &'static str,
+    pub proto: &'static str,
+    pub ports: u64,
 }
 
 /// The collector behind `/metrics`.
@@ -225,6 +238,21 @@ impl Metrics {
                     .encode_gauge(&(value(table) as i64))?;
             }
         }
+        let name = format!("{PREFIX}_upstream_blocked_ports");
+        let help = "With [upstream]: ports of the namespace's ephemeral range whose traffic the cloud's ACL would drop (inbound replies, outbound packets), by protocol, at the last audit (every minute).";
+        let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+        for series in &status.upstream_blocked {
+            let labels = vec![
+                ("namespace", series.namespace.clone()),
+                ("acl", series.acl.clone()),
+                ("direction", series.direction.to_owned()),
+                ("proto", series.proto.to_owned()),
+            ];
+            family
+                .encode_family(&labels)?
+                .encode_gauge(&(series.ports as i64))?;
+        }
+
         let name = format!("{PREFIX}_conntrack_drops");
         let help = "Packets conntrack dropped silently in the namespace (drop, early_drop, insert_failed of /proc/net/stat/nf_conntrack), at the last audit.";
         let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;

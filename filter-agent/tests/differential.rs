@@ -216,6 +216,7 @@ fn random_config(rng: &mut StdRng) -> Config {
         guard: random_guard(rng),
         rules,
         implicit_nd,
+        upstream: None,
     }
 }
 

@@ -4,6 +4,8 @@
 //! semantics do, evaluated here from the raw JSON by an independent
 //! first-match reader. Needs root.
 
+mod support;
+
 use std::{net::IpAddr, path::Path};
 
 use filter_agent::{
@@ -489,4 +491,73 @@ fn audit_upstream_flags_a_namespace_the_acl_would_cut_off() {
         serde_json::json!([]),
         "still blocked after {fix}"
     );
+}
+
+/// `[upstream]` in the rules file: the agent's audit exports, per
+/// namespace, the ports the cloud's ACL would cut off, the moment the
+/// audit runs (here at the start).
+#[test]
+fn the_agent_exports_the_prediction_as_metrics() {
+    let pair = testbed::Pair::create("upm").unwrap();
+    let _pins = support::Pins::of(&pair.server_if);
+    pair.client
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/upstream/sakura.json"
+    );
+    std::fs::write(
+        &rules,
+        format!(
+            "[filter]\ndefault = \"allow\"\n[upstream]\nfile = \"{sample}\"\nformat = \"sakura\"\n"
+        ),
+    )
+    .unwrap();
+    let agent = testbed::Daemon::agent(
+        env!("CARGO_BIN_EXE_filter-agent"),
+        &pair.server,
+        [
+            "--iface",
+            &pair.server_if,
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let wanted = format!("namespace=\"{}", pair.client.name());
+    let mut seen = String::new();
+    let found = testbed::within(std::time::Duration::from_secs(20), || {
+        let Ok((_, body)) = testbed::traffic::http_get(&pair.server, "127.0.0.1:9469", "/metrics")
+        else {
+            return false;
+        };
+        seen = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("filter_agent_upstream_blocked_ports{") && l.contains(&wanted)
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+            .join("\n");
+        !seen.is_empty()
+    });
+    assert!(
+        found,
+        "no upstream_blocked_ports series for {}",
+        pair.client.name()
+    );
+    // 1024-32767 and 61001-65000, for TCP and for UDP replies.
+    for proto in ["tcp", "udp"] {
+        let series = seen
+            .lines()
+            .find(|l| {
+                l.contains(&format!("proto=\"{proto}\"")) && l.contains("direction=\"inbound\"")
+            })
+            .unwrap_or_else(|| panic!("no {proto} series in {seen}"));
+        assert!(series.ends_with(" 35744"), "{series}");
+    }
+    let (status, log) = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "{log:?}");
 }

@@ -103,6 +103,7 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
         guard: GuardSettings::default(),
         rules,
         implicit_nd: None,
+        upstream: None,
     }
 }
 
@@ -156,6 +157,7 @@ pub fn public_service(limit: Option<Limit>, sources: u32) -> Config {
         guard: GuardSettings::default(),
         rules: vec![rule],
         implicit_nd: None,
+        upstream: None,
     }
 }
 
@@ -338,5 +340,6 @@ pub fn address_list(nets: &[Ipv4Net]) -> Config {
             ..bare_rule("blocklist", Action::Deny)
         }],
         implicit_nd: None,
+        upstream: None,
     }
 }

@@ -127,9 +127,15 @@ impl GuardWatch {
     }
 
     /// Logs each new finding once, and publishes the open ones.
-    pub(super) fn report_audit(&mut self, namespaces: &[audit::Namespace], status: &Mutex<Status>) {
+    pub(super) fn report_audit(
+        &mut self,
+        namespaces: &[audit::Namespace],
+        upstream: Option<&crate::config::Upstream>,
+        status: &Mutex<Status>,
+    ) {
         let mut open = Vec::new();
         let mut conntrack = Vec::new();
+        let mut upstream_blocked = Vec::new();
         for ns in namespaces {
             let label = if self.hide_processes {
                 ns.label_without_processes()
@@ -138,6 +144,9 @@ impl GuardWatch {
             };
             if let Some(table) = ns.conntrack {
                 conntrack.push((label.clone(), table));
+            }
+            if let (Some(upstream), Some(range)) = (upstream, ns.port_range) {
+                upstream_blocked.extend(upstream_series(upstream, &label, range));
             }
             for finding in &ns.findings {
                 open.push((label.clone(), finding.kind));
@@ -156,5 +165,39 @@ impl GuardWatch {
         let mut status = lock(status);
         status.findings = open;
         status.conntrack = conntrack;
+        status.upstream_blocked = upstream_blocked;
     }
+}
+
+/// How many ports of `range` the upstream ACL blocks, per direction it
+/// judges and protocol (zeros included, so an alert can see them clear).
+fn upstream_series(
+    upstream: &crate::config::Upstream,
+    namespace: &str,
+    range: (u16, u16),
+) -> Vec<crate::metrics::UpstreamBlocked> {
+    use crate::upstream::predict;
+    let decided = predict::decide(&upstream.acl, range);
+    let mut series: Vec<crate::metrics::UpstreamBlocked> = Vec::new();
+    for d in decided {
+        let ports = if d.allowed {
+            0
+        } else {
+            u64::from(d.ports.1 - d.ports.0) + 1
+        };
+        match series
+            .iter_mut()
+            .find(|s| (s.direction, s.proto) == (d.direction, d.proto))
+        {
+            Some(existing) => existing.ports += ports,
+            None => series.push(crate::metrics::UpstreamBlocked {
+                namespace: namespace.to_owned(),
+                acl: upstream.acl.id.clone(),
+                direction: d.direction,
+                proto: d.proto,
+                ports,
+            }),
+        }
+    }
+    series
 }

@@ -168,7 +168,10 @@ impl Agent {
         let range = self.watch.settings.ephemeral;
         let rule_set = Arc::clone(&self.rule_set);
         match tokio::task::spawn_blocking(move || audit::run(range, &rule_set.notrack)).await {
-            Ok(namespaces) => self.watch.report_audit(&namespaces, &self.status),
+            Ok(namespaces) => {
+                let upstream = self.rule_set.upstream.as_deref();
+                self.watch.report_audit(&namespaces, upstream, &self.status)
+            }
             Err(err) => warn!(%err, "namespace audit failed"),
         }
     }

@@ -42,6 +42,8 @@ pub struct RuleSet {
     pub dst: AddressDim,
     /// The rules whose flows skip conntrack (nftables, [`crate::notrack`]).
     pub notrack: Vec<Rule>,
+    /// The cloud's ACL the audit holds namespaces to (`[upstream]`).
+    pub upstream: Option<std::sync::Arc<crate::config::Upstream>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +177,7 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
     })
     .map_err(|err| err.with_limit(limit_mib))?;
     Ok(RuleSet {
+        upstream: config.upstream.clone(),
         notrack: rules
             .iter()
             .filter(|rule| rule.notrack)

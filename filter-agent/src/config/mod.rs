@@ -35,6 +35,17 @@ pub struct Config {
     /// Lets IPv6 neighbour discovery through ahead of every rule, unless a
     /// deny rule names one of its ICMPv6 types.
     pub implicit_nd: Option<Rule>,
+    /// The cloud's ACL in front of the host (`[upstream]`), which the
+    /// agent's audit holds every namespace to.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+/// The `[upstream]` table, with the ACL it names read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub path: PathBuf,
+    pub format: crate::upstream::Format,
+    pub acl: crate::upstream::Acl,
 }
 
 /// Longest rule name: names are kept with the pinned counters (see

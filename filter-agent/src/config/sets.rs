@@ -68,11 +68,15 @@ pub fn set_files(path: &Path, text: &str) -> Vec<PathBuf> {
         return Vec::new();
     };
     let base = path.parent().unwrap_or(Path::new("."));
+    let upstream = raw
+        .get("upstream")
+        .and_then(|upstream| upstream.get("file")?.as_str());
     raw.get("sets")
         .and_then(Value::as_table)
         .into_iter()
         .flat_map(|sets| sets.values())
         .filter_map(|set| set.get("file")?.as_str())
+        .chain(upstream)
         .map(|file| base.join(file))
         .collect()
 }

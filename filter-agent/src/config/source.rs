@@ -16,7 +16,7 @@ use super::{
     Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_LIMIT_SOURCES,
     DEFAULT_MAX_MAP_MIB, FilterSettings, Fragments, GuardAction, GuardSettings, IMPLICIT_ND_RULE,
     Location, MAX_FILE_BYTES, MAX_LIMIT_SOURCES, MAX_NOTRACK_PREFIXES, MAX_RULE_NAME, Mode,
-    ND_TYPES, Rule, fields::icmp_type_by_name, limit::RawLimit,
+    ND_TYPES, Rule, Upstream, fields::icmp_type_by_name, limit::RawLimit,
 };
 
 #[derive(Deserialize)]
@@ -24,6 +24,7 @@ use super::{
 pub(super) struct RawConfig {
     filter: RawFilter,
     guard: Option<RawGuard>,
+    upstream: Option<Spanned<RawUpstream>>,
     #[serde(default)]
     sets: BTreeMap<String, Spanned<Value>>,
     #[serde(default, rename = "rule")]
@@ -50,6 +51,14 @@ pub(super) struct RawGuard {
     action: GuardAction,
     ephemeral: Option<Spanned<Value>>,
     services: Option<Spanned<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    file: Spanned<String>,
+    format: Spanned<String>,
+    acl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +132,11 @@ impl<'a> Source<'a> {
             None => GuardSettings::default(),
         };
         let implicit_nd = (!denies_nd(&rules)).then(|| self.implicit_nd_rule());
+        let upstream = raw
+            .upstream
+            .as_ref()
+            .map(|raw| self.upstream(raw))
+            .transpose()?;
         Ok(Config {
             filter: FilterSettings {
                 default: raw.filter.default,
@@ -134,6 +148,7 @@ impl<'a> Source<'a> {
             guard,
             rules,
             implicit_nd,
+            upstream,
         })
     }
 
@@ -343,6 +358,24 @@ impl<'a> Source<'a> {
             return Ok(());
         };
         Err(self.error(name.span(), format!("rule {text:?}: {message}")))
+    }
+
+    /// The `[upstream]` table: the cloud's ACL, read now so that `check`
+    /// and a reload fail on a bad one (located at the key).
+    fn upstream(&self, raw: &Spanned<RawUpstream>) -> Result<Arc<Upstream>, ConfigError> {
+        let raw = raw.get_ref();
+        let format =
+            <crate::upstream::Format as clap::ValueEnum>::from_str(raw.format.get_ref(), false)
+                .map_err(|_| {
+                    let message = "format must be aws-nacl, sakura or ibm-vpc";
+                    self.error(raw.format.span(), message)
+                })?;
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        let path = base.join(raw.file.get_ref());
+        let text = super::read(&path, "upstream ACL", MAX_FILE_BYTES)?;
+        let acl = crate::upstream::read(format, &text, raw.acl.as_deref())
+            .map_err(|err| self.error(raw.file.span(), format!("{}: {err}", path.display())))?;
+        Ok(Arc::new(Upstream { path, format, acl }))
     }
 
     pub(super) fn guard(&self, raw: &RawGuard) -> Result<GuardSettings, ConfigError> {

@@ -479,6 +479,11 @@ fn audit_upstream_flags_a_namespace_the_acl_would_cut_off() {
             ("udp".to_owned(), 61001, 65000, deny),
         ]
     );
+    let acl_fix = ours["acl_fixes"][0].as_str().expect("no ACL fix");
+    assert!(
+        acl_fix.contains(r#""DestinationPort": "1024-32767", "Action": "allow"} to web-servers above Expression[10]"#),
+        "{acl_fix}"
+    );
     let fix = ours["fixes"][0]["fix"].as_str().expect("no fix").to_owned();
     let applied = std::process::Command::new("sh")
         .args(["-c", &fix])

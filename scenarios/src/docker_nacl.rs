@@ -144,16 +144,21 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports == container_attempts.failed,
         "the egress guard did not name exactly the failed ports: {egress_ports:?}"
     );
-    let predicted = predicted_blocked(binary, container.name())?;
+    let (predicted, nat) = predicted_blocked(binary, container.name(), host.name())?;
     say!(
         "`filter-agent audit --upstream` predicts it from the ACL as AWS would print it: replies \
          to the container's TCP ports {} are dropped (rule 100 lets 49152-65535 in, the default \
-         denies the rest)",
+         denies the rest); on the host it flags Docker's masquerade without a port range: {}",
         predicted
             .iter()
             .map(|(lo, hi)| format!("{lo}-{hi}"))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        nat.join(", ")
+    );
+    ensure!(
+        nat.iter().any(|rule| rule.contains("masquerade")),
+        "audit --upstream did not flag Docker's MASQUERADE: {nat:?}"
     );
     let blocked = |port: &u16| predicted.iter().any(|&(lo, hi)| lo <= *port && *port <= hi);
     ensure!(
@@ -251,8 +256,13 @@ const NACL: &str = r#"{"NetworkAcls": [{"Associations": [], "Entries": [
  "VpcId": "vpc-0fedcba9876543210"}]}"#;
 
 /// `filter-agent audit --upstream` with [`NACL`]: the TCP port ranges of
-/// the namespace `name` it predicts inbound replies to be dropped on.
-fn predicted_blocked(binary: &Path, name: &str) -> anyhow::Result<Vec<(u16, u16)>> {
+/// the namespace `name` it predicts inbound replies to be dropped on, and
+/// the NAT rules it flags in the namespace `host`.
+fn predicted_blocked(
+    binary: &Path,
+    name: &str,
+    host: &str,
+) -> anyhow::Result<(Vec<(u16, u16)>, Vec<String>)> {
     let file = std::env::temp_dir().join(format!("fa-nacl-{}.json", std::process::id()));
     std::fs::write(&file, NACL)?;
     let output = std::process::Command::new(binary)
@@ -269,13 +279,22 @@ fn predicted_blocked(binary: &Path, name: &str) -> anyhow::Result<Vec<(u16, u16)
         String::from_utf8_lossy(&output.stderr)
     );
     let document: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    let namespace = document["namespaces"]
+    let listed = |name: &str| {
+        document["namespaces"]
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|ns| ns["namespace"].as_str().is_some_and(|l| l.contains(name)))
+            })
+            .with_context(|| format!("audit --upstream did not list {name}"))
+    };
+    let namespace = listed(name)?;
+    let nat = listed(host)?["nat"]
         .as_array()
-        .and_then(|all| {
-            all.iter()
-                .find(|ns| ns["namespace"].as_str().is_some_and(|l| l.contains(name)))
-        })
-        .with_context(|| format!("audit --upstream did not list {name}"))?;
+        .into_iter()
+        .flatten()
+        .filter_map(|rule| rule["rule"].as_str().map(str::to_owned))
+        .collect::<Vec<String>>();
     let ranges = namespace["blocked"]
         .as_array()
         .context("no blocked ranges")?
@@ -288,7 +307,7 @@ fn predicted_blocked(binary: &Path, name: &str) -> anyhow::Result<Vec<(u16, u16)
             ))
         })
         .collect();
-    Ok(ranges)
+    Ok((ranges, nat))
 }
 
 /// The host connects to `server` from a fixed port, then `container` from

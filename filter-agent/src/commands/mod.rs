@@ -318,13 +318,8 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
         flagged += usize::from(!own.is_empty()) + nat.len();
         report.push((ns, own, nat));
     }
-    let acl_fix = |range: (u16, u16)| {
-        format!(
-            "or change the ACL: let TCP and UDP traffic of ports {}-{} through (replies in; \
-             packets out, where it judges them) ahead of the entries named",
-            range.0, range.1
-        )
-    };
+    let acl_fixes =
+        |blocked: &[predict::Decided]| predict::acl_fixes(&acl, upstream.format, blocked);
     if json {
         let namespaces: Vec<_> = report
             .iter()
@@ -335,8 +330,10 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
                     "port_range": ns.port_range,
                     "blocked": own,
                     "fixes": ns.findings.iter().filter(|f| f.kind == "port_range" && !own.is_empty()).collect::<Vec<_>>(),
+                    "acl_fixes": acl_fixes(own),
                     "nat": nat.iter().map(|(rule, blocked)| json!({
                         "rule": rule.rule, "ports": rule.ports, "blocked": blocked,
+                    "acl_fixes": acl_fixes(blocked),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -383,8 +380,8 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
                         println!("         keep: {keep}");
                     }
                 }
-                if let Some(range) = ns.port_range {
-                    println!("         {}", acl_fix(range));
+                for fix in acl_fixes(own) {
+                    println!("         or the ACL: {fix}");
                 }
             }
             for (rule, blocked) in nat {
@@ -399,7 +396,9 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
                     "         fix: give it the ports {}-{} (iptables `--to-ports {}-{}`, nft `masquerade to :{}-{}`)",
                     allowed.0, allowed.1, allowed.0, allowed.1, allowed.0, allowed.1
                 );
-                println!("         {}", acl_fix(rule.ports.unwrap_or((1024, 65535))));
+                for fix in acl_fixes(blocked) {
+                    println!("         or the ACL: {fix}");
+                }
             }
         }
     }

@@ -460,18 +460,27 @@ fn bad_guard_settings_are_located() {
 fn upstream_acls_are_read_and_located() {
     let with = |body: &str| format!("{HEAD}[upstream]\n{body}\n");
     // Relative to the rules file, here the crate's directory.
-    let good = parse_ok(&with("file = \"../examples/upstream/sakura.json\"\nformat = \"sakura\""));
+    let good = parse_ok(&with(
+        "file = \"../examples/upstream/sakura.json\"\nformat = \"sakura\"",
+    ));
     let upstream = good.upstream.expect("read");
     assert_eq!(upstream.acl.id, "web-servers");
     assert_eq!(
-        error_of(&with("file = \"../examples/upstream/sakura.json\"\nformat = \"gcp\"")),
+        error_of(&with(
+            "file = \"../examples/upstream/sakura.json\"\nformat = \"gcp\""
+        )),
         "rules.toml:5:10: format must be aws-nacl, sakura or ibm-vpc"
     );
-    let wrong = error_of(&with("file = \"../examples/upstream/sakura.json\"\nformat = \"aws-nacl\""));
+    let wrong = error_of(&with(
+        "file = \"../examples/upstream/sakura.json\"\nformat = \"aws-nacl\"",
+    ));
     assert!(
         wrong.starts_with("rules.toml:4:8: ../examples/upstream/sakura.json: not the JSON of"),
         "{wrong}"
     );
     let missing = error_of(&with("file = \"nothere.json\"\nformat = \"sakura\""));
-    assert!(missing.starts_with("cannot read upstream ACL nothere.json"), "{missing}");
+    assert!(
+        missing.starts_with("cannot read upstream ACL nothere.json"),
+        "{missing}"
+    );
 }

@@ -195,6 +195,12 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> Result<String, UpstreamErr
     Ok(out)
 }
 
+/// The AWS rule number of the entry labelled `label`, if it has one.
+fn entry_number(acl: &Acl, label: &str) -> Option<u32> {
+    let entry = acl.entries.iter().find(|e| e.label == label)?;
+    entry.name.strip_prefix("rule-")?.parse().ok()
+}
+
 /// Provider text for a comment: control characters (a newline would end
 /// the comment) become spaces.
 fn one_line(text: &str) -> String {

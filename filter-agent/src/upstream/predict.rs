@@ -170,3 +170,66 @@ fn wider(best: Option<(u16, u16)>, candidate: (u16, u16)) -> Option<(u16, u16)> 
         _ => Some(candidate),
     }
 }
+
+/// The ACL change that lets `blocked` through, in the provider's terms:
+/// one allow entry per blocked range, ahead of the entry that blocks it.
+pub fn acl_fixes(acl: &Acl, format: super::Format, blocked: &[Decided]) -> Vec<String> {
+    use super::Format;
+    let last_ingress = acl
+        .entries
+        .iter()
+        .filter(|e| e.direction == Direction::Ingress)
+        .filter_map(|e| e.name.strip_prefix("rule-")?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    blocked
+        .iter()
+        .map(|b| {
+            let (lo, hi) = b.ports;
+            let number = |e: &str| super::entry_number(acl, e);
+            match (format, b.direction) {
+                (Format::AwsNacl, direction) => {
+                    let rule = b
+                        .entry
+                        .as_deref()
+                        .and_then(number)
+                        .map_or((last_ingress + 10).min(32766), |n| n.saturating_sub(1));
+                    let (flag, protocol) = (
+                        if direction == "inbound" { "--ingress" } else { "--egress" },
+                        if b.proto == "tcp" { 6 } else { 17 },
+                    );
+                    format!(
+                        "aws ec2 create-network-acl-entry --network-acl-id {} {flag} --rule-number \
+                         {rule} --protocol {protocol} --port-range From={lo},To={hi} --cidr-block \
+                         0.0.0.0/0 --rule-action allow (any free number below the blocking entry)",
+                        acl.id
+                    )
+                }
+                (Format::Sakura, _) => format!(
+                    "add {{\"Protocol\": \"{}\", \"SourceNetwork\": \"\", \"SourcePort\": \"\", \
+                     \"DestinationPort\": \"{lo}-{hi}\", \"Action\": \"allow\"}} to {} above {}",
+                    b.proto,
+                    acl.id,
+                    b.entry.as_deref().unwrap_or("its last entry")
+                ),
+                (Format::IbmVpc, direction) => {
+                    let (side, rest) = if direction == "inbound" {
+                        ("destination", "source_port_min 1, source_port_max 65535")
+                    } else {
+                        ("source", "destination_port_min 1, destination_port_max 65535")
+                    };
+                    let place = b
+                        .entry
+                        .as_deref()
+                        .map_or("at the end".to_owned(), |entry| format!("before {entry}"));
+                    format!(
+                        "add to {} an allow rule, direction {direction}, protocol {}, source and \
+                         destination 0.0.0.0/0, {side}_port_min {lo}, {side}_port_max {hi}, {rest}, \
+                         {place}",
+                        acl.id, b.proto
+                    )
+                }
+            }
+        })
+        .collect()
+}

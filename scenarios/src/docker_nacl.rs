@@ -144,7 +144,10 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         egress_ports == container_attempts.failed,
         "the egress guard did not name exactly the failed ports: {egress_ports:?}"
     );
-    let (predicted, nat) = predicted_blocked(binary, container.name(), host.name())?;
+    let Prediction {
+        blocked: predicted,
+        nat,
+    } = predicted_blocked(binary, container.name(), host.name())?;
     say!(
         "`filter-agent audit --upstream` predicts it from the ACL as AWS would print it: replies \
          to the container's TCP ports {} are dropped (rule 100 lets 49152-65535 in, the default \
@@ -255,14 +258,17 @@ const NACL: &str = r#"{"NetworkAcls": [{"Associations": [], "Entries": [
  "IsDefault": false, "NetworkAclId": "acl-0d0c4e7a1b2c3d4e5", "OwnerId": "111122223333", "Tags": [],
  "VpcId": "vpc-0fedcba9876543210"}]}"#;
 
-/// `filter-agent audit --upstream` with [`NACL`]: the TCP port ranges of
-/// the namespace `name` it predicts inbound replies to be dropped on, and
-/// the NAT rules it flags in the namespace `host`.
-fn predicted_blocked(
-    binary: &Path,
-    name: &str,
-    host: &str,
-) -> anyhow::Result<(Vec<(u16, u16)>, Vec<String>)> {
+/// What `audit --upstream` predicts for the scenario.
+struct Prediction {
+    /// The container's TCP ports whose replies are dropped, as ranges.
+    blocked: Vec<(u16, u16)>,
+    /// The NAT rules it flags on the host.
+    nat: Vec<String>,
+}
+
+/// `filter-agent audit --upstream` with [`NACL`], for the container's
+/// namespace `name` and the host's namespace `host`.
+fn predicted_blocked(binary: &Path, name: &str, host: &str) -> anyhow::Result<Prediction> {
     let file = std::env::temp_dir().join(format!("fa-nacl-{}.json", std::process::id()));
     std::fs::write(&file, NACL)?;
     let output = std::process::Command::new(binary)
@@ -295,7 +301,7 @@ fn predicted_blocked(
         .flatten()
         .filter_map(|rule| rule["rule"].as_str().map(str::to_owned))
         .collect::<Vec<String>>();
-    let ranges = namespace["blocked"]
+    let blocked = namespace["blocked"]
         .as_array()
         .context("no blocked ranges")?
         .iter()
@@ -307,7 +313,7 @@ fn predicted_blocked(
             ))
         })
         .collect();
-    Ok((ranges, nat))
+    Ok(Prediction { blocked, nat })
 }
 
 /// The host connects to `server` from a fixed port, then `container` from

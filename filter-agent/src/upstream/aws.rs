@@ -99,11 +99,7 @@ pub(super) fn read(text: &str, id: Option<&str>) -> Result<Acl, UpstreamError> {
             field,
             message,
         };
-        let action = match entry.rule_action.as_str() {
-            "allow" => Action::Allow,
-            "deny" => Action::Deny,
-            other => return Err(bad("RuleAction", format!("{other:?} is not allow or deny"))),
-        };
+        let action = super::action(&entry.rule_action).map_err(|m| bad("RuleAction", m))?;
         if entry.rule_number >= IMPLICIT {
             // The implicit default; checked, not turned into a rule.
             if action != Action::Deny || entry.protocol != "-1" {

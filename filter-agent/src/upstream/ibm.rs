@@ -65,11 +65,7 @@ pub(super) fn read(text: &str) -> Result<Acl, UpstreamError> {
                 ));
             }
         };
-        let action = match rule.action.as_str() {
-            "allow" => Action::Allow,
-            "deny" => Action::Deny,
-            other => return Err(bad("action", format!("{other:?} is not allow or deny"))),
-        };
+        let action = super::action(&rule.action).map_err(|m| bad("action", m))?;
         let protocols: &[Option<u8>] = match rule.protocol.as_str() {
             "all" | "any" => &[None],
             "icmp_tcp_udp" => &[Some(IPPROTO_ICMP), Some(IPPROTO_TCP), Some(IPPROTO_UDP)],

@@ -195,6 +195,15 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> Result<String, UpstreamErr
     Ok(out)
 }
 
+/// "allow" or "deny", as every provider spells them.
+fn action(text: &str) -> Result<Action, String> {
+    match text {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        other => Err(format!("{other:?} is not allow or deny")),
+    }
+}
+
 /// The AWS rule number of the entry labelled `label`, if it has one.
 fn entry_number(acl: &Acl, label: &str) -> Option<u32> {
     let entry = acl.entries.iter().find(|e| e.label == label)?;

@@ -79,11 +79,7 @@ pub(super) fn read(text: &str) -> Result<Acl, UpstreamError> {
             field,
             message,
         };
-        let action = match expression.action.as_str() {
-            "allow" => Action::Allow,
-            "deny" => Action::Deny,
-            other => return Err(bad("Action", format!("{other:?} is not allow or deny"))),
-        };
+        let action = super::action(&expression.action).map_err(|m| bad("Action", m))?;
         let (proto, ports) = match expression.protocol.as_str() {
             "tcp" => (Some(IPPROTO_TCP), true),
             "udp" => (Some(IPPROTO_UDP), true),

@@ -299,6 +299,7 @@ fn predicted_blocked(binary: &Path, name: &str, host: &str) -> anyhow::Result<Pr
         .as_array()
         .into_iter()
         .flatten()
+        .filter(|rule| rule["blocked"].as_array().is_some_and(|b| !b.is_empty()))
         .filter_map(|rule| rule["rule"].as_str().map(str::to_owned))
         .collect::<Vec<String>>();
     let blocked = namespace["blocked"]

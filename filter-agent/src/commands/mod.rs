@@ -313,9 +313,12 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
             .iter()
             // Masquerade without a port range may use any port from 1024.
             .map(|rule| (rule, blocked_in(rule.ports.unwrap_or((1024, 65535)))))
-            .filter(|(_, blocked)| !blocked.is_empty())
             .collect();
-        flagged += usize::from(!own.is_empty()) + nat.len();
+        let flagged_nat = nat
+            .iter()
+            .filter(|(_, blocked)| !blocked.is_empty())
+            .count();
+        flagged += usize::from(!own.is_empty()) + flagged_nat;
         report.push((ns, own, nat));
     }
     let acl_fixes =
@@ -390,6 +393,10 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
                     .map_or("no port range: any port from 1024".to_owned(), |(l, h)| {
                         format!("{l}-{h}")
                     });
+                if blocked.is_empty() {
+                    println!("OK       NAT {} ({ports}) in {}", rule.rule, ns.label());
+                    continue;
+                }
                 println!("FLAGGED  NAT {} ({ports}) in {}", rule.rule, ns.label());
                 println!("         blocked: {}", show(blocked));
                 println!(

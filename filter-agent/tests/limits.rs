@@ -3,7 +3,7 @@
 //! rule's rate within 10% (counted by the server's socket, not by the
 //! agent), and the agent's `stats` counts the rest as over the limit. A
 //! per-source limit holds back the flooding source while a quiet source
-//! of the same rule gets every packet through. Needs root.
+//! of the same rule gets its whole burst through. Needs root.
 
 mod support;
 
@@ -18,7 +18,7 @@ use aya::maps::PerCpuArray;
 use filter_agent::pins;
 use filter_common::{Counter, names};
 use support::Pins;
-use testbed::{Daemon, Netns, Pair};
+use testbed::{Daemon, Netns, Pair, wait_until, within};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const RULE_WIDE: u16 = 7000;
@@ -27,6 +27,7 @@ const PER_SOURCE: u16 = 7001;
 const RATE: f64 = 2000.0;
 const BURST: f64 = 20.0;
 const SOURCE_RATE: f64 = 500.0;
+const SOURCE_BURST: u32 = 10;
 /// A second address of the client: the quiet source.
 const QUIET: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 9);
 
@@ -92,17 +93,20 @@ impl Arrivals {
         }
     }
 
-    /// What arrived, once nothing more does for 200 ms.
-    fn settled(&self) -> u64 {
-        let mut last = self.received.load(Ordering::Relaxed);
-        loop {
-            thread::sleep(Duration::from_millis(200));
-            let now = self.received.load(Ordering::Relaxed);
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
+    /// Waits until `total` datagrams have arrived in all (what the rule
+    /// passed, as the program counted it).
+    fn wait_for(&self, total: impl Fn() -> u64) -> u64 {
+        let mut last = (0, 0);
+        let arrived = within(Duration::from_secs(5), || {
+            last = (self.received.load(Ordering::Relaxed), total());
+            last.0 == last.1
+        });
+        assert!(
+            arrived,
+            "the server's socket never got every datagram the rule passed: {} of {}",
+            last.0, last.1
+        );
+        last.0
     }
 }
 
@@ -156,25 +160,24 @@ fn flood(ns: &Netns, from: Ipv4Addr, to: SocketAddr, cpus: &[usize], seconds: f6
     .unwrap()
 }
 
-/// Sends `count` datagrams from `from` to `to`, `gap` apart.
-fn trickle(ns: &Netns, from: Ipv4Addr, to: SocketAddr, count: u32, gap: Duration) {
+/// Sends `count` datagrams from `from` to `to` at once.
+fn burst(ns: &Netns, from: Ipv4Addr, to: SocketAddr, count: u32) {
     ns.run(|| {
         let socket = UdpSocket::bind((from, 0)).unwrap();
         socket.connect(to).unwrap();
         for _ in 0..count {
             socket.send(b"quiet").unwrap();
-            thread::sleep(gap);
         }
     })
     .unwrap();
 }
 
-/// Per CPU, the packets rule `rule` decided or dropped as over its limit,
-/// from the agent's pinned counters.
-fn per_cpu(iface: &str, rule: u32) -> Vec<u64> {
+/// Per CPU, the packets rule `rule` counted in the agent's pinned `maps`
+/// (`RULE_STATS`: passed; `RULE_OVER_LIMIT`: dropped as over its limit).
+fn per_cpu(iface: &str, maps: &[&str], rule: u32) -> Vec<u64> {
     let dir = pins::dir(iface);
     let mut totals = Vec::new();
-    for name in [names::RULE_STATS, names::RULE_OVER_LIMIT] {
+    for name in maps {
         let map = pins::open_map(&dir, name).unwrap();
         let array = PerCpuArray::<_, Counter>::try_from(&map).unwrap();
         let values = array.get(&rule, 0).unwrap();
@@ -185,6 +188,13 @@ fn per_cpu(iface: &str, rule: u32) -> Vec<u64> {
     }
     totals
 }
+
+/// What rule `rule` passed, over all CPUs.
+fn passed(iface: &str, rule: u32) -> u64 {
+    per_cpu(iface, &[names::RULE_STATS], rule).iter().sum()
+}
+
+const SEEN: [&str; 2] = [names::RULE_STATS, names::RULE_OVER_LIMIT];
 
 /// The rule's decided and over-limit packets as `filter-agent stats` shows.
 fn stats(ns: &Netns, iface: &str, rule: &str) -> (u64, u64) {
@@ -230,15 +240,16 @@ fn limits_hold_across_cpus_and_per_source() {
     // The rule's index: after the implicit neighbour-discovery rule.
     let rule = 1;
     let mut seen_before = 0;
+    let iface = pair.server_if.as_str();
     for cpus in [&[0, 0][..], &[0, 1]] {
         let before = receiver.received.load(Ordering::Relaxed);
-        let cpu_before = per_cpu(&pair.server_if, rule);
-        // Refill the bucket so each round starts with its burst.
-        thread::sleep(Duration::from_millis(100));
+        let (cpu_before, passed_before) = (per_cpu(iface, &SEEN, rule), passed(iface, rule));
         let (sent, seconds) = flood(client, Pair::CLIENT_V4, flooded, cpus, 2.0);
-        let passed = receiver.settled() - before;
+        let passed = receiver.wait_for(|| before + passed(iface, rule) - passed_before) - before;
+        // The second round's bucket may not have refilled its burst: that
+        // is at most 20 packets of about 4,000.
         let expected = BURST + RATE * seconds;
-        let landed: Vec<u64> = per_cpu(&pair.server_if, rule)
+        let landed: Vec<u64> = per_cpu(iface, &SEEN, rule)
             .iter()
             .zip(&cpu_before)
             .map(|(after, before)| after - before)
@@ -275,19 +286,31 @@ fn limits_hold_across_cpus_and_per_source() {
         "more arrived than the rule passed"
     );
 
-    // Per source: the flooding source is held to its rate; the quiet one,
-    // at a tenth of it, loses nothing.
+    // Per source: the flooding source is held to its rate; a quiet one,
+    // sending its whole burst while the flood is over the limit, loses
+    // nothing.
     let per_source = SocketAddr::from((Pair::SERVER_V4, PER_SOURCE));
     let receiver = Arrivals::start(server, PER_SOURCE);
-    let (quiet_sent, gap) = (40, Duration::from_millis(20));
-    let ((_, seconds), ()) = thread::scope(|scope| {
+    let (source_rule, quiet_sent) = (2, SOURCE_BURST);
+    let over_limit = || {
+        per_cpu(iface, &[names::RULE_OVER_LIMIT], source_rule)
+            .iter()
+            .sum::<u64>()
+    };
+    let (_, seconds) = thread::scope(|scope| {
         let loud = scope.spawn(|| flood(client, Pair::CLIENT_V4, per_source, &[0, 1], 1.0));
-        trickle(client, QUIET, per_source, quiet_sent, gap);
-        (loud.join().unwrap(), ())
+        wait_until(
+            "the flood went over the per-source limit",
+            Duration::from_secs(5),
+            || over_limit() > 0,
+        );
+        burst(client, QUIET, per_source, quiet_sent);
+        loud.join().unwrap()
     });
+    let arrived = receiver.wait_for(|| passed(iface, source_rule));
     let quiet = receiver.quiet.load(Ordering::Relaxed);
-    let loud = receiver.settled() - quiet;
-    let expected = 10.0 + SOURCE_RATE * seconds;
+    let loud = arrived - quiet;
+    let expected = f64::from(SOURCE_BURST) + SOURCE_RATE * seconds;
     println!(
         "per source: the flooding source got {loud} through (expected {expected:.0}), \
          the quiet one {quiet} of {quiet_sent}"

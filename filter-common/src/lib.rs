@@ -147,16 +147,54 @@ pub const fn proto_index_parts(index: u32) -> (u8, bool, u8) {
 }
 pub const PROTO_TABLE_SIZE: u32 = 1 << 17;
 
-/// Address lookup tables: blocks of 256 entries, one per address byte
-/// (a multibit trie with a 16-bit root and 8-bit strides). Blocks
-/// `0..256` are the IPv4 root (first byte picks the block, second byte the
-/// entry), `V6_ROOT..V6_ROOT + 256` the IPv6 root. An entry with
-/// `CHILD` set points at the block for the next byte; otherwise it is the
-/// address's class.
-pub type AddressBlock = [u32; 256];
-pub const V6_ROOT: u32 = 256;
-pub const ROOT_BLOCKS: u32 = 512;
+/// Address lookup: a compressed multibit trie (Poptrie-like) with a
+/// 16-bit root and 8-bit strides.
+///
+/// Entries (`u32`) live in one flat array, stored in blocks of
+/// `ENTRIES_PER_BLOCK`: the IPv4 root first (65,536 entries, indexed by the
+/// first two address bytes), then the IPv6 root (from `V6_ROOT`), then the
+/// entries of every node. An entry with `CHILD` set names the node for the
+/// next byte; otherwise it is the address's class.
+///
+/// A node stands for 256 entries but stores each run of equal entries once:
+/// a set of a million prefixes takes a few bytes per prefix instead of a
+/// kilobyte per block.
+pub type EntryBlock = [u32; ENTRIES_PER_BLOCK];
+pub const ENTRIES_PER_BLOCK: usize = 256;
+pub const ROOT_ENTRIES: u32 = 1 << 16;
+pub const V6_ROOT: u32 = ROOT_ENTRIES;
 pub const CHILD: u32 = 1 << 31;
+
+/// One node of the address trie: entry `b` (0-255) of the node is entry
+/// `first + rank(b) - 1` of the flat array, where `rank(b)` counts the runs
+/// started at or before `b`: `before[b / 64]` plus the bits of
+/// `starts[b / 64]` up to `b`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddressNode {
+    /// Bit `b % 64` of word `b / 64` is set where entry `b` starts a run
+    /// (differs from entry `b - 1`); always set for entry 0.
+    pub starts: [u64; 4],
+    /// Index of the node's first run in the flat entry array.
+    pub first: u32,
+    /// Runs started in the words before each word.
+    pub before: [u8; 4],
+}
+
+impl AddressNode {
+    /// Index in the flat entry array of entry `byte`.
+    #[inline(always)]
+    pub fn entry_index(&self, byte: usize) -> u32 {
+        let word = byte >> 6;
+        let started = self.starts[word] & (u64::MAX >> (63 - (byte & 63)));
+        self.first + self.before[word] as u32 + started.count_ones() - 1
+    }
+}
+
+/// Nodes are stored this many to a map value, so that loading a large set
+/// takes few syscalls.
+pub type NodeBlock = [AddressNode; NODES_PER_BLOCK];
+pub const NODES_PER_BLOCK: usize = 16;
 pub const PORT_TABLE_SIZE: u32 = 1 << 16;
 
 /// Rule and default actions, as stored in globals and maps.
@@ -350,6 +388,8 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const RULE_ACTIONS: &str = "RULE_ACTIONS";
+    pub const SRC_ENTRIES: &str = "SRC_ENTRIES";
+    pub const DST_ENTRIES: &str = "DST_ENTRIES";
     pub const SRC_NODES: &str = "SRC_NODES";
     pub const DST_NODES: &str = "DST_NODES";
     pub const PROTO_CLASS: &str = "PROTO_CLASS";
@@ -384,6 +424,7 @@ pub mod names {
 }
 
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<AddressNode>() == 40);
 const _: () = assert!(core::mem::size_of::<BitmapChunk>() == 8 * (1 + WORDS_PER_CHUNK));
 const _: () = assert!(core::mem::size_of::<GuardPort>() == 4);
 const _: () = assert!(core::mem::size_of::<GuardPeer>() == 20);
@@ -400,6 +441,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: `BitmapChunk` is `repr(C)` and all u64 (size asserted above).
     unsafe impl aya::Pod for super::BitmapChunk {}
+    // SAFETY: `repr(C)`, integers only, no padding (size asserted above).
+    unsafe impl aya::Pod for super::AddressNode {}
     // SAFETY: the guard keys are `repr(C)` integers and byte arrays with no
     // padding (sizes asserted above).
     unsafe impl aya::Pod for super::GuardPort {}

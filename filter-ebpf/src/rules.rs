@@ -4,7 +4,8 @@
 
 use aya_ebpf::{Global, maps::Array};
 use filter_common::{
-    AddressBlock, BitmapChunk, CHILD, MAX_CHUNKS, V6_ROOT, WORDS_PER_CHUNK, proto_index,
+    BitmapChunk, CHILD, ENTRIES_PER_BLOCK, EntryBlock, MAX_CHUNKS, NODES_PER_BLOCK, NodeBlock,
+    V6_ROOT, WORDS_PER_CHUNK, proto_index,
 };
 
 use crate::parse::Packet;
@@ -15,9 +16,13 @@ static CHUNKS: Global<u32> = Global::new(1);
 
 // Every map is sized by the agent for its rule set at load time.
 #[aya_ebpf::macros::map]
-static SRC_NODES: Array<AddressBlock> = Array::with_max_entries(1, 0);
+static SRC_ENTRIES: Array<EntryBlock> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
-static DST_NODES: Array<AddressBlock> = Array::with_max_entries(1, 0);
+static SRC_NODES: Array<NodeBlock> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static DST_ENTRIES: Array<EntryBlock> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static DST_NODES: Array<NodeBlock> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
 static PROTO_CLASS: Array<u32> = Array::with_max_entries(filter_common::PROTO_TABLE_SIZE, 0);
 #[aya_ebpf::macros::map]
@@ -90,36 +95,44 @@ fn address_classes(packet: &Packet) -> Option<(u32, u32)> {
     let src = packet.addresses;
     if packet.v6 {
         let dst = unsafe { src.add(16) };
-        Some((v6_class(&SRC_NODES, src)?, v6_class(&DST_NODES, dst)?))
+        Some((
+            class::<16>(&SRC_ENTRIES, &SRC_NODES, V6_ROOT, src)?,
+            class::<16>(&DST_ENTRIES, &DST_NODES, V6_ROOT, dst)?,
+        ))
     } else {
         let dst = unsafe { src.add(4) };
-        Some((v4_class(&SRC_NODES, src)?, v4_class(&DST_NODES, dst)?))
+        Some((
+            class::<4>(&SRC_ENTRIES, &SRC_NODES, 0, src)?,
+            class::<4>(&DST_ENTRIES, &DST_NODES, 0, dst)?,
+        ))
     }
 }
 
-/// Root entry for the first two bytes at `addr`, then one block per byte.
+/// The class of the `LEN`-byte address at `addr`: the root entry for its
+/// first two bytes, then one node per byte while entries point further.
 #[inline(always)]
-fn v4_class(nodes: &Array<AddressBlock>, addr: *const u8) -> Option<u32> {
+fn class<const LEN: usize>(
+    entries: &Array<EntryBlock>,
+    nodes: &Array<NodeBlock>,
+    root: u32,
+    addr: *const u8,
+) -> Option<u32> {
     let byte = |i: usize| unsafe { *addr.add(i) } as usize;
-    let mut entry = nodes.get(byte(0) as u32)?[byte(1)];
-    if entry & CHILD != 0 {
-        entry = nodes.get(entry & !CHILD)?[byte(2)];
-        if entry & CHILD != 0 {
-            entry = nodes.get(entry & !CHILD)?[byte(3)];
-        }
-    }
-    Some(entry)
-}
-
-#[inline(always)]
-fn v6_class(nodes: &Array<AddressBlock>, addr: *const u8) -> Option<u32> {
-    let byte = |i: usize| unsafe { *addr.add(i) } as usize;
-    let mut entry = nodes.get(V6_ROOT + byte(0) as u32)?[byte(1)];
-    for i in 2..16 {
+    let mut entry = entry_at(entries, root + (byte(0) << 8 | byte(1)) as u32)?;
+    for i in 2..LEN {
         if entry & CHILD == 0 {
             break;
         }
-        entry = nodes.get(entry & !CHILD)?[byte(i)];
+        let node = entry & !CHILD;
+        let block = nodes.get(node / NODES_PER_BLOCK as u32)?;
+        let index = block[node as usize % NODES_PER_BLOCK].entry_index(byte(i));
+        entry = entry_at(entries, index)?;
     }
     Some(entry)
+}
+
+#[inline(always)]
+fn entry_at(entries: &Array<EntryBlock>, index: u32) -> Option<u32> {
+    let block = entries.get(index / ENTRIES_PER_BLOCK as u32)?;
+    Some(block[index as usize % ENTRIES_PER_BLOCK])
 }

@@ -16,12 +16,12 @@ mod trie;
 use std::collections::HashMap;
 
 use filter_common::{
-    AddressBlock, BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK,
+    BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK,
     RateLimit, SourceBucket, WORDS_PER_CHUNK, action, proto_index_parts,
 };
 use thiserror::Error;
 
-pub use trie::address_blocks;
+pub use trie::AddressTrie;
 use trie::address_dim;
 
 use crate::config::{Action, Config, FilterSettings, GuardSettings, Limit, Rule, TcpFlags};
@@ -67,8 +67,8 @@ pub struct TableDim {
 #[derive(Clone, Debug)]
 pub struct AddressDim {
     /// Every listed prefix (and /0) with its class, expanded into the
-    /// program's multibit trie.
-    pub blocks: Vec<AddressBlock>,
+    /// program's compressed multibit trie.
+    pub trie: AddressTrie,
     pub bitmaps: Vec<BitmapChunk>,
 }
 
@@ -83,7 +83,7 @@ impl RuleSet {
             .sum::<usize>();
         let addresses = [&self.src, &self.dst]
             .iter()
-            .map(|dim| dim.blocks.len() * size_of::<AddressBlock>() + dim.bitmaps.len() * chunk)
+            .map(|dim| dim.trie.bytes() + dim.bitmaps.len() * chunk)
             .sum::<usize>();
         let limits = self.limits().len() * size_of::<RateLimit>();
         let sources = if self.has_source_limits() {

@@ -1,9 +1,12 @@
-//! The address dimension: prefixes expanded into the program's multibit
-//! trie, one 256-entry block per address byte below a 16-bit root.
+//! The address dimension: prefixes expanded into the program's compressed
+//! multibit trie, a 16-bit root and one 256-entry node per address byte
+//! below it, each storing its runs of equal entries once.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use filter_common::{AddressBlock, CHILD, ROOT_BLOCKS, V6_ROOT};
+use filter_common::{
+    AddressNode, CHILD, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, ROOT_ENTRIES, V6_ROOT,
+};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{AddressDim, BitmapBuilder, ClassTable, CompileError, Conditions};
@@ -30,103 +33,164 @@ pub(super) fn address_dim<'r>(
         IpNet::V4(_) => None,
     });
     let order: Vec<u32> = (0..classes.keys.len() as u32).collect();
-    let max_blocks = *budget / size_of::<AddressBlock>();
-    let blocks = address_blocks(&v4, &v6, max_blocks).map_err(|estimate| {
+    let trie = AddressTrie::build(&v4, &v6);
+    if trie.bytes() > *budget {
         let largest = rules
             .iter()
             .filter_map(|rule| field(rule))
             .max_by_key(|list| list.nets.len());
-        CompileError::MapMemory {
+        return Err(CompileError::MapMemory {
             field: name,
             set: largest.and_then(|list| list.set.clone()),
-            estimate_mib: (estimate * size_of::<AddressBlock>()) as u64 >> 20,
+            estimate_mib: (trie.bytes() >> 20) as u64,
             limit_mib: 0,
-        }
-    })?;
-    *budget -= blocks.len() * size_of::<AddressBlock>();
+        });
+    }
+    *budget -= trie.bytes();
     Ok(AddressDim {
         bitmaps: bitmap.all_chunks(&conditions, &classes, &order),
-        blocks,
+        trie,
     })
 }
 
-/// Expands prefixes into the program's multibit trie (controlled prefix
-/// expansion): shortest first, so a longer prefix overwrites the entries
-/// of the shorter ones it is inside of. Stops once more than `max_blocks`
-/// would be needed, with the number extrapolated from those expanded.
-pub fn address_blocks(
-    v4: &[(Ipv4Net, u32)],
-    v6: &[(Ipv6Net, u32)],
-    max_blocks: usize,
-) -> Result<Vec<AddressBlock>, usize> {
-    let mut blocks = vec![[0u32; 256]; ROOT_BLOCKS as usize];
-    let mut prefixes: Vec<(u8, usize, [u8; 16], u32)> = Vec::with_capacity(v4.len() + v6.len());
-    for (net, class) in v4 {
-        let mut bytes = [0u8; 16];
-        bytes[..4].copy_from_slice(&net.network().octets());
-        prefixes.push((net.prefix_len(), 0, bytes, *class));
-    }
-    for (net, class) in v6 {
-        prefixes.push((
-            net.prefix_len(),
-            V6_ROOT as usize,
-            net.network().octets(),
-            *class,
-        ));
-    }
-    prefixes.sort_unstable_by_key(|&(len, ..)| len);
-    let total = prefixes.len();
-    for (done, (len, root, bytes, class)) in prefixes.into_iter().enumerate() {
-        insert_prefix(&mut blocks, root, &bytes, len, class);
-        if blocks.len() > max_blocks {
-            let root = ROOT_BLOCKS as usize;
-            return Err(root + (blocks.len() - root) * total / (done + 1));
-        }
-    }
-    Ok(blocks)
+/// The program's address trie (see `filter_common::AddressNode`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressTrie {
+    /// The flat entry array: both roots, then every node's runs.
+    pub entries: Vec<u32>,
+    pub nodes: Vec<AddressNode>,
 }
 
-fn insert_prefix(
-    blocks: &mut Vec<AddressBlock>,
-    root: usize,
-    bytes: &[u8; 16],
-    len: u8,
+/// A prefix as bits from the top of a `u128` (IPv4 in the top 32).
+#[derive(Clone, Copy)]
+struct Bits {
+    bits: u128,
+    len: u32,
     class: u32,
-) {
-    // The root covers the first 16 bits: 256 blocks of 256 entries.
-    let top = usize::from(bytes[0]) << 8 | usize::from(bytes[1]);
-    if len <= 16 {
-        let span = 1usize << (16 - len);
-        for slot in (top & !(span - 1))..(top & !(span - 1)) + span {
-            blocks[root + (slot >> 8)][slot & 255] = class;
-        }
-        return;
-    }
-    let mut block = child_block(blocks, root + (top >> 8), top & 255);
-    let mut remaining = len - 16;
-    for &byte in &bytes[2..] {
-        let byte = usize::from(byte);
-        if remaining <= 8 {
-            let span = 1usize << (8 - remaining);
-            blocks[block][byte & !(span - 1)..(byte & !(span - 1)) + span].fill(class);
-            return;
-        }
-        block = child_block(blocks, block, byte);
-        remaining -= 8;
+}
+
+impl Bits {
+    /// The `width` bits starting `depth` bits from the top.
+    fn slice(&self, depth: u32, width: u32) -> usize {
+        (self.bits << depth >> (128 - width)) as usize
     }
 }
 
-/// The block below `blocks[block][slot]`, created (inheriting the entry's
-/// class) if the entry is still a class.
-fn child_block(blocks: &mut Vec<AddressBlock>, block: usize, slot: usize) -> usize {
-    let entry = blocks[block][slot];
-    if entry & CHILD != 0 {
-        return (entry & !CHILD) as usize;
+impl AddressTrie {
+    /// Longest-prefix match over `v4` and `v6` (each with its class; /0
+    /// included): each prefix fills the entries it spans at the level where
+    /// it ends, shorter prefixes first (controlled prefix expansion), and a
+    /// node whose 256 entries end up equal is not stored at all.
+    pub fn build(v4: &[(Ipv4Net, u32)], v6: &[(Ipv6Net, u32)]) -> Self {
+        let mut trie = AddressTrie {
+            entries: vec![0; 2 * ROOT_ENTRIES as usize],
+            nodes: Vec::new(),
+        };
+        let v4 = v4.iter().map(|(net, class)| Bits {
+            bits: u128::from(u32::from(net.network())) << 96,
+            len: u32::from(net.prefix_len()),
+            class: *class,
+        });
+        trie.root(0, v4.collect());
+        let v6 = v6.iter().map(|(net, class)| Bits {
+            bits: u128::from(net.network()),
+            len: u32::from(net.prefix_len()),
+            class: *class,
+        });
+        trie.root(V6_ROOT as usize, v6.collect());
+        trie
     }
-    let child = blocks.len();
-    blocks.push([entry; 256]);
-    blocks[block][slot] = CHILD | child as u32;
-    child
+
+    /// Bytes of map values: entries and nodes, in the blocks they are
+    /// stored in.
+    pub fn bytes(&self) -> usize {
+        self.entries.len().next_multiple_of(ENTRIES_PER_BLOCK) * 4
+            + self.nodes.len().next_multiple_of(NODES_PER_BLOCK) * size_of::<AddressNode>()
+    }
+
+    /// The class of `addr`, looked up as the program does.
+    pub fn lookup(&self, addr: IpAddr) -> u32 {
+        let (root, bytes) = match addr {
+            IpAddr::V4(a) => (0, a.octets().to_vec()),
+            IpAddr::V6(a) => (V6_ROOT as usize, a.octets().to_vec()),
+        };
+        let mut entry = self.entries[root + (usize::from(bytes[0]) << 8 | usize::from(bytes[1]))];
+        for &byte in &bytes[2..] {
+            if entry & CHILD == 0 {
+                break;
+            }
+            let node = &self.nodes[(entry & !CHILD) as usize];
+            entry = self.entries[node.entry_index(usize::from(byte)) as usize];
+        }
+        entry
+    }
+
+    /// Fills one family's root (`ROOT_ENTRIES` from `base`) and builds the
+    /// nodes below it.
+    fn root(&mut self, base: usize, mut prefixes: Vec<Bits>) {
+        const ROOT_BITS: u32 = ROOT_ENTRIES.trailing_zeros();
+        prefixes.sort_unstable_by_key(|p| (p.bits, p.len));
+        let table = &mut self.entries[base..base + ROOT_ENTRIES as usize];
+        fill(table, &prefixes, 0, ROOT_BITS);
+        let deeper: Vec<Bits> = prefixes.into_iter().filter(|p| p.len > ROOT_BITS).collect();
+        for group in deeper.chunk_by(|a, b| a.slice(0, ROOT_BITS) == b.slice(0, ROOT_BITS)) {
+            let slot = base + group[0].slice(0, ROOT_BITS);
+            self.entries[slot] = self.node(ROOT_BITS, group, self.entries[slot]);
+        }
+    }
+
+    /// The entry for the addresses that share `depth` bits with
+    /// `prefixes` (all longer than `depth`, sorted by bits), whose class
+    /// without them is `inherited`: a node, or a class if all 256 entries
+    /// would be equal.
+    fn node(&mut self, depth: u32, prefixes: &[Bits], inherited: u32) -> u32 {
+        let mut table = [inherited; 256];
+        fill(&mut table, prefixes, depth, 8);
+        let deeper: Vec<Bits> = prefixes
+            .iter()
+            .filter(|p| p.len > depth + 8)
+            .copied()
+            .collect();
+        for group in deeper.chunk_by(|a, b| a.slice(depth, 8) == b.slice(depth, 8)) {
+            let byte = group[0].slice(depth, 8);
+            table[byte] = self.node(depth + 8, group, table[byte]);
+        }
+        if table.iter().all(|&entry| entry == table[0]) && table[0] & CHILD == 0 {
+            return table[0];
+        }
+        let mut node = AddressNode {
+            first: self.entries.len() as u32,
+            ..AddressNode::default()
+        };
+        let mut runs = 0u32;
+        for (byte, &entry) in table.iter().enumerate() {
+            if byte % 64 == 0 {
+                node.before[byte / 64] = runs as u8;
+            }
+            if byte == 0 || entry != table[byte - 1] {
+                node.starts[byte / 64] |= 1 << (byte % 64);
+                self.entries.push(entry);
+                runs += 1;
+            }
+        }
+        self.nodes.push(node);
+        CHILD | (self.nodes.len() - 1) as u32
+    }
+}
+
+/// Writes the class of every prefix of `prefixes` that ends within the
+/// `width` bits after `depth` into the entries it spans, shorter first.
+fn fill(table: &mut [u32], prefixes: &[Bits], depth: u32, width: u32) {
+    let mut ending: Vec<&Bits> = prefixes
+        .iter()
+        .filter(|p| p.len <= depth + width)
+        .collect();
+    ending.sort_by_key(|p| p.len);
+    for prefix in ending {
+        let span = 1usize << (depth + width - prefix.len);
+        let start = prefix.slice(depth, width) & !(span - 1);
+        table[start..start + span].fill(prefix.class);
+    }
 }
 
 /// Identity of a shared address list.

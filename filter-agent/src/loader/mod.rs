@@ -16,7 +16,7 @@ use aya::{
         xdp::XdpLinkId,
     },
 };
-use filter_common::{Counter, names, reason};
+use filter_common::{Counter, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, names, reason};
 use thiserror::Error;
 
 pub use attach::{
@@ -27,7 +27,7 @@ use kernel::{log_verified, refused};
 pub use probe::{time_program, xdp_action};
 
 use crate::{
-    compile::{AddressDim, RuleSet, TableDim},
+    compile::{AddressDim, AddressTrie, RuleSet, TableDim},
     config::GuardAction,
     counters,
     guard::{self, GuardReport, Listeners},
@@ -309,8 +309,10 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .override_global(names::CHUNKS, &rules.chunks, true)
         .override_global(names::TRACE, &trace, true)
         .override_global(names::EVENT_RATE, &options.event_rate, true)
-        .map_max_entries(names::SRC_NODES, entries(rules.src.blocks.len()))
-        .map_max_entries(names::DST_NODES, entries(rules.dst.blocks.len()))
+        .map_max_entries(names::SRC_ENTRIES, entry_blocks(&rules.src.trie))
+        .map_max_entries(names::SRC_NODES, node_blocks(&rules.src.trie))
+        .map_max_entries(names::DST_ENTRIES, entry_blocks(&rules.dst.trie))
+        .map_max_entries(names::DST_NODES, node_blocks(&rules.dst.trie))
         .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
         .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
         .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
@@ -327,8 +329,10 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
 /// Writes the compiled rule set into the maps, before the program can see
 /// a packet.
 fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
-    fill_addresses(ebpf, names::SRC_NODES, names::SRC_BITS, &rules.src)?;
-    fill_addresses(ebpf, names::DST_NODES, names::DST_BITS, &rules.dst)?;
+    let [src_entries, src_nodes] = [names::SRC_ENTRIES, names::SRC_NODES];
+    fill_addresses(ebpf, src_entries, src_nodes, names::SRC_BITS, &rules.src)?;
+    let [dst_entries, dst_nodes] = [names::DST_ENTRIES, names::DST_NODES];
+    fill_addresses(ebpf, dst_entries, dst_nodes, names::DST_BITS, &rules.dst)?;
     fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
     fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
     fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
@@ -397,14 +401,37 @@ fn fill_table(ebpf: &mut Ebpf, table: &str, bits: &str, dim: &TableDim) -> Resul
     fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
 }
 
+fn entry_blocks(trie: &AddressTrie) -> u32 {
+    trie.entries.len().div_ceil(ENTRIES_PER_BLOCK) as u32
+}
+
+fn node_blocks(trie: &AddressTrie) -> u32 {
+    trie.nodes.len().div_ceil(NODES_PER_BLOCK).max(1) as u32
+}
+
+/// An address trie's entries and nodes, a block at a time (one syscall
+/// per block), and its bitmaps.
 fn fill_addresses(
     ebpf: &mut Ebpf,
+    entries: &str,
     nodes: &str,
     bits: &str,
     dim: &AddressDim,
 ) -> Result<(), LoadError> {
-    fill_array(ebpf, nodes, dim.blocks.iter().copied().enumerate())?;
+    fill_array(ebpf, entries, blocks::<_, ENTRIES_PER_BLOCK>(&dim.trie.entries))?;
+    fill_array(ebpf, nodes, blocks::<_, NODES_PER_BLOCK>(&dim.trie.nodes))?;
     fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
+}
+
+/// `values` as numbered blocks of `N`, the last one padded with defaults.
+fn blocks<T: Copy + Default, const N: usize>(
+    values: &[T],
+) -> impl Iterator<Item = (usize, [T; N])> + '_ {
+    values.chunks(N).enumerate().map(|(index, chunk)| {
+        let mut block = [T::default(); N];
+        block[..chunk.len()].copy_from_slice(chunk);
+        (index, block)
+    })
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {

@@ -6,18 +6,30 @@
 #![no_main]
 
 mod runtime;
+mod trie;
 
 use aya_ebpf::{
+    Global,
     bindings::xdp_action,
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
-use filter_common::sender::FRAME_BYTES;
+use filter_common::{EntryBlock, NodeBlock, V6_ROOT, sender::FRAME_BYTES};
 
-/// Sized and filled by the benchmark.
+// The same prefixes in a kernel LPM trie per family and in filter-agent's
+// trie; sized and filled by the benchmark.
 #[map]
 static PREFIXES: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(1, 0);
+#[map]
+static PREFIXES6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(1, 0);
+/// The class of listed addresses in `TRIE_*`; set by the benchmark.
+#[unsafe(no_mangle)]
+static LISTED_CLASS: Global<u32> = Global::new(0);
+#[map]
+static TRIE_ENTRIES: Array<EntryBlock> = Array::with_max_entries(1, 0);
+#[map]
+static TRIE_NODES: Array<NodeBlock> = Array::with_max_entries(1, 0);
 
 /// The frames `transmit` sends in turn; sized and filled by the benchmark.
 #[map]
@@ -65,16 +77,62 @@ pub fn empty(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// The IPv4 source address of an untagged frame, looked up in `PREFIXES`.
+/// Where an untagged frame's IPv4 and IPv6 source address starts.
+const SOURCE_V4: usize = 14 + 12;
+const SOURCE_V6: usize = 14 + 8;
+
+/// The source address of an untagged frame (`LEN` bytes at `offset`).
+#[inline(always)]
+fn source<const LEN: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; LEN]> {
+    if ctx.data() + offset + LEN > ctx.data_end() {
+        return None;
+    }
+    Some(unsafe { *((ctx.data() + offset) as *const [u8; LEN]) })
+}
+
+/// Drops what the lookup found (a listed source).
+#[inline(always)]
+fn verdict(listed: bool) -> u32 {
+    if listed {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The IPv4 source address looked up in `PREFIXES`.
 #[xdp]
 pub fn lpm(ctx: XdpContext) -> u32 {
-    const SOURCE: usize = 14 + 12;
-    if ctx.data() + SOURCE + 4 > ctx.data_end() {
+    let Some(addr) = source::<4>(&ctx, SOURCE_V4) else {
         return xdp_action::XDP_PASS;
-    }
-    let source = unsafe { *((ctx.data() + SOURCE) as *const [u8; 4]) };
-    match PREFIXES.get(Key::new(32, source)) {
-        Some(_) => xdp_action::XDP_DROP,
-        None => xdp_action::XDP_PASS,
-    }
+    };
+    verdict(PREFIXES.get(Key::new(32, addr)).is_some())
+}
+
+#[xdp]
+pub fn lpm6(ctx: XdpContext) -> u32 {
+    let Some(addr) = source::<16>(&ctx, SOURCE_V6) else {
+        return xdp_action::XDP_PASS;
+    };
+    verdict(PREFIXES6.get(Key::new(128, addr)).is_some())
+}
+
+/// The IPv4 source address looked up in filter-agent's trie, as the
+/// filter looks it up.
+#[xdp]
+pub fn trie4(ctx: XdpContext) -> u32 {
+    let Some(addr) = source::<4>(&ctx, SOURCE_V4) else {
+        return xdp_action::XDP_PASS;
+    };
+    let class = trie::class::<4>(&TRIE_ENTRIES, &TRIE_NODES, 0, addr.as_ptr());
+    verdict(class.unwrap_or(u32::MAX) == LISTED_CLASS.load())
+}
+
+#[xdp]
+pub fn trie6(ctx: XdpContext) -> u32 {
+    let Some(addr) = source::<16>(&ctx, SOURCE_V6) else {
+        return xdp_action::XDP_PASS;
+    };
+    let class = trie::class::<16>(&TRIE_ENTRIES, &TRIE_NODES, V6_ROOT, addr.as_ptr());
+    verdict(class.unwrap_or(u32::MAX) == LISTED_CLASS.load())
 }

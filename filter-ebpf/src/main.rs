@@ -16,6 +16,7 @@ mod limit;
 mod parse;
 mod rules;
 mod runtime;
+mod trie;
 
 use aya_ebpf::{
     Global,

@@ -4,11 +4,10 @@
 
 use aya_ebpf::{Global, maps::Array};
 use filter_common::{
-    BitmapChunk, CHILD, ENTRIES_PER_BLOCK, EntryBlock, MAX_CHUNKS, NODES_PER_BLOCK, NodeBlock,
-    V6_ROOT, WORDS_PER_CHUNK, proto_index,
+    BitmapChunk, EntryBlock, MAX_CHUNKS, NodeBlock, V6_ROOT, WORDS_PER_CHUNK, proto_index,
 };
 
-use crate::parse::Packet;
+use crate::{parse::Packet, trie::class};
 
 /// Bitmap chunks per class in the `*_BITS` maps; set by the agent.
 #[unsafe(no_mangle)]
@@ -106,33 +105,4 @@ fn address_classes(packet: &Packet) -> Option<(u32, u32)> {
             class::<4>(&DST_ENTRIES, &DST_NODES, 0, dst)?,
         ))
     }
-}
-
-/// The class of the `LEN`-byte address at `addr`: the root entry for its
-/// first two bytes, then one node per byte while entries point further.
-#[inline(always)]
-fn class<const LEN: usize>(
-    entries: &Array<EntryBlock>,
-    nodes: &Array<NodeBlock>,
-    root: u32,
-    addr: *const u8,
-) -> Option<u32> {
-    let byte = |i: usize| unsafe { *addr.add(i) } as usize;
-    let mut entry = entry_at(entries, root + (byte(0) << 8 | byte(1)) as u32)?;
-    for i in 2..LEN {
-        if entry & CHILD == 0 {
-            break;
-        }
-        let node = entry & !CHILD;
-        let block = nodes.get(node / NODES_PER_BLOCK as u32)?;
-        let index = block[node as usize % NODES_PER_BLOCK].entry_index(byte(i));
-        entry = entry_at(entries, index)?;
-    }
-    Some(entry)
-}
-
-#[inline(always)]
-fn entry_at(entries: &Array<EntryBlock>, index: u32) -> Option<u32> {
-    let block = entries.get(index / ENTRIES_PER_BLOCK as u32)?;
-    Some(block[index as usize % ENTRIES_PER_BLOCK])
 }

@@ -90,7 +90,7 @@ struct Workload {
     size: usize,
     config: Config,
     /// Only for address lists, which sets and ipset can hold.
-    prefixes: Option<Vec<Ipv4Net>>,
+    prefixes: Option<Vec<IpNet>>,
     frames: Vec<Vec<u8>>,
 }
 
@@ -410,7 +410,7 @@ impl Drop for Installed<'_> {
     }
 }
 
-fn prefixes(workload: &Workload) -> anyhow::Result<&[Ipv4Net]> {
+fn prefixes(workload: &Workload) -> anyhow::Result<&[IpNet]> {
     workload
         .prefixes
         .as_deref()
@@ -713,7 +713,7 @@ fn nft_verdict(action: Action) -> &'static str {
 }
 
 /// An address list as one nftables interval set, dropped on a source match.
-fn nft_set(nets: &[Ipv4Net], iface: &str) -> String {
+fn nft_set(nets: &[IpNet], iface: &str) -> String {
     let mut script = format!(
         "table netdev {NFT_TABLE} {{\n set {IPSET_NAME} {{\n  type ipv4_addr; flags interval; \
          auto-merge;\n  elements = {{ "
@@ -766,7 +766,7 @@ fn iptables_target(action: Action) -> &'static str {
 }
 
 /// An address list as an ipset (hash:net), for `ipset restore`.
-fn ipset(nets: &[Ipv4Net]) -> String {
+fn ipset(nets: &[IpNet]) -> String {
     let mut script = format!(
         "create {IPSET_NAME} hash:net family inet maxelem {}\n",
         nets.len().max(65_536)

@@ -13,6 +13,7 @@ mod live;
 mod workload;
 
 use std::{
+    net::IpAddr,
     path::PathBuf,
     process::Command,
     time::{Duration, Instant},
@@ -23,9 +24,11 @@ use aya::programs::Xdp;
 use filter_agent::{
     compile::{RuleSet, compile},
     config::{Action, Config, GuardAction, Limit},
-    loader::{Filter, LoadOptions, time_program},
+    loader::{Filter, LoadOptions, program_verdict, time_program, xdp_action},
     packet, reference,
 };
+use filter_common::{AddressNode, ENTRIES_PER_BLOCK, NODES_PER_BLOCK};
+use ipnet::IpNet;
 use rand::{SeedableRng, rngs::StdRng};
 use workload::Addresses;
 
@@ -39,15 +42,26 @@ struct Row {
     compile_apply_ms: f64,
 }
 
-/// One line of the address-set table.
+/// One line of the address-set table: filter-agent's trie beside the
+/// kernel's LPM trie holding the same prefixes.
 #[derive(serde::Serialize)]
 struct SetRow {
+    set: String,
     prefixes: usize,
-    ns_per_packet: f64,
-    kernel_lpm_ns_per_packet: f64,
+    /// The whole filter program on the set's frames.
+    filter_ns: f64,
+    /// One lookup: the reference programs over the empty program.
+    trie_lookup_ns: f64,
+    kernel_lpm_lookup_ns: f64,
+    /// Map values of the trie, and the kernel's charge (memlock) for each.
+    map_bytes: usize,
+    trie_memlock_bytes: u64,
+    kernel_lpm_memlock_bytes: u64,
+    /// Set file to attached-ready program: read + parse, compile, load.
+    parse_s: f64,
+    compile_s: f64,
     load_s: f64,
     kernel_lpm_load_s: f64,
-    map_bytes: usize,
 }
 
 /// One line of the rate-limit table.
@@ -85,6 +99,7 @@ struct Options {
     /// Rule-set sizes (defaults differ between the two benchmarks).
     sizes: Option<Vec<usize>>,
     set_sizes: Vec<usize>,
+    v6_set_sizes: Vec<usize>,
     json: Option<PathBuf>,
     /// `--require-peer`: fail, rather than leave its column empty, when
     /// xdp-filter cannot be measured (the smoke test in `cargo xtask test`).
@@ -104,6 +119,7 @@ fn options() -> anyhow::Result<Options> {
         repeat: 20_000,
         sizes: None,
         set_sizes: vec![100_000, 1_000_000],
+        v6_set_sizes: vec![200_000],
         json: None,
         require_peer: false,
     };
@@ -118,6 +134,7 @@ fn options() -> anyhow::Result<Options> {
             "--json" => options.json = Some(value()?.into()),
             "--sizes" => options.sizes = Some(numbers(&value()?)?),
             "--set-sizes" => options.set_sizes = numbers(&value()?)?,
+            "--v6-set-sizes" => options.v6_set_sizes = numbers(&value()?)?,
             "--require-peer" => options.require_peer = true,
             "--bench" => {} // added by `cargo bench`-style runners
             other => bail!("unknown argument {other}"),
@@ -262,58 +279,169 @@ impl Drop for XdpFilter {
     }
 }
 
-/// A set of `count` prefixes behind one deny rule, against the same
-/// prefixes in a kernel LPM trie.
-fn measure_set(options: &Options, rng: &mut StdRng, count: usize) -> anyhow::Result<SetRow> {
-    let nets = workload::prefixes(rng, count);
-    let frames = workload::set_frames(rng, &nets, 60);
-    let config = workload::address_list(&nets);
+/// A set of prefixes behind one deny rule, read from a set file, against
+/// the same prefixes in a kernel LPM trie; each also with a program that
+/// only looks the source up, for the cost of the lookup itself.
+fn measure_set(
+    options: &Options,
+    rng: &mut StdRng,
+    name: &str,
+    nets: &[IpNet],
+) -> anyhow::Result<SetRow> {
+    let v6 = matches!(nets.first(), Some(IpNet::V6(_)));
+    let frames = workload::set_frames(rng, nets, 60);
+    let dir = tempfile::tempdir()?;
+    let path = workload::set_file(dir.path(), nets)?;
+    let started = Instant::now();
+    let config = filter_agent::config::load(&path)?;
+    let parse_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let rule_set = compile(&config)?;
+    let compile_s = started.elapsed().as_secs_f64();
+    let started = Instant::now();
     let filter = load(&rule_set)?;
     let load_s = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
+    let (lpm_map, lpm_program, trie_program) = if v6 {
+        ("PREFIXES6", "lpm6", "trie6")
+    } else {
+        ("PREFIXES", "lpm", "trie4")
+    };
+    let trie = &rule_set.src.trie;
+    let listed_class = trie.lookup(nets[0].network());
     let mut baseline = aya::EbpfLoader::new()
-        .map_max_entries("PREFIXES", count as u32)
+        .override_global("LISTED_CLASS", &listed_class, true)
+        .map_max_entries(lpm_map, nets.len() as u32)
+        .map_max_entries(
+            "TRIE_ENTRIES",
+            trie.entries.len().div_ceil(ENTRIES_PER_BLOCK) as u32,
+        )
+        .map_max_entries(
+            "TRIE_NODES",
+            trie.nodes.len().div_ceil(NODES_PER_BLOCK).max(1) as u32,
+        )
         .load(BASELINE_OBJECT)?;
-    let map = baseline.map_mut("PREFIXES").context("PREFIXES map")?;
-    let mut trie = aya::maps::LpmTrie::<_, [u8; 4], u32>::try_from(map)?;
-    for net in &nets {
-        let key =
-            aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), net.network().octets());
-        trie.insert(&key, 1, 0)?;
+    let map = baseline.map_mut(lpm_map).context("LPM map")?;
+    if v6 {
+        fill_lpm::<16>(map, nets)?;
+    } else {
+        fill_lpm::<4>(map, nets)?;
     }
-    let lpm: &mut Xdp = baseline
-        .program_mut("lpm")
-        .context("lpm program")?
-        .try_into()?;
-    lpm.load()?;
+    let lpm = load_program(&mut baseline, lpm_program)?;
     let kernel_lpm_load_s = started.elapsed().as_secs_f64();
-    let lpm: &Xdp = baseline.program("lpm").context("lpm program")?.try_into()?;
+    let kernel_lpm_memlock_bytes = memlock(baseline.map(lpm_map).context("LPM map")?)?;
+    fill_blocks::<u32, ENTRIES_PER_BLOCK>(&mut baseline, "TRIE_ENTRIES", &trie.entries)?;
+    fill_blocks::<AddressNode, NODES_PER_BLOCK>(&mut baseline, "TRIE_NODES", &trie.nodes)?;
+    let trie_memlock_bytes = ["TRIE_ENTRIES", "TRIE_NODES"]
+        .iter()
+        .map(|name| memlock(baseline.map(name).context("trie map")?))
+        .sum::<anyhow::Result<u64>>()?;
+    let lookup = load_program(&mut baseline, trie_program)?;
+    let empty = load_program(&mut baseline, "empty")?;
+    let [lpm, lookup, empty] = [lpm, lookup, empty].map(|name| {
+        let program: &Xdp = baseline.program(name).unwrap().try_into().unwrap();
+        program
+    });
+    // The numbers mean something only if all three agree.
+    for frame in &frames {
+        let (_, outcome) = filter.classify_frame(frame)?;
+        let listed = matches!(outcome, reference::Outcome::Rule(_));
+        for program in [lpm, lookup] {
+            let dropped = program_verdict(program, frame)? == xdp_action::DROP;
+            if dropped != listed {
+                bail!("{name}: the LPM trie, filter-agent's trie and the filter disagree");
+            }
+        }
+    }
 
     let repeat = options.repeat;
-    let measured = measure(
-        options.runs,
-        &[
-            Subject {
-                frames: &frames,
-                time: Box::new(|frame| Ok(filter.time_packet(frame, repeat)?)),
-            },
-            Subject {
-                frames: &frames,
-                time: Box::new(|frame| Ok(time_program(lpm, frame, repeat)?)),
-            },
-        ],
-    )?;
+    let timers: [Timer<'_>; 4] = [
+        Box::new(|frame| Ok(filter.time_packet(frame, repeat)?)),
+        Box::new(|frame| Ok(time_program(lookup, frame, repeat)?)),
+        Box::new(|frame| Ok(time_program(lpm, frame, repeat)?)),
+        Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
+    ];
+    let subjects = timers.map(|time| Subject {
+        frames: &frames,
+        time,
+    });
+    let measured = measure(options.runs, &subjects)?;
     Ok(SetRow {
-        prefixes: count,
-        ns_per_packet: measured[0],
-        kernel_lpm_ns_per_packet: measured[1],
+        set: name.to_owned(),
+        prefixes: nets.len(),
+        filter_ns: measured[0],
+        trie_lookup_ns: measured[1] - measured[3],
+        kernel_lpm_lookup_ns: measured[2] - measured[3],
+        map_bytes: trie.bytes(),
+        trie_memlock_bytes,
+        kernel_lpm_memlock_bytes,
+        parse_s,
+        compile_s,
         load_s,
         kernel_lpm_load_s,
-        map_bytes: rule_set.map_bytes(),
     })
+}
+
+/// Loads one of the reference programs; returns its name.
+fn load_program<'a>(ebpf: &mut aya::Ebpf, name: &'a str) -> anyhow::Result<&'a str> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .context(name.to_owned())?
+        .try_into()?;
+    program.load()?;
+    Ok(name)
+}
+
+/// `nets` (all of one family, `LEN` address bytes) into an LPM trie map.
+fn fill_lpm<const LEN: usize>(map: &mut aya::maps::Map, nets: &[IpNet]) -> anyhow::Result<()> {
+    let mut trie = aya::maps::LpmTrie::<_, [u8; LEN], u32>::try_from(map)?;
+    for net in nets {
+        let bytes = match net.network() {
+            IpAddr::V4(addr) => addr.octets().to_vec(),
+            IpAddr::V6(addr) => addr.octets().to_vec(),
+        };
+        let key =
+            aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), bytes.try_into().unwrap());
+        trie.insert(&key, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// `values` into array map `name`, `N` to a map value.
+fn fill_blocks<T: Copy + Default + aya::Pod, const N: usize>(
+    ebpf: &mut aya::Ebpf,
+    name: &str,
+    values: &[T],
+) -> anyhow::Result<()>
+where
+    [T; N]: aya::Pod,
+{
+    let mut array =
+        aya::maps::Array::<_, [T; N]>::try_from(ebpf.map_mut(name).context(name.to_owned())?)?;
+    for (index, chunk) in values.chunks(N).enumerate() {
+        let mut block = [T::default(); N];
+        block[..chunk.len()].copy_from_slice(chunk);
+        array.set(index as u32, block, 0)?;
+    }
+    Ok(())
+}
+
+/// What the kernel charges for a map (`memlock` in its fdinfo).
+fn memlock(map: &aya::maps::Map) -> anyhow::Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let data = match map {
+        aya::maps::Map::Array(data) | aya::maps::Map::LpmTrie(data) => data,
+        _ => bail!("not an array or LPM trie"),
+    };
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .context("no memlock in fdinfo")?
+        .trim()
+        .parse()
+        .context("memlock")
 }
 
 /// Frames of the rate-limit rows: SYNs to port 80 from random sources.
@@ -600,21 +728,50 @@ fn main() -> anyhow::Result<()> {
         println!("  {:<44} {:>8.1} ns", row.rule, row.ns_per_packet);
     }
 
+    let mut cases: Vec<(String, Vec<IpNet>)> = options
+        .set_sizes
+        .iter()
+        .map(|&count| (format!("IPv4 {count}"), workload::prefixes(&mut rng, count)))
+        .collect();
+    for &count in &options.v6_set_sizes {
+        cases.push((
+            format!("IPv6 {count}"),
+            workload::ipv6_prefixes(&mut rng, count),
+        ));
+    }
     println!(
-        "\n{:>9} {:>16} {:>14} {:>12} {:>14} {:>9}",
-        "prefixes", "filter-agent ns", "kernel LPM ns", "load s", "LPM load s", "map MiB"
+        "\n{:<14} {:>9} | {:>7} {:>7} | {:>7} {:>7} | {:>8} {:>8} {:>8} | {:>7} {:>7} | {:>7}",
+        "set",
+        "prefixes",
+        "trie ns",
+        "LPM ns",
+        "trie MiB",
+        "LPM MiB",
+        "parse s",
+        "compile",
+        "load s",
+        "total s",
+        "LPM s",
+        "filter"
     );
     let mut sets = Vec::new();
-    for &count in &options.set_sizes {
-        let row = measure_set(&options, &mut rng, count)?;
+    for (name, nets) in &cases {
+        let row = measure_set(&options, &mut rng, name, nets)?;
+        let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
         println!(
-            "{:>9} {:>16.1} {:>14.1} {:>12.2} {:>14.2} {:>9.1}",
+            "{:<14} {:>9} | {:>7.1} {:>7.1} | {:>8.1} {:>7.1} | {:>8.2} {:>8.2} {:>8.2} | {:>7.2} {:>7.2} | {:>7.1}",
+            row.set,
             row.prefixes,
-            row.ns_per_packet,
-            row.kernel_lpm_ns_per_packet,
+            row.trie_lookup_ns,
+            row.kernel_lpm_lookup_ns,
+            mib(row.trie_memlock_bytes),
+            mib(row.kernel_lpm_memlock_bytes),
+            row.parse_s,
+            row.compile_s,
             row.load_s,
+            row.parse_s + row.compile_s + row.load_s,
             row.kernel_lpm_load_s,
-            row.map_bytes as f64 / (1 << 20) as f64
+            row.filter_ns,
         );
         sets.push(row);
     }

@@ -3,7 +3,7 @@
 //! address lists (block lists) with half the traffic inside them.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::Arc,
 };
@@ -16,7 +16,7 @@ use filter_agent::{
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference::{self, Outcome},
 };
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::{Rng, rngs::StdRng, seq::IndexedRandom};
 
 /// The IPv4 space the generated rules and random traffic share.
@@ -293,44 +293,131 @@ fn candidate(rng: &mut StdRng, rules: &[Rule], target: Target) -> Vec<u8> {
     }
 }
 
-/// Random IPv4 prefixes, mostly /24 as in real block lists.
-pub fn prefixes(rng: &mut StdRng, count: usize) -> Vec<Ipv4Net> {
+/// Picks from `(value, weight)` pairs.
+fn weighted<T: Copy>(rng: &mut StdRng, choices: &[(T, u32)]) -> T {
+    let total: u32 = choices.iter().map(|&(_, weight)| weight).sum();
+    let mut pick = rng.random_range(0..total);
+    for &(value, weight) in choices {
+        if pick < weight {
+            return value;
+        }
+        pick -= weight;
+    }
+    unreachable!("pick < total")
+}
+
+/// IPv4 prefixes as a block list built from a routing table has them:
+/// BGP's length mix (about 60% /24, few shorter than /16), plus 9% single
+/// hosts, anywhere in unicast space (1-223.x.x.x).
+pub fn prefixes(rng: &mut StdRng, count: usize) -> Vec<IpNet> {
+    const LENGTHS: [(u8, u32); 19] = [
+        (8, 1),
+        (12, 2),
+        (14, 4),
+        (16, 100),
+        (17, 50),
+        (18, 100),
+        (19, 200),
+        (20, 400),
+        (21, 400),
+        (22, 1000),
+        (23, 900),
+        (24, 5800),
+        (25, 20),
+        (26, 20),
+        (27, 20),
+        (28, 20),
+        (29, 20),
+        (30, 20),
+        (32, 900),
+    ];
     (0..count)
         .map(|_| {
-            let len = *[16u8, 20, 22, 24, 24, 24, 24, 24, 28, 32]
-                .choose(rng)
-                .unwrap();
-            Ipv4Net::new(Ipv4Addr::from(rng.random::<u32>()), len)
-                .unwrap()
-                .trunc()
+            let addr = rng.random_range(0x0100_0000..0xe000_0000u32);
+            let net = Ipv4Net::new_assert(Ipv4Addr::from(addr), weighted(rng, &LENGTHS));
+            IpNet::V4(net.trunc())
         })
         .collect()
 }
 
-/// Half the frames from inside listed prefixes, half from anywhere.
-pub fn set_frames(rng: &mut StdRng, nets: &[Ipv4Net], count: usize) -> Vec<Vec<u8>> {
+/// IPv6 prefixes as the global table has them: allocations (/32) handed
+/// out in 2000::/3, and below them /36../64 customer prefixes (half /48).
+pub fn ipv6_prefixes(rng: &mut StdRng, count: usize) -> Vec<IpNet> {
+    const LENGTHS: [(u8, u32); 7] = [
+        (32, 15),
+        (36, 5),
+        (40, 10),
+        (44, 10),
+        (48, 45),
+        (56, 5),
+        (64, 10),
+    ];
+    let allocations: Vec<u128> = (0..count.div_ceil(8))
+        .map(|_| (0x2000u128 << 112 | rng.random::<u128>() >> 3) >> 96 << 96)
+        .collect();
+    (0..count)
+        .map(|_| {
+            let allocation = allocations.choose(rng).unwrap();
+            let addr = allocation | rng.random::<u128>() >> 32;
+            let net = Ipv6Net::new_assert(Ipv6Addr::from(addr), weighted(rng, &LENGTHS));
+            IpNet::V6(net.trunc())
+        })
+        .collect()
+}
+
+/// Half the frames from inside listed prefixes, half from anywhere in the
+/// family of the list's first prefix.
+pub fn set_frames(rng: &mut StdRng, nets: &[IpNet], count: usize) -> Vec<Vec<u8>> {
+    let v6 = matches!(nets.first(), Some(IpNet::V6(_)));
     (0..count)
         .map(|i| {
             let src = if i % 2 == 0 {
-                packet::address_in(&IpNet::V4(*nets.choose(rng).unwrap()), rng.random())
+                packet::address_in(nets.choose(rng).unwrap(), rng.random())
+            } else if v6 {
+                IpAddr::V6(Ipv6Addr::from(
+                    0x2000u128 << 112 | rng.random::<u128>() >> 3,
+                ))
             } else {
                 IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
+            };
+            let dst = if v6 {
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
             };
             let transport = Transport::Tcp {
                 sport: 40000,
                 dport: 443,
                 flags: tcp_flag::SYN,
             };
-            PacketSpec::new(src, Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
+            PacketSpec::new(src, dst, transport).build()
         })
         .collect()
 }
 
+/// A rules file in `dir` whose one deny rule's source is the set file
+/// `list.txt` holding `nets`, one per line; everything else allowed.
+pub fn set_file(dir: &std::path::Path, nets: &[IpNet]) -> std::io::Result<PathBuf> {
+    use std::fmt::Write as _;
+    let mut list = String::with_capacity(nets.len() * 20);
+    for net in nets {
+        let _ = writeln!(list, "{net}");
+    }
+    std::fs::write(dir.join("list.txt"), list)?;
+    let rules = dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[filter]\ndefault = \"allow\"\n[sets]\nlist = { file = \"list.txt\" }\n\
+         [[rule]]\nname = \"listed\"\naction = \"deny\"\nsrc = \"@list\"\n",
+    )?;
+    Ok(rules)
+}
+
 /// One deny rule whose source is the set `nets`; everything else allowed.
-pub fn address_list(nets: &[Ipv4Net]) -> Config {
+pub fn address_list(nets: &[IpNet]) -> Config {
     let list = Arc::new(AddressList {
         set: Some("blocklist".into()),
-        nets: nets.iter().map(|&net| IpNet::V4(net)).collect(),
+        nets: nets.to_vec(),
     });
     Config {
         filter: settings(Action::Allow),

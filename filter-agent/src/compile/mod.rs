@@ -16,8 +16,8 @@ mod trie;
 use std::collections::HashMap;
 
 use filter_common::{
-    BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK,
-    RateLimit, SourceBucket, WORDS_PER_CHUNK, action, proto_index_parts,
+    BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK, RateLimit,
+    SourceBucket, WORDS_PER_CHUNK, action, proto_index_parts,
 };
 use thiserror::Error;
 
@@ -269,13 +269,13 @@ impl ClassTable {
     }
 
     /// `satisfied` must be sorted.
-    fn class_of(&mut self, satisfied: Vec<u32>) -> u32 {
-        if let Some(&id) = self.ids.get(&satisfied) {
+    fn class_of(&mut self, satisfied: &[u32]) -> u32 {
+        if let Some(&id) = self.ids.get(satisfied) {
             return id;
         }
         let id = self.keys.len() as u32;
-        self.keys.push(satisfied.clone());
-        self.ids.insert(satisfied, id);
+        self.keys.push(satisfied.to_vec());
+        self.ids.insert(satisfied.to_vec(), id);
         id
     }
 }
@@ -362,7 +362,7 @@ fn proto_dim(rules: &[&Rule], bitmap: &BitmapBuilder) -> TableDim {
     let mut table = Vec::with_capacity(PROTO_TABLE_SIZE as usize);
     for index in 0..PROTO_TABLE_SIZE {
         let (proto, has_l4, flags) = proto_index_parts(index);
-        let satisfied = (0u32..)
+        let satisfied: Vec<u32> = (0u32..)
             .zip(&conditions.distinct)
             .filter(|(_, (condition, _))| {
                 condition.proto.is_none_or(|p| p == proto)
@@ -371,7 +371,7 @@ fn proto_dim(rules: &[&Rule], bitmap: &BitmapBuilder) -> TableDim {
             })
             .map(|(id, _)| id)
             .collect();
-        table.push(classes.class_of(satisfied));
+        table.push(classes.class_of(&satisfied));
     }
     let (table, order) = by_frequency(table, classes.keys.len());
     TableDim {
@@ -403,7 +403,7 @@ fn port_dim(
     let mut active = vec![0u32; conditions.distinct.len()];
     let mut classes = ClassTable::new();
     let mut table = Vec::with_capacity(PORT_TABLE_SIZE as usize);
-    let mut current = classes.class_of(Vec::new());
+    let mut current = classes.class_of(&[]);
     for port in 0..PORT_TABLE_SIZE as usize {
         if !starts[port].is_empty() || !stops[port].is_empty() {
             for &id in &stops[port] {
@@ -412,12 +412,12 @@ fn port_dim(
             for &id in &starts[port] {
                 active[id as usize] += 1;
             }
-            let satisfied = (0u32..)
+            let satisfied: Vec<u32> = (0u32..)
                 .zip(&active)
                 .filter(|(_, n)| **n > 0)
                 .map(|(id, _)| id)
                 .collect();
-            current = classes.class_of(satisfied);
+            current = classes.class_of(&satisfied);
         }
         table.push(current);
     }

@@ -2,7 +2,7 @@
 //! multibit trie, a 16-bit root and one 256-entry node per address byte
 //! below it, each storing its runs of equal entries once.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc};
 
 use filter_common::{
     AddressNode, CHILD, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, ROOT_ENTRIES, V6_ROOT,
@@ -181,10 +181,7 @@ impl AddressTrie {
 /// Writes the class of every prefix of `prefixes` that ends within the
 /// `width` bits after `depth` into the entries it spans, shorter first.
 fn fill(table: &mut [u32], prefixes: &[Bits], depth: u32, width: u32) {
-    let mut ending: Vec<&Bits> = prefixes
-        .iter()
-        .filter(|p| p.len <= depth + width)
-        .collect();
+    let mut ending: Vec<&Bits> = prefixes.iter().filter(|p| p.len <= depth + width).collect();
     ending.sort_by_key(|p| p.len);
     for prefix in ending {
         let span = 1usize << (depth + width - prefix.len);
@@ -210,74 +207,62 @@ impl std::hash::Hash for ArcKey<'_> {
 }
 
 /// A prefix type of one family.
-trait Prefix: Copy + Eq + std::hash::Hash {
+trait Prefix: Copy + Ord {
     const ZERO: Self;
-    fn len(&self) -> u8;
-    /// The covering prefix of length `len` (`len <= self.len()`).
-    fn truncated(&self, len: u8) -> Self;
+    /// Whether `other` lies within this prefix.
+    fn covers(&self, other: &Self) -> bool;
 }
 
 impl Prefix for Ipv4Net {
     const ZERO: Self = Ipv4Net::new_assert(std::net::Ipv4Addr::UNSPECIFIED, 0);
-    fn len(&self) -> u8 {
-        self.prefix_len()
-    }
-    fn truncated(&self, len: u8) -> Self {
-        Ipv4Net::new_assert(self.addr(), len).trunc()
+    fn covers(&self, other: &Self) -> bool {
+        self.contains(other)
     }
 }
 
 impl Prefix for Ipv6Net {
     const ZERO: Self = Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 0);
-    fn len(&self) -> u8 {
-        self.prefix_len()
-    }
-    fn truncated(&self, len: u8) -> Self {
-        Ipv6Net::new_assert(self.addr(), len).trunc()
+    fn covers(&self, other: &Self) -> bool {
+        self.contains(other)
     }
 }
 
-/// Every listed prefix of one family with its class. The class of an
-/// address is that of its longest listed prefix: the conditions that list
-/// that prefix or any shorter one covering it.
+/// Every listed prefix of one family (and /0) with its class. The class
+/// of an address is that of its longest listed prefix: the conditions that
+/// list that prefix or any shorter one covering it.
+///
+/// One sweep in address order (a prefix before the longer ones it covers)
+/// with a stack of the prefixes covering the current one, each with the
+/// conditions satisfied inside it.
 fn family_prefixes<P: Prefix>(
     conditions: &Conditions<ArcKey<'_>>,
     classes: &mut ClassTable,
     of_family: impl Fn(&IpNet) -> Option<P>,
 ) -> Vec<(P, u32)> {
-    let mut listed: HashMap<P, Vec<u32>> = HashMap::new();
-    for (id, (condition, _)) in (0u32..).zip(&conditions.distinct) {
-        for net in condition.0.nets.iter().filter_map(&of_family) {
-            let ids = listed.entry(net).or_default();
-            if ids.last() != Some(&id) {
-                ids.push(id);
-            }
+    let mut listed: Vec<(P, u32)> = (0u32..)
+        .zip(&conditions.distinct)
+        .flat_map(|(id, (condition, _))| {
+            let nets = condition.0.nets.iter().filter_map(&of_family);
+            nets.map(move |net| (net, id))
+        })
+        .collect();
+    listed.push((P::ZERO, u32::MAX));
+    listed.sort_unstable();
+    listed.dedup();
+    let mut prefixes = Vec::with_capacity(listed.len());
+    let mut stack: Vec<(P, Vec<u32>)> = Vec::new();
+    for group in listed.chunk_by(|a, b| a.0 == b.0) {
+        let net = group[0].0;
+        while stack.last().is_some_and(|(outer, _)| !outer.covers(&net)) {
+            stack.pop();
         }
-    }
-    let mut lengths: Vec<u8> = listed.keys().map(Prefix::len).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
-    let satisfied = |net: &P| {
-        let mut ids: Vec<u32> = lengths
-            .iter()
-            .take_while(|&&len| len <= net.len())
-            .filter_map(|&len| listed.get(&net.truncated(len)))
-            .flatten()
-            .copied()
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    };
-    let mut prefixes: Vec<P> = listed.keys().copied().collect();
-    if !listed.contains_key(&P::ZERO) {
-        prefixes.push(P::ZERO);
+        let mut satisfied = stack.last().map(|(_, ids)| ids.clone()).unwrap_or_default();
+        // `u32::MAX` only marks /0 as listed by nothing.
+        satisfied.extend(group.iter().map(|&(_, id)| id).filter(|&id| id != u32::MAX));
+        satisfied.sort_unstable();
+        satisfied.dedup();
+        prefixes.push((net, classes.class_of(&satisfied)));
+        stack.push((net, satisfied));
     }
     prefixes
-        .into_iter()
-        .map(|net| {
-            let class = classes.class_of(satisfied(&net));
-            (net, class)
-        })
-        .collect()
 }

@@ -24,7 +24,7 @@ pub use attach::{
 };
 pub use kernel::{MIN_KERNEL, VERIFIER_LOG_DIR, check_kernel, has_tcx, kernel_version};
 use kernel::{log_verified, refused};
-pub use probe::{time_program, xdp_action};
+pub use probe::{program_verdict, time_program, xdp_action};
 
 use crate::{
     compile::{AddressDim, AddressTrie, RuleSet, TableDim},
@@ -418,7 +418,11 @@ fn fill_addresses(
     bits: &str,
     dim: &AddressDim,
 ) -> Result<(), LoadError> {
-    fill_array(ebpf, entries, blocks::<_, ENTRIES_PER_BLOCK>(&dim.trie.entries))?;
+    fill_array(
+        ebpf,
+        entries,
+        blocks::<_, ENTRIES_PER_BLOCK>(&dim.trie.entries),
+    )?;
     fill_array(ebpf, nodes, blocks::<_, NODES_PER_BLOCK>(&dim.trie.nodes))?;
     fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
 }

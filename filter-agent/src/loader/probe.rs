@@ -120,6 +120,12 @@ pub fn time_program(
     Ok(test_run(program, frame, repeat)?.duration)
 }
 
+/// Runs `frame` through any loaded XDP program once; returns its verdict
+/// (an [`xdp_action`]).
+pub fn program_verdict(program: &Xdp, frame: &[u8]) -> Result<u32, LoadError> {
+    Ok(test_run(program, frame, 1)?.return_value)
+}
+
 fn test_run(program: &Xdp, frame: &[u8], repeat: u32) -> Result<TestRunResult, LoadError> {
     Ok(program.test_run(TestRunOptions {
         data_in: Some(frame),

@@ -286,6 +286,30 @@ pub mod guard {
     pub const LRU_ENTRIES: u32 = 4096;
     /// A UDP flow's packet counts as a new attempt after this much silence.
     pub const UDP_FLOW_IDLE_NS: u64 = 30_000_000_000;
+
+    /// Per CPU and direction, the first `DETAIL_EXACT` out-of-range packets
+    /// of each window of `DETAIL_WINDOW_JIFFIES` go into the per-port and
+    /// per-peer detail one by one; after them, one in `DETAIL_EVERY`, with
+    /// that weight. The window is about a second at HZ=250 (Debian's); it
+    /// is looked at every `DETAIL_CLOCK_EVERY` packets once the exact ones
+    /// are spent (a packet then may stand for up to that many).
+    pub const DETAIL_EXACT: u64 = 256;
+    pub const DETAIL_EVERY: u64 = 64;
+    pub const DETAIL_WINDOW_JIFFIES: u64 = 256;
+    pub const DETAIL_CLOCK_EVERY: u64 = 8;
+}
+
+/// Per-CPU state of the guard's detail sampling (see
+/// `guard::DETAIL_EXACT`), one per direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuardSampler {
+    /// In jiffies.
+    pub window_start: u64,
+    /// Packets recorded one by one in this window.
+    pub exact_used: u64,
+    /// Out-of-range packets since the last one recorded.
+    pub skipped: u64,
 }
 
 /// Key of `GUARD_PORTS`: a local port that out-of-range traffic used.
@@ -431,6 +455,7 @@ const _: () = assert!(core::mem::size_of::<GuardPeer>() == 20);
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 20);
 const _: () = assert!(core::mem::size_of::<Event>() == 48);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
+const _: () = assert!(core::mem::size_of::<GuardSampler>() == 24);
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 64);
 const _: () = assert!(core::mem::size_of::<SourceBucket>() == 20);
 

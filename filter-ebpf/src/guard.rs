@@ -3,17 +3,23 @@
 //! ephemeral range are counted, remembered per port and peer, and (ingress,
 //! `action = "drop"`) dropped.
 //!
+//! Totals are exact. The per-port and per-peer detail (two LRU hash
+//! updates) is exact for the first `guard::DETAIL_EXACT` packets per CPU in
+//! each window of `guard::DETAIL_WINDOW_JIFFIES`, then sampled one in
+//! `guard::DETAIL_EVERY` with that weight: a flood of spoofed replies costs
+//! a counter, not two hash updates and a clock read per packet.
+//!
 //! Stateless like the filter: a packet is "return traffic" by its TCP flags
 //! and ports alone, as an upstream ACL would judge it.
 
 use aya_ebpf::{
     Global,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use filter_common::{
-    Counter, GuardPeer, GuardPort, UdpFlow,
+    Counter, GuardPeer, GuardPort, GuardSampler, UdpFlow,
     guard::{self, DEFAULT_EPHEMERAL, EGRESS, INGRESS},
     wire::tcp_flag::{ACK as TCP_ACK, SYN as TCP_SYN},
 };
@@ -45,6 +51,9 @@ static GUARD_PORTS: LruPerCpuHashMap<GuardPort, Counter> =
 #[map]
 static GUARD_PEERS: LruPerCpuHashMap<GuardPeer, Counter> =
     LruPerCpuHashMap::with_max_entries(guard::LRU_ENTRIES, 0);
+/// Per CPU and direction: how much of the detail is recorded one by one.
+#[map]
+static GUARD_SAMPLERS: PerCpuArray<GuardSampler> = PerCpuArray::with_max_entries(2, 0);
 /// Outbound UDP flows to service ports, with when each was last seen, so
 /// that only a flow's first packet counts as a connection attempt.
 #[map]
@@ -55,10 +64,11 @@ static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(guard:
 pub enum Inbound {
     /// Not return traffic, or inside the range.
     Fine,
-    /// Return traffic outside the range, counted.
-    OutOfRange,
+    /// Return traffic outside the range, counted; `reported` when it went
+    /// into the detail (and so is worth an event).
+    OutOfRange { reported: bool },
     /// The same, and `action = "drop"`.
-    Drop,
+    Drop { reported: bool },
 }
 
 /// Counts inbound return traffic by where its local port lies; `end` is
@@ -82,18 +92,24 @@ pub fn inspect_inbound(packet: &Packet, end: usize, len: u64) -> Inbound {
         return Inbound::Fine;
     }
     count(guard::RETURN_OUT_OF_RANGE, len);
-    let remote = unsafe { address(packet, 0, end) };
-    record(packet.proto, INGRESS, local_port, remote, remote_port, len);
+    let reported = match sample(INGRESS) {
+        Some(weight) => {
+            let remote = unsafe { address(packet, 0, end) };
+            record(packet.proto, INGRESS, local_port, remote, remote_port, len, weight);
+            true
+        }
+        None => false,
+    };
     if GUARD_MODE.load() == guard::DROP {
-        Inbound::Drop
+        Inbound::Drop { reported }
     } else {
-        Inbound::OutOfRange
+        Inbound::OutOfRange { reported }
     }
 }
 
 /// Counts an outbound connection attempt (never drops); true when it left
-/// from a port outside the range. `end` as for [`inspect_inbound`]. A
-/// SYN-ACK teaches the guard a new listener instead.
+/// from a port outside the range and went into the detail. `end` as for
+/// [`inspect_inbound`]. A SYN-ACK teaches the guard a new listener instead.
 #[inline(always)]
 pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
     if !packet.has_l4 {
@@ -125,8 +141,40 @@ pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
         return false;
     }
     count(guard::OUTBOUND_OUT_OF_RANGE, len);
-    record(packet.proto, EGRESS, local_port, remote, remote_port, len);
+    let Some(weight) = sample(EGRESS) else {
+        return false;
+    };
+    record(packet.proto, EGRESS, local_port, remote, remote_port, len, weight);
     true
+}
+
+/// Whether this out-of-range packet goes into the detail, and with what
+/// weight (the packets it stands for: itself and those skipped before it).
+/// The clock is read only once the exact ones are spent, and then only
+/// every `guard::DETAIL_CLOCK_EVERY` packets.
+#[inline(always)]
+fn sample(direction: u8) -> Option<u64> {
+    let sampler = GUARD_SAMPLERS.get_ptr_mut(direction as u32)?;
+    // SAFETY: this CPU's slot; the program is not preempted by itself.
+    unsafe {
+        (*sampler).skipped += 1;
+        let skipped = (*sampler).skipped;
+        if (*sampler).exact_used >= guard::DETAIL_EXACT {
+            if skipped % guard::DETAIL_CLOCK_EVERY == 0 {
+                let now = bpf_jiffies64();
+                if now.wrapping_sub((*sampler).window_start) >= guard::DETAIL_WINDOW_JIFFIES {
+                    (*sampler).window_start = now;
+                    (*sampler).exact_used = 0;
+                }
+            }
+            if (*sampler).exact_used >= guard::DETAIL_EXACT && skipped < guard::DETAIL_EVERY {
+                return None;
+            }
+        }
+        (*sampler).exact_used += 1;
+        (*sampler).skipped = 0;
+        Some(skipped)
+    }
 }
 
 #[inline(always)]
@@ -195,47 +243,56 @@ fn first_udp_packet(addr: [u8; 16], remote_port: u16, local_port: u16) -> bool {
 #[inline(always)]
 fn count(index: u32, len: u64) {
     if let Some(counter) = GUARD_STATS.get_ptr_mut(index) {
-        unsafe { add(counter, len) };
+        // SAFETY: this CPU's slot.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += len;
+        }
     }
 }
 
-/// Adds the packet to the per-port and per-peer LRU maps.
+/// Adds the packet, standing for `weight` packets of its length, to the
+/// per-port and per-peer LRU maps.
 #[inline(always)]
-fn record(proto: u8, direction: u8, local_port: u16, addr: [u8; 16], port: u16, len: u64) {
+fn record(
+    proto: u8,
+    direction: u8,
+    local_port: u16,
+    addr: [u8; 16],
+    port: u16,
+    len: u64,
+    weight: u64,
+) {
+    let sample = Counter {
+        packets: weight,
+        bytes: len * weight,
+    };
     let port_key = GuardPort {
         port: local_port,
         proto,
         direction,
     };
-    bump(&GUARD_PORTS, &port_key, len);
+    bump(&GUARD_PORTS, &port_key, &sample);
     let peer_key = GuardPeer {
         addr,
         port,
         proto,
         direction,
     };
-    bump(&GUARD_PEERS, &peer_key, len);
+    bump(&GUARD_PEERS, &peer_key, &sample);
 }
 
 #[inline(always)]
-fn bump<K>(map: &LruPerCpuHashMap<K, Counter>, key: &K, len: u64) {
+fn bump<K>(map: &LruPerCpuHashMap<K, Counter>, key: &K, sample: &Counter) {
     match map.get_ptr_mut(key) {
-        Some(counter) => unsafe { add(counter, len) },
+        // SAFETY: this CPU's value.
+        Some(counter) => unsafe {
+            (*counter).packets += sample.packets;
+            (*counter).bytes += sample.bytes;
+        },
         None => {
-            let first = Counter {
-                packets: 1,
-                bytes: len,
-            };
-            let _ = map.insert(key, &first, 0);
+            let _ = map.insert(key, sample, 0);
         }
-    }
-}
-
-#[inline(always)]
-unsafe fn add(counter: *mut Counter, len: u64) {
-    unsafe {
-        (*counter).packets += 1;
-        (*counter).bytes += len;
     }
 }
 

@@ -134,12 +134,13 @@ fn classify(ctx: &XdpContext, frame: &Result<Frame, Malformed>) -> Verdict {
         Ok(Frame::Ip(packet)) => packet,
     };
     let guarded = guard::inspect_inbound(packet, ctx.data_end(), frame_len(ctx));
-    let guard = if guarded == Inbound::Fine {
-        event::GUARD_NONE
-    } else {
-        event::GUARD_RETURN
+    let guard = match guarded {
+        Inbound::OutOfRange { reported: true } | Inbound::Drop { reported: true } => {
+            event::GUARD_RETURN
+        }
+        _ => event::GUARD_NONE,
     };
-    let (slot, action) = if guarded == Inbound::Drop {
+    let (slot, action) = if let Inbound::Drop { .. } = guarded {
         (Slot::Reason(reason::GUARD_DROP), action::DENY)
     } else {
         decide(packet, ctx.data_end())

@@ -36,8 +36,12 @@ use workload::Addresses;
 #[derive(serde::Serialize)]
 struct Row {
     rules: usize,
-    ns_per_packet: f64,
-    xdp_filter_ns_per_packet: Option<f64>,
+    /// The rule set's own mix (early rule, late rule, no rule; mostly SYNs).
+    syn_mix: Measured,
+    /// Replies (TCP ACKs from 443) to random ports, in and out of the range.
+    return_mix: Measured,
+    xdp_filter_syn_mix: Option<Measured>,
+    xdp_filter_return_mix: Option<Measured>,
     map_bytes: usize,
     compile_apply_ms: f64,
 }
@@ -49,7 +53,7 @@ struct SetRow {
     set: String,
     prefixes: usize,
     /// The whole filter program on the set's frames.
-    filter_ns: f64,
+    filter: Measured,
     /// One lookup: the reference programs over the empty program.
     trie_lookup_ns: f64,
     kernel_lpm_lookup_ns: f64,
@@ -68,19 +72,17 @@ struct SetRow {
 #[derive(serde::Serialize)]
 struct LimitRow {
     rule: &'static str,
-    ns_per_packet: f64,
+    ns_per_packet: Measured,
 }
 
 #[derive(serde::Serialize)]
 struct Report {
-    empty_program_ns: f64,
-    /// The smallest rule set with `[guard] action = "off"`.
-    guard_off_ns: f64,
+    empty_program: Measured,
+    /// The smallest rule set with `[guard] action = "off"`, on each mix.
+    guard_off_syn_mix: Measured,
+    guard_off_return_mix: Measured,
     /// The smallest rule set with event sampling off.
-    events_off_ns: f64,
-    /// The smallest rule set on return traffic, with and without the guard.
-    replies_guard_on_ns: f64,
-    replies_guard_off_ns: f64,
+    events_off: Measured,
     rules: Vec<Row>,
     limits: Vec<LimitRow>,
     sets: Vec<SetRow>,
@@ -152,27 +154,58 @@ struct Subject<'a> {
     time: Timer<'a>,
 }
 
-/// Mean ns/packet over each subject's frames, median over `runs` rounds.
-/// Every round times every subject, so drift on a shared VM hits all of
-/// them alike instead of whichever happened to run during it.
-fn measure(runs: usize, subjects: &[Subject<'_>]) -> anyhow::Result<Vec<f64>> {
-    let mut means = vec![Vec::with_capacity(runs); subjects.len()];
-    for _ in 0..runs {
-        for (subject, means) in subjects.iter().zip(&mut means) {
-            let mut total = 0.0;
-            for frame in subject.frames {
-                total += (subject.time)(frame)?.as_nanos() as f64;
+/// A row's result: the median over rounds of the mean ns/packet, and the
+/// spread of the rounds (interquartile range over the median).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+struct Measured {
+    ns: f64,
+    spread: f64,
+}
+
+impl std::fmt::Display for Measured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = format!("{:.1} ±{:.1}%", self.ns, self.spread * 100.0);
+        f.pad(&text)
+    }
+}
+
+/// The spread a row must get under before the rounds stop.
+const MAX_SPREAD: f64 = 0.05;
+
+/// Mean ns/packet over each subject's frames, median over rounds: `runs`
+/// rounds, then `runs` more while any row's spread is over `MAX_SPREAD`
+/// (at most `4 * runs` in all; the spread is reported either way). Every
+/// round times every subject, so drift on a shared VM hits all of them
+/// alike instead of whichever happened to run during it.
+fn measure(runs: usize, subjects: &[Subject<'_>]) -> anyhow::Result<Vec<Measured>> {
+    let mut means: Vec<Vec<f64>> = vec![Vec::new(); subjects.len()];
+    loop {
+        for _ in 0..runs {
+            for (subject, means) in subjects.iter().zip(&mut means) {
+                let mut total = 0.0;
+                for frame in subject.frames {
+                    total += (subject.time)(frame)?.as_nanos() as f64;
+                }
+                means.push(total / subject.frames.len() as f64);
             }
-            means.push(total / subject.frames.len() as f64);
+        }
+        let measured: Vec<Measured> = means.iter().map(|means| summary(means)).collect();
+        let stable = measured.iter().all(|row| row.spread < MAX_SPREAD);
+        if stable || means[0].len() >= 4 * runs {
+            return Ok(measured);
         }
     }
-    Ok(means
-        .into_iter()
-        .map(|mut means| {
-            means.sort_by(f64::total_cmp);
-            means[means.len() / 2]
-        })
-        .collect())
+}
+
+fn summary(means: &[f64]) -> Measured {
+    let mut sorted = means.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |fraction: f64| sorted[((sorted.len() - 1) as f64 * fraction).round() as usize];
+    let ns = at(0.5);
+    Measured {
+        ns,
+        spread: (at(0.75) - at(0.25)) / ns,
+    }
 }
 
 /// BPF_PROG_TEST_RUN runs on the calling CPU: stay on one.
@@ -370,9 +403,9 @@ fn measure_set(
     Ok(SetRow {
         set: name.to_owned(),
         prefixes: nets.len(),
-        filter_ns: measured[0],
-        trie_lookup_ns: measured[1] - measured[3],
-        kernel_lpm_lookup_ns: measured[2] - measured[3],
+        filter: measured[0],
+        trie_lookup_ns: measured[1].ns - measured[3].ns,
+        kernel_lpm_lookup_ns: measured[2].ns - measured[3].ns,
         map_bytes: trie.bytes(),
         trie_memlock_bytes,
         kernel_lpm_memlock_bytes,
@@ -549,6 +582,11 @@ struct LimitCase<'a> {
     repeat: u32,
 }
 
+/// Times `filter` on a frame, `repeat` runs.
+fn filter_timer(filter: &Filter, repeat: u32) -> Timer<'_> {
+    Box::new(move |frame| Ok(filter.time_packet(frame, repeat)?))
+}
+
 /// Loads `rules` as the agent runs them by default: events on, at the
 /// default rate (drops pay for the rate-limit check).
 fn load(rules: &RuleSet) -> anyhow::Result<Filter> {
@@ -643,77 +681,112 @@ fn main() -> anyhow::Result<()> {
         .try_into()?;
 
     let repeat = options.repeat;
-    let mut subjects: Vec<Subject<'_>> = loaded
-        .iter()
-        .map(|set| Subject {
-            frames: &set.frames,
-            time: Box::new(|frame| Ok(set.filter.time_packet(frame, repeat)?)),
-        })
-        .collect();
-    subjects.push(Subject {
-        frames: &first.frames,
-        time: Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
-    });
-    subjects.push(Subject {
-        frames: &first.frames,
-        time: Box::new(|frame| Ok(unguarded.time_packet(frame, repeat)?)),
-    });
-    subjects.push(Subject {
-        frames: &first.frames,
-        time: Box::new(|frame| Ok(quiet.time_packet(frame, repeat)?)),
-    });
-    subjects.push(Subject {
-        frames: &replies,
-        time: Box::new(|frame| Ok(first.filter.time_packet(frame, repeat)?)),
-    });
-    subjects.push(Subject {
-        frames: &replies,
-        time: Box::new(|frame| Ok(unguarded.time_packet(frame, repeat)?)),
-    });
-    if let Some((_, program)) = &xdp_filter {
+    let filter_timer = |filter| filter_timer(filter, repeat);
+    // Every rule set on both mixes, then the reference rows.
+    let mut subjects: Vec<Subject<'_>> = Vec::new();
+    for set in &loaded {
         subjects.push(Subject {
-            frames: &first.frames,
-            time: Box::new(|frame| Ok(time_program(program, frame, repeat)?)),
+            frames: &set.frames,
+            time: filter_timer(&set.filter),
+        });
+        subjects.push(Subject {
+            frames: &replies,
+            time: filter_timer(&set.filter),
         });
     }
+    let extra = |frames, time| Subject { frames, time };
+    subjects.push(extra(
+        &first.frames,
+        Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
+    ));
+    subjects.push(extra(&first.frames, filter_timer(&unguarded)));
+    subjects.push(extra(&replies, filter_timer(&unguarded)));
+    subjects.push(extra(&first.frames, filter_timer(&quiet)));
+    if let Some((_, program)) = &xdp_filter {
+        for frames in [&first.frames, &replies] {
+            subjects.push(extra(
+                frames,
+                Box::new(|frame| Ok(time_program(program, frame, repeat)?)),
+            ));
+        }
+    }
     let measured = measure(options.runs, &subjects)?;
-    let empty_ns = measured[loaded.len()];
-    let guard_off_ns = measured[loaded.len() + 1];
-    let events_off_ns = measured[loaded.len() + 2];
-    let (replies_guard_on_ns, replies_guard_off_ns) =
-        (measured[loaded.len() + 3], measured[loaded.len() + 4]);
-    let xdp_filter_ns = xdp_filter.as_ref().map(|_| measured[loaded.len() + 5]);
+    let rest = &measured[2 * loaded.len()..];
+    let (empty_ns, guard_off, replies_guard_off, events_off) = (rest[0], rest[1], rest[2], rest[3]);
+    let peer = xdp_filter.as_ref().map(|_| (rest[4], rest[5]));
 
     println!(
-        "{:>7} {:>16} {:>14} {:>12} {:>18}",
-        "rules", "filter-agent ns", "xdp-filter ns", "map MiB", "compile+apply ms"
+        "{:>7} | {:>15} {:>13} {:>6} | {:>15} {:>13} {:>6} | {:>8} {:>10}",
+        "rules",
+        "SYN mix ns",
+        "xdp-filter",
+        "ratio",
+        "replies ns",
+        "xdp-filter",
+        "ratio",
+        "map MiB",
+        "apply ms"
     );
+    let show = Measured::to_string;
     let mut rows = Vec::new();
-    for (index, (set, ns)) in loaded.iter().zip(&measured).enumerate() {
-        let peer = xdp_filter_ns.filter(|_| index == 0);
-        let peer_text = peer.map_or("-".to_owned(), |ns| format!("{ns:.1}"));
-        let map_mib = set.map_bytes as f64 / (1 << 20) as f64;
+    for (index, set) in loaded.iter().enumerate() {
+        let (syn, reply) = (measured[2 * index], measured[2 * index + 1]);
+        let peer = peer.filter(|_| index == 0);
+        let (peer_syn, peer_reply) = match peer {
+            Some((peer_syn, peer_reply)) => (
+                show(&peer_syn),
+                show(&peer_reply),
+            ),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        let ratio = |ours: &Measured, theirs: Option<Measured>| {
+            theirs.map_or("-".to_owned(), |theirs| format!("{:.2}x", ours.ns / theirs.ns))
+        };
         println!(
-            "{:>7} {ns:>16.1} {peer_text:>14} {map_mib:>12.2} {:>18.1}",
-            set.size, set.apply_ms
+            "{:>7} | {:>15} {:>13} {:>6} | {:>15} {:>13} {:>6} | {:>8.2} {:>10.1}",
+            set.size,
+            show(&syn),
+            peer_syn,
+            ratio(&syn, peer.map(|p| p.0)),
+            show(&reply),
+            peer_reply,
+            ratio(&reply, peer.map(|p| p.1)),
+            set.map_bytes as f64 / (1 << 20) as f64,
+            set.apply_ms
         );
         rows.push(Row {
             rules: set.size,
-            ns_per_packet: *ns,
-            xdp_filter_ns_per_packet: peer,
+            syn_mix: syn,
+            return_mix: reply,
+            xdp_filter_syn_mix: peer.map(|p| p.0),
+            xdp_filter_return_mix: peer.map(|p| p.1),
             map_bytes: set.map_bytes,
             compile_apply_ms: set.apply_ms,
         });
     }
-    println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {empty_ns:.1} ns");
+    let (smallest, largest) = (&rows[0], &rows[rows.len() - 1]);
     println!(
-        "guard on (above) vs off, {} rules: {:.1} vs {guard_off_ns:.1} ns; \
-         on return traffic (TCP ACK to random ports): {replies_guard_on_ns:.1} vs {replies_guard_off_ns:.1} ns",
-        first.size, measured[0]
+        "{} vs {} rules: {:.2}x on the SYN mix, {:.2}x on the return mix",
+        largest.rules,
+        smallest.rules,
+        largest.syn_mix.ns / smallest.syn_mix.ns,
+        largest.return_mix.ns / smallest.return_mix.ns
+    );
+    println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {}", show(&empty_ns));
+    println!(
+        "guard on (above) vs off, {} rules: SYN mix {} vs {}; return mix {} vs {} (+{:.1} ns)",
+        first.size,
+        show(&smallest.syn_mix),
+        show(&guard_off),
+        show(&smallest.return_mix),
+        show(&replies_guard_off),
+        smallest.return_mix.ns - replies_guard_off.ns
     );
     println!(
-        "events on (above, the default 100/s per CPU) vs off, {} rules: {:.1} vs {events_off_ns:.1} ns",
-        first.size, measured[0]
+        "events on (above, the default 100/s per CPU) vs off, {} rules: {} vs {}",
+        first.size,
+        show(&smallest.syn_mix),
+        show(&events_off)
     );
     drop(subjects);
     drop(loaded);
@@ -725,7 +798,7 @@ fn main() -> anyhow::Result<()> {
         filter_agent::config::DEFAULT_LIMIT_SOURCES
     );
     for row in &limits {
-        println!("  {:<44} {:>8.1} ns", row.rule, row.ns_per_packet);
+        println!("  {:<44} {:>15} ns", row.rule, row.ns_per_packet);
     }
 
     let mut cases: Vec<(String, Vec<IpNet>)> = options
@@ -771,17 +844,16 @@ fn main() -> anyhow::Result<()> {
             row.load_s,
             row.parse_s + row.compile_s + row.load_s,
             row.kernel_lpm_load_s,
-            row.filter_ns,
+            row.filter.ns,
         );
         sets.push(row);
     }
     if let Some(path) = options.json {
         let report = Report {
-            empty_program_ns: empty_ns,
-            guard_off_ns,
-            events_off_ns,
-            replies_guard_on_ns,
-            replies_guard_off_ns,
+            empty_program: empty_ns,
+            guard_off_syn_mix: guard_off,
+            guard_off_return_mix: replies_guard_off,
+            events_off,
             rules: rows,
             limits,
             sets,

@@ -43,6 +43,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Docker's own NAT for the docker-nacl incident: testbed runs an engine
     // of its own in a namespace (no service of the host is started).
     "docker.io",
+    // The IP-to-country files behind `@country:XX` sets (tests and bench).
+    "geoip-database",
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";

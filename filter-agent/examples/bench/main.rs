@@ -14,7 +14,7 @@ mod workload;
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -23,6 +23,7 @@ use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
     compile::{RuleSet, compile},
+    config::geoip,
     config::{Action, Config, GuardAction, Limit},
     loader::{Filter, LoadOptions, program_verdict, time_program, xdp_action},
     packet, reference,
@@ -811,6 +812,24 @@ fn main() -> anyhow::Result<()> {
             format!("IPv6 {count}"),
             workload::ipv6_prefixes(&mut rng, count),
         ));
+    }
+    // Real data: Debian's GeoIP country table, whole and its largest
+    // country, IPv4.
+    match geoip::Countries::read(Path::new(geoip::DEFAULT_DIR)) {
+        Ok(countries) => {
+            let v4 = |nets: &[IpNet]| -> Vec<IpNet> {
+                let v4 = nets.iter().filter(|net| matches!(net, IpNet::V4(_)));
+                v4.copied().collect()
+            };
+            let all: Vec<IpNet> = countries.iter().flat_map(|(_, nets)| v4(nets)).collect();
+            cases.push(("GeoIP, all".to_owned(), all));
+            let (code, nets) = countries
+                .iter()
+                .max_by_key(|(_, nets)| v4(nets).len())
+                .context("an empty GeoIP table")?;
+            cases.push((format!("GeoIP, {code}"), v4(nets)));
+        }
+        Err(err) => eprintln!("country sets not measured: {err}"),
     }
     println!(
         "\n{:<14} {:>9} | {:>7} {:>7} | {:>7} {:>7} | {:>8} {:>8} {:>8} | {:>7} {:>7} | {:>7}",

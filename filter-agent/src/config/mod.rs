@@ -6,6 +6,7 @@
 //! names. Every error names the file, line and column it is about.
 
 mod fields;
+pub mod geoip;
 mod limit;
 mod sets;
 mod source;

@@ -8,7 +8,7 @@ use std::{
 use ipnet::IpNet;
 use toml::{Spanned, Value};
 
-use super::{ConfigError, Location, read, source::Source};
+use super::{ConfigError, Location, geoip, read, source::Source};
 
 impl Source<'_> {
     pub(super) fn set(
@@ -71,14 +71,22 @@ pub fn set_files(path: &Path, text: &str) -> Vec<PathBuf> {
     let upstream = raw
         .get("upstream")
         .and_then(|upstream| upstream.get("file")?.as_str());
-    raw.get("sets")
+    let mut files: Vec<PathBuf> = raw
+        .get("sets")
         .and_then(Value::as_table)
         .into_iter()
         .flat_map(|sets| sets.values())
         .filter_map(|set| set.get("file")?.as_str())
         .chain(upstream)
         .map(|file| base.join(file))
-        .collect()
+        .collect();
+    // Country sets: the GeoIP files (a package update changes them).
+    if text.contains("@country:") {
+        let configured = raw.get("filter").and_then(|filter| filter.get("geoip")?.as_str());
+        let dir = base.join(configured.unwrap_or(geoip::DEFAULT_DIR));
+        files.extend([geoip::V4_FILE, geoip::V6_FILE].map(|file| dir.join(file)));
+    }
+    files
 }
 
 /// One CIDR per line; '#' starts a comment.

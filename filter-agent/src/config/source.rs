@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     ops::Range,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -16,8 +16,14 @@ use super::{
     Action, AddressList, Config, ConfigError, DEFAULT_EPHEMERAL, DEFAULT_LIMIT_SOURCES,
     DEFAULT_MAX_MAP_MIB, FilterSettings, Fragments, GuardAction, GuardSettings, IMPLICIT_ND_RULE,
     Location, MAX_FILE_BYTES, MAX_LIMIT_SOURCES, MAX_NOTRACK_PREFIXES, MAX_RULE_NAME, Mode,
-    ND_TYPES, Rule, Upstream, fields::icmp_type_by_name, limit::RawLimit,
+    ND_TYPES, Rule, Upstream,
+    fields::{icmp_type_by_name, items},
+    geoip,
+    limit::RawLimit,
 };
+
+/// `@country:XX` names the country's set from the GeoIP files.
+const COUNTRY_PREFIX: &str = "country:";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +48,8 @@ struct RawFilter {
     max_map_mib: Option<Spanned<u32>>,
     max_set_file_mib: Option<Spanned<u32>>,
     limit_sources: Option<Spanned<u32>>,
+    /// The directory of the GeoIP country files (`@country:XX`).
+    geoip: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -117,7 +125,7 @@ impl<'a> Source<'a> {
             Some(value) => *value.get_ref(),
             None => DEFAULT_LIMIT_SOURCES,
         };
-        let sets = raw
+        let mut sets = raw
             .sets
             .iter()
             .map(|(name, value)| {
@@ -126,6 +134,8 @@ impl<'a> Source<'a> {
                 Ok((name.clone(), Arc::new(AddressList { set, nets })))
             })
             .collect::<Result<HashMap<_, _>, ConfigError>>()?;
+        let geoip = self.geoip_dir(raw.filter.geoip.as_ref().map(Spanned::get_ref));
+        self.country_sets(&raw.rules, &geoip, &mut sets)?;
         let rules = self.rules(&raw.rules, &sets)?;
         let guard = match &raw.guard {
             Some(guard) => self.guard(guard)?,
@@ -150,6 +160,61 @@ impl<'a> Source<'a> {
             implicit_nd,
             upstream,
         })
+    }
+
+    /// Where the GeoIP files are: `[filter] geoip` (relative to the rules
+    /// file) or Debian's place for them.
+    fn geoip_dir(&self, configured: Option<&String>) -> PathBuf {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        base.join(configured.map_or(geoip::DEFAULT_DIR, String::as_str))
+    }
+
+    /// Adds a set `country:XX` for every `@country:XX` the rules name,
+    /// reading the GeoIP files once, only if any is named.
+    fn country_sets(
+        &self,
+        raw: &[Spanned<RawRule>],
+        dir: &Path,
+        sets: &mut HashMap<String, Arc<AddressList>>,
+    ) -> Result<(), ConfigError> {
+        let mut countries = None;
+        for rule in raw {
+            let rule = rule.get_ref();
+            for value in [&rule.src, &rule.dst].into_iter().flatten() {
+                let span = value.span();
+                for item in items(value.get_ref()) {
+                    let Value::String(text) = item else { continue };
+                    let Some(name) = text.strip_prefix('@') else {
+                        continue;
+                    };
+                    let Some(code) = name.strip_prefix(COUNTRY_PREFIX) else {
+                        continue;
+                    };
+                    if sets.contains_key(name) {
+                        continue;
+                    }
+                    let error = |message: String| self.item_error(&span, item, message);
+                    if countries.is_none() {
+                        let read = geoip::Countries::read(dir);
+                        countries = Some(read.map_err(|err| error(err.to_string()))?);
+                    }
+                    let nets = countries.as_ref().and_then(|all| all.get(code));
+                    let nets = nets.ok_or_else(|| {
+                        error(format!(
+                            "unknown country {code:?}: use an ISO 3166 code as the GeoIP \
+                             database has it, such as \"DE\""
+                        ))
+                    })?;
+                    let set = Some(name.to_owned());
+                    let list = AddressList {
+                        set,
+                        nets: nets.to_vec(),
+                    };
+                    sets.insert(name.to_owned(), Arc::new(list));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every rule, in file order; names must be unique.

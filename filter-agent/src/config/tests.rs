@@ -424,6 +424,35 @@ fn set_files_are_found_for_watching() {
 }
 
 #[test]
+fn country_sets_come_from_the_geoip_files() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("geo")).unwrap();
+    fs::write(dir.path().join("geo").join(geoip::V4_FILE), geoip::tests::tiny()).unwrap();
+    let rules = dir.path().join("r.toml");
+    let text = "[filter]\ndefault = \"allow\"\ngeoip = \"geo\"\n\
+        [[rule]]\nname = \"a\"\naction = \"deny\"\nsrc = \"@country:DE\"\n\
+        [[rule]]\nname = \"b\"\naction = \"deny\"\ndst = [\"@country:de\", \"@country:US\"]\n";
+    fs::write(&rules, text).unwrap();
+    let config = load(&rules).unwrap();
+    let de = config.rules[0].src.as_ref().unwrap();
+    assert_eq!(de.set.as_deref(), Some("country:DE"));
+    assert_eq!(de.nets, ["0.0.0.0/1".parse::<IpNet>().unwrap()]);
+    let both = &config.rules[1].dst.as_ref().unwrap().nets;
+    assert_eq!(both.len(), 2);
+    assert_eq!(
+        set_files(&rules, text),
+        [geoip::V4_FILE, geoip::V6_FILE].map(|file| dir.path().join("geo").join(file))
+    );
+    // An unknown code, and missing files, are located at the reference.
+    fs::write(&rules, text.replace("@country:US", "@country:XQ")).unwrap();
+    let err = load(&rules).unwrap_err().to_string();
+    assert!(err.contains("r.toml:11:23:") && err.contains("unknown country \"XQ\""), "{err}");
+    fs::write(&rules, text.replace("\"geo\"", "\"elsewhere\"")).unwrap();
+    let err = load(&rules).unwrap_err().to_string();
+    assert!(err.contains("r.toml:7:7:") && err.contains("apt install geoip-database"), "{err}");
+}
+
+#[test]
 fn guard_defaults_to_counting_the_linux_range() {
     let config = parse_ok(HEAD);
     assert_eq!(config.guard, GuardSettings::default());

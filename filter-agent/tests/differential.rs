@@ -393,3 +393,173 @@ fn kernel_agrees_with_reference() {
         "only {over_limit} frames were over a rate limit"
     );
 }
+
+/// A list as operators' lists are: random prefixes of both families, and
+/// duplicates, prefixes inside listed ones and listed prefixes' siblings
+/// (adjacent to them) among them.
+fn messy_list(rng: &mut StdRng, count: usize) -> Vec<IpNet> {
+    let mut nets: Vec<IpNet> = Vec::with_capacity(count);
+    while nets.len() < count {
+        let net = match (nets.choose(rng).copied(), rng.random_range(0..10)) {
+            (Some(net), 0) => net,
+            (Some(net), 1 | 2) if net.prefix_len() < net.max_prefix_len() => {
+                let len = rng.random_range(net.prefix_len() + 1..=net.max_prefix_len());
+                let inside = packet::address_in(&net, random_bits(rng));
+                IpNet::new(inside, len).unwrap().trunc()
+            }
+            (Some(net), 3 | 4) if net.prefix_len() > 0 => {
+                let sibling = packet::address_in(&net.supernet().unwrap(), random_bits(rng));
+                let sibling = IpNet::new(sibling, net.prefix_len()).unwrap().trunc();
+                if sibling == net { continue } else { sibling }
+            }
+            _ => {
+                let v6 = rng.random_bool(0.3);
+                let len = if v6 {
+                    rng.random_range(16..=128)
+                } else {
+                    rng.random_range(8..=32)
+                };
+                IpNet::new(anywhere(rng, v6), len).unwrap().trunc()
+            }
+        };
+        nets.push(net);
+    }
+    nets
+}
+
+fn random_bits(rng: &mut StdRng) -> u128 {
+    rng.random()
+}
+
+/// Any IPv4 address, or any global unicast IPv6 one (2000::/3).
+fn anywhere(rng: &mut StdRng, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6((0x2000u128 << 112 | rng.random::<u128>() >> 3).into())
+    } else {
+        IpAddr::V4(rng.random::<u32>().into())
+    }
+}
+
+/// A rule with only a source set.
+fn set_rule(name: &str, action: Action, nets: Vec<IpNet>) -> Rule {
+    Rule {
+        name: name.into(),
+        action,
+        proto: None,
+        src: Some(Arc::new(AddressList {
+            set: Some(name.into()),
+            nets,
+        })),
+        dst: None,
+        sport: None,
+        dport: None,
+        tcp_flags: None,
+        icmp_type: None,
+        icmp_code: None,
+        notrack: false,
+        limit: None,
+        location: Location {
+            file: PathBuf::from("sets"),
+            line: 0,
+            column: 1,
+        },
+    }
+}
+
+/// The first and last address of `net`, and the addresses just outside it.
+fn edges(net: &IpNet) -> Vec<IpAddr> {
+    let (first, last) = (net.network(), net.broadcast());
+    let step = |addr: IpAddr, up: bool| -> Option<IpAddr> {
+        match addr {
+            IpAddr::V4(a) => {
+                let n = u32::from(a);
+                (if up {
+                    n.checked_add(1)
+                } else {
+                    n.checked_sub(1)
+                })
+                .map(|n| IpAddr::V4(n.into()))
+            }
+            IpAddr::V6(a) => {
+                let n = u128::from(a);
+                (if up {
+                    n.checked_add(1)
+                } else {
+                    n.checked_sub(1)
+                })
+                .map(|n| IpAddr::V6(n.into()))
+            }
+        }
+    };
+    let mut addrs = vec![first, last];
+    addrs.extend(step(first, false));
+    addrs.extend(step(last, true));
+    addrs
+}
+
+/// Two large overlapping sets with duplicates, nested and adjacent
+/// prefixes: the compiled trie is the same as for the lists merged
+/// (ipnet's aggregate), and the program answers like the lists for every
+/// prefix's edges and for random addresses.
+#[test]
+fn large_sets_answer_like_their_lists() {
+    let seed = std::env::var("DIFFERENTIAL_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or(42);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let blocked = messy_list(&mut rng, 3_000);
+    // The second set shares a third of the first one's prefixes.
+    let mut partners = messy_list(&mut rng, 2_000);
+    partners.extend(blocked.iter().step_by(3));
+    let config_of = |blocked: Vec<IpNet>, partners: Vec<IpNet>| {
+        let mut config = random_config(&mut StdRng::seed_from_u64(seed));
+        config.rules = vec![
+            set_rule("blocked", Action::Deny, blocked),
+            set_rule("partners", Action::Allow, partners),
+        ];
+        config.implicit_nd = None;
+        config.guard.action = GuardAction::Off;
+        config.filter.fragments = Fragments::MatchL3;
+        config
+    };
+    let config = config_of(blocked.clone(), partners.clone());
+    let compiled = compile(&config).unwrap();
+    let merged = config_of(IpNet::aggregate(&blocked), IpNet::aggregate(&partners));
+    assert!(IpNet::aggregate(&blocked).len() < blocked.len());
+    assert_eq!(compiled.src.trie, compile(&merged).unwrap().src.trie);
+
+    let filter = Filter::load_traced(&compiled).unwrap();
+    let mut addresses: Vec<IpAddr> = blocked.iter().chain(&partners).flat_map(edges).collect();
+    for i in 0..4_000 {
+        addresses.push(if i % 2 == 0 {
+            let net = blocked.choose(&mut rng).unwrap();
+            packet::address_in(net, rng.random())
+        } else {
+            anywhere(&mut rng, i % 3 == 0)
+        });
+    }
+    let mut decided = [0usize; 3];
+    for src in addresses {
+        let dst = if src.is_ipv4() {
+            "192.0.2.1"
+        } else {
+            "2001:db8::1"
+        };
+        let transport = Transport::Tcp {
+            sport: 40000,
+            dport: 443,
+            flags: packet::tcp_flag::SYN,
+        };
+        let frame = PacketSpec::new(src, dst.parse().unwrap(), transport).build();
+        let (expected, _) = reference::classify(&config, &frame);
+        let (_, got) = filter.classify_frame(&frame).unwrap();
+        assert_eq!(got, expected, "DIFFERENTIAL_SEED={seed}: source {src}");
+        decided[match got {
+            Outcome::Rule(index) => index,
+            _ => 2,
+        }] += 1;
+    }
+    println!("seed {seed}: blocked, partners, neither: {decided:?}");
+    assert!(decided.iter().all(|&n| n > 500), "{decided:?}");
+}

@@ -95,7 +95,15 @@ pub fn inspect_inbound(packet: &Packet, end: usize, len: u64) -> Inbound {
     let reported = match sample(INGRESS) {
         Some(weight) => {
             let remote = unsafe { address(packet, 0, end) };
-            record(packet.proto, INGRESS, local_port, remote, remote_port, len, weight);
+            record(
+                packet.proto,
+                INGRESS,
+                local_port,
+                remote,
+                remote_port,
+                len,
+                weight,
+            );
             true
         }
         None => false,
@@ -144,7 +152,15 @@ pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
     let Some(weight) = sample(EGRESS) else {
         return false;
     };
-    record(packet.proto, EGRESS, local_port, remote, remote_port, len, weight);
+    record(
+        packet.proto,
+        EGRESS,
+        local_port,
+        remote,
+        remote_port,
+        len,
+        weight,
+    );
     true
 }
 

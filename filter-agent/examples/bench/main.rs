@@ -734,14 +734,13 @@ fn main() -> anyhow::Result<()> {
         let (syn, reply) = (measured[2 * index], measured[2 * index + 1]);
         let peer = peer.filter(|_| index == 0);
         let (peer_syn, peer_reply) = match peer {
-            Some((peer_syn, peer_reply)) => (
-                show(&peer_syn),
-                show(&peer_reply),
-            ),
+            Some((peer_syn, peer_reply)) => (show(&peer_syn), show(&peer_reply)),
             None => ("-".to_owned(), "-".to_owned()),
         };
         let ratio = |ours: &Measured, theirs: Option<Measured>| {
-            theirs.map_or("-".to_owned(), |theirs| format!("{:.2}x", ours.ns / theirs.ns))
+            theirs.map_or("-".to_owned(), |theirs| {
+                format!("{:.2}x", ours.ns / theirs.ns)
+            })
         };
         println!(
             "{:>7} | {:>15} {:>13} {:>6} | {:>15} {:>13} {:>6} | {:>8.2} {:>10.1}",
@@ -773,7 +772,10 @@ fn main() -> anyhow::Result<()> {
         largest.syn_mix.ns / smallest.syn_mix.ns,
         largest.return_mix.ns / smallest.return_mix.ns
     );
-    println!("empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {}", show(&empty_ns));
+    println!(
+        "empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {}",
+        show(&empty_ns)
+    );
     println!(
         "guard on (above) vs off, {} rules: SYN mix {} vs {}; return mix {} vs {} (+{:.1} ns)",
         first.size,

@@ -90,7 +90,9 @@ impl Countries {
 
     /// Every country with its prefixes.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[IpNet])> {
-        self.nets.iter().map(|(code, nets)| (code.as_str(), nets.as_slice()))
+        self.nets
+            .iter()
+            .map(|(code, nets)| (code.as_str(), nets.as_slice()))
     }
 
     fn add(&mut self, path: &Path, data: &[u8], edition: u8) -> Result<(), GeoIpError> {
@@ -207,8 +209,14 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(V4_FILE), tiny()).unwrap();
         let countries = Countries::read(dir.path()).unwrap();
-        assert_eq!(countries.get("de").unwrap(), ["0.0.0.0/1".parse::<IpNet>().unwrap()]);
-        assert_eq!(countries.get("US").unwrap(), ["128.0.0.0/2".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            countries.get("de").unwrap(),
+            ["0.0.0.0/1".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            countries.get("US").unwrap(),
+            ["128.0.0.0/2".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(countries.iter().count(), 2);
     }
 
@@ -225,7 +233,9 @@ pub(super) mod tests {
         std::fs::write(dir.path().join(V4_FILE), &data).unwrap();
         let err = Countries::read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a GeoIP Country database"), "{err}");
-        let err = Countries::read(&dir.path().join("none")).unwrap_err().to_string();
+        let err = Countries::read(&dir.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("apt install geoip-database"), "{err}");
     }
 }

@@ -82,7 +82,9 @@ pub fn set_files(path: &Path, text: &str) -> Vec<PathBuf> {
         .collect();
     // Country sets: the GeoIP files (a package update changes them).
     if text.contains("@country:") {
-        let configured = raw.get("filter").and_then(|filter| filter.get("geoip")?.as_str());
+        let configured = raw
+            .get("filter")
+            .and_then(|filter| filter.get("geoip")?.as_str());
         let dir = base.join(configured.unwrap_or(geoip::DEFAULT_DIR));
         files.extend([geoip::V4_FILE, geoip::V6_FILE].map(|file| dir.join(file)));
     }

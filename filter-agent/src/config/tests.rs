@@ -427,7 +427,11 @@ fn set_files_are_found_for_watching() {
 fn country_sets_come_from_the_geoip_files() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("geo")).unwrap();
-    fs::write(dir.path().join("geo").join(geoip::V4_FILE), geoip::tests::tiny()).unwrap();
+    fs::write(
+        dir.path().join("geo").join(geoip::V4_FILE),
+        geoip::tests::tiny(),
+    )
+    .unwrap();
     let rules = dir.path().join("r.toml");
     let text = "[filter]\ndefault = \"allow\"\ngeoip = \"geo\"\n\
         [[rule]]\nname = \"a\"\naction = \"deny\"\nsrc = \"@country:DE\"\n\
@@ -446,10 +450,16 @@ fn country_sets_come_from_the_geoip_files() {
     // An unknown code, and missing files, are located at the reference.
     fs::write(&rules, text.replace("@country:US", "@country:XQ")).unwrap();
     let err = load(&rules).unwrap_err().to_string();
-    assert!(err.contains("r.toml:11:23:") && err.contains("unknown country \"XQ\""), "{err}");
+    assert!(
+        err.contains("r.toml:11:23:") && err.contains("unknown country \"XQ\""),
+        "{err}"
+    );
     fs::write(&rules, text.replace("\"geo\"", "\"elsewhere\"")).unwrap();
     let err = load(&rules).unwrap_err().to_string();
-    assert!(err.contains("r.toml:7:7:") && err.contains("apt install geoip-database"), "{err}");
+    assert!(
+        err.contains("r.toml:7:7:") && err.contains("apt install geoip-database"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //!        bench --live [--runs N] [--seconds S] [--json PATH] [--sizes 1,100,...]
 
 mod live;
+mod stall;
 mod workload;
 
 use std::{
@@ -87,6 +88,8 @@ struct Report {
     rules: Vec<Row>,
     limits: Vec<LimitRow>,
     sets: Vec<SetRow>,
+    /// Replacing the largest IPv4 set under live traffic.
+    stall: Option<stall::StallRow>,
 }
 
 /// The `empty` and `lpm` reference programs (filter-ebpf/src/baseline.rs).
@@ -869,6 +872,34 @@ fn main() -> anyhow::Result<()> {
         );
         sets.push(row);
     }
+    // The largest IPv4 set replaced by itself with one prefix changed.
+    let largest = cases
+        .iter()
+        .filter(|(name, _)| name.starts_with("IPv4"))
+        .max_by_key(|(_, nets)| nets.len());
+    let stall = match largest {
+        Some((_, nets)) => {
+            let mut changed = nets.clone();
+            changed[0] = "192.0.2.0/24".parse()?;
+            let row = stall::measure(nets, &changed)?;
+            println!(
+                "\nreplacing {} prefixes under live traffic ({} of {} datagrams received): longest gap \
+                 {:.1} ms steady, {:.1} ms during the swap ({:.2} s: compile, load, link update), \
+                 {:.1} ms while the old set is freed; freeing a kernel LPM trie of the same \
+                 prefixes: {:.1} ms",
+                row.prefixes,
+                row.received,
+                row.sent,
+                row.steady_ms,
+                row.swap_ms,
+                row.swap_s,
+                row.teardown_ms,
+                row.kernel_lpm_teardown_ms
+            );
+            Some(row)
+        }
+        None => None,
+    };
     if let Some(path) = options.json {
         let report = Report {
             empty_program: empty_ns,
@@ -878,6 +909,7 @@ fn main() -> anyhow::Result<()> {
             rules: rows,
             limits,
             sets,
+            stall,
         };
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         println!("written to {}", path.display());

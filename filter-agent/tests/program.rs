@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use std::path::Path;
+use std::time::Duration;
 
 use filter_agent::{
     compile::compile,
@@ -280,6 +281,16 @@ fn drops_are_reported_as_events_within_the_budget() {
     assert_eq!(first.tcp_flags, tcp_flag::SYN);
     assert_eq!(&first.src[12..], &[203, 0, 113, 5]);
     assert_eq!(&first.dst[12..], &[10, 0, 0, 11]);
+    // The next second brings a new budget, also while drops keep coming
+    // (the clock is looked at every 16th refused event).
+    testbed::wait_until(
+        "events resume in a new second",
+        Duration::from_secs(5),
+        || {
+            filter.time_packet(&ssh_v4().build(), 64).unwrap();
+            !filter.take_events().unwrap().is_empty()
+        },
+    );
 
     // Passed packets send nothing; neither does a rate of 0.
     filter.run_packet(&tcp_v4().build()).unwrap();

@@ -1,5 +1,6 @@
 //! Sampled events to the agent: drops, and packets the guard flags. Only
-//! those paths pay for them, and a per-CPU budget bounds them.
+//! those paths pay for them, and a per-CPU budget bounds them. Once a
+//! second's budget is spent, a drop costs a counter, not a clock read.
 
 use aya_ebpf::{
     Global,
@@ -60,22 +61,36 @@ pub fn emit(packet: Option<&Packet>, end: usize, slot: u32, verdict: u8, guard_k
     entry.submit(0);
 }
 
+/// Once a second's budget is spent, the clock is read only every this many
+/// refused events: a flood of drops then costs a counter per packet, and a
+/// new second is noticed at most this many packets late.
+const CLOCK_EVERY: u64 = 16;
+
 #[inline(always)]
 fn take_budget(rate: u64) -> bool {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return false;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: this CPU's slot; the program is not preempted by itself.
     unsafe {
-        if now - (*budget).window_start_ns >= SECOND_NS {
-            (*budget).window_start_ns = now;
-            (*budget).sent = 0;
+        // Events asked for in this window, sent or not.
+        let asked = (*budget).sent;
+        (*budget).sent = asked + 1;
+        if asked < rate {
+            if (*budget).window_start_ns == 0 {
+                (*budget).window_start_ns = bpf_ktime_get_ns();
+            }
+            return true;
         }
-        if (*budget).sent >= rate {
+        if (asked - rate) % CLOCK_EVERY != CLOCK_EVERY - 1 {
             return false;
         }
-        (*budget).sent += 1;
+        let now = bpf_ktime_get_ns();
+        if now - (*budget).window_start_ns < SECOND_NS {
+            return false;
+        }
+        (*budget).window_start_ns = now;
+        (*budget).sent = 1;
     }
     true
 }

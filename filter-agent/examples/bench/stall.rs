@@ -16,11 +16,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use filter_agent::{
-    compile::compile,
-    config::GuardAction,
-    loader::AttachMode,
-};
+use filter_agent::{compile::compile, config::GuardAction, loader::AttachMode};
 use ipnet::IpNet;
 use testbed::Pair;
 
@@ -51,7 +47,9 @@ pub fn measure(nets: &[IpNet], changed: &[IpNet]) -> anyhow::Result<StallRow> {
     let client = IpNet::from(std::net::IpAddr::from(Pair::CLIENT_V4));
     // The stream's source stays out of the set.
     let keep = |nets: &[IpNet]| -> Vec<IpNet> {
-        let outside = nets.iter().filter(|net| !net.contains(&client) && !client.contains(*net));
+        let outside = nets
+            .iter()
+            .filter(|net| !net.contains(&client) && !client.contains(*net));
         outside.copied().collect()
     };
     let config_of = |nets: &[IpNet]| {
@@ -59,15 +57,20 @@ pub fn measure(nets: &[IpNet], changed: &[IpNet]) -> anyhow::Result<StallRow> {
         config.guard.action = GuardAction::Off;
         config
     };
-    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/fa-bench-stall-{}", std::process::id()));
+    let pins =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/fa-bench-stall-{}", std::process::id()));
     std::fs::create_dir_all(&pins)?;
     let result = (|| {
         let mut old = load(&compile(&config_of(nets))?)?;
         let iface = pair.server_if.clone();
         pair.server
             .run(|| old.attach_pinned(&iface, AttachMode::Auto, &pins))??;
-        let receiver = pair.server.run(|| UdpSocket::bind((Pair::SERVER_V4, PORT)))??;
-        let sender = pair.client.run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))??;
+        let receiver = pair
+            .server
+            .run(|| UdpSocket::bind((Pair::SERVER_V4, PORT)))??;
+        let sender = pair
+            .client
+            .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))??;
         sender.connect((Pair::SERVER_V4, PORT))?;
         receiver.set_read_timeout(Some(Duration::from_millis(100)))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -109,7 +112,11 @@ pub fn measure(nets: &[IpNet], changed: &[IpNet]) -> anyhow::Result<StallRow> {
         let mut lpm = aya::EbpfLoader::new()
             .map_max_entries("PREFIXES", nets.len() as u32)
             .load(BASELINE_OBJECT)?;
-        let v4: Vec<IpNet> = nets.iter().filter(|net| matches!(net, IpNet::V4(_))).copied().collect();
+        let v4: Vec<IpNet> = nets
+            .iter()
+            .filter(|net| matches!(net, IpNet::V4(_)))
+            .copied()
+            .collect();
         fill_lpm::<4>(lpm.map_mut("PREFIXES").context("PREFIXES")?, &v4)?;
         let lpm_start = Instant::now();
         drop(lpm);
@@ -121,8 +128,13 @@ pub fn measure(nets: &[IpNet], changed: &[IpNet]) -> anyhow::Result<StallRow> {
         drop(new);
         let stamps = stamps.lock().unwrap();
         let longest = |from: Instant, to: Instant| {
-            let gaps = stamps.windows(2).filter(|pair| pair[1] > from && pair[0] < to);
-            let longest = gaps.map(|pair| pair[1] - pair[0]).max().unwrap_or(to - from);
+            let gaps = stamps
+                .windows(2)
+                .filter(|pair| pair[1] > from && pair[0] < to);
+            let longest = gaps
+                .map(|pair| pair[1] - pair[0])
+                .max()
+                .unwrap_or(to - from);
             longest.as_secs_f64() * 1e3
         };
         Ok(StallRow {

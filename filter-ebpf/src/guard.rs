@@ -92,22 +92,14 @@ pub fn inspect_inbound(packet: &Packet, end: usize, len: u64) -> Inbound {
         return Inbound::Fine;
     }
     count(guard::RETURN_OUT_OF_RANGE, len);
-    let reported = match sample(INGRESS) {
-        Some(weight) => {
-            let remote = unsafe { address(packet, 0, end) };
-            record(
-                packet.proto,
-                INGRESS,
-                local_port,
-                remote,
-                remote_port,
-                len,
-                weight,
-            );
-            true
-        }
-        None => false,
+    let port = GuardPort {
+        port: local_port,
+        proto: packet.proto,
+        direction: INGRESS,
     };
+    let reported = detail(port, remote_port, len, || unsafe {
+        address(packet, 0, end)
+    });
     if GUARD_MODE.load() == guard::DROP {
         Inbound::Drop { reported }
     } else {
@@ -149,19 +141,12 @@ pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
         return false;
     }
     count(guard::OUTBOUND_OUT_OF_RANGE, len);
-    let Some(weight) = sample(EGRESS) else {
-        return false;
+    let port = GuardPort {
+        port: local_port,
+        proto: packet.proto,
+        direction: EGRESS,
     };
-    record(
-        packet.proto,
-        EGRESS,
-        local_port,
-        remote,
-        remote_port,
-        len,
-        weight,
-    );
-    true
+    detail(port, remote_port, len, || remote)
 }
 
 /// Whether this out-of-range packet goes into the detail, and with what
@@ -267,35 +252,27 @@ fn count(index: u32, len: u64) {
     }
 }
 
-/// Adds the packet, standing for `weight` packets of its length, to the
-/// per-port and per-peer LRU maps.
+/// Adds the packet to the per-port and per-peer LRU maps if the sampler
+/// picks it, standing for the packets it was picked for; true if so. The
+/// remote address is copied only then.
 #[inline(always)]
-fn record(
-    proto: u8,
-    direction: u8,
-    local_port: u16,
-    addr: [u8; 16],
-    port: u16,
-    len: u64,
-    weight: u64,
-) {
+fn detail(port: GuardPort, remote_port: u16, len: u64, remote: impl FnOnce() -> [u8; 16]) -> bool {
+    let Some(weight) = sample(port.direction) else {
+        return false;
+    };
     let sample = Counter {
         packets: weight,
         bytes: len * weight,
     };
-    let port_key = GuardPort {
-        port: local_port,
-        proto,
-        direction,
+    bump(&GUARD_PORTS, &port, &sample);
+    let peer = GuardPeer {
+        addr: remote(),
+        port: remote_port,
+        proto: port.proto,
+        direction: port.direction,
     };
-    bump(&GUARD_PORTS, &port_key, &sample);
-    let peer_key = GuardPeer {
-        addr,
-        port,
-        proto,
-        direction,
-    };
-    bump(&GUARD_PEERS, &peer_key, &sample);
+    bump(&GUARD_PEERS, &peer, &sample);
+    true
 }
 
 #[inline(always)]

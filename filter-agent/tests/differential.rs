@@ -133,11 +133,7 @@ fn random_rule(rng: &mut StdRng, index: usize) -> Rule {
         icmp_code: if is_icmp { icmp(rng) } else { None },
         notrack: false,
         limit,
-        location: Location {
-            file: PathBuf::from("random"),
-            line: index + 1,
-            column: 1,
-        },
+        location: location("random", index + 1),
     }
 }
 
@@ -181,23 +177,9 @@ fn random_config(rng: &mut StdRng) -> Config {
         .collect();
     // As the config builds it: allow ICMPv6 types 133-137 from anywhere.
     let implicit_nd = rng.random_bool(0.7).then(|| Rule {
-        name: "nd".into(),
-        action: Action::Allow,
         proto: Some(packet::IPPROTO_ICMPV6),
-        src: None,
-        dst: None,
-        sport: None,
-        dport: None,
-        tcp_flags: None,
         icmp_type: Some((133..=137).collect()),
-        icmp_code: None,
-        notrack: false,
-        limit: None,
-        location: Location {
-            file: PathBuf::from("random"),
-            line: 0,
-            column: 1,
-        },
+        ..Rule::matching_all("nd", Action::Allow, location("random", 0))
     });
     Config {
         filter: FilterSettings {
@@ -310,15 +292,20 @@ fn random_frame(rng: &mut StdRng) -> Vec<u8> {
     frame
 }
 
-#[test]
-fn kernel_agrees_with_reference() {
-    let seed = std::env::var("DIFFERENTIAL_SEED")
+/// `DIFFERENTIAL_SEED` if set, else `default`.
+fn seed_or(default: impl FnOnce() -> u64) -> u64 {
+    std::env::var("DIFFERENTIAL_SEED")
         .ok()
         .and_then(|seed| seed.parse().ok())
-        .unwrap_or_else(|| {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-            now.map_or(0, |since| since.as_nanos() as u64)
-        });
+        .unwrap_or_else(default)
+}
+
+#[test]
+fn kernel_agrees_with_reference() {
+    let seed = seed_or(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(0, |since| since.as_nanos() as u64)
+    });
     let mut rng = StdRng::seed_from_u64(seed);
     let mut checked = 0;
     // Frames per guard view (ignored, in range, out of range): all must occur.
@@ -442,59 +429,42 @@ fn anywhere(rng: &mut StdRng, v6: bool) -> IpAddr {
 
 /// A rule with only a source set.
 fn set_rule(name: &str, action: Action, nets: Vec<IpNet>) -> Rule {
+    let set = Some(name.into());
     Rule {
-        name: name.into(),
-        action,
-        proto: None,
-        src: Some(Arc::new(AddressList {
-            set: Some(name.into()),
-            nets,
-        })),
-        dst: None,
-        sport: None,
-        dport: None,
-        tcp_flags: None,
-        icmp_type: None,
-        icmp_code: None,
-        notrack: false,
-        limit: None,
-        location: Location {
-            file: PathBuf::from("sets"),
-            line: 0,
-            column: 1,
-        },
+        src: Some(Arc::new(AddressList { set, nets })),
+        ..Rule::matching_all(name, action, location("sets", 0))
+    }
+}
+
+fn location(file: &str, line: usize) -> Location {
+    Location {
+        file: PathBuf::from(file),
+        line,
+        column: 1,
     }
 }
 
 /// The first and last address of `net`, and the addresses just outside it.
 fn edges(net: &IpNet) -> Vec<IpAddr> {
-    let (first, last) = (net.network(), net.broadcast());
-    let step = |addr: IpAddr, up: bool| -> Option<IpAddr> {
-        match addr {
-            IpAddr::V4(a) => {
-                let n = u32::from(a);
-                (if up {
-                    n.checked_add(1)
-                } else {
-                    n.checked_sub(1)
-                })
-                .map(|n| IpAddr::V4(n.into()))
-            }
-            IpAddr::V6(a) => {
-                let n = u128::from(a);
-                (if up {
-                    n.checked_add(1)
-                } else {
-                    n.checked_sub(1)
-                })
-                .map(|n| IpAddr::V6(n.into()))
-            }
-        }
+    let number = |addr: IpAddr| match addr {
+        IpAddr::V4(addr) => u128::from(u32::from(addr)),
+        IpAddr::V6(addr) => u128::from(addr),
     };
-    let mut addrs = vec![first, last];
-    addrs.extend(step(first, false));
-    addrs.extend(step(last, true));
-    addrs
+    let address = |n: u128| match net {
+        IpNet::V4(_) => u32::try_from(n).ok().map(|n| IpAddr::V4(n.into())),
+        IpNet::V6(_) => Some(IpAddr::V6(n.into())),
+    };
+    let (first, last) = (number(net.network()), number(net.broadcast()));
+    [
+        first.checked_sub(1),
+        Some(first),
+        Some(last),
+        last.checked_add(1),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(address)
+    .collect()
 }
 
 /// Two large overlapping sets with duplicates, nested and adjacent
@@ -503,10 +473,7 @@ fn edges(net: &IpNet) -> Vec<IpAddr> {
 /// prefix's edges and for random addresses.
 #[test]
 fn large_sets_answer_like_their_lists() {
-    let seed = std::env::var("DIFFERENTIAL_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or(42);
+    let seed = seed_or(|| 42);
     let mut rng = StdRng::seed_from_u64(seed);
     let blocked = messy_list(&mut rng, 3_000);
     // The second set shares a third of the first one's prefixes.

@@ -13,7 +13,7 @@ use filter_agent::{
     packet::{self, PacketSpec, Transport, tcp_flag},
     reference::Outcome,
 };
-use filter_common::{DECISION_RULE, event, reason};
+use filter_common::{DECISION_RULE, event, guard, reason};
 
 const XDP_DROP: u32 = xdp_action::DROP;
 const XDP_PASS: u32 = xdp_action::PASS;
@@ -329,6 +329,50 @@ fn monitor_mode_and_guard_findings_are_events_too() {
     assert_eq!(events[0].verdict, event::PASS);
     assert_eq!(events[0].guard, event::GUARD_RETURN);
     assert_eq!(events[0].slot, reason::DEFAULT_ALLOW);
+}
+
+/// The guard's per-port and per-peer detail: exact for a few packets,
+/// sampled with weights under a flood, never more than the exact totals
+/// and short of them by less than one sample's weight.
+#[test]
+fn guard_detail_is_exact_when_quiet_and_weighted_under_a_flood() {
+    let reply = PacketSpec {
+        transport: Transport::Tcp {
+            sport: 443,
+            dport: 20000,
+            flags: tcp_flag::ACK,
+        },
+        ..tcp_v4()
+    };
+    let frame = reply.build();
+    // One test run repeats the frame on one CPU.
+    let detail = |flood: u32| {
+        let filter = load_with_events(DENY_SSH, 0);
+        filter.time_packet(&frame, flood).unwrap();
+        let report = filter.guard_report().unwrap();
+        let total = report.stats[guard::RETURN_OUT_OF_RANGE as usize].packets;
+        assert_eq!(total, u64::from(flood), "the total is exact");
+        let [(port, by_port)] = report.ports[..] else {
+            panic!("one local port: {:?}", report.ports)
+        };
+        let [(peer, by_peer)] = report.peers[..] else {
+            panic!("one peer: {:?}", report.peers)
+        };
+        assert_eq!((port.port, peer.port), (20000, 443));
+        assert_eq!(by_port, by_peer);
+        assert_eq!(by_port.bytes, by_port.packets * frame.len() as u64);
+        by_port.packets
+    };
+    let quiet = u32::try_from(guard::DETAIL_EXACT).unwrap();
+    assert_eq!(detail(quiet), u64::from(quiet));
+    let flood = 10_000;
+    let sampled = detail(flood);
+    assert!(
+        sampled <= u64::from(flood) && u64::from(flood) - sampled < guard::DETAIL_EVERY,
+        "{sampled} of {flood} in the detail"
+    );
+    // Exact ones, then whole samples of DETAIL_EVERY.
+    assert_eq!((sampled - guard::DETAIL_EXACT) % guard::DETAIL_EVERY, 0);
 }
 
 /// Per-source buckets group sources by prefix (IPv6 /64 here); in monitor

@@ -171,6 +171,9 @@ fn sample(direction: u8) -> Option<u64> {
             if (*sampler).exact_used >= guard::DETAIL_EXACT && skipped < guard::DETAIL_EVERY {
                 return None;
             }
+        } else if (*sampler).window_start == 0 {
+            // The first window starts with the first packet, not at boot.
+            (*sampler).window_start = bpf_jiffies64();
         }
         (*sampler).exact_used += 1;
         (*sampler).skipped = 0;

@@ -685,17 +685,16 @@ fn main() -> anyhow::Result<()> {
         .try_into()?;
 
     let repeat = options.repeat;
-    let filter_timer = |filter| filter_timer(filter, repeat);
     // Every rule set on both mixes, then the reference rows.
     let mut subjects: Vec<Subject<'_>> = Vec::new();
     for set in &loaded {
         subjects.push(Subject {
             frames: &set.frames,
-            time: filter_timer(&set.filter),
+            time: filter_timer(&set.filter, repeat),
         });
         subjects.push(Subject {
             frames: &replies,
-            time: filter_timer(&set.filter),
+            time: filter_timer(&set.filter, repeat),
         });
     }
     let extra = |frames, time| Subject { frames, time };
@@ -703,9 +702,9 @@ fn main() -> anyhow::Result<()> {
         &first.frames,
         Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
     ));
-    subjects.push(extra(&first.frames, filter_timer(&unguarded)));
-    subjects.push(extra(&replies, filter_timer(&unguarded)));
-    subjects.push(extra(&first.frames, filter_timer(&quiet)));
+    subjects.push(extra(&first.frames, filter_timer(&unguarded, repeat)));
+    subjects.push(extra(&replies, filter_timer(&unguarded, repeat)));
+    subjects.push(extra(&first.frames, filter_timer(&quiet, repeat)));
     if let Some((_, program)) = &xdp_filter {
         for frames in [&first.frames, &replies] {
             subjects.push(extra(
@@ -883,7 +882,7 @@ fn main() -> anyhow::Result<()> {
             changed[0] = "192.0.2.0/24".parse()?;
             let row = stall::measure(nets, &changed)?;
             println!(
-                "\nreplacing {} prefixes under live traffic ({} of {} datagrams received): longest gap \
+                "\nreplacing {} prefixes under live traffic ({} echoes of {} datagrams): longest gap \
                  {:.1} ms steady, {:.1} ms during the swap ({:.2} s: compile, load, link update), \
                  {:.1} ms while the old set is freed; freeing a kernel LPM trie of the same \
                  prefixes: {:.1} ms",

@@ -120,25 +120,12 @@ fn settings(default: Action) -> FilterSettings {
 
 /// A rule with no conditions beyond those given, and no limit.
 fn bare_rule(name: &str, action: Action) -> Rule {
-    Rule {
-        name: name.into(),
-        action,
-        proto: None,
-        src: None,
-        dst: None,
-        sport: None,
-        dport: None,
-        tcp_flags: None,
-        icmp_type: None,
-        icmp_code: None,
-        notrack: false,
-        limit: None,
-        location: Location {
-            file: PathBuf::from("bench"),
-            line: 1,
-            column: 1,
-        },
-    }
+    let location = Location {
+        file: PathBuf::from("bench"),
+        line: 1,
+        column: 1,
+    };
+    Rule::matching_all(name, action, location)
 }
 
 /// A public web service: one rule allowing TCP to port 80 from anywhere,

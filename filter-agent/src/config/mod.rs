@@ -223,6 +223,26 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule that matches every packet: the base the other conditions
+    /// are set on.
+    pub fn matching_all(name: impl Into<String>, action: Action, location: Location) -> Self {
+        Rule {
+            name: name.into(),
+            action,
+            proto: None,
+            src: None,
+            dst: None,
+            sport: None,
+            dport: None,
+            tcp_flags: None,
+            icmp_type: None,
+            icmp_code: None,
+            notrack: false,
+            limit: None,
+            location,
+        }
+    }
+
     /// True when the rule looks past the IP header (ports, flags, ICMP).
     pub fn needs_l4(&self) -> bool {
         self.sport.is_some()

@@ -240,19 +240,9 @@ impl<'a> Source<'a> {
     /// [`IMPLICIT_ND_RULE`]).
     fn implicit_nd_rule(&self) -> Rule {
         Rule {
-            name: IMPLICIT_ND_RULE.into(),
-            action: Action::Allow,
             proto: Some(IPPROTO_ICMPV6),
-            src: None,
-            dst: None,
-            sport: None,
-            dport: None,
-            tcp_flags: None,
             icmp_type: Some(ND_TYPES.collect()),
-            icmp_code: None,
-            notrack: false,
-            limit: None,
-            location: self.locate(None),
+            ..Rule::matching_all(IMPLICIT_ND_RULE, Action::Allow, self.locate(None))
         }
     }
 

@@ -394,7 +394,8 @@ pub struct Event {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EventBudget {
     pub window_start_ns: u64,
-    pub sent: u64,
+    /// Events asked for in this window, sent or refused.
+    pub asked: u64,
 }
 
 /// The live benchmark's sender (filter-ebpf/src/baseline.rs).

@@ -73,9 +73,8 @@ fn take_budget(rate: u64) -> bool {
     };
     // SAFETY: this CPU's slot; the program is not preempted by itself.
     unsafe {
-        // Events asked for in this window, sent or not.
-        let asked = (*budget).sent;
-        (*budget).sent = asked + 1;
+        let asked = (*budget).asked;
+        (*budget).asked = asked + 1;
         if asked < rate {
             if (*budget).window_start_ns == 0 {
                 (*budget).window_start_ns = bpf_ktime_get_ns();
@@ -90,7 +89,7 @@ fn take_budget(rate: u64) -> bool {
             return false;
         }
         (*budget).window_start_ns = now;
-        (*budget).sent = 1;
+        (*budget).asked = 1;
     }
     true
 }

@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: ns/packet of the real program (BPF_PROG_TEST_RUN)
-//! for ClassBench-like rule sets of growing size, side by side with
-//! xdp-filter (Debian's xdp-tools) on the same frames, in one run.
+//! for ClassBench-like rule sets of growing size on a SYN mix and a return
+//! mix, side by side with xdp-filter (Debian's xdp-tools) on the same
+//! frames, in one run; address sets against the kernel LPM trie (lookup,
+//! memory, file to kernel, a swap under live traffic: stall.rs).
 //!
 //! With `--live`, whole-path cost with live packets against nftables,
 //! iptables and ipset instead (see live.rs).
 //!
 //! Usage: bench [--runs N] [--repeat N] [--json PATH] [--sizes 10,100,...]
-//!              [--set-sizes 100000,...]
+//!              [--set-sizes 100000,...] [--v6-set-sizes 200000,...]
 //!        bench --live [--runs N] [--seconds S] [--json PATH] [--sizes 1,100,...]
 
 mod live;
@@ -26,10 +28,9 @@ use filter_agent::{
     compile::{RuleSet, compile},
     config::geoip,
     config::{Action, Config, GuardAction, Limit},
-    loader::{Filter, LoadOptions, program_verdict, time_program, xdp_action},
+    loader::{Filter, LoadOptions, fill_trie, program_verdict, time_program, xdp_action},
     packet, reference,
 };
-use filter_common::{AddressNode, ENTRIES_PER_BLOCK, NODES_PER_BLOCK};
 use ipnet::IpNet;
 use rand::{SeedableRng, rngs::StdRng};
 use workload::Addresses;
@@ -350,14 +351,8 @@ fn measure_set(
     let mut baseline = aya::EbpfLoader::new()
         .override_global("LISTED_CLASS", &listed_class, true)
         .map_max_entries(lpm_map, nets.len() as u32)
-        .map_max_entries(
-            "TRIE_ENTRIES",
-            trie.entries.len().div_ceil(ENTRIES_PER_BLOCK) as u32,
-        )
-        .map_max_entries(
-            "TRIE_NODES",
-            trie.nodes.len().div_ceil(NODES_PER_BLOCK).max(1) as u32,
-        )
+        .map_max_entries("TRIE_ENTRIES", trie.entry_blocks())
+        .map_max_entries("TRIE_NODES", trie.node_blocks())
         .load(BASELINE_OBJECT)?;
     let map = baseline.map_mut(lpm_map).context("LPM map")?;
     if v6 {
@@ -368,8 +363,7 @@ fn measure_set(
     let lpm = load_program(&mut baseline, lpm_program)?;
     let kernel_lpm_load_s = started.elapsed().as_secs_f64();
     let kernel_lpm_memlock_bytes = memlock(baseline.map(lpm_map).context("LPM map")?)?;
-    fill_blocks::<u32, ENTRIES_PER_BLOCK>(&mut baseline, "TRIE_ENTRIES", &trie.entries)?;
-    fill_blocks::<AddressNode, NODES_PER_BLOCK>(&mut baseline, "TRIE_NODES", &trie.nodes)?;
+    fill_trie(&mut baseline, ["TRIE_ENTRIES", "TRIE_NODES"], trie)?;
     let trie_memlock_bytes = ["TRIE_ENTRIES", "TRIE_NODES"]
         .iter()
         .map(|name| memlock(baseline.map(name).context("trie map")?))
@@ -441,25 +435,6 @@ fn fill_lpm<const LEN: usize>(map: &mut aya::maps::Map, nets: &[IpNet]) -> anyho
         let key =
             aya::maps::lpm_trie::Key::new(u32::from(net.prefix_len()), bytes.try_into().unwrap());
         trie.insert(&key, 1, 0)?;
-    }
-    Ok(())
-}
-
-/// `values` into array map `name`, `N` to a map value.
-fn fill_blocks<T: Copy + Default + aya::Pod, const N: usize>(
-    ebpf: &mut aya::Ebpf,
-    name: &str,
-    values: &[T],
-) -> anyhow::Result<()>
-where
-    [T; N]: aya::Pod,
-{
-    let mut array =
-        aya::maps::Array::<_, [T; N]>::try_from(ebpf.map_mut(name).context(name.to_owned())?)?;
-    for (index, chunk) in values.chunks(N).enumerate() {
-        let mut block = [T::default(); N];
-        block[..chunk.len()].copy_from_slice(chunk);
-        array.set(index as u32, block, 0)?;
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 use std::{net::IpAddr, sync::Arc};
 
 use filter_common::{
-    AddressNode, CHILD, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, ROOT_ENTRIES, V6_ROOT,
+    AddressNode, CHILD, ENTRIES_PER_BLOCK, EntryBlock, NODES_PER_BLOCK, NodeBlock, ROOT_ENTRIES,
+    V6_ROOT,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -104,8 +105,18 @@ impl AddressTrie {
     /// Bytes of map values: entries and nodes, in the blocks they are
     /// stored in.
     pub fn bytes(&self) -> usize {
-        self.entries.len().next_multiple_of(ENTRIES_PER_BLOCK) * 4
-            + self.nodes.len().next_multiple_of(NODES_PER_BLOCK) * size_of::<AddressNode>()
+        self.entry_blocks() as usize * size_of::<EntryBlock>()
+            + self.node_blocks() as usize * size_of::<NodeBlock>()
+    }
+
+    /// Map values the entries take, `ENTRIES_PER_BLOCK` to a value.
+    pub fn entry_blocks(&self) -> u32 {
+        self.entries.len().div_ceil(ENTRIES_PER_BLOCK) as u32
+    }
+
+    /// Map values the nodes take (at least one: maps are not empty).
+    pub fn node_blocks(&self) -> u32 {
+        self.nodes.len().div_ceil(NODES_PER_BLOCK).max(1) as u32
     }
 
     /// The class of `addr`, looked up as the program does.

@@ -75,10 +75,7 @@ impl Countries {
             Err(source) => return Err(GeoIpError::Read { path: v6, source }),
         }
         for nets in countries.nets.values_mut() {
-            let v4: Vec<Ipv4Net> = nets.iter().filter_map(as_v4).collect();
-            let v6: Vec<Ipv6Net> = nets.iter().filter_map(as_v6).collect();
-            *nets = Ipv4Net::aggregate(&v4).into_iter().map(IpNet::V4).collect();
-            nets.extend(Ipv6Net::aggregate(&v6).into_iter().map(IpNet::V6));
+            *nets = IpNet::aggregate(nets);
         }
         Ok(countries)
     }
@@ -121,20 +118,6 @@ impl Countries {
             self.nets.entry(code.to_owned()).or_default().push(net);
         })
         .map_err(format)
-    }
-}
-
-fn as_v4(net: &IpNet) -> Option<Ipv4Net> {
-    match net {
-        IpNet::V4(net) => Some(*net),
-        IpNet::V6(_) => None,
-    }
-}
-
-fn as_v6(net: &IpNet) -> Option<Ipv6Net> {
-    match net {
-        IpNet::V6(net) => Some(*net),
-        IpNet::V4(_) => None,
     }
 }
 

@@ -309,10 +309,10 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .override_global(names::CHUNKS, &rules.chunks, true)
         .override_global(names::TRACE, &trace, true)
         .override_global(names::EVENT_RATE, &options.event_rate, true)
-        .map_max_entries(names::SRC_ENTRIES, entry_blocks(&rules.src.trie))
-        .map_max_entries(names::SRC_NODES, node_blocks(&rules.src.trie))
-        .map_max_entries(names::DST_ENTRIES, entry_blocks(&rules.dst.trie))
-        .map_max_entries(names::DST_NODES, node_blocks(&rules.dst.trie))
+        .map_max_entries(names::SRC_ENTRIES, rules.src.trie.entry_blocks())
+        .map_max_entries(names::SRC_NODES, rules.src.trie.node_blocks())
+        .map_max_entries(names::DST_ENTRIES, rules.dst.trie.entry_blocks())
+        .map_max_entries(names::DST_NODES, rules.dst.trie.node_blocks())
         .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
         .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
         .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
@@ -329,10 +329,10 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
 /// Writes the compiled rule set into the maps, before the program can see
 /// a packet.
 fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
-    let [src_entries, src_nodes] = [names::SRC_ENTRIES, names::SRC_NODES];
-    fill_addresses(ebpf, src_entries, src_nodes, names::SRC_BITS, &rules.src)?;
-    let [dst_entries, dst_nodes] = [names::DST_ENTRIES, names::DST_NODES];
-    fill_addresses(ebpf, dst_entries, dst_nodes, names::DST_BITS, &rules.dst)?;
+    let src_trie = [names::SRC_ENTRIES, names::SRC_NODES];
+    fill_addresses(ebpf, src_trie, names::SRC_BITS, &rules.src)?;
+    let dst_trie = [names::DST_ENTRIES, names::DST_NODES];
+    fill_addresses(ebpf, dst_trie, names::DST_BITS, &rules.dst)?;
     fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
     fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
     fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
@@ -401,30 +401,27 @@ fn fill_table(ebpf: &mut Ebpf, table: &str, bits: &str, dim: &TableDim) -> Resul
     fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
 }
 
-fn entry_blocks(trie: &AddressTrie) -> u32 {
-    trie.entries.len().div_ceil(ENTRIES_PER_BLOCK) as u32
-}
-
-fn node_blocks(trie: &AddressTrie) -> u32 {
-    trie.nodes.len().div_ceil(NODES_PER_BLOCK).max(1) as u32
-}
-
-/// An address trie's entries and nodes, a block at a time (one syscall
-/// per block), and its bitmaps.
+/// An address trie's maps and bitmaps.
 fn fill_addresses(
     ebpf: &mut Ebpf,
-    entries: &str,
-    nodes: &str,
+    trie: [&str; 2],
     bits: &str,
     dim: &AddressDim,
 ) -> Result<(), LoadError> {
-    fill_array(
-        ebpf,
-        entries,
-        blocks::<_, ENTRIES_PER_BLOCK>(&dim.trie.entries),
-    )?;
-    fill_array(ebpf, nodes, blocks::<_, NODES_PER_BLOCK>(&dim.trie.nodes))?;
+    fill_trie(ebpf, trie, &dim.trie)?;
     fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
+}
+
+/// Writes `trie` into the array maps named `[entries, nodes]` (sized by
+/// [`AddressTrie::entry_blocks`] and [`AddressTrie::node_blocks`]), a
+/// block per syscall.
+pub fn fill_trie(
+    ebpf: &mut Ebpf,
+    [entries, nodes]: [&str; 2],
+    trie: &AddressTrie,
+) -> Result<(), LoadError> {
+    fill_array(ebpf, entries, blocks::<_, ENTRIES_PER_BLOCK>(&trie.entries))?;
+    fill_array(ebpf, nodes, blocks::<_, NODES_PER_BLOCK>(&trie.nodes))
 }
 
 /// `values` as numbered blocks of `N`, the last one padded with defaults.

@@ -175,11 +175,11 @@ impl AddressTrie {
         };
         let mut runs = 0u32;
         for (byte, &entry) in table.iter().enumerate() {
-            if byte % 64 == 0 {
-                node.before[byte / 64] = runs as u8;
+            if byte % 8 == 0 {
+                node.before[byte / 8] = runs as u8;
             }
             if byte == 0 || entry != table[byte - 1] {
-                node.starts[byte / 64] |= 1 << (byte % 64);
+                node.starts[byte / 8] |= 1 << (byte % 8);
                 self.entries.push(entry);
                 runs += 1;
             }

@@ -92,12 +92,8 @@ pub fn inspect_inbound(packet: &Packet, end: usize, len: u64) -> Inbound {
         return Inbound::Fine;
     }
     count(guard::RETURN_OUT_OF_RANGE, len);
-    let port = GuardPort {
-        port: local_port,
-        proto: packet.proto,
-        direction: INGRESS,
-    };
-    let reported = detail(port, remote_port, len, || unsafe {
+    let ports = (local_port, remote_port);
+    let reported = detail(packet, INGRESS, ports, len, || unsafe {
         address(packet, 0, end)
     });
     if GUARD_MODE.load() == guard::DROP {
@@ -141,12 +137,7 @@ pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
         return false;
     }
     count(guard::OUTBOUND_OUT_OF_RANGE, len);
-    let port = GuardPort {
-        port: local_port,
-        proto: packet.proto,
-        direction: EGRESS,
-    };
-    detail(port, remote_port, len, || remote)
+    detail(packet, EGRESS, (local_port, remote_port), len, || remote)
 }
 
 /// Whether this out-of-range packet goes into the detail, and with what
@@ -259,9 +250,20 @@ fn count(index: u32, len: u64) {
 /// picks it, standing for the packets it was picked for; true if so. The
 /// remote address is copied only then.
 #[inline(always)]
-fn detail(port: GuardPort, remote_port: u16, len: u64, remote: impl FnOnce() -> [u8; 16]) -> bool {
-    let Some(weight) = sample(port.direction) else {
+fn detail(
+    packet: &Packet,
+    direction: u8,
+    (local_port, remote_port): (u16, u16),
+    len: u64,
+    remote: impl FnOnce() -> [u8; 16],
+) -> bool {
+    let Some(weight) = sample(direction) else {
         return false;
+    };
+    let port = GuardPort {
+        port: local_port,
+        proto: packet.proto,
+        direction,
     };
     let sample = Counter {
         packets: weight,
@@ -271,8 +273,8 @@ fn detail(port: GuardPort, remote_port: u16, len: u64, remote: impl FnOnce() -> 
     let peer = GuardPeer {
         addr: remote(),
         port: remote_port,
-        proto: port.proto,
-        direction: port.direction,
+        proto: packet.proto,
+        direction,
     };
     bump(&GUARD_PEERS, &peer, &sample);
     true

@@ -173,8 +173,8 @@ fn many_rules_use_several_chunks() {
 
 #[test]
 fn sets_beyond_the_map_limit_are_named_with_their_estimate() {
-    // 30,000 /32s in as many /16s: two nodes of three runs (160 bytes)
-    // each, beside the two roots (512 KiB).
+    // 30,000 /32s in as many /16s: two nodes of three runs each (2 x 68
+    // bytes, 6 entries: 160 bytes a prefix), beside the two roots (512 KiB).
     let nets: Vec<String> = (0..30_000u32)
         .map(|i| format!("\"{}.{}.1.1\"", 1 + i / 256, i % 256))
         .collect();

@@ -154,16 +154,20 @@ pub const PROTO_TABLE_SIZE: u32 = 1 << 17;
 /// `ENTRIES_PER_BLOCK`: the IPv4 root first (65,536 entries, indexed by the
 /// first two address bytes), then the IPv6 root (from `V6_ROOT`), then the
 /// entries of every node. An entry with `CHILD` set names the node for the
-/// next byte; otherwise it is the address's class.
+/// next byte (`entry & NODE`); otherwise it is the address's class.
 ///
-/// A node stands for 256 entries but stores each run of equal entries once:
-/// a set of a million prefixes takes a few bytes per prefix instead of a
-/// kilobyte per block.
+/// A node stands for 256 entries. Most store each run of equal entries
+/// once (an [`AddressNode`]): a set of a million prefixes takes a few bytes
+/// per prefix instead of a kilobyte per block. A `WIDE` node is stored
+/// whole, as entry block `entry & NODE`: its step is one load, without
+/// the rank, for a kilobyte.
 pub type EntryBlock = [u32; ENTRIES_PER_BLOCK];
 pub const ENTRIES_PER_BLOCK: usize = 256;
 pub const ROOT_ENTRIES: u32 = 1 << 16;
 pub const V6_ROOT: u32 = ROOT_ENTRIES;
 pub const CHILD: u32 = 1 << 31;
+pub const WIDE: u32 = 1 << 30;
+pub const NODE: u32 = WIDE - 1;
 
 /// One node of the address trie: entry `b` (0-255) of the node is entry
 /// `first + rank(b) - 1` of the flat array, where `rank(b)` counts the runs
@@ -304,12 +308,10 @@ pub mod guard {
     /// of each window of `DETAIL_WINDOW_JIFFIES` go into the per-port and
     /// per-peer detail one by one; after them, one in `DETAIL_EVERY`, with
     /// that weight. The window is about a second at HZ=250 (Debian's); it
-    /// is looked at every `DETAIL_CLOCK_EVERY` packets once the exact ones
-    /// are spent (a packet then may stand for up to that many).
+    /// is looked at when a sample is due, once the exact ones are spent.
     pub const DETAIL_EXACT: u64 = 256;
-    pub const DETAIL_EVERY: u64 = 64;
+    pub const DETAIL_EVERY: u64 = 256;
     pub const DETAIL_WINDOW_JIFFIES: u64 = 256;
-    pub const DETAIL_CLOCK_EVERY: u64 = 8;
 }
 
 /// Per-CPU state of the guard's detail sampling (see

@@ -143,7 +143,8 @@ pub fn inspect_outbound(packet: &Packet, end: usize, len: u64) -> bool {
 /// Whether this out-of-range packet goes into the detail, and with what
 /// weight (the packets it stands for: itself and those skipped before it).
 /// The clock is read only once the exact ones are spent, and then only
-/// every `guard::DETAIL_CLOCK_EVERY` packets.
+/// when a sample is due: a new window is noticed at most
+/// `guard::DETAIL_EVERY` packets late.
 #[inline(always)]
 fn sample(direction: u8) -> Option<u64> {
     let sampler = GUARD_SAMPLERS.get_ptr_mut(direction as u32)?;
@@ -152,15 +153,13 @@ fn sample(direction: u8) -> Option<u64> {
         (*sampler).skipped += 1;
         let skipped = (*sampler).skipped;
         if (*sampler).exact_used >= guard::DETAIL_EXACT {
-            if skipped % guard::DETAIL_CLOCK_EVERY == 0 {
-                let now = bpf_jiffies64();
-                if now.wrapping_sub((*sampler).window_start) >= guard::DETAIL_WINDOW_JIFFIES {
-                    (*sampler).window_start = now;
-                    (*sampler).exact_used = 0;
-                }
-            }
-            if (*sampler).exact_used >= guard::DETAIL_EXACT && skipped < guard::DETAIL_EVERY {
+            if skipped < guard::DETAIL_EVERY {
                 return None;
+            }
+            let now = bpf_jiffies64();
+            if now.wrapping_sub((*sampler).window_start) >= guard::DETAIL_WINDOW_JIFFIES {
+                (*sampler).window_start = now;
+                (*sampler).exact_used = 0;
             }
         } else if (*sampler).window_start == 0 {
             // The first window starts with the first packet, not at boot.

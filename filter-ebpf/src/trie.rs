@@ -2,10 +2,11 @@
 //! the filter and the benchmark's reference program.
 
 use aya_ebpf::maps::Array;
-use filter_common::{CHILD, ENTRIES_PER_BLOCK, EntryBlock, NODES_PER_BLOCK, NodeBlock};
+use filter_common::{CHILD, ENTRIES_PER_BLOCK, EntryBlock, NODE, NODES_PER_BLOCK, NodeBlock, WIDE};
 
 /// The class of the `LEN`-byte address at `addr`: the root entry for its
 /// first two bytes, then one node per byte while entries point further.
+/// A wide node is read directly; a compressed one through its rank.
 #[inline(always)]
 pub fn class<const LEN: usize>(
     entries: &Array<EntryBlock>,
@@ -19,9 +20,13 @@ pub fn class<const LEN: usize>(
         if entry & CHILD == 0 {
             break;
         }
-        let node = entry & !CHILD;
-        let block = nodes.get(node / NODES_PER_BLOCK as u32)?;
-        let index = block[node as usize % NODES_PER_BLOCK].entry_index(byte(i));
+        let node = entry & NODE;
+        let index = if entry & WIDE != 0 {
+            node * ENTRIES_PER_BLOCK as u32 + byte(i) as u32
+        } else {
+            let block = nodes.get(node / NODES_PER_BLOCK as u32)?;
+            block[node as usize % NODES_PER_BLOCK].entry_index(byte(i))
+        };
         entry = entry_at(entries, index)?;
     }
     Some(entry)

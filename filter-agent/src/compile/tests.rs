@@ -2,7 +2,7 @@ use std::path::Path;
 
 use super::*;
 use crate::config;
-use filter_common::proto_index;
+use filter_common::{CHILD, WIDE, proto_index};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 fn compile_text(rules: &str) -> RuleSet {
@@ -118,7 +118,25 @@ fn trie_agrees_with_longest_prefix_match() {
     .zip(100..)
     .map(|(text, class)| (text.parse().unwrap(), class))
     .collect();
-    let trie = AddressTrie::build(&v4, &v6);
+    // Wide: none, IPv4's first level (2 nodes), that and IPv6's first,
+    // both IPv4 levels (then none left for IPv6), all 18 (IPv6 has one
+    // node per level from 2001::/16 to the /128).
+    for (allowed, wide) in [(0, 0), (2, 2), (3, 3), (4, 4), (usize::MAX, 18)] {
+        let trie = AddressTrie::build(&v4, &v6, allowed);
+        let named = trie
+            .entries
+            .iter()
+            .filter(|&&e| e & (CHILD | WIDE) == CHILD | WIDE);
+        assert_eq!(named.count(), wide, "wide nodes allowed: {allowed}");
+        agrees_with_longest_prefix_match(&trie, &v4, &v6);
+    }
+}
+
+fn agrees_with_longest_prefix_match(
+    trie: &AddressTrie,
+    v4: &[(Ipv4Net, u32)],
+    v6: &[(Ipv6Net, u32)],
+) {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         state ^= state << 13;

@@ -1,17 +1,23 @@
 //! The address dimension: prefixes expanded into the program's compressed
 //! multibit trie, a 16-bit root and one 256-entry node per address byte
-//! below it, each storing its runs of equal entries once.
+//! below it, each storing its runs of equal entries once, or, near the
+//! root of a small trie, all 256 (wide).
 
 use std::{net::IpAddr, sync::Arc};
 
 use filter_common::{
-    AddressNode, CHILD, ENTRIES_PER_BLOCK, EntryBlock, NODES_PER_BLOCK, NodeBlock, ROOT_ENTRIES,
-    V6_ROOT,
+    AddressNode, CHILD, ENTRIES_PER_BLOCK, EntryBlock, NODE, NODES_PER_BLOCK, NodeBlock,
+    ROOT_ENTRIES, V6_ROOT, WIDE,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{AddressDim, BitmapBuilder, ClassTable, CompileError, Conditions};
 use crate::config::{AddressList, Rule};
+
+/// The most wide nodes of one address dimension's trie (a KiB each): all
+/// of them for ACLs of some thousands of rules, the top level or none for
+/// large sets, whose compressed nodes take some tens of bytes.
+const WIDE_NODES: usize = 8 << 10;
 
 /// The address dimension of `field` (named `name`), within `budget` bytes
 /// of trie blocks (which it spends).
@@ -34,7 +40,11 @@ pub(super) fn address_dim<'r>(
         IpNet::V4(_) => None,
     });
     let order: Vec<u32> = (0..classes.keys.len() as u32).collect();
-    let trie = AddressTrie::build(&v4, &v6);
+    let mut trie = AddressTrie::build(&v4, &v6, WIDE_NODES);
+    if trie.bytes() > *budget {
+        // Wide nodes buy speed with memory the limit does not have.
+        trie = AddressTrie::build(&v4, &v6, 0);
+    }
     if trie.bytes() > *budget {
         let largest = rules
             .iter()
@@ -81,25 +91,32 @@ impl AddressTrie {
     /// Longest-prefix match over `v4` and `v6` (each with its class; /0
     /// included): each prefix fills the entries it spans at the level where
     /// it ends, shorter prefixes first (controlled prefix expansion), and a
-    /// node whose 256 entries end up equal is not stored at all.
-    pub fn build(v4: &[(Ipv4Net, u32)], v6: &[(Ipv6Net, u32)]) -> Self {
-        let mut trie = AddressTrie {
-            entries: vec![0; 2 * ROOT_ENTRIES as usize],
-            nodes: Vec::new(),
+    /// node whose 256 entries end up equal is not stored at all. Nodes of
+    /// the levels nearest the root are wide while at most `wide_nodes` of
+    /// them (both families together) are.
+    pub fn build(v4: &[(Ipv4Net, u32)], v6: &[(Ipv6Net, u32)], wide_nodes: usize) -> Self {
+        let mut builder = Builder {
+            trie: AddressTrie {
+                entries: vec![0; 2 * ROOT_ENTRIES as usize],
+                nodes: Vec::new(),
+            },
+            wide: Vec::new(),
+            wide_left: wide_nodes,
+            wide_below: 0,
         };
         let v4 = v4.iter().map(|(net, class)| Bits {
             bits: u128::from(u32::from(net.network())) << 96,
             len: u32::from(net.prefix_len()),
             class: *class,
         });
-        trie.root(0, v4.collect());
+        builder.root(0, v4.collect());
         let v6 = v6.iter().map(|(net, class)| Bits {
             bits: u128::from(net.network()),
             len: u32::from(net.prefix_len()),
             class: *class,
         });
-        trie.root(V6_ROOT as usize, v6.collect());
-        trie
+        builder.root(V6_ROOT as usize, v6.collect());
+        builder.finish()
     }
 
     /// Bytes of map values: entries and nodes, in the blocks they are
@@ -130,23 +147,67 @@ impl AddressTrie {
             if entry & CHILD == 0 {
                 break;
             }
-            let node = &self.nodes[(entry & !CHILD) as usize];
-            entry = self.entries[node.entry_index(usize::from(byte)) as usize];
+            let node = (entry & NODE) as usize;
+            let index = if entry & WIDE != 0 {
+                node * ENTRIES_PER_BLOCK + usize::from(byte)
+            } else {
+                self.nodes[node].entry_index(usize::from(byte)) as usize
+            };
+            entry = self.entries[index];
         }
         entry
     }
+}
 
+/// An `AddressTrie` being built: wide nodes wait in `wide` (numbered from
+/// 0) until `finish` puts them after every run, on block boundaries.
+struct Builder {
+    trie: AddressTrie,
+    wide: Vec<EntryBlock>,
+    /// How many more nodes may be wide.
+    wide_left: usize,
+    /// Nodes of the current family at depths below this are wide.
+    wide_below: u32,
+}
+
+impl Builder {
     /// Fills one family's root (`ROOT_ENTRIES` from `base`) and builds the
     /// nodes below it.
     fn root(&mut self, base: usize, mut prefixes: Vec<Bits>) {
         const ROOT_BITS: u32 = ROOT_ENTRIES.trailing_zeros();
         prefixes.sort_unstable_by_key(|p| (p.bits, p.len));
-        let table = &mut self.entries[base..base + ROOT_ENTRIES as usize];
+        let table = &mut self.trie.entries[base..base + ROOT_ENTRIES as usize];
         fill(table, &prefixes, 0, ROOT_BITS);
         let deeper: Vec<Bits> = prefixes.into_iter().filter(|p| p.len > ROOT_BITS).collect();
+        self.choose_wide_levels(ROOT_BITS, &deeper);
         for group in deeper.chunk_by(|a, b| a.slice(0, ROOT_BITS) == b.slice(0, ROOT_BITS)) {
             let slot = base + group[0].slice(0, ROOT_BITS);
-            self.entries[slot] = self.node(ROOT_BITS, group, self.entries[slot]);
+            self.trie.entries[slot] = self.node(ROOT_BITS, group, self.trie.entries[slot]);
+        }
+    }
+
+    /// Makes the levels from `depth` down wide while their nodes (at most
+    /// one per distinct `depth` leading bits of a longer prefix among
+    /// `prefixes`, sorted) fit in what is left: the levels nearest the root
+    /// are the ones every address below them steps through.
+    fn choose_wide_levels(&mut self, mut depth: u32, prefixes: &[Bits]) {
+        self.wide_below = depth;
+        while depth < 128 {
+            let mut longer = prefixes.iter().filter(|p| p.len > depth);
+            let Some(first) = longer.next() else { break };
+            let mut last = first.bits >> (128 - depth);
+            let mut nodes = 1;
+            for prefix in longer {
+                let lead = prefix.bits >> (128 - depth);
+                nodes += usize::from(lead != last);
+                last = lead;
+            }
+            if nodes > self.wide_left {
+                break;
+            }
+            self.wide_left -= nodes;
+            depth += 8;
+            self.wide_below = depth;
         }
     }
 
@@ -169,8 +230,13 @@ impl AddressTrie {
         if table.iter().all(|&entry| entry == table[0]) && table[0] & CHILD == 0 {
             return table[0];
         }
+        if depth < self.wide_below {
+            self.wide.push(table);
+            return CHILD | WIDE | (self.wide.len() - 1) as u32;
+        }
+        let entries = &mut self.trie.entries;
         let mut node = AddressNode {
-            first: self.entries.len() as u32,
+            first: entries.len() as u32,
             ..AddressNode::default()
         };
         let mut runs = 0u32;
@@ -180,12 +246,27 @@ impl AddressTrie {
             }
             if byte == 0 || entry != table[byte - 1] {
                 node.starts[byte / 8] |= 1 << (byte % 8);
-                self.entries.push(entry);
+                entries.push(entry);
                 runs += 1;
             }
         }
-        self.nodes.push(node);
-        CHILD | (self.nodes.len() - 1) as u32
+        self.trie.nodes.push(node);
+        CHILD | (self.trie.nodes.len() - 1) as u32
+    }
+
+    /// The trie, its wide nodes after the runs from the first free block
+    /// on, and every entry naming a wide node pointed at its block.
+    fn finish(self) -> AddressTrie {
+        let mut trie = self.trie;
+        let first_wide = trie.entries.len().div_ceil(ENTRIES_PER_BLOCK);
+        trie.entries.resize(first_wide * ENTRIES_PER_BLOCK, 0);
+        trie.entries.extend(self.wide.iter().flatten());
+        for entry in &mut trie.entries {
+            if *entry & (CHILD | WIDE) == CHILD | WIDE {
+                *entry += first_wide as u32;
+            }
+        }
+        trie
     }
 }
 

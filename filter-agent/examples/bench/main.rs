@@ -45,6 +45,15 @@ struct Row {
     return_mix: Measured,
     xdp_filter_syn_mix: Option<Measured>,
     xdp_filter_return_mix: Option<Measured>,
+    /// Ratios per round: to xdp-filter, to the smallest rule set.
+    vs_xdp_filter_syn_mix: Option<Quartiles>,
+    vs_xdp_filter_return_mix: Option<Quartiles>,
+    vs_smallest_syn_mix: Quartiles,
+    vs_smallest_return_mix: Quartiles,
+    /// Frames of each mix the rules drop (a drop costs more: the event
+    /// budget), of `MIX_FRAMES`.
+    dropped_syn_mix: usize,
+    dropped_return_mix: usize,
     map_bytes: usize,
     compile_apply_ms: f64,
 }
@@ -84,6 +93,9 @@ struct Report {
     /// The smallest rule set with `[guard] action = "off"`, on each mix.
     guard_off_syn_mix: Measured,
     guard_off_return_mix: Measured,
+    /// Guard on minus off, per round (ns).
+    guard_cost_syn_mix: Quartiles,
+    guard_cost_return_mix: Quartiles,
     /// The smallest rule set with event sampling off.
     events_off: Measured,
     rules: Vec<Row>,
@@ -177,39 +189,74 @@ impl std::fmt::Display for Measured {
 /// The spread a row must get under before the rounds stop.
 const MAX_SPREAD: f64 = 0.05;
 
-/// Mean ns/packet over each subject's frames, median over rounds: `runs`
+/// Mean ns/packet over each subject's frames, one per round: `runs`
 /// rounds, then `runs` more while any row's spread is over `MAX_SPREAD`
 /// (at most `4 * runs` in all; the spread is reported either way). Every
 /// round times every subject, so drift on a shared VM hits all of them
 /// alike instead of whichever happened to run during it.
-fn measure(runs: usize, subjects: &[Subject<'_>]) -> anyhow::Result<Vec<Measured>> {
-    let mut means: Vec<Vec<f64>> = vec![Vec::new(); subjects.len()];
+fn measure(runs: usize, subjects: &[Subject<'_>]) -> anyhow::Result<Vec<Rounds>> {
+    let mut rounds: Vec<Rounds> = vec![Rounds(Vec::new()); subjects.len()];
     loop {
         for _ in 0..runs {
-            for (subject, means) in subjects.iter().zip(&mut means) {
+            for (subject, rounds) in subjects.iter().zip(&mut rounds) {
                 let mut total = 0.0;
                 for frame in subject.frames {
                     total += (subject.time)(frame)?.as_nanos() as f64;
                 }
-                means.push(total / subject.frames.len() as f64);
+                rounds.0.push(total / subject.frames.len() as f64);
             }
         }
-        let measured: Vec<Measured> = means.iter().map(|means| summary(means)).collect();
-        let stable = measured.iter().all(|row| row.spread < MAX_SPREAD);
-        if stable || means[0].len() >= 4 * runs {
-            return Ok(measured);
+        let stable = rounds.iter().all(|row| row.summary().spread < MAX_SPREAD);
+        if stable || rounds[0].0.len() >= 4 * runs {
+            return Ok(rounds);
         }
     }
 }
 
-fn summary(means: &[f64]) -> Measured {
-    let mut sorted = means.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let at = |fraction: f64| sorted[((sorted.len() - 1) as f64 * fraction).round() as usize];
-    let ns = at(0.5);
-    Measured {
-        ns,
-        spread: (at(0.75) - at(0.25)) / ns,
+/// One subject's mean ns/packet in each round.
+#[derive(Clone)]
+struct Rounds(Vec<f64>);
+
+impl Rounds {
+    fn summary(&self) -> Measured {
+        let quartiles = Quartiles::of(self.0.clone());
+        Measured {
+            ns: quartiles.median,
+            spread: (quartiles.high - quartiles.low) / quartiles.median,
+        }
+    }
+
+    /// `pair` of this subject's and `other`'s mean in each round: measured
+    /// moments apart, the two share the round's drift, which a comparison
+    /// of their medians over all rounds does not cancel.
+    fn paired(&self, other: &Rounds, pair: impl Fn(f64, f64) -> f64) -> Quartiles {
+        Quartiles::of(
+            self.0
+                .iter()
+                .zip(&other.0)
+                .map(|(&a, &b)| pair(a, b))
+                .collect(),
+        )
+    }
+}
+
+/// The median and the quartiles around it.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+struct Quartiles {
+    median: f64,
+    low: f64,
+    high: f64,
+}
+
+impl Quartiles {
+    fn of(mut values: Vec<f64>) -> Self {
+        values.sort_by(f64::total_cmp);
+        let at = |fraction: f64| values[((values.len() - 1) as f64 * fraction).round() as usize];
+        Quartiles {
+            median: at(0.5),
+            low: at(0.25),
+            high: at(0.75),
+        }
     }
 }
 
@@ -401,9 +448,9 @@ fn measure_set(
     Ok(SetRow {
         set: name.to_owned(),
         prefixes: nets.len(),
-        filter: measured[0],
-        trie_lookup_ns: measured[1].ns - measured[3].ns,
-        kernel_lpm_lookup_ns: measured[2].ns - measured[3].ns,
+        filter: measured[0].summary(),
+        trie_lookup_ns: measured[1].paired(&measured[3], |a, b| a - b).median,
+        kernel_lpm_lookup_ns: measured[2].paired(&measured[3], |a, b| a - b).median,
         map_bytes: trie.bytes(),
         trie_memlock_bytes,
         kernel_lpm_memlock_bytes,
@@ -544,9 +591,9 @@ fn measure_limits(options: &Options, rng: &mut StdRng) -> anyhow::Result<Vec<Lim
     Ok(cases
         .iter()
         .zip(measured)
-        .map(|(case, ns_per_packet)| LimitRow {
+        .map(|(case, rounds)| LimitRow {
             rule: case.rule,
-            ns_per_packet,
+            ns_per_packet: rounds.summary(),
         })
         .collect())
 }
@@ -580,32 +627,42 @@ fn load(rules: &RuleSet) -> anyhow::Result<Filter> {
 struct Loaded {
     size: usize,
     config: Config,
-    frames: Vec<Vec<u8>>,
     filter: Filter,
+    /// Frames of each mix the rule set drops (of `MIX_FRAMES`).
+    dropped: [usize; 2],
     map_bytes: usize,
     apply_ms: f64,
 }
 
-fn load_rule_set(rng: &mut StdRng, size: usize) -> anyhow::Result<Loaded> {
-    let config = workload::rule_set(rng, size, Addresses::ClassBench);
-    let frames = workload::packet_mix(rng, &config, 60);
+/// Frames in each mix.
+const MIX_FRAMES: usize = 60;
+
+/// The first `size` rules of `list`, loaded; checked against the
+/// reference on both `mixes`.
+fn load_rule_set(list: &Config, size: usize, mixes: [&[Vec<u8>]; 2]) -> anyhow::Result<Loaded> {
+    let mut config = list.clone();
+    config.rules.truncate(size);
     let started = Instant::now();
     let rule_set = compile(&config)?;
     let filter = load(&rule_set)?;
     let apply_ms = started.elapsed().as_secs_f64() * 1e3;
     // The benchmark is only meaningful if the program decides right.
-    for frame in &frames {
-        let (outcome, _) = reference::classify(&config, frame);
-        let (_, got) = filter.classify_frame(frame)?;
-        if got != outcome {
-            bail!("{size} rules: kernel says {got:?}, reference {outcome:?}");
+    let mut dropped = [0; 2];
+    for (frames, dropped) in mixes.iter().zip(&mut dropped) {
+        for frame in frames.iter() {
+            let (outcome, action) = reference::classify(&config, frame);
+            let (_, got) = filter.classify_frame(frame)?;
+            if got != outcome {
+                bail!("{size} rules: kernel says {got:?}, reference {outcome:?}");
+            }
+            *dropped += usize::from(action == Action::Deny);
         }
     }
     Ok(Loaded {
         size,
         config,
-        frames,
         filter,
+        dropped,
         map_bytes: rule_set.map_bytes(),
         apply_ms,
     })
@@ -627,11 +684,19 @@ fn main() -> anyhow::Result<()> {
         .sizes
         .clone()
         .unwrap_or_else(|| vec![10, 100, 1_000, 10_000]);
+    // One ClassBench list, each size its first rules: a frame that a
+    // smaller set decides by a rule is decided by the same rule in every
+    // larger one. All sizes are timed on the same frames: the SYN mix of
+    // the whole list, and replies.
+    let largest = sizes.iter().copied().max().context("no rule-set sizes")?;
+    let list = workload::rule_set(&mut rng, largest, Addresses::ClassBench);
+    let syn_mix = workload::packet_mix(&mut rng, &list, MIX_FRAMES);
+    let replies = workload::return_traffic(&mut rng, MIX_FRAMES);
     let loaded = sizes
         .iter()
-        .map(|&size| load_rule_set(&mut rng, size))
+        .map(|&size| load_rule_set(&list, size, [&syn_mix, &replies]))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let first = loaded.first().context("no rule-set sizes")?;
+    let first = &loaded[0];
     // xdp-filter with the smallest set's exact-match entries, on its frames.
     let xdp_filter = match XdpFilter::load(&first.config) {
         Ok(peer) => Some(peer),
@@ -645,7 +710,6 @@ fn main() -> anyhow::Result<()> {
     let mut unguarded = first.config.clone();
     unguarded.guard.action = GuardAction::Off;
     let unguarded = load(&compile(&unguarded)?)?;
-    let replies = workload::return_traffic(&mut rng, 60);
     // And with event sampling off (`--events-per-second 0`).
     let quiet = Filter::load(&compile(&first.config)?)?;
     let mut baseline = aya::Ebpf::load(BASELINE_OBJECT)?;
@@ -664,7 +728,7 @@ fn main() -> anyhow::Result<()> {
     let mut subjects: Vec<Subject<'_>> = Vec::new();
     for set in &loaded {
         subjects.push(Subject {
-            frames: &set.frames,
+            frames: &syn_mix,
             time: filter_timer(&set.filter, repeat),
         });
         subjects.push(Subject {
@@ -674,14 +738,14 @@ fn main() -> anyhow::Result<()> {
     }
     let extra = |frames, time| Subject { frames, time };
     subjects.push(extra(
-        &first.frames,
+        &syn_mix,
         Box::new(|frame| Ok(time_program(empty, frame, repeat)?)),
     ));
-    subjects.push(extra(&first.frames, filter_timer(&unguarded, repeat)));
+    subjects.push(extra(&syn_mix, filter_timer(&unguarded, repeat)));
     subjects.push(extra(&replies, filter_timer(&unguarded, repeat)));
-    subjects.push(extra(&first.frames, filter_timer(&quiet, repeat)));
+    subjects.push(extra(&syn_mix, filter_timer(&quiet, repeat)));
     if let Some((_, program)) = &xdp_filter {
-        for frames in [&first.frames, &replies] {
+        for frames in [&syn_mix, &replies] {
             subjects.push(extra(
                 frames,
                 Box::new(|frame| Ok(time_program(program, frame, repeat)?)),
@@ -690,8 +754,11 @@ fn main() -> anyhow::Result<()> {
     }
     let measured = measure(options.runs, &subjects)?;
     let rest = &measured[2 * loaded.len()..];
-    let (empty_ns, guard_off, replies_guard_off, events_off) = (rest[0], rest[1], rest[2], rest[3]);
-    let peer = xdp_filter.as_ref().map(|_| (rest[4], rest[5]));
+    let (empty_ns, guard_off, replies_guard_off, events_off) =
+        (&rest[0], &rest[1], &rest[2], &rest[3]);
+    let peer = xdp_filter.as_ref().map(|_| (&rest[4], &rest[5]));
+    let (smallest_syn, smallest_reply) = (&measured[0], &measured[1]);
+    let ratio = |a: f64, b: f64| a / b;
 
     println!(
         "{:>7} | {:>15} {:>13} {:>6} | {:>15} {:>13} {:>6} | {:>8} {:>10}",
@@ -708,65 +775,87 @@ fn main() -> anyhow::Result<()> {
     let show = Measured::to_string;
     let mut rows = Vec::new();
     for (index, set) in loaded.iter().enumerate() {
-        let (syn, reply) = (measured[2 * index], measured[2 * index + 1]);
+        let (syn, reply) = (&measured[2 * index], &measured[2 * index + 1]);
         let peer = peer.filter(|_| index == 0);
-        let (peer_syn, peer_reply) = match peer {
-            Some((peer_syn, peer_reply)) => (show(&peer_syn), show(&peer_reply)),
-            None => ("-".to_owned(), "-".to_owned()),
-        };
-        let ratio = |ours: &Measured, theirs: Option<Measured>| {
-            theirs.map_or("-".to_owned(), |theirs| {
-                format!("{:.2}x", ours.ns / theirs.ns)
-            })
+        let vs_peer_syn = peer.map(|(peer_syn, _)| syn.paired(peer_syn, ratio));
+        let vs_peer_reply = peer.map(|(_, peer_reply)| reply.paired(peer_reply, ratio));
+        let shown = |rounds: Option<&Rounds>| rounds.map_or("-".to_owned(), |r| show(&r.summary()));
+        let shown_ratio = |ratio: Option<Quartiles>| {
+            ratio.map_or("-".to_owned(), |r| format!("{:.2}x", r.median))
         };
         println!(
             "{:>7} | {:>15} {:>13} {:>6} | {:>15} {:>13} {:>6} | {:>8.2} {:>10.1}",
             set.size,
-            show(&syn),
-            peer_syn,
-            ratio(&syn, peer.map(|p| p.0)),
-            show(&reply),
-            peer_reply,
-            ratio(&reply, peer.map(|p| p.1)),
+            show(&syn.summary()),
+            shown(peer.map(|p| p.0)),
+            shown_ratio(vs_peer_syn),
+            show(&reply.summary()),
+            shown(peer.map(|p| p.1)),
+            shown_ratio(vs_peer_reply),
             set.map_bytes as f64 / (1 << 20) as f64,
             set.apply_ms
         );
         rows.push(Row {
             rules: set.size,
-            syn_mix: syn,
-            return_mix: reply,
-            xdp_filter_syn_mix: peer.map(|p| p.0),
-            xdp_filter_return_mix: peer.map(|p| p.1),
+            syn_mix: syn.summary(),
+            return_mix: reply.summary(),
+            xdp_filter_syn_mix: peer.map(|p| p.0.summary()),
+            xdp_filter_return_mix: peer.map(|p| p.1.summary()),
+            vs_xdp_filter_syn_mix: vs_peer_syn,
+            vs_xdp_filter_return_mix: vs_peer_reply,
+            vs_smallest_syn_mix: syn.paired(smallest_syn, ratio),
+            vs_smallest_return_mix: reply.paired(smallest_reply, ratio),
+            dropped_syn_mix: set.dropped[0],
+            dropped_return_mix: set.dropped[1],
             map_bytes: set.map_bytes,
             compile_apply_ms: set.apply_ms,
         });
     }
     let (smallest, largest) = (&rows[0], &rows[rows.len() - 1]);
+    let quartiles =
+        |q: &Quartiles, unit: &str| format!("{:.2}{unit} ({:.2}-{:.2})", q.median, q.low, q.high);
     println!(
-        "{} vs {} rules: {:.2}x on the SYN mix, {:.2}x on the return mix",
+        "{} vs {} rules, per round (median, quartiles): {} on the SYN mix, {} on the return mix",
         largest.rules,
         smallest.rules,
-        largest.syn_mix.ns / smallest.syn_mix.ns,
-        largest.return_mix.ns / smallest.return_mix.ns
+        quartiles(&largest.vs_smallest_syn_mix, "x"),
+        quartiles(&largest.vs_smallest_return_mix, "x"),
+    );
+    let dropped: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            format!(
+                "{} rules {}, {}",
+                row.rules, row.dropped_syn_mix, row.dropped_return_mix
+            )
+        })
+        .collect();
+    println!(
+        "frames dropped of {MIX_FRAMES} (SYN mix, return mix): {}",
+        dropped.join("; ")
     );
     println!(
         "empty XDP program (the cost of BPF_PROG_TEST_RUN itself): {}",
-        show(&empty_ns)
+        show(&empty_ns.summary())
     );
+    let guard_cost_syn_mix = smallest_syn.paired(guard_off, |a, b| a - b);
+    let guard_cost_return_mix = smallest_reply.paired(replies_guard_off, |a, b| a - b);
     println!(
-        "guard on (above) vs off, {} rules: SYN mix {} vs {}; return mix {} vs {} (+{:.1} ns)",
+        "guard on (above) vs off, {} rules: SYN mix {} vs {}; return mix {} vs {}; \
+         per round: {} ns (SYN), {} ns (return)",
         first.size,
         show(&smallest.syn_mix),
-        show(&guard_off),
+        show(&guard_off.summary()),
         show(&smallest.return_mix),
-        show(&replies_guard_off),
-        smallest.return_mix.ns - replies_guard_off.ns
+        show(&replies_guard_off.summary()),
+        quartiles(&guard_cost_syn_mix, ""),
+        quartiles(&guard_cost_return_mix, ""),
     );
     println!(
         "events on (above, the default 100/s per CPU) vs off, {} rules: {} vs {}",
         first.size,
         show(&smallest.syn_mix),
-        show(&events_off)
+        show(&events_off.summary())
     );
     drop(subjects);
     drop(loaded);
@@ -876,10 +965,12 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(path) = options.json {
         let report = Report {
-            empty_program: empty_ns,
-            guard_off_syn_mix: guard_off,
-            guard_off_return_mix: replies_guard_off,
-            events_off,
+            empty_program: empty_ns.summary(),
+            guard_off_syn_mix: guard_off.summary(),
+            guard_off_return_mix: replies_guard_off.summary(),
+            guard_cost_syn_mix,
+            guard_cost_return_mix,
+            events_off: events_off.summary(),
             rules: rows,
             limits,
             sets,

@@ -17,7 +17,7 @@ use filter_agent::{
     packet::{self, PacketSpec, Transport},
     reference::{self, GuardView, Outcome},
 };
-use filter_common::guard;
+use filter_common::{CHILD, WIDE, guard};
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -475,9 +475,9 @@ fn edges(net: &IpNet) -> Vec<IpAddr> {
 fn large_sets_answer_like_their_lists() {
     let seed = seed_or(|| 42);
     let mut rng = StdRng::seed_from_u64(seed);
-    let blocked = messy_list(&mut rng, 3_000);
+    let blocked = messy_list(&mut rng, 9_000);
     // The second set shares a third of the first one's prefixes.
-    let mut partners = messy_list(&mut rng, 2_000);
+    let mut partners = messy_list(&mut rng, 4_000);
     partners.extend(blocked.iter().step_by(3));
     let config_of = |blocked: Vec<IpNet>, partners: Vec<IpNet>| {
         let mut config = random_config(&mut StdRng::seed_from_u64(seed));
@@ -495,6 +495,18 @@ fn large_sets_answer_like_their_lists() {
     let merged = config_of(IpNet::aggregate(&blocked), IpNet::aggregate(&partners));
     assert!(IpNet::aggregate(&blocked).len() < blocked.len());
     assert_eq!(compiled.src.trie, compile(&merged).unwrap().src.trie);
+    // Both kinds of node are read: wide near the root, compressed below.
+    let trie = &compiled.src.trie;
+    let wide = trie
+        .entries
+        .iter()
+        .filter(|&&e| e & (CHILD | WIDE) == CHILD | WIDE);
+    let wide = wide.count();
+    assert!(
+        wide > 0 && !trie.nodes.is_empty(),
+        "{wide} wide, {} compressed",
+        trie.nodes.len()
+    );
 
     let filter = Filter::load_traced(&compiled).unwrap();
     let mut addresses: Vec<IpAddr> = blocked.iter().chain(&partners).flat_map(edges).collect();

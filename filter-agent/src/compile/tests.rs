@@ -190,6 +190,35 @@ fn many_rules_use_several_chunks() {
 }
 
 #[test]
+fn wide_nodes_give_way_to_the_map_limit() {
+    // 1,000 /32s in as many /16s: 2,000 nodes, 2,000 KiB wide beside the
+    // two roots (512 KiB) of each address field, some 160 KiB compressed.
+    let nets: Vec<String> = (0..1000u32)
+        .map(|i| format!("\"{}.{}.1.1\"", 1 + i / 256, i % 256))
+        .collect();
+    let text = |limit_mib: u32| {
+        format!(
+            "[filter]\ndefault = \"allow\"\nmax_map_mib = {limit_mib}\n[sets]\nhosts = [{}]\n\
+             [[rule]]\nname = \"block\"\naction = \"deny\"\nsrc = \"@hosts\"\n",
+            nets.join(", ")
+        )
+    };
+    let wide_nodes = |limit_mib: u32| {
+        let config =
+            crate::config::parse(std::path::Path::new("r.toml"), &text(limit_mib)).unwrap();
+        let set = compile(&config).unwrap();
+        let trie = &set.src.trie;
+        let wide = trie
+            .entries
+            .iter()
+            .filter(|&&e| e & (CHILD | WIDE) == CHILD | WIDE);
+        (wide.count(), trie.nodes.len())
+    };
+    assert_eq!(wide_nodes(4), (2000, 0));
+    assert_eq!(wide_nodes(2), (0, 2000));
+}
+
+#[test]
 fn sets_beyond_the_map_limit_are_named_with_their_estimate() {
     // 30,000 /32s in as many /16s: two nodes of three runs each (2 x 68
     // bytes, 6 entries: 160 bytes a prefix), beside the two roots (512 KiB).

@@ -103,6 +103,7 @@ impl AddressTrie {
             wide: Vec::new(),
             wide_left: wide_nodes,
             wide_below: 0,
+            built: [0; LEVELS],
         };
         let v4 = v4.iter().map(|(net, class)| Bits {
             bits: u128::from(u32::from(net.network())) << 96,
@@ -168,47 +169,61 @@ struct Builder {
     wide_left: usize,
     /// Nodes of the current family at depths below this are wide.
     wide_below: u32,
+    /// Nodes built at each depth (in bytes) of the current family.
+    built: [usize; LEVELS],
 }
+
+/// Address bytes: node depths in bytes are below this.
+const LEVELS: usize = 16;
+const ROOT_BITS: u32 = ROOT_ENTRIES.trailing_zeros();
 
 impl Builder {
     /// Fills one family's root (`ROOT_ENTRIES` from `base`) and builds the
-    /// nodes below it.
+    /// nodes below it: compressed, and again with the levels nearest the
+    /// root wide if the nodes built on them fit in what is left. Counting
+    /// the nodes built, not the prefixes, makes a list and the same list
+    /// merged compile alike.
     fn root(&mut self, base: usize, mut prefixes: Vec<Bits>) {
-        const ROOT_BITS: u32 = ROOT_ENTRIES.trailing_zeros();
         prefixes.sort_unstable_by_key(|p| (p.bits, p.len));
         let table = &mut self.trie.entries[base..base + ROOT_ENTRIES as usize];
         fill(table, &prefixes, 0, ROOT_BITS);
+        let filled = table.to_vec();
         let deeper: Vec<Bits> = prefixes.into_iter().filter(|p| p.len > ROOT_BITS).collect();
-        self.choose_wide_levels(ROOT_BITS, &deeper);
+        let (entries, nodes) = (self.trie.entries.len(), self.trie.nodes.len());
+        self.wide_below = ROOT_BITS;
+        self.built = [0; LEVELS];
+        self.nodes_below_root(base, &deeper);
+        if let Some(wide_below) = self.wide_levels() {
+            self.trie.entries.truncate(entries);
+            self.trie.nodes.truncate(nodes);
+            self.trie.entries[base..base + ROOT_ENTRIES as usize].copy_from_slice(&filled);
+            self.wide_below = wide_below;
+            self.nodes_below_root(base, &deeper);
+        }
+    }
+
+    fn nodes_below_root(&mut self, base: usize, deeper: &[Bits]) {
         for group in deeper.chunk_by(|a, b| a.slice(0, ROOT_BITS) == b.slice(0, ROOT_BITS)) {
             let slot = base + group[0].slice(0, ROOT_BITS);
             self.trie.entries[slot] = self.node(ROOT_BITS, group, self.trie.entries[slot]);
         }
     }
 
-    /// Makes the levels from `depth` down wide while their nodes (at most
-    /// one per distinct `depth` leading bits of a longer prefix among
-    /// `prefixes`, sorted) fit in what is left: the levels nearest the root
-    /// are the ones every address below them steps through.
-    fn choose_wide_levels(&mut self, mut depth: u32, prefixes: &[Bits]) {
-        self.wide_below = depth;
-        while depth < 128 {
-            let mut longer = prefixes.iter().filter(|p| p.len > depth);
-            let Some(first) = longer.next() else { break };
-            let mut last = first.bits >> (128 - depth);
-            let mut nodes = 1;
-            for prefix in longer {
-                let lead = prefix.bits >> (128 - depth);
-                nodes += usize::from(lead != last);
-                last = lead;
-            }
-            if nodes > self.wide_left {
+    /// The depth above which nodes are to be wide: the levels below the
+    /// root, nearest first, while their nodes (as `built`) fit in what is
+    /// left, which they spend; `None` if not even the first one fits.
+    fn wide_levels(&mut self) -> Option<u32> {
+        let mut depth = ROOT_BITS;
+        let mut wide = 0;
+        for &nodes in &self.built[(ROOT_BITS / 8) as usize..] {
+            if nodes == 0 || wide + nodes > self.wide_left {
                 break;
             }
-            self.wide_left -= nodes;
+            wide += nodes;
             depth += 8;
-            self.wide_below = depth;
         }
+        self.wide_left -= wide;
+        (depth > ROOT_BITS).then_some(depth)
     }
 
     /// The entry for the addresses that share `depth` bits with
@@ -230,6 +245,7 @@ impl Builder {
         if table.iter().all(|&entry| entry == table[0]) && table[0] & CHILD == 0 {
             return table[0];
         }
+        self.built[(depth / 8) as usize] += 1;
         if depth < self.wide_below {
             self.wide.push(table);
             return CHILD | WIDE | (self.wide.len() - 1) as u32;

@@ -202,6 +202,8 @@ impl Builder {
         }
     }
 
+    /// Builds the nodes under the root at `base` for `deeper`, the
+    /// prefixes longer than the root (sorted).
     fn nodes_below_root(&mut self, base: usize, deeper: &[Bits]) {
         for group in deeper.chunk_by(|a, b| a.slice(0, ROOT_BITS) == b.slice(0, ROOT_BITS)) {
             let slot = base + group[0].slice(0, ROOT_BITS);
@@ -209,9 +211,10 @@ impl Builder {
         }
     }
 
-    /// The depth above which nodes are to be wide: the levels below the
-    /// root, nearest first, while their nodes (as `built`) fit in what is
-    /// left, which they spend; `None` if not even the first one fits.
+    /// How deep wide nodes go (nodes at smaller depths are wide): the
+    /// levels below the root, nearest first, while their nodes (as
+    /// `built`) fit in what is left, which they spend; `None` if not even
+    /// the first one fits.
     fn wide_levels(&mut self) -> Option<u32> {
         let mut depth = ROOT_BITS;
         let mut wide = 0;

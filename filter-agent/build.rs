@@ -1,14 +1,28 @@
 //! Builds the XDP program (filter-ebpf) for the BPF target so that the agent
 //! can embed it: one binary, nothing else to ship.
 
-use std::{path::Path, process::Command};
+use std::{env, fs, path::Path, process::Command};
 
 use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
 const EBPF_PACKAGE: &str = "filter-ebpf";
+/// An object built before, embedded instead of building one: `cargo xtask
+/// package` builds it once, so that every architecture's binary carries
+/// the very same bytes (a build for another target would differ in the
+/// build paths its debug information names).
+const PREBUILT_OBJECT: &str = "FILTER_AGENT_EBPF_OBJECT";
 
 fn main() -> anyhow::Result<()> {
+    println!("cargo::rerun-if-env-changed={PREBUILT_OBJECT}");
+    if let Some(object) = env::var_os(PREBUILT_OBJECT) {
+        println!("cargo::rerun-if-changed={}", Path::new(&object).display());
+        let out = Path::new(&env::var_os("OUT_DIR").context("OUT_DIR is not set")?).join("filter");
+        fs::copy(&object, &out).with_context(|| {
+            format!("copying {PREBUILT_OBJECT}={}", Path::new(&object).display())
+        })?;
+        return Ok(());
+    }
     if let Some(missing) = missing_toolchain_part() {
         // One clear line instead of a wall of linker errors.
         println!("cargo::error={missing}: run `cargo xtask setup` first");

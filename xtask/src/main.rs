@@ -1,7 +1,9 @@
 //! The project's helper: `cargo xtask setup | demo | test | package |
 //! vm-test | bench | scenario NAME`.
 
+mod daemonset;
 mod demo;
+mod image;
 mod package;
 mod setup;
 mod util;
@@ -34,13 +36,21 @@ enum Task {
     /// Lint, then run every test (unit and real-kernel integration tests),
     /// then `vm-test` on every kernel.
     Test,
-    /// Build the Debian package, target/debian/filter-agent_VERSION_amd64.deb.
+    /// Build static binaries for x86-64 and arm64 and from them the Debian
+    /// packages (target/debian/filter-agent_VERSION_{amd64,arm64}.deb) and
+    /// tarballs (target/dist/filter-agent-VERSION-{x86_64,aarch64}-linux.tar.gz),
+    /// with SHA256SUMS. Installs only what packaging needs.
     Package,
+    /// Build the container image (from scratch: the static x86-64 binary),
+    /// target/dist/filter-agent-VERSION-image.tar, for `docker load`.
+    Image,
     /// Boot Debian's stock kernels (bullseye 5.10, bookworm 6.1, trixie
-    /// 6.12) in qemu and run the agent in each, then a Debian 12 with
-    /// systemd that installs the package: one line per check.
+    /// 6.12, and bookworm's arm64 6.1) in qemu and run the packaged agent
+    /// in each, then Debian 11, 12 and 13 with systemd that install the
+    /// package: one line per check.
     VmTest {
-        /// Only these guests: bullseye, bookworm, trixie, systemd (default: all).
+        /// Only these guests: bullseye, bookworm, trixie, bookworm-arm64,
+        /// systemd, systemd-bullseye, systemd-trixie (default: all).
         #[arg(long = "guest", alias = "kernel", value_name = "GUEST")]
         guests: Vec<String>,
     },
@@ -71,7 +81,8 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
-        Task::Package => setup::run().and_then(|()| package::run().map(drop)),
+        Task::Package => setup::packaging().and_then(|()| package::run().map(drop)),
+        Task::Image => setup::packaging().and_then(|()| image::build().map(drop)),
         Task::VmTest { guests } => setup::run().and_then(|()| vm_test(&guests)),
         Task::Bench {
             live,
@@ -121,8 +132,7 @@ fn vm_test(guests: &[String]) -> anyhow::Result<()> {
 
 /// `vm-test`'s checks in `guests` (all when empty): passed and failed.
 fn vm_checks(guests: &[String]) -> anyhow::Result<(u32, u32)> {
-    let mut known: Vec<&str> = vm::SUITES.iter().map(|suite| suite.name).collect();
-    known.push(vm::SYSTEMD);
+    let known = vm::guest_names();
     if let Some(unknown) = guests.iter().find(|name| !known.contains(&name.as_str())) {
         anyhow::bail!("no guest {unknown:?}; the guests are {}", known.join(", "));
     }
@@ -221,13 +231,19 @@ fn test() -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, args)| (name, run_bench(args)))
         .collect();
-    // The Debian package builds, and lintian finds no error in it.
+    // The Debian packages build, and lintian finds no error in them.
     outcomes.push((
         "package",
-        package::run().and_then(|deb| package::lint(&deb)),
+        package::run().and_then(|built| built.debs.iter().try_for_each(|deb| package::lint(deb))),
     ));
-    // The DaemonSet passes Kubernetes' schemas.
+    // The DaemonSet passes Kubernetes' schemas, and its image runs under
+    // Docker as the DaemonSet runs it.
     outcomes.push(("package (DaemonSet schema)", package::validate_manifest()));
+    let image = image::build().and_then(|image| daemonset::test(&image));
+    if let Ok(seen) = &image {
+        println!("image: {seen}");
+    }
+    outcomes.push(("image (run as the DaemonSet runs it)", image.map(drop)));
     for (name, outcome) in outcomes {
         match outcome {
             Ok(()) => passed += 1,

@@ -29,11 +29,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // promtool, which checks the /metrics page in the faults test.
     "prometheus",
-    // `cargo xtask package`: strip and objdump, and the package's checker.
-    "binutils",
-    "lintian",
-    // `cargo xtask vm-test`: the emulator and the guest's userland.
+    // `cargo xtask vm-test`: the emulators and the guest's userland.
     "qemu-system-x86",
+    "qemu-system-arm",
     "busybox-static",
     // ... and the Debian 12 system of its systemd guest (mke2fs is in
     // e2fsprogs, part of every Debian).
@@ -46,6 +44,18 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The IP-to-country files behind `@country:XX` sets (tests and bench).
     "geoip-database",
 ];
+/// What `cargo xtask package` needs, and nothing of the test stack: the
+/// linkers of the static builds (the host's gcc for x86-64, a cross gcc
+/// for arm64), strip and readelf for both, the package's checker.
+const PACKAGING_PACKAGES: &[&str] = &[
+    "gcc",
+    "binutils",
+    "gcc-aarch64-linux-gnu",
+    "binutils-aarch64-linux-gnu",
+    "lintian",
+];
+/// Rust's targets of the static builds (their musl comes with them).
+const RUST_TARGETS: &[&str] = &["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_FS: &str = "/sys/fs/bpf";
 /// The locks apt and dpkg take: held by unattended-upgrades for minutes
@@ -58,14 +68,50 @@ const PACKAGE_LOCKS: [&str; 3] = [
 /// How long setup waits for another package manager to finish.
 const PACKAGE_LOCK_WAIT: Duration = Duration::from_secs(600);
 
+/// Everything: packaging, then what the tests, the demo and the
+/// benchmarks need.
 pub fn run() -> anyhow::Result<()> {
+    packaging()?;
+    ensure_bpffs()?;
+    ensure_packages(DEBIAN_PACKAGES)?;
+    ensure_kubernetes_validate()?;
+    Ok(())
+}
+
+/// What building the binaries and packages needs, and no more.
+pub fn packaging() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
     ensure_rust_src(&sysroot)?;
     ensure_bpf_linker(&sysroot)?;
-    ensure_bpffs()?;
-    ensure_packages()?;
-    ensure_kubernetes_validate()?;
-    Ok(())
+    ensure_rust_targets()?;
+    ensure_packages(PACKAGING_PACKAGES)
+}
+
+fn ensure_rust_targets() -> anyhow::Result<()> {
+    let root = crate::util::workspace_root();
+    let installed = output(
+        Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .current_dir(&root),
+    )
+    .unwrap_or_default();
+    let missing: Vec<&str> = RUST_TARGETS
+        .iter()
+        .copied()
+        .filter(|target| !installed.lines().any(|line| line.trim() == *target))
+        .collect();
+    if missing.is_empty() {
+        println!("setup: Rust targets ok ({})", RUST_TARGETS.join(", "));
+        return Ok(());
+    }
+    println!("setup: adding the Rust targets {}", missing.join(", "));
+    run_command(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing)
+            .current_dir(&root),
+    )
+    .context("rustup target add")
 }
 
 /// The DaemonSet's schema check (Kubernetes' own JSON schemas, bundled):
@@ -178,7 +224,7 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (about a minute)"
     );
     run_command(
-        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        Command::new(crate::util::cargo_program())
             .args(["install", "--force", "--no-default-features", "--features"])
             .arg(format!("llvm-{major}"))
             .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
@@ -250,8 +296,8 @@ fn is_bpffs(path: &str) -> bool {
     is_bpf
 }
 
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| {
@@ -260,7 +306,7 @@ fn ensure_packages() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!("setup: Debian packages ok ({})", DEBIAN_PACKAGES.join(", "));
+        println!("setup: Debian packages ok ({})", packages.join(", "));
         return Ok(());
     }
     println!("setup: installing {}", missing.join(", "));

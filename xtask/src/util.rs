@@ -14,17 +14,22 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// The cargo that runs the xtask (another may come first on PATH).
+pub fn cargo_program() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 /// Runs `cargo ARGS` in the workspace root, streaming its output.
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+    run(Command::new(cargo_program())
+        .args(args)
+        .current_dir(workspace_root()))
 }
 
 /// Runs `cargo ARGS` (a test run), echoing its output, and returns the
 /// passed and failed counts summed over its "test result:" lines.
 pub fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(cargo)
+    let mut child = Command::new(cargo_program())
         .args(args)
         .current_dir(workspace_root())
         .stdin(Stdio::null())

@@ -1,7 +1,8 @@
-//! The Debian 12 system of `vm-test`'s systemd checks: minbase plus
-//! systemd, udev, kmod, iproute2, busybox, bpftool, nftables, and
+//! The Debian systems (11, 12, 13) of `vm-test`'s systemd checks: minbase
+//! plus systemd, udev, kmod, iproute2, busybox, bpftool, nftables, and
 //! iptables, ipvsadm and procps for the LVS director, from Debian's
-//! packages (mmdebstrap), cached under `target/vm/debian12/rootfs`. Each
+//! packages (mmdebstrap, from the archive this host's apt uses), cached
+//! under `target/vm/debianN/rootfs`. Each
 //! run stages the guest's files and the packages to install in it, writes
 //! the tree to an ext4 disk image (`mke2fs -d`: no loop device, no mount)
 //! and boots the stock kernel with a small busybox initramfs that mounts
@@ -16,19 +17,25 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{image, kernels::Kernel};
+use super::{
+    apt::Apt,
+    archive, image,
+    kernels::{Kernel, Suite},
+};
 use crate::util::run;
 
-/// How the image is made; changing it (or [`MASKED`]) makes a new one.
+/// How the image is made (before the suite and the archive); changing it
+/// (or [`MASKED`]) makes a new one.
 const MMDEBSTRAP: &[&str] = &[
     "--quiet",
     "--variant=minbase",
     "--mode=root",
     "--format=directory",
     "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool,iptables,ipvsadm,procps,nftables",
-    "bookworm",
 ];
-const MIRROR: &str = "http://deb.debian.org/debian";
+/// Packages that exist in some releases only (Debian 13 split
+/// systemd-networkd out of systemd): included where the archive has them.
+const WHERE_PACKAGED: &[&str] = &["systemd-networkd"];
 /// Units of the image that only cost boot time in a throwaway VM.
 const MASKED: &[&str] = &[
     "apt-daily.timer",
@@ -125,17 +132,35 @@ pub struct Staged<'a> {
     pub debs: &'a [PathBuf],
     /// An eBPF object every verifier refuses, as `/vm/refused.o`.
     pub refused: &'a [u8],
-    /// The scenario runner, as `/vm/fa-scenario`.
-    pub scenario: &'a Path,
+    /// The scenario runner, as `/vm/fa-scenario` (Debian 12's guest).
+    pub scenario: Option<&'a Path>,
 }
 
-/// Builds (or reuses) the image and writes this run's disk with `staged`.
-pub fn prepare(kernel: &Kernel, staged: &Staged, work: &Path) -> anyhow::Result<System> {
+/// Builds (or reuses) the image of `suite` and writes this run's disk with
+/// `staged`.
+pub fn prepare(
+    suite: Suite,
+    kernel: &Kernel,
+    staged: &Staged,
+    work: &Path,
+) -> anyhow::Result<System> {
     let rootfs = work.join("rootfs");
-    let recipe = format!("{MMDEBSTRAP:?}\n{MASKED:?}\n");
+    let vm_target = work.parent().context("a work directory without a parent")?;
+    let apt = Apt::new(vm_target, suite.codename, suite.arch)?;
+    let mut include = Vec::new();
+    for package in WHERE_PACKAGED {
+        if apt.depends(package).is_ok() {
+            include.push(format!("--include={package}"));
+        }
+    }
+    let archive = archive::debian_archive()?;
+    let recipe = format!(
+        "{MMDEBSTRAP:?} {include:?} {} {archive}\n{MASKED:?}\n",
+        suite.codename
+    );
     let stamp = rootfs.join(".xtask-recipe");
     if fs::read_to_string(&stamp).ok().as_deref() != Some(recipe.as_str()) {
-        bootstrap(&rootfs)?;
+        bootstrap(suite, &include, &archive, &rootfs)?;
         fs::write(&stamp, &recipe)?;
     }
     stage(&rootfs, kernel, staged)?;
@@ -153,16 +178,21 @@ pub fn prepare(kernel: &Kernel, staged: &Staged, work: &Path) -> anyhow::Result<
 }
 
 /// mmdebstrap into a fresh directory, then in place of the old image.
-fn bootstrap(rootfs: &Path) -> anyhow::Result<()> {
-    println!("vm-test: building the Debian 12 image (mmdebstrap, about a minute)");
+fn bootstrap(suite: Suite, include: &[String], archive: &str, rootfs: &Path) -> anyhow::Result<()> {
+    println!(
+        "vm-test: building the {} image (mmdebstrap, about a minute)",
+        suite.debian
+    );
     let fresh = rootfs.with_file_name("rootfs-new");
     let _ = fs::remove_dir_all(&fresh);
     fs::create_dir_all(&fresh)?;
     run(Command::new("mmdebstrap")
         .args(MMDEBSTRAP)
+        .args(include)
+        .arg(suite.codename)
         .arg(&fresh)
-        .arg(MIRROR))
-    .context("mmdebstrap of Debian 12 (bookworm)")?;
+        .arg(archive))
+    .with_context(|| format!("mmdebstrap of {} ({})", suite.debian, suite.codename))?;
     let _ = fs::remove_dir_all(rootfs);
     fs::rename(&fresh, rootfs)?;
     chroot(rootfs, &[&["systemctl", "mask"], MASKED].concat())?;
@@ -175,11 +205,9 @@ fn stage(rootfs: &Path, kernel: &Kernel, staged: &Staged) -> anyhow::Result<()> 
         write(&rootfs.join(path), text.as_bytes(), *mode)?;
     }
     write(&rootfs.join("vm/refused.o"), staged.refused, 0o644)?;
-    write(
-        &rootfs.join("vm/fa-scenario"),
-        &fs::read(staged.scenario)?,
-        0o755,
-    )?;
+    if let Some(scenario) = staged.scenario {
+        write(&rootfs.join("vm/fa-scenario"), &fs::read(scenario)?, 0o755)?;
+    }
     let debs = rootfs.join("root/debs");
     let _ = fs::remove_dir_all(&debs);
     for deb in staged.debs {
@@ -187,8 +215,10 @@ fn stage(rootfs: &Path, kernel: &Kernel, staged: &Staged) -> anyhow::Result<()> 
         write(&debs.join(name), &fs::read(deb)?, 0o644)?;
     }
     // The modules the checks need, where modprobe finds them (depmod's
-    // index), with the kernel's list of what is built in.
-    let modules = rootfs.join("usr/lib/modules").join(&kernel.release);
+    // index), with the kernel's list of what is built in. `lib/` is
+    // `usr/lib/` where /usr is merged, and where it is not, still what
+    // modprobe reads.
+    let modules = rootfs.join("lib/modules").join(&kernel.release);
     let _ = fs::remove_dir_all(&modules);
     let mut wanted = BOOT_MODULES.to_vec();
     wanted.extend_from_slice(super::kernels::MODULES);

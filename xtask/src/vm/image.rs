@@ -1,5 +1,6 @@
 //! The guest's initramfs: static busybox, the agent, iproute2, bpftool and
-//! nft with the host's shared libraries, the guest scripts, and one
+//! nft with their shared libraries (the host's own, or for another
+//! architecture those of Debian's packages), the guest scripts, and one
 //! kernel's modules. Written as a cpio (newc) archive by hand: a few dozen
 //! files need no tool.
 
@@ -10,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 use crate::util::output;
 
@@ -47,6 +48,19 @@ const GUEST_FILES: &[(&str, &str, u32)] = &[
         0o644,
     ),
 ];
+
+/// Where the guest's programs come from.
+pub enum Programs<'a> {
+    /// This host's, with their libraries (`ldd`).
+    Host,
+    /// A tree of unpacked Debian packages of the guest's architecture:
+    /// busybox-static, iproute2, bpftool, nftables and their libraries.
+    Unpacked(&'a Path),
+}
+
+/// Top directories of an unpacked tree that the guest needs (not
+/// `usr/share`: documentation and locales).
+const PROGRAM_DIRS: &[&str] = &["bin", "sbin", "lib", "usr/bin", "usr/sbin", "usr/lib"];
 
 /// A cpio archive being written.
 #[derive(Default)]
@@ -128,6 +142,37 @@ impl Archive {
         self.entry(path, 0o100_000 | mode, (0, 0), data);
     }
 
+    fn symlink(&mut self, path: &str, target: &str) {
+        let path = path.trim_start_matches('/');
+        self.parents(path);
+        self.entry(path, 0o120_777, (0, 0), target.as_bytes());
+    }
+
+    /// Adds every file and symbolic link below `root`'s `dir`, at its path
+    /// relative to `root`.
+    fn tree(&mut self, root: &Path, dir: &str) -> anyhow::Result<()> {
+        let Ok(entries) = fs::read_dir(root.join(dir)) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let path = format!("{dir}/{}", name.to_str().context("a non-UTF-8 file name")?);
+            let metadata = entry.metadata()?;
+            if metadata.is_symlink() {
+                let target = fs::read_link(entry.path())?;
+                self.symlink(&path, target.to_str().context("a non-UTF-8 link")?);
+            } else if metadata.is_dir() {
+                self.tree(root, &path)?;
+            } else {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = metadata.permissions().mode() & 0o7777;
+                self.file(&path, mode, &fs::read(entry.path())?);
+            }
+        }
+        Ok(())
+    }
+
     fn char_device(&mut self, path: &str, major: u32, minor: u32) {
         self.parents(path);
         self.entry(path, 0o020_600, (major, minor), &[]);
@@ -144,21 +189,25 @@ impl Archive {
     }
 }
 
-/// Everything but the kernel's modules: the same for every kernel.
-pub fn userland(agent: &Path, refused: &[u8], work: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut archive = Archive::with_busybox()?;
-    let stripped = work.join("filter-agent");
-    let status = Command::new("strip")
-        .arg("--strip-debug")
-        .arg("-o")
-        .arg(&stripped)
-        .arg(agent)
-        .status()
-        .context("cannot run strip")?;
-    if !status.success() {
-        bail!("strip {} failed", agent.display());
+/// Everything but the kernel's modules: the same for every kernel of an
+/// architecture. `agent` is a static (packaged) binary.
+pub fn userland(agent: &Path, refused: &[u8], programs: &Programs) -> anyhow::Result<Vec<u8>> {
+    let mut archive = match programs {
+        Programs::Host => host_programs()?,
+        Programs::Unpacked(root) => unpacked_programs(root)?,
+    };
+    archive.file("usr/sbin/filter-agent", 0o755, &fs::read(agent)?);
+    for (path, text, mode) in GUEST_FILES {
+        archive.file(path, *mode, text.as_bytes());
     }
-    archive.file("usr/sbin/filter-agent", 0o755, &fs::read(&stripped)?);
+    archive.file("vm/refused.o", 0o644, refused);
+    archive.file("www/index.html", 0o644, b"hello from the guest\n");
+    Ok(archive.finish())
+}
+
+/// Busybox and [`HOST_PROGRAMS`] of this host, with their libraries.
+fn host_programs() -> anyhow::Result<Archive> {
+    let mut archive = Archive::with_busybox()?;
     let mut libraries = BTreeSet::new();
     for program in HOST_PROGRAMS {
         archive.file(
@@ -168,17 +217,37 @@ pub fn userland(agent: &Path, refused: &[u8], work: &Path) -> anyhow::Result<Vec
         );
         libraries.extend(shared_libraries(Path::new(program))?);
     }
-    libraries.extend(shared_libraries(agent)?);
     for library in libraries {
         let path = library.to_str().context("a non-UTF-8 library path")?;
         archive.file(path, 0o755, &fs::read(&library)?);
     }
-    for (path, text, mode) in GUEST_FILES {
-        archive.file(path, *mode, text.as_bytes());
+    Ok(archive)
+}
+
+/// The programs of an unpacked tree, with [`HOST_PROGRAMS`] also at the
+/// paths the guest's scripts name (Debian puts `ip` in /bin, `tc` in /sbin).
+fn unpacked_programs(root: &Path) -> anyhow::Result<Archive> {
+    let mut archive = Archive::default();
+    archive.char_device("dev/console", 5, 1);
+    for dir in PROGRAM_DIRS {
+        archive.tree(root, dir)?;
     }
-    archive.file("vm/refused.o", 0o644, refused);
-    archive.file("www/index.html", 0o644, b"hello from the guest\n");
-    Ok(archive.finish())
+    for program in HOST_PROGRAMS {
+        let name = Path::new(program)
+            .file_name()
+            .context("a program without a name")?;
+        // Links are not followed: an absolute one points into this host.
+        let regular = |path: &Path| fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file());
+        let found = ["bin", "sbin", "usr/bin", "usr/sbin"]
+            .iter()
+            .map(|dir| root.join(dir).join(name))
+            .find(|path| regular(path))
+            .with_context(|| format!("no {} in {}", name.to_string_lossy(), root.display()))?;
+        if fs::symlink_metadata(root.join(program.trim_start_matches('/'))).is_err() {
+            archive.file(program, 0o755, &fs::read(found)?);
+        }
+    }
+    Ok(archive)
 }
 
 /// Kernel modules and their load order, as a second archive (the kernel

@@ -1,6 +1,5 @@
-//! Debian's stock kernels, fetched with an apt configuration private to
-//! the xtask (its own sources list, lists and cache under `target/vm/apt`,
-//! the host's sources untouched) and cached under `target/vm/kernels`.
+//! Debian's stock kernels, fetched with the xtask's own apt (`apt.rs`)
+//! and cached under `target/vm/kernels`.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -11,32 +10,52 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{output, run};
+use super::apt::{self, Apt};
 
-/// A Debian release whose `linux-image-amd64` the VM boots.
+/// A Debian release and architecture whose stock kernel a VM boots.
 #[derive(Clone, Copy, Debug)]
 pub struct Suite {
+    /// The guest's name (`--guest`), and the kernel's cache directory.
     pub name: &'static str,
+    /// The release's code name.
+    pub codename: &'static str,
     pub debian: &'static str,
+    /// Debian's name of the architecture (`linux-image-ARCH`).
+    pub arch: &'static str,
 }
 
 /// Debian 12, whose kernel the systemd guest boots.
 pub const BOOKWORM: Suite = Suite {
     name: "bookworm",
+    codename: "bookworm",
     debian: "Debian 12",
+    arch: "amd64",
 };
 
-pub const SUITES: [Suite; 3] = [
-    Suite {
-        name: "bullseye",
-        debian: "Debian 11",
-    },
-    BOOKWORM,
-    Suite {
-        name: "trixie",
-        debian: "Debian 13",
-    },
-];
+pub const BULLSEYE: Suite = Suite {
+    name: "bullseye",
+    codename: "bullseye",
+    debian: "Debian 11",
+    arch: "amd64",
+};
+
+pub const TRIXIE: Suite = Suite {
+    name: "trixie",
+    codename: "trixie",
+    debian: "Debian 13",
+    arch: "amd64",
+};
+
+/// Debian 12's arm64 kernel, under qemu-system-aarch64.
+pub const BOOKWORM_ARM64: Suite = Suite {
+    name: "bookworm-arm64",
+    codename: "bookworm",
+    debian: "Debian 12 arm64",
+    arch: "arm64",
+};
+
+/// The kernels the busybox guests boot, one guest each.
+pub const SUITES: [Suite; 4] = [BULLSEYE, BOOKWORM, TRIXIE, BOOKWORM_ARM64];
 
 /// Modules the checks need (their dependencies are found by themselves):
 /// the NIC, veth and dummy links, clsact and the tc filters of the tests,
@@ -90,66 +109,20 @@ pub fn fetch(suite: Suite, target: &Path) -> anyhow::Result<Kernel> {
 }
 
 fn download(suite: Suite, target: &Path, root: &Path) -> anyhow::Result<()> {
-    let apt = target.join("apt").join(suite.name);
-    for dir in ["lists/partial", "cache/archives/partial", "debs"] {
-        fs::create_dir_all(apt.join(dir))?;
-    }
-    let sources = apt.join("sources.list");
-    fs::write(
-        &sources,
-        format!(
-            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] \
-             http://deb.debian.org/debian {} main\n",
-            suite.name
-        ),
-    )?;
-    let options = |command: &mut Command| {
-        command
-            .arg("-q")
-            .arg(format!("-oDir::Etc::SourceList={}", sources.display()))
-            .arg("-oDir::Etc::SourceParts=/dev/null")
-            .arg(format!(
-                "-oDir::State::Lists={}",
-                apt.join("lists").display()
-            ))
-            .arg(format!("-oDir::Cache={}", apt.join("cache").display()));
-    };
-    println!(
-        "vm-test: fetching the {} kernel ({})",
-        suite.name, suite.debian
-    );
-    let mut update = Command::new("apt-get");
-    options(&mut update);
-    run(update.arg("update")).context("apt-get update with the xtask's own sources")?;
-    let mut depends = Command::new("apt-cache");
-    options(&mut depends);
-    let depends = output(depends.args(["depends", "linux-image-amd64"]))
-        .context("apt-cache depends linux-image-amd64")?;
-    let package = depends
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("Depends: linux-image-"))
-        .map(|rest| format!("linux-image-{rest}"))
-        .context("linux-image-amd64 depends on no linux-image package")?;
-    let mut download = Command::new("apt-get");
-    options(&mut download);
-    run(download
-        .args(["download", &package])
-        .current_dir(apt.join("debs")))?;
-    let deb = fs::read_dir(apt.join("debs"))?
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .find(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| name.starts_with(&format!("{package}_")))
-        })
-        .with_context(|| format!("apt-get download left no {package} .deb"))?;
-    let _ = fs::remove_dir_all(root);
-    fs::create_dir_all(root)?;
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+    println!("vm-test: fetching the {} kernel", suite.debian);
+    let apt = Apt::new(target, suite.codename, suite.arch)?;
+    let image = format!("linux-image-{}", suite.arch);
+    let package = apt
+        .depends(&image)?
+        .into_iter()
+        .find(|name| name.starts_with("linux-image-"))
+        .with_context(|| format!("{image} depends on no linux-image package"))?;
+    let debs = apt.download(std::slice::from_ref(&package))?;
+    apt::unpack(&debs, root)?;
     let release = package.trim_start_matches("linux-image-");
     fs::write(root.join("release"), release)?;
     // The .deb is unpacked: keep the cache small.
-    fs::remove_file(&deb)?;
+    fs::remove_file(&debs[0])?;
     Ok(())
 }
 

@@ -1,9 +1,12 @@
-//! `cargo xtask vm-test`: boots Debian's stock kernels (11, 12 and 13) in
-//! qemu and runs the agent inside each, as a user would, on a virtio NIC
-//! and on veth in namespaces; then a whole Debian 12 with systemd as PID 1
-//! that installs the Debian package. One line per check and guest, then
+//! `cargo xtask vm-test`: boots Debian's stock kernels (11, 12 and 13 on
+//! x86-64, 12 on arm64) in qemu and runs the packaged static agent inside
+//! each, as a user would, on a virtio NIC and on veth in namespaces; then
+//! whole Debian 11, 12 and 13 systems with systemd as PID 1 that install
+//! the Debian package. One line per check and guest, then
 //! `N passed, N failed`.
 
+mod apt;
+mod archive;
 mod checks;
 mod debian;
 mod image;
@@ -11,67 +14,92 @@ mod kernels;
 mod qemu;
 mod systemd;
 
-use std::{fs, path::Path, time::Instant};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use anyhow::Context as _;
 
 use crate::{
-    package,
+    package::{self, Arch},
     util::{cargo, workspace_root},
 };
 
 pub use kernels::SUITES;
 
-/// The guest with systemd as PID 1 (next to the kernels' [`SUITES`]).
-pub const SYSTEMD: &str = "systemd";
+/// A Debian system with systemd as PID 1 that installs the package.
+pub struct SystemdGuest {
+    /// The guest's name (`--guest`).
+    pub name: &'static str,
+    suite: kernels::Suite,
+    /// Every check (Debian 12), or the package's lifecycle (the others).
+    full: bool,
+}
+
+pub const SYSTEMD_GUESTS: [SystemdGuest; 3] = [
+    SystemdGuest {
+        name: "systemd",
+        suite: kernels::BOOKWORM,
+        full: true,
+    },
+    SystemdGuest {
+        name: "systemd-bullseye",
+        suite: kernels::BULLSEYE,
+        full: false,
+    },
+    SystemdGuest {
+        name: "systemd-trixie",
+        suite: kernels::TRIXIE,
+        full: false,
+    },
+];
+
+/// Modules the arm64 guest needs beyond [`kernels::MODULES`]: its
+/// command channel is a virtio console.
+const ARM64_MODULES: &[&str] = &["virtio_console"];
+/// What the arm64 guest runs besides the agent, from Debian's packages.
+const ARM64_PROGRAMS: &[&str] = &["busybox-static", "iproute2", "bpftool", "nftables"];
+
+/// Every guest's name, kernels first.
+pub fn guest_names() -> Vec<&'static str> {
+    SUITES
+        .iter()
+        .map(|suite| suite.name)
+        .chain(SYSTEMD_GUESTS.iter().map(|guest| guest.name))
+        .collect()
+}
 
 /// Runs the checks in every guest of `guests` (kernel suites and
-/// [`SYSTEMD`]); returns how many passed and failed.
+/// [`SYSTEMD_GUESTS`]); returns how many passed and failed.
 pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     let started = Instant::now();
     let target = workspace_root().join("target/vm");
     fs::create_dir_all(&target)?;
+    // The refused object is made from the debug build's.
     cargo(&["build", "--quiet", "--package", "filter-agent"])?;
-    let agent = workspace_root().join("target/debug/filter-agent");
     let refused = refused_object()?;
-    let userland = image::userland(&agent, &refused, &target)?;
+    let agents = package::binaries()?;
     let mut report = Report::default();
     for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
-        let kernel = kernels::fetch(*suite, &target)?;
-        report.kernel = format!("{} {}", suite.debian, kernel.release);
-        let work = target.join(suite.name);
-        fs::create_dir_all(&work)?;
-        let initrd = work.join("initrd.cpio");
-        let mut bytes = userland.clone();
-        bytes.extend(image::modules(&kernel.modules(kernels::MODULES)?));
-        fs::write(&initrd, bytes)?;
-        let machine = qemu::Machine {
-            vmlinuz: &kernel.vmlinuz,
-            initrd: &initrd,
-            disk: None,
-            reboot: false,
+        report.kernel = suite.debian.to_owned();
+        let arch = if suite.arch == package::ARM64.debian {
+            package::ARM64
+        } else {
+            package::AMD64
         };
-        let booted = qemu::Vm::boot_with_retry(&machine, &work);
-        let mut vm = match booted {
-            Ok(vm) => vm,
-            Err(err) => {
-                report.record("boot", Err(err));
-                continue;
-            }
-        };
-        let uname = vm.ok("uname -r").map(|release| {
-            format!(
-                "`uname -r` {} in {:.1} s (TCG)",
-                release.trim(),
-                vm.boot_seconds
-            )
-        });
-        report.record("boot", uname);
-        checks::run(&mut vm, &mut report);
+        let agent = &agents[usize::from(suite.arch == package::ARM64.debian)];
+        if let Err(err) = kernel_guest(*suite, arch, agent, &refused, &target, &mut report) {
+            report.record("build and boot the guest", Err(err));
+        }
     }
-    if guests.contains(&SYSTEMD) {
-        report.kernel = "Debian 12, systemd".into();
-        systemd_guest(&target, &refused, &mut report);
+    for guest in SYSTEMD_GUESTS
+        .iter()
+        .filter(|guest| guests.contains(&guest.name))
+    {
+        report.kernel = format!("{}, systemd", guest.suite.debian);
+        systemd_guest(guest, &target, &refused, &mut report);
     }
     println!(
         "vm-test: {} guests in {:.0} s: {} passed, {} failed",
@@ -83,47 +111,129 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     Ok((report.passed, report.failed))
 }
 
-/// Debian 12 from its packages, booted from a disk with systemd as PID 1,
-/// installing this build's Debian package (and a later version of it).
-fn systemd_guest(target: &Path, refused: &[u8], report: &mut Report) {
-    let work = target.join("debian12");
+/// A stock kernel with a busybox initramfs: the agent's checks.
+fn kernel_guest(
+    suite: kernels::Suite,
+    arch: Arch,
+    agent: &Path,
+    refused: &[u8],
+    target: &Path,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let kernel = kernels::fetch(suite, target)?;
+    report.kernel = format!("{} {}", suite.debian, kernel.release);
+    let work = target.join(suite.name);
+    fs::create_dir_all(&work)?;
+    let unpacked;
+    let programs = if arch.debian == package::AMD64.debian {
+        image::Programs::Host
+    } else {
+        unpacked = foreign_programs(suite, target)?;
+        image::Programs::Unpacked(&unpacked)
+    };
+    let mut bytes = image::userland(agent, refused, &programs)?;
+    let mut modules = kernels::MODULES.to_vec();
+    if arch.debian == package::ARM64.debian {
+        modules.extend_from_slice(ARM64_MODULES);
+    }
+    bytes.extend(image::modules(&kernel.modules(&modules)?));
+    let initrd = work.join("initrd.cpio");
+    fs::write(&initrd, bytes)?;
+    let machine = qemu::Machine {
+        vmlinuz: &kernel.vmlinuz,
+        initrd: &initrd,
+        disk: None,
+        reboot: false,
+        arch: suite.arch,
+    };
+    let mut vm = qemu::Vm::boot_with_retry(&machine, &work)?;
+    let uname = vm.ok("uname -r; uname -m").map(|uname| {
+        format!(
+            "`uname -rm` {} in {:.1} s (TCG)",
+            uname.split_whitespace().collect::<Vec<_>>().join(" "),
+            vm.boot_seconds
+        )
+    });
+    report.record("boot", uname);
+    checks::run(&mut vm, report);
+    Ok(())
+}
+
+/// [`ARM64_PROGRAMS`] of `suite`'s architecture and the libraries they
+/// need, unpacked (and cached) under `target/vm/programs-SUITE`.
+fn foreign_programs(suite: kernels::Suite, target: &Path) -> anyhow::Result<PathBuf> {
+    let root = target.join(format!("programs-{}", suite.name));
+    let stamp = root.join(".xtask-packages");
+    let wanted = format!("{ARM64_PROGRAMS:?}");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(root);
+    }
+    println!(
+        "vm-test: fetching {} programs for {}",
+        suite.arch, suite.debian
+    );
+    let apt = apt::Apt::new(target, suite.codename, suite.arch)?;
+    // Libraries only: the programs' other dependencies (debconf, for
+    // one) are for installing them, not running them.
+    let library = |name: &str| name.starts_with("lib") || name.starts_with("zlib");
+    let packages = apt.closure(ARM64_PROGRAMS, library)?;
+    let debs = apt.download(&packages)?;
+    apt::unpack(&debs, &root)?;
+    fs::write(&stamp, wanted)?;
+    Ok(root)
+}
+
+/// A Debian system from its packages, booted from a disk with systemd as
+/// PID 1, installing this build's Debian package (and on Debian 12, a
+/// later version of it).
+fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &mut Report) {
+    let work = target.join(guest.suite.debian.to_lowercase().replace(' ', ""));
     let booted = (|| {
-        let current = package::run()?;
-        let upgrade = package::build(&format!("{}+upgrade", package::VERSION))?;
-        let kernel = kernels::fetch(kernels::BOOKWORM, target)?;
-        cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "scenarios",
-            "--bin",
-            "fa-scenario",
-        ])?;
+        let current = package::run()?.debs[0].clone();
+        let mut debs = vec![current.clone()];
+        let mut upgrade = PathBuf::new();
+        let scenario = workspace_root().join("target/release/fa-scenario");
+        if guest.full {
+            upgrade = package::build(&format!("{}+upgrade", package::VERSION))?.debs[0].clone();
+            debs.push(upgrade.clone());
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "scenarios",
+                "--bin",
+                "fa-scenario",
+            ])?;
+        }
+        let kernel = kernels::fetch(guest.suite, target)?;
         let staged = debian::Staged {
-            debs: &[current.clone(), upgrade.clone()],
+            debs: &debs,
             refused,
-            scenario: &workspace_root().join("target/release/fa-scenario"),
+            scenario: guest.full.then_some(scenario.as_path()),
         };
-        let system = debian::prepare(&kernel, &staged, &work)?;
+        let system = debian::prepare(guest.suite, &kernel, &staged, &work)?;
         let machine = qemu::Machine {
             vmlinuz: &kernel.vmlinuz,
             initrd: &system.initrd,
             disk: Some(&system.disk),
             reboot: true,
+            arch: guest.suite.arch,
         };
         let vm = qemu::Vm::boot_with_retry(&machine, &work)?;
         let name = |deb: &Path| {
             deb.file_name()
                 .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default()
         };
         let packages = systemd::Packages {
-            current: name(&current).unwrap_or_default(),
-            upgrade: name(&upgrade).unwrap_or_default(),
+            current: name(&current),
+            upgrade: name(&upgrade),
         };
         anyhow::Ok((vm, packages))
     })();
     match booted {
-        Ok((mut vm, packages)) => systemd::run(&mut vm, &packages, report),
+        Ok((mut vm, packages)) if guest.full => systemd::run(&mut vm, &packages, report),
+        Ok((mut vm, packages)) => systemd::lifecycle(&mut vm, &packages, report),
         Err(err) => {
             report.record("build, install and boot the image", Err(err));
         }
@@ -160,22 +270,6 @@ impl Report {
 
 /// The agent's eBPF object, made one that every verifier refuses.
 fn refused_object() -> anyhow::Result<Vec<u8>> {
-    let built = newest_object(&workspace_root().join("target/debug/build"))?;
-    Ok(testbed::refused_object(&fs::read(&built)?)?)
-}
-
-/// `filter-agent-*/out/filter`, the object build.rs embedded last.
-fn newest_object(build: &Path) -> anyhow::Result<std::path::PathBuf> {
-    fs::read_dir(build)?
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("filter-agent-")
-        })
-        .map(|entry| entry.path().join("out/filter"))
-        .filter(|path| path.exists())
-        .max_by_key(|path| fs::metadata(path).and_then(|meta| meta.modified()).ok())
-        .with_context(|| format!("no filter-agent-*/out/filter under {}", build.display()))
+    let built = package::embedded_object(&workspace_root().join("target/debug/build"))?;
+    testbed::refused_object(&fs::read(&built)?).context("making the refused object")
 }

@@ -56,6 +56,51 @@ pub struct Machine<'a> {
     pub disk: Option<&'a Path>,
     /// Whether a reboot in the guest boots again (else qemu exits).
     pub reboot: bool,
+    /// Debian's name of the guest's architecture: `amd64` or `arm64`.
+    pub arch: &'static str,
+}
+
+impl Machine<'_> {
+    /// qemu for the architecture, with its machine, the console on the
+    /// first serial port and `control` as the guest's command channel
+    /// (named to the guest's init by `vm.control=` on its command line).
+    fn qemu(&self) -> Command {
+        let (program, machine, console, control): (_, &[&str], _, &[&str]) = match self.arch {
+            // -M virt has one UART: the channel is a virtio console.
+            "arm64" => (
+                "qemu-system-aarch64",
+                &["-machine", "virt", "-cpu", "max,pauth-impdef=on"],
+                "ttyAMA0",
+                &[
+                    "-device",
+                    "virtio-serial-pci",
+                    "-device",
+                    "virtconsole,chardev=control",
+                ],
+            ),
+            _ => (
+                "qemu-system-x86_64",
+                &["-machine", "q35", "-cpu", "max"],
+                "ttyS0",
+                &["-serial", "chardev:control"],
+            ),
+        };
+        let channel = if self.arch == "arm64" {
+            "/dev/hvc0"
+        } else {
+            "/dev/ttyS1"
+        };
+        let mut qemu = Command::new(program);
+        qemu.args(machine)
+            .args(["-smp", "2", "-m", "1024", "-accel", "tcg", "-nographic"])
+            .args(["-monitor", "none", "-serial", "chardev:console"])
+            .args(control)
+            .arg("-append")
+            .arg(format!(
+                "console={console} panic=-1 quiet vm.control={channel}"
+            ));
+        qemu
+    }
 }
 
 impl Vm {
@@ -73,9 +118,7 @@ impl Vm {
             "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:{},hostfwd=tcp:127.0.0.1:{}-:{}",
             forwards[0], FORWARDED[0], forwards[1], FORWARDED[1]
         );
-        let mut qemu = Command::new("qemu-system-x86_64");
-        qemu.args(["-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "1024"])
-            .args(["-accel", "tcg", "-nographic", "-monitor", "none"]);
+        let mut qemu = machine.qemu();
         if !machine.reboot {
             qemu.arg("-no-reboot");
         }
@@ -91,19 +134,16 @@ impl Vm {
             .arg(machine.vmlinuz)
             .arg("-initrd")
             .arg(machine.initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet"])
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
             .arg("-chardev")
             .arg(format!("file,id=console,path={}", console.display()))
-            .args(["-serial", "chardev:console"])
             .arg("-chardev")
             .arg(format!("socket,id=control,path={}", socket.display()))
-            .args(["-serial", "chardev:control"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(work.join("qemu.log"))?)
             .spawn()
-            .context("cannot start qemu-system-x86_64")?;
+            .context("cannot start qemu")?;
         let qemu = Qemu(qemu);
         let control = accept(&listener, CONNECT_DEADLINE).with_context(|| {
             let log = fs::read_to_string(work.join("qemu.log")).unwrap_or_default();

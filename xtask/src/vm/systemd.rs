@@ -37,35 +37,9 @@ pub struct Packages {
 
 /// Runs every check in `vm`, recording one line each in `report`.
 pub fn run(vm: &mut Vm, packages: &Packages, report: &mut Report) {
-    if !report.record("systemd as PID 1", pid1(vm)) {
+    let Some(nic) = installed_and_rebooted(vm, packages, report) else {
         return;
-    }
-    if !report.record("apt install ./filter-agent_*.deb", install(vm, packages)) {
-        return;
-    }
-    report.record(
-        "start before naming an interface: one line says so",
-        unconfigured(vm),
-    );
-    let nic = match configure(vm) {
-        Ok(nic) => nic,
-        Err(err) => {
-            report.record("name the NIC, enforce rules, enable --now", Err(err));
-            return;
-        }
     };
-    report.record(
-        "name the NIC, enforce rules, enable --now",
-        Ok(format!(
-            "{nic} in {DEFAULTS}, examples/rules.toml (enforce)"
-        )),
-    );
-    if !report.record(
-        "reboot: filtering before the NIC carries traffic",
-        reboot(vm, &nic),
-    ) {
-        return;
-    }
     report.record(
         "virtio NIC: allowed answers, denied does not, stats count",
         nic_traffic(vm, &nic),
@@ -97,6 +71,67 @@ pub fn run(vm: &mut Vm, packages: &Packages, report: &mut Report) {
         remove(vm, &nic),
     );
     report.record("apt purge: configuration gone", purge(vm));
+}
+
+/// The package's lifecycle, on the Debian releases other than 12: the
+/// same checks of install, boot, traffic, reload, stop, remove and purge.
+pub fn lifecycle(vm: &mut Vm, packages: &Packages, report: &mut Report) {
+    let Some(nic) = installed_and_rebooted(vm, packages, report) else {
+        return;
+    };
+    report.record(
+        "virtio NIC: allowed answers, denied does not, stats count",
+        nic_traffic(vm, &nic),
+    );
+    report.record(
+        "veth in a namespace: allowed answers, denied does not",
+        veth(vm, &nic),
+    );
+    report.record("systemctl reload: new rules, exit 0", reload(vm));
+    report.record(
+        "bad rules file: reload fails and says why, old rules stay",
+        bad_reload(vm),
+    );
+    report.record("systemctl stop: the filter stays", stop(vm, &nic));
+    report.record(
+        "apt remove: stopped, filter detached, says so",
+        remove(vm, &nic),
+    );
+    report.record("apt purge: configuration gone", purge(vm));
+}
+
+/// Installs the package, configures and enables it as the README says,
+/// and reboots into it; returns the NIC, or None when a step failed.
+fn installed_and_rebooted(vm: &mut Vm, packages: &Packages, report: &mut Report) -> Option<String> {
+    if !report.record("systemd as PID 1", pid1(vm)) {
+        return None;
+    }
+    if !report.record("apt install ./filter-agent_*.deb", install(vm, packages)) {
+        return None;
+    }
+    report.record(
+        "start before naming an interface: one line says so",
+        unconfigured(vm),
+    );
+    let nic = match configure(vm) {
+        Ok(nic) => nic,
+        Err(err) => {
+            report.record("name the NIC, enforce rules, enable --now", Err(err));
+            return None;
+        }
+    };
+    report.record(
+        "name the NIC, enforce rules, enable --now",
+        Ok(format!(
+            "{nic} in {DEFAULTS}, examples/rules.toml (enforce)"
+        )),
+    );
+    report
+        .record(
+            "reboot: filtering before the NIC carries traffic",
+            reboot(vm, &nic),
+        )
+        .then_some(nic)
 }
 
 fn pid1(vm: &mut Vm) -> anyhow::Result<String> {

@@ -161,8 +161,24 @@ impl Drop for Docker {
         if let Some(daemon) = self.daemon.take() {
             daemon.stop();
         }
+        // What it leaves mounted anyway (the namespace file it binds for
+        // host-network containers), innermost first, so the directory goes.
+        for mount in mounts_below(&self.dir).iter().rev() {
+            let _ = Command::new("umount").arg("--lazy").arg(mount).status();
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Mount points at or below `dir`, in the order they were mounted.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|mount| mount.starts_with(dir))
+        .collect()
 }
 
 fn text(output: &Output) -> String {

@@ -61,13 +61,56 @@ pub fn test(image: &Path) -> anyhow::Result<String> {
     };
     let mut args = vec!["run".to_owned(), "--detach".to_owned()];
     args.extend(run_options(&container, &config.dir, &env)?);
-    let id = docker.cli(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
-    let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
-    let seen = checks(&docker, &id, [node, peer], node_ip, &config);
+    let (id, unknown) = run_container(&docker, args)?;
+    let seen = checks(&docker, &id, [node, peer], node_ip, &config).map(|seen| {
+        if unknown.is_empty() {
+            seen
+        } else {
+            format!(
+                "{seen}; this Docker does not know {} (kubelet's containerd does): run without, \
+                 CAP_SYS_ADMIN covers them",
+                unknown.join(", ")
+            )
+        }
+    });
     let logs = docker.cli(&["logs", &id]).map(|out| {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     });
     seen.with_context(|| format!("the container's log:\n{}", logs.unwrap_or_default()))
+}
+
+/// `docker run` with `args`; returns the container's id and the
+/// capabilities left out because the engine does not know them (Debian
+/// 12's Docker 20.10 predates CAP_BPF and CAP_PERFMON, Linux 5.8's).
+fn run_container(docker: &Docker, mut args: Vec<String>) -> anyhow::Result<(String, Vec<String>)> {
+    let mut unknown = Vec::new();
+    loop {
+        match docker.cli(&args.iter().map(String::as_str).collect::<Vec<_>>()) {
+            Ok(id) => {
+                return Ok((
+                    String::from_utf8_lossy(&id.stdout).trim().to_owned(),
+                    unknown,
+                ));
+            }
+            Err(err) => {
+                let text = err.to_string();
+                let cap = text
+                    .split_once("unknown capability: \"")
+                    .and_then(|(_, rest)| rest.split('"').next())
+                    .map(str::to_owned);
+                let at = cap.as_ref().and_then(|cap| {
+                    let name = cap.trim_start_matches("CAP_");
+                    args.windows(2)
+                        .position(|pair| pair[0] == "--cap-add" && pair[1] == name)
+                });
+                let (Some(cap), Some(at)) = (cap, at) else {
+                    return Err(err.into());
+                };
+                args.drain(at..at + 2);
+                unknown.push(cap);
+            }
+        }
+    }
 }
 
 /// The checks on the running container `id`.

@@ -435,9 +435,14 @@ fn du_kib(stage: &Path) -> anyhow::Result<u64> {
     Ok(bytes.div_ceil(1024))
 }
 
+/// Copies `from` to `to` with `mode`, replacing `to` in one rename: a
+/// reader (vm-test reads the binaries while its other lane packages)
+/// sees the old file or the new one, never half of one.
 pub fn install(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     fs::create_dir_all(to.parent().context("a path without a parent")?)?;
-    fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(mode))?;
+    let partial = to.with_extension("partial");
+    fs::copy(from, &partial).with_context(|| format!("copying {}", from.display()))?;
+    fs::set_permissions(&partial, fs::Permissions::from_mode(mode))?;
+    fs::rename(&partial, to)?;
     Ok(())
 }

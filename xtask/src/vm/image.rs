@@ -191,12 +191,12 @@ impl Archive {
 
 /// Everything but the kernel's modules: the same for every kernel of an
 /// architecture. `agent` is a static (packaged) binary.
-pub fn userland(agent: &Path, refused: &[u8], programs: &Programs) -> anyhow::Result<Vec<u8>> {
+pub fn userland(agent: &[u8], refused: &[u8], programs: &Programs) -> anyhow::Result<Vec<u8>> {
     let mut archive = match programs {
         Programs::Host => host_programs()?,
         Programs::Unpacked(root) => unpacked_programs(root)?,
     };
-    archive.file("usr/sbin/filter-agent", 0o755, &fs::read(agent)?);
+    archive.file("usr/sbin/filter-agent", 0o755, agent);
     for (path, text, mode) in GUEST_FILES {
         archive.file(path, *mode, text.as_bytes());
     }

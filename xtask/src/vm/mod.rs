@@ -80,7 +80,11 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     // The refused object is made from the debug build's.
     cargo(&["build", "--quiet", "--package", "filter-agent"])?;
     let refused = refused_object()?;
-    let agents = package::binaries()?;
+    // Read now: the systemd lane packages (and so rewrites them) meanwhile.
+    let agents = package::binaries()?
+        .iter()
+        .map(fs::read)
+        .collect::<std::io::Result<Vec<_>>>()?;
     // Every kernel first, so that the two lanes below never fetch the same.
     for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
         kernels::fetch(*suite, &target)?;
@@ -137,7 +141,7 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
 fn kernel_guest(
     suite: kernels::Suite,
     arch: Arch,
-    agent: &Path,
+    agent: &[u8],
     refused: &[u8],
     target: &Path,
     report: &mut Report,

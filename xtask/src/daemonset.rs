@@ -144,7 +144,7 @@ fn checks(
         !traffic::tcp_exchange(peer, to(OPENED_BY_RELOAD), None)?,
         "port {OPENED_BY_RELOAD} answered before the reload opened it"
     );
-    config.update(RULES_OPEN_9000)?;
+    config.update(&rules(&format!("[{ALLOWED}, {OPENED_BY_RELOAD}]")))?;
     let reloaded = within(WAIT, || {
         traffic::tcp_exchange(peer, to(OPENED_BY_RELOAD), None).unwrap_or(false)
     });
@@ -289,25 +289,13 @@ struct ConfigMap {
     version: std::cell::Cell<u32>,
 }
 
-const RULES: &str = r#"[filter]
-default = "deny"
-
-[[rule]]
-name = "web"
-action = "allow"
-proto = "tcp"
-dport = 8080
-"#;
-
-const RULES_OPEN_9000: &str = r#"[filter]
-default = "deny"
-
-[[rule]]
-name = "web"
-action = "allow"
-proto = "tcp"
-dport = [8080, 9000]
-"#;
+/// Rules that allow TCP to `ports` (a TOML value) and deny the rest.
+fn rules(ports: &str) -> String {
+    format!(
+        "[filter]\ndefault = \"deny\"\n\n[[rule]]\nname = \"web\"\naction = \"allow\"\n\
+         proto = \"tcp\"\ndport = {ports}\n"
+    )
+}
 
 impl ConfigMap {
     fn new(iface: &str) -> anyhow::Result<Self> {
@@ -319,7 +307,7 @@ impl ConfigMap {
             iface: iface.to_owned(),
             version: std::cell::Cell::new(0),
         };
-        config.update(RULES)?;
+        config.update(&rules(&ALLOWED.to_string()))?;
         symlink("..data/rules.toml", config.dir.join("rules.toml"))?;
         Ok(config)
     }

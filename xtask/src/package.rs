@@ -98,12 +98,15 @@ pub fn build(version: &str) -> anyhow::Result<Artifacts> {
         tarballs: Vec::new(),
     };
     for (arch, binary) in ARCHES.iter().zip(&binaries) {
-        artifacts
-            .debs
-            .push(deb(&root, *arch, binary, &generated, version)?);
-        artifacts
-            .tarballs
-            .push(tarball(&root, *arch, binary, &generated, version)?);
+        let inputs = Inputs {
+            root: &root,
+            arch: *arch,
+            binary,
+            generated: &generated,
+            version,
+        };
+        artifacts.debs.push(deb(&inputs)?);
+        artifacts.tarballs.push(tarball(&inputs)?);
     }
     checksums(&artifacts.debs)?;
     checksums(&artifacts.tarballs)?;
@@ -200,18 +203,25 @@ fn ensure_static(binary: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds `target/debian/filter-agent_VERSION_ARCH.deb`.
-fn deb(
-    root: &Path,
+/// What one architecture's package and tarball are made of.
+struct Inputs<'a> {
+    root: &'a Path,
     arch: Arch,
-    binary: &Path,
-    generated: &Path,
-    version: &str,
-) -> anyhow::Result<PathBuf> {
+    /// The static binary.
+    binary: &'a Path,
+    /// Man pages and completions (`package_docs`).
+    generated: &'a Path,
+    version: &'a str,
+}
+
+/// Builds `target/debian/filter-agent_VERSION_ARCH.deb`.
+fn deb(inputs: &Inputs) -> anyhow::Result<PathBuf> {
+    let (root, arch, generated, version) =
+        (inputs.root, inputs.arch, inputs.generated, inputs.version);
     let name = format!("filter-agent_{version}_{}", arch.debian);
     let stage = root.join("target/debian").join(&name);
     let _ = fs::remove_dir_all(&stage);
-    install(binary, &stage.join("usr/sbin/filter-agent"), 0o755)?;
+    install(inputs.binary, &stage.join("usr/sbin/filter-agent"), 0o755)?;
     for (from, to) in shipped_files(root, generated) {
         install(&from, &stage.join(to), 0o644)?;
     }
@@ -324,18 +334,14 @@ fn write_control(stage: &Path, arch: Arch, version: &str) -> anyhow::Result<()> 
 /// `target/dist/filter-agent-VERSION-ARCH-linux.tar.gz`: one directory
 /// with the binary, the unit and its defaults, the man pages, completions,
 /// the example rules (monitor mode) and the docs, for hosts without apt.
-fn tarball(
-    root: &Path,
-    arch: Arch,
-    binary: &Path,
-    generated: &Path,
-    version: &str,
-) -> anyhow::Result<PathBuf> {
+fn tarball(inputs: &Inputs) -> anyhow::Result<PathBuf> {
+    let (root, arch, generated, version) =
+        (inputs.root, inputs.arch, inputs.generated, inputs.version);
     let name = format!("filter-agent-{version}-{}-linux", arch.uname);
     let dist = root.join("target/dist");
     let stage = dist.join(&name);
     let _ = fs::remove_dir_all(&stage);
-    install(binary, &stage.join("filter-agent"), 0o755)?;
+    install(inputs.binary, &stage.join("filter-agent"), 0o755)?;
     for (from, to) in shipped_files(root, generated) {
         // The package's paths, flattened to where an unpacked tarball's
         // reader looks: `filter-agent.service`, `rules.toml`, `man/` ...

@@ -40,23 +40,12 @@ pub fn run(vm: &mut Vm, packages: &Packages, report: &mut Report) {
     let Some(nic) = installed_and_rebooted(vm, packages, report) else {
         return;
     };
-    report.record(
-        "virtio NIC: allowed answers, denied does not, stats count",
-        nic_traffic(vm, &nic),
-    );
-    report.record(
-        "veth in a namespace: allowed answers, denied does not",
-        veth(vm, &nic),
-    );
+    traffic_checks(vm, &nic, report);
     report.record(
         "lvs-dr on a real IPVS director: UFW loses FINs, RSTs, PMTU; filter-agent does not",
         lvs_dr(vm),
     );
-    report.record("systemctl reload: new rules, exit 0", reload(vm));
-    report.record(
-        "bad rules file: reload fails and says why, old rules stay",
-        bad_reload(vm),
-    );
+    reload_checks(vm, report);
     report.record("systemctl restart: no gap", restart(vm));
     report.record("watchdog: a hung agent is restarted", watchdog(vm));
     report.record("systemctl stop: the filter stays", stop(vm, &nic));
@@ -79,25 +68,35 @@ pub fn lifecycle(vm: &mut Vm, packages: &Packages, report: &mut Report) {
     let Some(nic) = installed_and_rebooted(vm, packages, report) else {
         return;
     };
-    report.record(
-        "virtio NIC: allowed answers, denied does not, stats count",
-        nic_traffic(vm, &nic),
-    );
-    report.record(
-        "veth in a namespace: allowed answers, denied does not",
-        veth(vm, &nic),
-    );
-    report.record("systemctl reload: new rules, exit 0", reload(vm));
-    report.record(
-        "bad rules file: reload fails and says why, old rules stay",
-        bad_reload(vm),
-    );
+    traffic_checks(vm, &nic, report);
+    reload_checks(vm, report);
     report.record("systemctl stop: the filter stays", stop(vm, &nic));
     report.record(
         "apt remove: stopped, filter detached, says so",
         remove(vm, &nic),
     );
     report.record("apt purge: configuration gone", purge(vm));
+}
+
+/// Allowed and denied traffic on the NIC, then on veth as well.
+fn traffic_checks(vm: &mut Vm, nic: &str, report: &mut Report) {
+    report.record(
+        "virtio NIC: allowed answers, denied does not, stats count",
+        nic_traffic(vm, nic),
+    );
+    report.record(
+        "veth in a namespace: allowed answers, denied does not",
+        veth(vm, nic),
+    );
+}
+
+/// A good reload, then a bad one (which leaves the original rules).
+fn reload_checks(vm: &mut Vm, report: &mut Report) {
+    report.record("systemctl reload: new rules, exit 0", reload(vm));
+    report.record(
+        "bad rules file: reload fails and says why, old rules stay",
+        bad_reload(vm),
+    );
 }
 
 /// Installs the package, configures and enables it as the README says,

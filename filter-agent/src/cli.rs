@@ -101,6 +101,29 @@ pub enum Command {
         #[arg(long)]
         iface: Vec<String>,
     },
+    /// Apply new rules to the running agent for a trial: they are in force
+    /// on every interface it filters until the deadline, then the previous
+    /// rules come back unless `filter-agent confirm` keeps them. The rules
+    /// file is not changed until then.
+    Try {
+        /// The new rules file (it must pass `check`).
+        #[arg(long)]
+        rules: PathBuf,
+        /// Seconds until the previous rules come back.
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::control::DEFAULT_TIMEOUT_SECONDS,
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout: u64,
+        /// The running agent's control socket.
+        #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// Keep the rules on trial: the agent's rules file then holds them
+    /// (written atomically), so that a restart or reboot keeps them too.
+    Confirm {
+        /// The running agent's control socket.
+        #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+    },
     /// Remove the filter and everything pinned for it from an interface
     /// (refused while an agent runs for it).
     Detach {
@@ -182,6 +205,10 @@ pub struct RunArgs {
     /// place (fail-static) and the next start takes it over without a gap.
     #[arg(long)]
     pub detach_on_exit: bool,
+    /// Where the agent takes `filter-agent try` and `confirm` (if another
+    /// agent already serves it, this one takes none).
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod config;
+pub mod control;
 pub mod counters;
 pub mod events;
 pub mod guard;

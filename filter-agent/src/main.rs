@@ -84,6 +84,12 @@ fn main() -> ExitCode {
             };
             commands::import(&upstream, output.as_deref())
         }
+        Some(Command::Try {
+            rules,
+            timeout,
+            control_socket,
+        }) => commands::try_rules(&rules, timeout, &control_socket),
+        Some(Command::Confirm { control_socket }) => commands::confirm(&control_socket),
         Some(Command::Detach { iface }) => commands::detach(&iface),
         Some(Command::Watch { iface }) => commands::watch(&iface),
         Some(Command::Stats { iface, json, watch }) => commands::stats(&iface, json, watch),

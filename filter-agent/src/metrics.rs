@@ -37,6 +37,10 @@ pub struct Status {
     /// With `[upstream]`: per namespace, the ports of each direction and
     /// protocol whose traffic the cloud's ACL would drop, at the last audit.
     pub upstream_blocked: Vec<UpstreamBlocked>,
+    /// While rules are on trial (`filter-agent try`): when they go back.
+    pub trial_deadline_unix: Option<u64>,
+    /// Trials that ended without a confirm: the previous rules came back.
+    pub trial_reverts: u64,
 }
 
 /// One series of `filter_agent_upstream_blocked_ports`.
@@ -182,8 +186,36 @@ impl Collector for Metrics {
                     .encode_counter::<NoLabelSet, _, u64>(value, None)?;
             }
         }
+        encode_trial(&mut encoder, &status)?;
         self.encode_gauges(&mut encoder, &status)
     }
+}
+
+/// Rules on trial (`filter-agent try`): whether, until when, and how many
+/// trials went back for want of a confirm.
+fn encode_trial(encoder: &mut DescriptorEncoder, status: &Status) -> Result<(), std::fmt::Error> {
+    let gauges = [
+        (
+            "trial_active",
+            "1 while rules are on trial (filter-agent try), waiting for filter-agent confirm.",
+            i64::from(status.trial_deadline_unix.is_some()),
+        ),
+        (
+            "trial_deadline_seconds",
+            "When the rules on trial go back unless confirmed (Unix time); 0 without a trial.",
+            status.trial_deadline_unix.map_or(0, |at| at as i64),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let gauge = ConstGauge::new(value);
+        let name = format!("{PREFIX}_{name}");
+        gauge.encode(encoder.encode_descriptor(&name, help, None, gauge.metric_type())?)?;
+    }
+    let name = format!("{PREFIX}_trial_reverts");
+    let help = "Trials whose deadline passed without a confirm: the previous rules came back.";
+    encoder
+        .encode_descriptor(&name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&status.trial_reverts, None)
 }
 
 impl Metrics {

@@ -25,6 +25,8 @@ pub enum Task {
     Audit,
     /// Connecting to the agent's event sockets (`watch`).
     Watch,
+    /// Changing the running agent's rules (`try`, `confirm`).
+    Control,
 }
 
 impl Task {
@@ -36,6 +38,7 @@ impl Task {
             Task::Detach => "removing the filter's pins",
             Task::Audit => "auditing every network namespace",
             Task::Watch => "watching the agent's events",
+            Task::Control => "changing the running agent's rules",
         }
     }
 
@@ -46,7 +49,7 @@ impl Task {
                 "CAP_BPF (or CAP_SYS_ADMIN) and access to /sys/fs/bpf/filter-agent, which is root's own"
             }
             Task::Audit => "CAP_SYS_ADMIN, to enter each namespace",
-            Task::Watch => "access to /run/filter-agent, which is root's own",
+            Task::Watch | Task::Control => "access to /run/filter-agent, which is root's own",
         }
     }
 
@@ -58,7 +61,7 @@ impl Task {
             Task::Attach | Task::TestRun => bpf && has(CAP_NET_ADMIN),
             Task::ReadCounters | Task::Detach => bpf && files,
             Task::Audit => has(CAP_SYS_ADMIN),
-            Task::Watch => files,
+            Task::Watch | Task::Control => files,
         }
     }
 }

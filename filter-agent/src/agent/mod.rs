@@ -15,6 +15,8 @@ mod http;
 mod interface;
 mod reload;
 mod serve;
+mod trial;
+mod trial_requests;
 
 use std::{
     path::PathBuf,
@@ -196,6 +198,7 @@ fn start(
         }
     }
     interfaces.iter().for_each(|i| watch.baseline(i));
+    let control = control_socket(&args.control_socket)?;
     let (low, high) = config.guard.ephemeral;
     info!(
         rules = %rules.display(),
@@ -214,7 +217,22 @@ fn start(
         links,
         status,
         metrics: args.metrics,
+        control,
+        trial: None,
     })
+}
+
+/// The control socket at `path`, unless another agent already serves it
+/// (agents on other interfaces of the host): then this one takes no trials.
+fn control_socket(path: &std::path::Path) -> anyhow::Result<Option<trial::Control>> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        warn!(
+            socket = %path.display(),
+            "another agent serves the control socket: `filter-agent try` goes to that one"
+        );
+        return Ok(None);
+    }
+    trial::Control::bind(path).map(Some)
 }
 
 /// Tells systemd (`Type=notify`) about the agent's state; a no-op when not

@@ -17,11 +17,17 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{
-    AUDIT_EVERY, SUMMARY_EVERY, event_lines::EventLines, files::FileWatch, guard_watch::GuardWatch,
-    interface::Interface, lock, notify, reload,
+    AUDIT_EVERY, SUMMARY_EVERY,
+    event_lines::EventLines,
+    files::FileWatch,
+    guard_watch::GuardWatch,
+    interface::Interface,
+    lock, notify, reload,
+    trial::{self, Control, Trial},
 };
 use crate::{
-    audit, compile::RuleSet, config::Config, guard::Listeners, links::LinkWatch, metrics::Status,
+    audit, compile::RuleSet, config::GuardSettings, control, guard::Listeners, links::LinkWatch,
+    metrics::Status,
 };
 
 /// Everything the running agent works with.
@@ -35,6 +41,10 @@ pub(super) struct Agent {
     pub(super) links: LinkWatch,
     pub(super) status: Arc<Mutex<Status>>,
     pub(super) metrics: std::net::SocketAddr,
+    /// `filter-agent try` and `confirm` (none when another agent has the
+    /// socket).
+    pub(super) control: Option<Control>,
+    pub(super) trial: Option<Trial>,
 }
 
 /// SIGINT and SIGTERM stop the agent, SIGHUP reloads.
@@ -111,6 +121,8 @@ impl Agent {
                         }
                     },
                     () = self.files.changed() => "the rules file changed",
+                    pending = next_request(self.control.as_mut()) => { self.on_control(pending).await; continue }
+                    () = trial::expired(self.trial.as_ref()) => { self.revert().await; continue }
                     (index, event) = events.next() => { self.on_event(&mut events, index, &event); continue }
                     _ = summaries.tick() => { events.summarise(self.names()); continue }
                     () = watchdog.due() => { notify(&[NotifyState::Watchdog]); continue }
@@ -176,10 +188,16 @@ impl Agent {
         }
     }
 
-    /// The unit's status text: what is being filtered.
-    fn filtering(&self) -> String {
+    /// The unit's status text: what is being filtered, and a trial.
+    pub(super) fn filtering(&self) -> String {
         let names: Vec<&str> = self.interfaces.iter().map(|i| i.name.as_str()).collect();
-        format!("filtering {}", names.join(", "))
+        let trial = self.trial.as_ref().map_or(String::new(), |trial| {
+            format!(
+                "; rules on trial until {}",
+                control::clock(trial.deadline_unix)
+            )
+        });
+        format!("filtering {}{trial}", names.join(", "))
     }
 
     /// Reloads the rules; `None` when a signal stopped the agent meanwhile,
@@ -205,9 +223,15 @@ impl Agent {
         };
         let guard_was_on = self.watch.on();
         let result = match prepared {
-            Ok((config, rule_set)) => self.swap_in(config, rule_set).await,
+            Ok((config, rule_set)) => {
+                let count = config.rules.len();
+                self.swap_in(Arc::new(rule_set), config.guard, count).await
+            }
             Err(err) => Err(err),
         };
+        if result.is_ok() {
+            self.end_trial("the rules file was reloaded: its rules are in force");
+        }
         if !guard_was_on {
             for interface in &self.interfaces {
                 self.watch.baseline(interface);
@@ -217,14 +241,20 @@ impl Agent {
         Ok(Some(self.reloaded(trigger, result)))
     }
 
-    /// Puts the new rules on every interface, off the runtime (loading
-    /// means a pass of the verifier per interface); returns their count.
-    async fn swap_in(&mut self, config: Config, rule_set: RuleSet) -> anyhow::Result<usize> {
+    /// Puts the new rules (`count` of them) on every interface, off the
+    /// runtime (loading means a pass of the verifier per interface);
+    /// returns their count.
+    pub(super) async fn swap_in(
+        &mut self,
+        new: Arc<RuleSet>,
+        guard: GuardSettings,
+        count: usize,
+    ) -> anyhow::Result<usize> {
         // A new program starts from the scan: TCP listeners the running one
         // learnt from SYN-ACKs since the last one must be in it.
         self.watch.listeners.tcp = Listeners::discover().tcp;
         let listeners = self.watch.listeners.clone();
-        let (current, new) = (Arc::clone(&self.rule_set), Arc::new(rule_set));
+        let current = Arc::clone(&self.rule_set);
         let mut interfaces = std::mem::take(&mut self.interfaces);
         let swapping = Arc::clone(&new);
         let (interfaces, result) = tokio::task::spawn_blocking(move || {
@@ -236,8 +266,8 @@ impl Agent {
         self.interfaces = interfaces;
         result?;
         self.rule_set = new;
-        self.watch.settings = config.guard.clone();
-        Ok(config.rules.len())
+        self.watch.settings = guard;
+        Ok(count)
     }
 
     /// Records the reload's outcome in the status and the log, and watches
@@ -278,6 +308,14 @@ impl Agent {
         };
         info!(rules = %self.rules.display(), count, trigger, "rules reloaded");
         changed_meanwhile
+    }
+}
+
+/// The control socket's next request; pending forever without a socket.
+async fn next_request(control: Option<&mut Control>) -> trial::Pending {
+    match control {
+        Some(control) => control.next().await,
+        None => std::future::pending().await,
     }
 }
 

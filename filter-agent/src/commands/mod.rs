@@ -4,8 +4,10 @@
 //! `watch`, `detach`).
 
 mod inspect;
+mod trial;
 
 pub use inspect::{detach, guard, stats, watch};
+pub use trial::{confirm, try_rules};
 
 use std::{io::Write as _, path::Path};
 

@@ -28,6 +28,10 @@ pub enum Command {
         /// The rules file (TOML).
         #[arg(long)]
         rules: PathBuf,
+        /// Also run this host's established TCP sessions through the rules
+        /// (the real program) and fail naming each one they would cut.
+        #[arg(long)]
+        live: bool,
     },
     /// Run packets through the real XDP program (BPF_PROG_TEST_RUN, nothing
     /// attached) and print each verdict and the rule that decided it.
@@ -113,6 +117,10 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = crate::control::DEFAULT_TIMEOUT_SECONDS,
               value_parser = clap::value_parser!(u64).range(1..=86_400))]
         timeout: u64,
+        /// Apply the rules even if they would cut established TCP sessions
+        /// (without it, `try` refuses and names each one).
+        #[arg(long)]
+        force: bool,
         /// The running agent's control socket.
         #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
         control_socket: PathBuf,

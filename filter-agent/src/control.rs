@@ -24,6 +24,8 @@ pub enum Request {
         path: PathBuf,
         text: String,
         timeout_seconds: u64,
+        /// Apply even if established sessions would be cut.
+        force: bool,
     },
     /// Keep the rules on trial.
     Confirm,
@@ -41,6 +43,9 @@ pub enum Answer {
     /// The trial ended for good: the client writes `text` to the agent's
     /// own rules file, `rules`, so that a restart keeps it.
     Confirmed { rules: PathBuf, text: String },
+    /// Nothing was changed: the rules would cut these established
+    /// sessions (one line each).
+    WouldCut { sessions: Vec<String> },
     /// Nothing was changed, for `reason` (one line).
     Refused { reason: String },
 }
@@ -77,6 +82,7 @@ mod tests {
             path: "/tmp/new.toml".into(),
             text: "[filter]\ndefault = \"deny\"\n".into(),
             timeout_seconds: 60,
+            force: false,
         };
         let line = encode(&request);
         assert_eq!(line.matches('\n').count(), 1, "{line}");

@@ -24,4 +24,5 @@ pub mod pcap;
 pub mod pins;
 pub mod privileges;
 pub mod reference;
+pub mod sessions;
 pub mod upstream;

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     };
     cli::init_logging();
     let result = match cli.command {
-        Some(Command::Check { rules }) => commands::check(&rules),
+        Some(Command::Check { rules, live }) => commands::check(&rules, live),
         Some(Command::Test {
             rules,
             upstream,
@@ -87,8 +87,9 @@ fn main() -> ExitCode {
         Some(Command::Try {
             rules,
             timeout,
+            force,
             control_socket,
-        }) => commands::try_rules(&rules, timeout, &control_socket),
+        }) => commands::try_rules(&rules, timeout, force, &control_socket),
         Some(Command::Confirm { control_socket }) => commands::confirm(&control_socket),
         Some(Command::Detach { iface }) => commands::detach(&iface),
         Some(Command::Watch { iface }) => commands::watch(&iface),

@@ -41,6 +41,8 @@ pub struct Status {
     pub trial_deadline_unix: Option<u64>,
     /// Trials that ended without a confirm: the previous rules came back.
     pub trial_reverts: u64,
+    /// Established sessions that reloads applied anyway would cut.
+    pub reload_cut_sessions: u64,
 }
 
 /// One series of `filter_agent_upstream_blocked_ports`.
@@ -211,11 +213,25 @@ fn encode_trial(encoder: &mut DescriptorEncoder, status: &Status) -> Result<(), 
         let name = format!("{PREFIX}_{name}");
         gauge.encode(encoder.encode_descriptor(&name, help, None, gauge.metric_type())?)?;
     }
-    let name = format!("{PREFIX}_trial_reverts");
-    let help = "Trials whose deadline passed without a confirm: the previous rules came back.";
-    encoder
-        .encode_descriptor(&name, help, None, MetricType::Counter)?
-        .encode_counter::<NoLabelSet, _, u64>(&status.trial_reverts, None)
+    let counters = [
+        (
+            "trial_reverts",
+            "Trials whose deadline passed without a confirm: the previous rules came back.",
+            status.trial_reverts,
+        ),
+        (
+            "reload_cut_sessions",
+            "Established TCP sessions that a reload of the rules file (applied anyway) would cut.",
+            status.reload_cut_sessions,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let name = format!("{PREFIX}_{name}");
+        encoder
+            .encode_descriptor(&name, help, None, MetricType::Counter)?
+            .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+    }
+    Ok(())
 }
 
 impl Metrics {

@@ -250,3 +250,73 @@ fn bad_requests_change_nothing_and_say_why() {
         PREVIOUS
     );
 }
+
+/// Default deny, nothing allowed: it cuts any session.
+const CUTS_EVERYTHING: &str = "[filter]\ndefault = \"deny\"\n";
+
+#[test]
+fn rules_that_cut_an_established_session_are_refused_or_warned_about() {
+    let setup = Setup::new("trs");
+    std::fs::write(setup.path("deny.toml"), CUTS_EVERYTHING).unwrap();
+    let mut agent = setup.start();
+    // A session from the client to a service of the server's namespace.
+    let server = (Pair::SERVER_V4, 2222);
+    let listener = setup
+        .pair
+        .server
+        .run(|| std::net::TcpListener::bind(server))
+        .unwrap()
+        .unwrap();
+    let client = setup
+        .pair
+        .client
+        .run(|| std::net::TcpStream::connect(server))
+        .unwrap()
+        .unwrap();
+    let (_accepted, _) = listener.accept().unwrap();
+    let peer = client.local_addr().unwrap();
+    let expected = format!("would cut the established session {peer} -> :2222 (default deny)");
+
+    let refused = setup.try_rules("deny.toml", 60);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.lines().any(|line| line == expected), "{stderr}");
+    assert!(stderr.contains("--force applies them anyway"), "{stderr}");
+    assert!(setup.passes(), "a refused trial changed the rules");
+
+    // `check --live` in the agent's namespace says the same, and fails.
+    let live = setup
+        .pair
+        .server
+        .command(AGENT)
+        .args(["check", "--live", "--rules"])
+        .arg(setup.path("deny.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(live.status.code(), Some(1), "{live:?}");
+    assert!(
+        String::from_utf8_lossy(&live.stdout).contains(&expected),
+        "{live:?}"
+    );
+
+    let forced = setup.client(&[
+        "try",
+        "--force",
+        "--rules",
+        setup.path("deny.toml").to_str().unwrap(),
+    ]);
+    succeeded(&forced);
+    assert!(!setup.passes(), "--force did not apply the rules");
+
+    // A plain reload that cuts it is applied, and warned about and counted.
+    std::fs::write(setup.path("rules.toml"), CUTS_EVERYTHING).unwrap();
+    let warned = agent.expect("the reloaded rules would cut", WAIT);
+    assert!(warned.contains(&expected), "{warned}");
+    let page = setup.metrics();
+    assert_eq!(metric(&page, "filter_agent_reload_cut_sessions_total"), 1.0);
+    assert_eq!(
+        metric(&page, "filter_agent_trial_active"),
+        0.0,
+        "the reload ended the trial"
+    );
+}

@@ -6,15 +6,22 @@ use crate::{
     compile::{self, RuleSet},
     config::{self, Config},
     guard::Listeners,
+    sessions::{self, Cut},
 };
 
 use super::interface::Interface;
 
-/// Reads, validates and compiles the rules file (no kernel involved).
-pub(super) fn prepare(rules: &Path) -> anyhow::Result<(Config, RuleSet)> {
+/// Reads, validates and compiles the rules file, and finds the
+/// established sessions the new rules would cut (a reload still applies
+/// them: the file is the operator's word; the agent warns).
+pub(super) fn prepare(rules: &Path) -> anyhow::Result<(Config, RuleSet, Vec<Cut>)> {
     let config = config::load(rules)?;
     let rule_set = compile::compile(&config)?;
-    Ok((config, rule_set))
+    let cut = sessions::cut_by(&rule_set, &sessions::established()).unwrap_or_else(|err| {
+        tracing::warn!(%err, "cannot check the established sessions against the new rules");
+        Vec::new()
+    });
+    Ok((config, rule_set, cut))
 }
 
 /// Loads `new` for every filtered interface, then swaps each in. Any error

@@ -223,15 +223,20 @@ impl Agent {
         };
         let guard_was_on = self.watch.on();
         let result = match prepared {
-            Ok((config, rule_set)) => {
+            Ok((config, rule_set, cut)) => {
                 let count = config.rules.len();
-                self.swap_in(Arc::new(rule_set), config.guard, count).await
+                let swapped = self.swap_in(Arc::new(rule_set), config.guard, count).await;
+                if swapped.is_ok() {
+                    self.end_trial("the rules file was reloaded: its rules are in force");
+                    for session in &cut {
+                        warn!("the reloaded rules {session}");
+                    }
+                    lock(&self.status).reload_cut_sessions += cut.len() as u64;
+                }
+                swapped
             }
             Err(err) => Err(err),
         };
-        if result.is_ok() {
-            self.end_trial("the rules file was reloaded: its rules are in force");
-        }
         if !guard_was_on {
             for interface in &self.interfaces {
                 self.watch.baseline(interface);

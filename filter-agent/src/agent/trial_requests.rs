@@ -17,6 +17,7 @@ use crate::{
     compile,
     config::{self, Config},
     control::{self, Answer, Request},
+    sessions,
 };
 
 /// How soon a revert that failed is tried again.
@@ -30,16 +31,23 @@ impl Agent {
                 path,
                 text,
                 timeout_seconds,
+                force,
             } => {
                 let (path, text) = (path.clone(), text.clone());
-                self.on_try(path, text, *timeout_seconds).await
+                self.on_try(path, text, *timeout_seconds, *force).await
             }
             Request::Confirm => self.on_confirm(),
         };
         pending.answer(answer);
     }
 
-    async fn on_try(&mut self, path: PathBuf, text: String, timeout_seconds: u64) -> Answer {
+    async fn on_try(
+        &mut self,
+        path: PathBuf,
+        text: String,
+        timeout_seconds: u64,
+        force: bool,
+    ) -> Answer {
         if let Some(trial) = &self.trial {
             return refused(format!(
                 "rules from {} are already on trial until {}: `filter-agent confirm` keeps them, \
@@ -52,17 +60,28 @@ impl Agent {
             return refused("a trial needs a timeout of at least 1 second".into());
         }
         let (checked_path, checked_text) = (path.clone(), text.clone());
-        let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, _)> {
+        let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, _, _)> {
             let config = config::parse(&checked_path, &checked_text)?;
             let rule_set = compile::compile(&config)?;
-            Ok((config, rule_set))
+            // The agent's own namespace: where the interfaces it filters are.
+            let cut = if force {
+                Vec::new()
+            } else {
+                sessions::cut_by(&rule_set, &sessions::established())?
+            };
+            Ok((config, rule_set, cut))
         })
         .await
         .context("compiling the rules on trial");
-        let (config, rule_set) = match prepared.and_then(|prepared| prepared) {
+        let (config, rule_set, cut) = match prepared.and_then(|prepared| prepared) {
             Ok(prepared) => prepared,
             Err(err) => return refused(format!("{err:#}; nothing was applied")),
         };
+        if !cut.is_empty() {
+            return Answer::WouldCut {
+                sessions: cut.iter().map(ToString::to_string).collect(),
+            };
+        }
         let previous = Previous {
             rule_set: Arc::clone(&self.rule_set),
             guard: self.watch.settings.clone(),

@@ -19,7 +19,7 @@ use crate::{
     packet, pcap,
     privileges::{self, Task},
     reference::Outcome,
-    upstream,
+    sessions, upstream,
 };
 use anyhow::Context as _;
 use filter_common::reason;
@@ -33,9 +33,25 @@ fn verdict_name(xdp_action: u32) -> &'static str {
     }
 }
 
-pub fn check(rules: &Path) -> anyhow::Result<()> {
+pub fn check(rules: &Path, live: bool) -> anyhow::Result<()> {
     let config = config::load(rules)?;
     let rule_set = compile::compile(&config)?;
+    if live {
+        privileges::check(Task::TestRun)?;
+        let cut = sessions::cut_by(&rule_set, &sessions::established())
+            .context("loading the XDP program")?;
+        for session in &cut {
+            println!("{session}");
+        }
+        if !cut.is_empty() {
+            anyhow::bail!(
+                "{}: the rules would cut {} established TCP {} of this host",
+                rules.display(),
+                cut.len(),
+                plural(cut.len(), "session", "sessions")
+            );
+        }
+    }
     let warnings = lint::lint(&config);
     for warning in &warnings {
         println!("{warning}");

@@ -24,7 +24,12 @@ use crate::{
 const ANSWER_DEADLINE: Duration = Duration::from_secs(300);
 
 /// `filter-agent try`.
-pub fn try_rules(rules: &Path, timeout_seconds: u64, socket: &Path) -> anyhow::Result<()> {
+pub fn try_rules(
+    rules: &Path,
+    timeout_seconds: u64,
+    force: bool,
+    socket: &Path,
+) -> anyhow::Result<()> {
     let config = config::load(rules)?;
     compile::compile(&config)?;
     privileges::check(Task::Control)?;
@@ -35,6 +40,7 @@ pub fn try_rules(rules: &Path, timeout_seconds: u64, socket: &Path) -> anyhow::R
         path: path.clone(),
         text,
         timeout_seconds,
+        force,
     };
     match ask(socket, &request)? {
         Answer::Trying {
@@ -80,6 +86,21 @@ pub fn confirm(socket: &Path) -> anyhow::Result<()> {
 fn unexpected(answer: Answer) -> anyhow::Error {
     match answer {
         Answer::Refused { reason } => anyhow!(reason),
+        Answer::WouldCut { sessions } => {
+            for session in &sessions {
+                eprintln!("{session}");
+            }
+            anyhow!(
+                "refused: the new rules would cut {} established {}; nothing was applied \
+                 (--force applies them anyway)",
+                sessions.len(),
+                if sessions.len() == 1 {
+                    "session"
+                } else {
+                    "sessions"
+                }
+            )
+        }
         other => anyhow!("the agent answered {other:?}"),
     }
 }

@@ -166,11 +166,12 @@ fn kernel_guest(
     let initrd = work.join("initrd.cpio");
     fs::write(&initrd, bytes)?;
     let machine = qemu::Machine {
-        vmlinuz: &kernel.vmlinuz,
-        initrd: &initrd,
+        vmlinuz: kernel.vmlinuz.clone(),
+        initrd,
         disk: None,
         reboot: false,
         arch: suite.arch,
+        append: String::new(),
     };
     let mut vm = qemu::Vm::boot_with_retry(&machine, &work)?;
     let uname = vm.ok("uname -r; uname -m").map(|uname| {
@@ -239,11 +240,12 @@ fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &m
         };
         let system = debian::prepare(guest.suite, &kernel, &staged, &work)?;
         let machine = qemu::Machine {
-            vmlinuz: &kernel.vmlinuz,
-            initrd: &system.initrd,
-            disk: Some(&system.disk),
+            vmlinuz: kernel.vmlinuz.clone(),
+            initrd: system.initrd,
+            disk: Some(system.disk),
             reboot: true,
             arch: guest.suite.arch,
+            append: String::new(),
         };
         let vm = qemu::Vm::boot_with_retry(&machine, &work)?;
         let name = |deb: &Path| {

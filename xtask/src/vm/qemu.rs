@@ -33,7 +33,9 @@ const ANSWER_END: &str = "@@rc=";
 pub const FORWARDED: [u16; 2] = [8080, 9000];
 
 pub struct Vm {
-    _qemu: Qemu,
+    qemu: Qemu,
+    machine: Machine,
+    work: PathBuf,
     control: UnixStream,
     pub console: PathBuf,
     /// Host ports on 127.0.0.1 forwarded to [`FORWARDED`], in that order.
@@ -49,18 +51,21 @@ pub struct Answer {
 }
 
 /// What qemu boots.
-pub struct Machine<'a> {
-    pub vmlinuz: &'a Path,
-    pub initrd: &'a Path,
+#[derive(Clone)]
+pub struct Machine {
+    pub vmlinuz: PathBuf,
+    pub initrd: PathBuf,
     /// A raw disk image, the guest's `/dev/vda`.
-    pub disk: Option<&'a Path>,
+    pub disk: Option<PathBuf>,
     /// Whether a reboot in the guest boots again (else qemu exits).
     pub reboot: bool,
     /// Debian's name of the guest's architecture: `amd64` or `arm64`.
     pub arch: &'static str,
+    /// More words for the kernel's command line.
+    pub append: String,
 }
 
-impl Machine<'_> {
+impl Machine {
     /// qemu for the architecture, with its machine, the console on the
     /// first serial port and `control` as the guest's command channel
     /// (named to the guest's init by `vm.control=` on its command line).
@@ -97,7 +102,8 @@ impl Machine<'_> {
             .args(control)
             .arg("-append")
             .arg(format!(
-                "console={console} panic=-1 quiet vm.control={channel}"
+                "console={console} panic=-1 quiet vm.control={channel} {}",
+                self.append
             ));
         qemu
     }
@@ -122,7 +128,7 @@ impl Vm {
         if !machine.reboot {
             qemu.arg("-no-reboot");
         }
-        if let Some(disk) = machine.disk {
+        if let Some(disk) = &machine.disk {
             // The disk is a throwaway copy: no need to flush it.
             qemu.arg("-drive").arg(format!(
                 "file={},if=virtio,format=raw,cache=unsafe",
@@ -131,9 +137,9 @@ impl Vm {
         }
         let qemu = qemu
             .arg("-kernel")
-            .arg(machine.vmlinuz)
+            .arg(&machine.vmlinuz)
             .arg("-initrd")
-            .arg(machine.initrd)
+            .arg(&machine.initrd)
             .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"])
             .arg("-chardev")
             .arg(format!("file,id=console,path={}", console.display()))
@@ -150,7 +156,9 @@ impl Vm {
             format!("qemu never connected to its control socket: {}", log.trim())
         })?;
         let mut vm = Self {
-            _qemu: qemu,
+            qemu,
+            machine: machine.clone(),
+            work: work.to_owned(),
             control,
             console,
             forwards,
@@ -190,6 +198,28 @@ impl Vm {
         let line = BASE64_STANDARD.encode("systemctl reboot");
         self.control.write_all(format!("{line}\n").as_bytes())?;
         self.wait_ready()?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Powers the guest off (`systemctl poweroff`), waits for qemu to exit,
+    /// and boots the same machine again with `append` on the kernel's
+    /// command line; returns the seconds that took.
+    pub fn boot_again(&mut self, append: &str) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let line = BASE64_STANDARD.encode("systemctl poweroff");
+        self.control.write_all(format!("{line}\n").as_bytes())?;
+        // qemu exits with the guest, closing the command channel.
+        let closed = self.read_until(BOOT_DEADLINE, |_| None::<()>);
+        match closed {
+            Err(err) if format!("{err}").contains("closed its control port") => {}
+            _ => bail!("the guest did not power off within {BOOT_DEADLINE:?}"),
+        }
+        self.qemu.0.wait()?;
+        let machine = Machine {
+            append: append.to_owned(),
+            ..self.machine.clone()
+        };
+        *self = Self::boot_with_retry(&machine, &self.work.clone())?;
         Ok(started.elapsed().as_secs_f64())
     }
 

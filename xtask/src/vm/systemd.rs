@@ -40,6 +40,10 @@ pub fn run(vm: &mut Vm, packages: &Packages, report: &mut Report) {
     let Some(nic) = installed_and_rebooted(vm, packages, report) else {
         return;
     };
+    report.record(
+        "escape hatch: a boot with filter-agent.off runs no filter",
+        escape_hatch(vm, &nic),
+    );
     traffic_checks(vm, &nic, report);
     report.record(
         "lvs-dr on a real IPVS director: UFW loses FINs, RSTs, PMTU; filter-agent does not",
@@ -259,6 +263,39 @@ fn reboot(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
     Ok(format!(
         "rebooted in {seconds:.1} s; attached at {attached:.2} s, {nic} up at {up:.2} s (0 s unfiltered); \
          {attempts} connections to :9000 during the boot, 0 answered; READY, status `filtering {nic}`, one timestamp per line"
+    ))
+}
+
+/// The recovery path for an operator at the console: `filter-agent.off`
+/// on the kernel's command line boots without the filter (the unit's
+/// condition); the next boot without it filters again.
+fn escape_hatch(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
+    let seconds = vm.boot_again("filter-agent.off")?;
+    vm.run("systemctl is-system-running --wait")?;
+    let state = show(vm, &["ActiveState", "ConditionResult"])?;
+    ensure!(
+        state == ["inactive", "no"],
+        "with filter-agent.off the unit is {state:?}, not skipped by its condition"
+    );
+    let xdp = vm.run(&format!("ip -d link show {nic} | grep -o 'prog/xdp'"))?;
+    ensure!(xdp.rc != 0, "with filter-agent.off {nic} still has an XDP program");
+    ensure!(
+        host_get(vm.forwards[1]),
+        "with filter-agent.off the NIC's :9000 is not answered"
+    );
+    vm.boot_again("")?;
+    vm.run("systemctl is-system-running --wait")?;
+    ensure!(
+        show_one(vm, "ActiveState")? == "active",
+        "after a normal boot the unit is not active again"
+    );
+    ensure!(
+        !host_get(vm.forwards[1]),
+        "after a normal boot the NIC's :9000 is answered"
+    );
+    Ok(format!(
+        "booted with filter-agent.off in {seconds:.1} s: unit skipped (condition), no XDP on {nic}, \
+         :9000 answered; a normal boot filters again"
     ))
 }
 

@@ -124,6 +124,7 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
         mac(&pair.client, &pair.client_if)?,
     );
 
+    refuses_live_frames(&pair, macs)?;
     let mut receiver_baseline = Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = receiver_baseline
         .program_mut("empty")
@@ -469,6 +470,50 @@ fn addressed(frame: &[u8], (destination, source): ([u8; 6], [u8; 6])) -> anyhow:
     frame[6..12].copy_from_slice(&source);
     frame.resize(FRAME_BYTES, 0);
     Ok(frame)
+}
+
+/// Some kernels (sandboxed ones) refuse to send packets from
+/// BPF_PROG_TEST_RUN at all; nothing here can run then.
+#[derive(Debug)]
+pub struct LiveFramesRefused(std::io::Error);
+
+impl std::fmt::Display for LiveFramesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this kernel refuses XDP live frames (BPF_PROG_TEST_RUN with \
+             BPF_F_TEST_XDP_LIVE_FRAMES: {}), the only way this harness sends packets",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for LiveFramesRefused {}
+
+/// Sends one batch of a frame: a kernel that refuses live frames with
+/// EPERM is [`LiveFramesRefused`], any other failure stays what it is.
+fn refuses_live_frames(pair: &Pair, macs: ([u8; 6], [u8; 6])) -> anyhow::Result<()> {
+    let frame = addressed(&[0; FRAME_BYTES], macs)?;
+    let sender = Sender::new(&[frame])?;
+    let sent = pair
+        .client
+        .run(|| sender.send(if_index(&pair.client_if)?, BATCH))?;
+    match sent {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            let refused = err
+                .chain()
+                .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                .find(|io| io.raw_os_error() == Some(libc::EPERM));
+            match refused {
+                Some(io) => Err(LiveFramesRefused(std::io::Error::from_raw_os_error(
+                    io.raw_os_error().unwrap_or(libc::EPERM),
+                ))
+                .into()),
+                None => Err(err),
+            }
+        }
+    }
 }
 
 fn if_index(iface: &str) -> anyhow::Result<u32> {

@@ -668,15 +668,26 @@ fn load_rule_set(list: &Config, size: usize, mixes: [&[Vec<u8>]; 2]) -> anyhow::
     })
 }
 
-fn main() -> anyhow::Result<()> {
+/// The exit code of a run that could not measure anything on this kernel
+/// (automake's "skipped").
+const SKIPPED: u8 = 77;
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let options = options()?;
     if options.live {
-        return live::run(&live::LiveOptions {
+        let live = live::run(&live::LiveOptions {
             runs: options.runs,
             seconds: options.seconds,
             sizes: options.sizes.unwrap_or_else(|| vec![1, 100, 1_000, 10_000]),
             json: options.json,
         });
+        return match live {
+            Err(err) if err.downcast_ref::<live::LiveFramesRefused>().is_some() => {
+                println!("bench --live: skipped: {err}");
+                Ok(std::process::ExitCode::from(SKIPPED))
+            }
+            other => other.map(|()| std::process::ExitCode::SUCCESS),
+        };
     }
     pin_to_cpu(0);
     let mut rng = StdRng::seed_from_u64(7);
@@ -979,5 +990,5 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
         println!("written to {}", path.display());
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -278,7 +278,10 @@ fn escape_hatch(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
         "with filter-agent.off the unit is {state:?}, not skipped by its condition"
     );
     let xdp = vm.run(&format!("ip -d link show {nic} | grep -o 'prog/xdp'"))?;
-    ensure!(xdp.rc != 0, "with filter-agent.off {nic} still has an XDP program");
+    ensure!(
+        xdp.rc != 0,
+        "with filter-agent.off {nic} still has an XDP program"
+    );
     ensure!(
         host_get(vm.forwards[1]),
         "with filter-agent.off the NIC's :9000 is not answered"

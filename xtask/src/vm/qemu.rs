@@ -265,10 +265,14 @@ impl Vm {
                     tail(&self.console)
                 ),
                 Ok(read) => received.extend_from_slice(&buffer[..read]),
+                // A signal to this process (vm-test runs two lanes, and
+                // children come and go) interrupts a read with a timeout.
                 Err(err)
                     if matches!(
                         err.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(err) => return Err(err.into()),
             }
@@ -321,18 +325,28 @@ impl Drop for Qemu {
 
 /// Accepts one connection on `listener`, blocking at most `deadline`.
 fn accept(listener: &UnixListener, deadline: Duration) -> anyhow::Result<UnixStream> {
-    let mut ready = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = i32::try_from(deadline.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&raw mut ready, 1, millis) };
-    match ready {
-        1 => Ok(listener.accept()?.0),
-        0 => bail!("no connection within {deadline:?}"),
-        _ => Err(std::io::Error::last_os_error().into()),
+    let end = Instant::now() + deadline;
+    loop {
+        let mut ready = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let left = end.saturating_duration_since(Instant::now());
+        let millis = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&raw mut ready, 1, millis) };
+        match ready {
+            1 => return Ok(listener.accept()?.0),
+            0 => bail!("no connection within {deadline:?}"),
+            _ => {
+                let err = std::io::Error::last_os_error();
+                // Interrupted by a signal: poll again for what is left.
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err.into());
+                }
+            }
+        }
     }
 }
 

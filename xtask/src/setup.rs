@@ -43,6 +43,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "docker.io",
     // The IP-to-country files behind `@country:XX` sets (tests and bench).
     "geoip-database",
+    // vm-test's Ansible rollout over SSH to two guests.
+    "ansible-core",
+    "openssh-client",
 ];
 /// What `cargo xtask package` needs, and nothing of the test stack: the
 /// linkers of the static builds (the host's gcc for x86-64, a cross gcc

@@ -32,6 +32,8 @@ const MMDEBSTRAP: &[&str] = &[
     "--mode=root",
     "--format=directory",
     "--include=systemd,systemd-sysv,udev,kmod,iproute2,busybox,bpftool,iptables,ipvsadm,procps,nftables",
+    // The Ansible rollout's way in: SSH, and Python with apt's bindings.
+    "--include=openssh-server,python3-apt",
 ];
 /// Packages that exist in some releases only (Debian 13 split
 /// systemd-networkd out of systemd): included where the archive has them.
@@ -134,6 +136,8 @@ pub struct Staged<'a> {
     pub refused: &'a [u8],
     /// The scenario runner, as `/vm/fa-scenario` (Debian 12's guest).
     pub scenario: Option<&'a Path>,
+    /// A public key root's SSH logins are made with (the Ansible rollout).
+    pub authorized_key: Option<&'a str>,
 }
 
 /// Builds (or reuses) the image of `suite` and writes this run's disk with
@@ -207,6 +211,13 @@ fn stage(rootfs: &Path, kernel: &Kernel, staged: &Staged) -> anyhow::Result<()> 
     write(&rootfs.join("vm/refused.o"), staged.refused, 0o644)?;
     if let Some(scenario) = staged.scenario {
         write(&rootfs.join("vm/fa-scenario"), &fs::read(scenario)?, 0o755)?;
+    }
+    let keys = rootfs.join("root/.ssh/authorized_keys");
+    match staged.authorized_key {
+        Some(key) => write(&keys, key.as_bytes(), 0o600)?,
+        None => {
+            let _ = fs::remove_file(&keys);
+        }
     }
     let debs = rootfs.join("root/debs");
     let _ = fs::remove_dir_all(&debs);

@@ -5,6 +5,7 @@
 //! the Debian package. One line per check and guest, then
 //! `N passed, N failed`.
 
+mod ansible;
 mod apt;
 mod archive;
 mod checks;
@@ -62,12 +63,16 @@ const ARM64_MODULES: &[&str] = &["virtio_console"];
 /// What the arm64 guest runs besides the agent, from Debian's packages.
 const ARM64_PROGRAMS: &[&str] = &["busybox-static", "iproute2", "bpftool", "nftables"];
 
+/// The Ansible rollout's two Debian 12 hosts.
+pub const ANSIBLE: &str = "ansible";
+
 /// Every guest's name, kernels first.
 pub fn guest_names() -> Vec<&'static str> {
     SUITES
         .iter()
         .map(|suite| suite.name)
         .chain(SYSTEMD_GUESTS.iter().map(|guest| guest.name))
+        .chain([ANSIBLE])
         .collect()
 }
 
@@ -110,12 +115,21 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
             report
         });
         let mut report = Report::default();
-        for guest in SYSTEMD_GUESTS
+        // The Ansible hosts after Debian 12's guest, whose image they share.
+        let chosen = SYSTEMD_GUESTS
             .iter()
-            .filter(|guest| guests.contains(&guest.name))
-        {
+            .filter(|guest| guests.contains(&guest.name));
+        let mut ansible_due = guests.contains(&ANSIBLE);
+        for guest in chosen {
+            if ansible_due && !guest.full {
+                ansible_guests(&target, &refused, &mut report);
+                ansible_due = false;
+            }
             report.kernel = format!("{}, systemd", guest.suite.debian);
             systemd_guest(guest, &target, &refused, &mut report);
+        }
+        if ansible_due {
+            ansible_guests(&target, &refused, &mut report);
         }
         (
             kernel_lane.join().expect("the kernel lane panicked"),
@@ -237,6 +251,7 @@ fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &m
             debs: &debs,
             refused,
             scenario: guest.full.then_some(scenario.as_path()),
+            authorized_key: None,
         };
         let system = debian::prepare(guest.suite, &kernel, &staged, &work)?;
         let machine = qemu::Machine {
@@ -268,6 +283,66 @@ fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &m
     }
     // The disk is this run's copy of the cached image.
     let _ = fs::remove_file(work.join("disk.img"));
+}
+
+/// Two Debian 12 hosts with sshd, booted at once, and the Ansible role
+/// rolled out to them from this host.
+fn ansible_guests(target: &Path, refused: &[u8], report: &mut Report) {
+    report.kernel = "Debian 12 x2, Ansible".into();
+    let booted = (|| {
+        let controller = ansible::Controller::new(target)?;
+        let deb = package::run()?.debs[0].clone();
+        let kernel = kernels::fetch(kernels::BOOKWORM, target)?;
+        let staged = debian::Staged {
+            debs: &[],
+            refused,
+            scenario: None,
+            authorized_key: Some(&controller.public_key),
+        };
+        let system = debian::prepare(
+            kernels::BOOKWORM,
+            &kernel,
+            &staged,
+            &target.join("debian12"),
+        )?;
+        let mut hosts = Vec::new();
+        for index in 1..=2 {
+            let work = target.join(format!("debian12-ansible-{index}"));
+            fs::create_dir_all(&work)?;
+            let disk = work.join("disk.img");
+            crate::util::run(
+                std::process::Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&system.disk)
+                    .arg(&disk),
+            )?;
+            let machine = qemu::Machine {
+                vmlinuz: kernel.vmlinuz.clone(),
+                initrd: system.initrd.clone(),
+                disk: Some(disk),
+                reboot: true,
+                arch: kernels::BOOKWORM.arch,
+                append: String::new(),
+            };
+            hosts.push(qemu::Vm::boot_with_retry(&machine, &work)?);
+        }
+        for host in &mut hosts {
+            host.run("systemctl is-system-running --wait")?;
+        }
+        let hosts: [qemu::Vm; 2] = hosts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("not two hosts"))?;
+        anyhow::Ok((controller, hosts, deb))
+    })();
+    match booted {
+        Ok((controller, mut hosts, deb)) => ansible::run(&controller, &mut hosts, &deb, report),
+        Err(err) => {
+            report.record("ansible: two Debian 12 hosts with sshd", Err(err));
+        }
+    }
+    for index in 1..=2 {
+        let _ = fs::remove_file(target.join(format!("debian12-ansible-{index}/disk.img")));
+    }
 }
 
 /// One line per check, printed as it completes.

@@ -29,8 +29,9 @@ const COMMAND_DEADLINE: Duration = Duration::from_secs(130);
 const READY: &str = "vm: ready";
 const ANSWER_END: &str = "@@rc=";
 
-/// Guest ports that the host reaches through `127.0.0.1` forwards.
-pub const FORWARDED: [u16; 2] = [8080, 9000];
+/// Guest ports that the host reaches through `127.0.0.1` forwards: the
+/// allowed and the denied web port, and SSH (systemd guests run sshd).
+pub const FORWARDED: [u16; 3] = [8080, 9000, 22];
 
 pub struct Vm {
     qemu: Qemu,
@@ -39,7 +40,7 @@ pub struct Vm {
     control: UnixStream,
     pub console: PathBuf,
     /// Host ports on 127.0.0.1 forwarded to [`FORWARDED`], in that order.
-    pub forwards: [u16; 2],
+    pub forwards: [u16; 3],
     /// Seconds from starting qemu to the guest's prompt.
     pub boot_seconds: f64,
 }
@@ -119,11 +120,11 @@ impl Vm {
         // the connection exists before the guest can write to it.
         let listener = UnixListener::bind(&socket)
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
-        let forwards = [free_port()?, free_port()?];
-        let netdev = format!(
-            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:{},hostfwd=tcp:127.0.0.1:{}-:{}",
-            forwards[0], FORWARDED[0], forwards[1], FORWARDED[1]
-        );
+        let forwards = [free_port()?, free_port()?, free_port()?];
+        let mut netdev = "user,id=net0,restrict=on".to_owned();
+        for (host, guest) in forwards.iter().zip(FORWARDED) {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
         let mut qemu = machine.qemu();
         if !machine.reboot {
             qemu.arg("-no-reboot");

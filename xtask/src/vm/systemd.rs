@@ -348,7 +348,7 @@ fn values(shown: &str, properties: &[&str]) -> Vec<String> {
 }
 
 fn nic_traffic(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {
-    let [allowed, denied] = vm.forwards;
+    let [allowed, denied, _] = vm.forwards;
     ensure!(host_get(allowed), "the NIC's :8080 (allowed) got no answer");
     ensure!(!host_get(denied), "the NIC's :9000 (denied) was answered");
     let mode = vm.ok(&format!(

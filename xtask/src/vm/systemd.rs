@@ -19,7 +19,7 @@ use anyhow::{Context as _, ensure};
 
 use super::{
     Report,
-    checks::{GUEST_BODY, counted, host_get, http_get, peer_get, reloads},
+    checks::{counted, host_get, http_get, peer_get, reloads, wait_for_9000},
     qemu::Vm,
 };
 
@@ -367,18 +367,6 @@ fn counted_text(vm: &mut Vm, iface: &str) -> anyhow::Result<String> {
     Ok(format!(
         "stats and /metrics: web {web}, default_deny {denied}"
     ))
-}
-
-/// Waits until the peer's connections to :9000 are answered (or not).
-fn wait_for_9000(vm: &mut Vm, answered: bool) -> anyhow::Result<()> {
-    let what = if answered { "answered" } else { "denied" };
-    vm.wait_until(
-        &format!("10.9.0.1:9000 {what} from the peer"),
-        WAIT,
-        "get_in peer 10.9.0.1 9000",
-        |answer| answer.output.contains(GUEST_BODY) == answered,
-    )?;
-    Ok(())
 }
 
 fn veth(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {

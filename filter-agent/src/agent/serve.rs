@@ -122,7 +122,7 @@ impl Agent {
                     },
                     () = self.files.changed() => "the rules file changed",
                     pending = next_request(self.control.as_mut()) => { self.on_control(pending).await; continue }
-                    () = trial::expired(self.trial.as_ref()) => { self.revert().await; continue }
+                    () = trial::revert_due(self.trial.as_mut()) => { self.revert().await; continue }
                     (index, event) = events.next() => { self.on_event(&mut events, index, &event); continue }
                     _ = summaries.tick() => { events.summarise(self.names()); continue }
                     () = watchdog.due() => { notify(&[NotifyState::Watchdog]); continue }

@@ -19,8 +19,9 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{mpsc, oneshot},
     task::JoinHandle,
+    time::{Instant, Interval, MissedTickBehavior, interval_at},
 };
-use tracing::warn;
+use tracing::error;
 
 use crate::{
     compile::RuleSet,
@@ -28,6 +29,8 @@ use crate::{
     control::{self, Answer, Request},
 };
 
+/// How soon a revert that failed is tried again.
+pub(super) const REVERT_RETRY: Duration = Duration::from_secs(5);
 /// How long a client may take to send its request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -96,9 +99,19 @@ async fn accept(listener: UnixListener, sender: mpsc::Sender<Pending>) {
             Ok((stream, _)) => {
                 tokio::spawn(serve_client(stream, sender.clone()));
             }
+            // A client that gave up while queued, or a signal: the next one.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted
+                ) => {}
             Err(err) => {
-                warn!(%err, "cannot accept on the control socket");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                error!(
+                    %err,
+                    "the control socket stopped accepting: `filter-agent try` and `confirm` \
+                     reach this agent again once it restarts"
+                );
+                return;
             }
         }
     }
@@ -141,7 +154,9 @@ pub(super) struct Previous {
 
 /// Rules on trial.
 pub(super) struct Trial {
-    pub(super) deadline: tokio::time::Instant,
+    /// Fires at the deadline, then every [`REVERT_RETRY`] while the
+    /// previous rules cannot be put back.
+    revert_due: Interval,
     pub(super) deadline_unix: u64,
     pub(super) previous: Previous,
     /// Where the rules on trial were read, and their text (`confirm`
@@ -156,8 +171,10 @@ impl Trial {
             .checked_add(timeout)
             .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
             .map_or(u64::MAX, |since| since.as_secs());
+        let mut revert_due = interval_at(Instant::now() + timeout, REVERT_RETRY);
+        revert_due.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Self {
-            deadline: tokio::time::Instant::now() + timeout,
+            revert_due,
             deadline_unix,
             previous,
             path,
@@ -166,10 +183,11 @@ impl Trial {
     }
 }
 
-/// Waits for the deadline of `trial`; pending forever without one.
-pub(super) async fn expired(trial: Option<&Trial>) {
+/// The trial's revert timer firing: at the deadline, and again after a
+/// revert that failed; pending forever without a trial.
+pub(super) async fn revert_due(trial: Option<&mut Trial>) {
     match trial {
-        Some(trial) => tokio::time::sleep_until(trial.deadline).await,
+        Some(trial) => drop(trial.revert_due.tick().await),
         None => std::future::pending().await,
     }
 }

@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::{
     lock, notify,
     serve::Agent,
-    trial::{Pending, Previous, Trial, refused},
+    trial::{Pending, Previous, REVERT_RETRY, Trial, refused},
 };
 use crate::{
     compile,
@@ -19,9 +19,6 @@ use crate::{
     control::{self, Answer, Request},
     sessions,
 };
-
-/// How soon a revert that failed is tried again.
-const REVERT_RETRY: Duration = Duration::from_secs(5);
 
 impl Agent {
     /// Answers a client of the control socket.
@@ -129,7 +126,7 @@ impl Agent {
 
     /// The deadline passed without a confirm: the previous rules again.
     pub(super) async fn revert(&mut self) {
-        let Some(mut trial) = self.trial.take() else {
+        let Some(trial) = self.trial.take() else {
             return;
         };
         let previous = &trial.previous;
@@ -155,7 +152,7 @@ impl Agent {
                     "the trial's deadline passed, but the previous rules could not be put back \
                      (trying again in {REVERT_RETRY:?}): {err:#}"
                 );
-                trial.deadline = tokio::time::Instant::now() + REVERT_RETRY;
+                // Its timer fires again after REVERT_RETRY.
                 self.trial = Some(trial);
             }
         }

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
-use super::{Report, checks::host_get, qemu::Vm};
+use super::{Report, observe::host_get, qemu::Vm};
 use crate::util::workspace_root;
 
 /// How long rules stay on trial in the bad change, and how long the

@@ -4,24 +4,21 @@
 //! about counters, events, the guard, reloads, restarts, stopping,
 //! detaching and failed starts.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-use super::{Report, qemu::Vm};
+use super::{
+    Report,
+    observe::{WAIT, counted, host_get, json_document, peer_get, reloads, wait_for_9000},
+    qemu::Vm,
+};
 
 /// The README's command, on the NIC and on the veth link.
 const START: &str = "filter-agent --iface eth0 --iface fa0 --rules /vm/rules.toml";
 const AGENT_LOG: &str = "/tmp/agent.log";
 const RESTART_LOG: &str = "/tmp/agent-2.log";
-const WAIT: Duration = Duration::from_secs(30);
-/// What the guest's web servers answer.
-const GUEST_BODY: &str = "hello from the guest";
 
 /// Runs every check in `vm`, recording one line each in `report`.
 pub fn run(vm: &mut Vm, report: &mut Report) {
@@ -217,56 +214,6 @@ fn counters(vm: &mut Vm) -> anyhow::Result<String> {
     Ok(seen.join(", "))
 }
 
-/// Checks that `filter-agent stats` and `/metrics` count the `web` rule
-/// and default denials on `iface`; returns both packet counts.
-pub(super) fn counted(vm: &mut Vm, iface: &str) -> anyhow::Result<(u64, u64)> {
-    let document = json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
-    let web = document["rules"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|rule| rule["rule"] == "web")
-        .and_then(|rule| rule["packets"].as_u64())
-        .unwrap_or(0);
-    let denied = document["reasons"]["default_deny"]["packets"]
-        .as_u64()
-        .unwrap_or(0);
-    ensure!(
-        web > 0 && denied > 0,
-        "stats for {iface}: web {web}, default_deny {denied}"
-    );
-    let counted_in = |metrics: &str| {
-        let web = metric(
-            metrics,
-            "filter_agent_rule_packets_total",
-            &[("iface", iface), ("rule", "web")],
-        );
-        let deny = metric(
-            metrics,
-            "filter_agent_packets_total",
-            &[("iface", iface), ("reason", "default_deny")],
-        );
-        (web, deny)
-    };
-    // A scrape leaves out an interface whose pins it cannot read at that
-    // moment (CI saw fa0 missing once, right after `stats` read it), so
-    // the page is asked for again until it counts both, within WAIT.
-    let page = vm.wait_until(
-        &format!("/metrics counting {iface}"),
-        WAIT,
-        "get 127.0.0.1 9469 /metrics",
-        |answer| {
-            let (web, deny) = counted_in(&answer.output);
-            web.is_some_and(|value| value > 0.0) && deny.is_some_and(|value| value > 0.0)
-        },
-    );
-    if page.is_err() {
-        let (web, deny) = counted_in(&vm.ok("get 127.0.0.1 9469 /metrics")?);
-        bail!("/metrics for {iface}: web {web:?}, default_deny {deny:?}");
-    }
-    Ok((web, denied))
-}
-
 fn watch(vm: &mut Vm) -> anyhow::Result<String> {
     vm.ok("filter-agent watch --iface fa0 > /tmp/watch.log 2>&1 & echo $! > /tmp/watch.pid")?;
     // Each try sends a denied SYN; the watcher shows it once it is connected.
@@ -279,15 +226,6 @@ fn watch(vm: &mut Vm) -> anyhow::Result<String> {
 
 fn guard_report(vm: &mut Vm) -> anyhow::Result<Value> {
     json_document(&vm.ok("filter-agent guard --iface fa0 --json --top 50")?)
-}
-
-/// The one interface's document of a `--json` listing.
-pub(super) fn json_document(text: &str) -> anyhow::Result<Value> {
-    let value: Value = serde_json::from_str(text)?;
-    Ok(match value {
-        Value::Array(mut documents) if documents.len() == 1 => documents.remove(0),
-        other => other,
-    })
 }
 
 fn guard_ports(report: &Value, direction: &str) -> Vec<u64> {
@@ -342,17 +280,6 @@ fn audit(vm: &mut Vm) -> anyhow::Result<String> {
         .find(|line| line.starts_with("FLAGGED") && line.contains("wide"))
         .with_context(|| format!("the namespace `wide` (1024-65000) is not flagged:\n{output}"))?;
     Ok(flagged.split_whitespace().collect::<Vec<_>>().join(" "))
-}
-
-/// The agent's `filter_agent_reloads_total` of `result`.
-pub(super) fn reloads(vm: &mut Vm, result: &str) -> anyhow::Result<f64> {
-    let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
-    Ok(metric(
-        &metrics,
-        "filter_agent_reloads_total",
-        &[("result", result)],
-    )
-    .unwrap_or(0.0))
 }
 
 /// Replaces the rules file (by rename, as editors do) and waits for the
@@ -528,75 +455,9 @@ fn same_state(vm: &mut Vm, baseline: &str, when: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the peer's connections to 10.9.0.1:9000 are answered (or
-/// not), within [`WAIT`].
-pub(super) fn wait_for_9000(vm: &mut Vm, answered: bool) -> anyhow::Result<()> {
-    let what = if answered { "answered" } else { "denied" };
-    vm.wait_until(
-        &format!("10.9.0.1:9000 {what} from the peer"),
-        WAIT,
-        "get_in peer 10.9.0.1 9000",
-        |answer| answer.output.contains(GUEST_BODY) == answered,
-    )?;
-    Ok(())
-}
-
-/// An HTTP request from the `peer` namespace to 10.9.0.1 (over veth).
-pub(super) fn peer_get(vm: &mut Vm, port: u16) -> anyhow::Result<bool> {
-    let answer = vm.run(&format!("get_in peer 10.9.0.1 {port}"))?;
-    Ok(answer.rc == 0 && answer.output.contains(GUEST_BODY))
-}
-
-/// An HTTP request from the host through a 127.0.0.1 forward.
-pub(super) fn host_get(port: u16) -> bool {
-    http_get(port, Duration::from_secs(8))
-}
-
-/// Whether the guest answers an HTTP request on the forward `port` within
-/// about `timeout` (connecting, then reading).
-pub(super) fn http_get(port: u16, timeout: Duration) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), timeout)
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(timeout));
-    if stream.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut body = String::new();
-    let _ = stream.read_to_string(&mut body);
-    body.contains(GUEST_BODY)
-}
-
-/// The value of the series of `name` with all of `labels`, in Prometheus text.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_a_series_by_its_labels() {
-        let text = "# HELP x\nfilter_agent_reloads_total{result=\"success\"} 2\n\
-                    filter_agent_reloads_total{result=\"failure\"} 1\n";
-        assert_eq!(
-            metric(text, "filter_agent_reloads_total", &[("result", "failure")]),
-            Some(1.0)
-        );
-        assert_eq!(
-            metric(text, "filter_agent_reloads_total", &[("result", "other")]),
-            None
-        );
-    }
 
     #[test]
     fn summarises_attach_lines() {

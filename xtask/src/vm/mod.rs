@@ -12,8 +12,10 @@ mod checks;
 mod debian;
 mod image;
 mod kernels;
+mod observe;
 mod qemu;
 mod systemd;
+mod unit;
 
 use std::{
     fs,

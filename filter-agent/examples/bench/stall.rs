@@ -22,7 +22,7 @@ use filter_agent::{compile::compile, config::GuardAction, loader::AttachMode};
 use ipnet::IpNet;
 use testbed::Pair;
 
-use crate::{BASELINE_OBJECT, fill_lpm, load, workload};
+use crate::{BASELINE_OBJECT, load, sets::fill_lpm, workload};
 
 /// Echoes that make up each phase (the stream's own jitter shows in them
 /// too).

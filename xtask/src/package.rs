@@ -37,9 +37,9 @@ pub struct Arch {
     /// Debian's name: `amd64`.
     pub debian: &'static str,
     /// The kernel's (`uname -m`): `x86_64`.
-    pub uname: &'static str,
+    uname: &'static str,
     /// Rust's target.
-    pub triple: &'static str,
+    triple: &'static str,
     /// The linker for the target, where the host's `cc` cannot link it.
     linker: Option<&'static str>,
     /// binutils' strip for the target's ELF files.
@@ -444,7 +444,7 @@ fn du_kib(stage: &Path) -> anyhow::Result<u64> {
 /// Copies `from` to `to` with `mode`, replacing `to` in one rename: a
 /// reader (vm-test reads the binaries while its other lane packages)
 /// sees the old file or the new one, never half of one.
-pub fn install(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
+fn install(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     fs::create_dir_all(to.parent().context("a path without a parent")?)?;
     let partial = to.with_extension("partial");
     fs::copy(from, &partial).with_context(|| format!("copying {}", from.display()))?;

@@ -6,6 +6,7 @@ use crate::{
     compile::{self, RuleSet},
     config::{self, Config},
     guard::Listeners,
+    loader::LoadError,
     sessions::{self, Cut},
 };
 
@@ -17,11 +18,17 @@ use super::interface::Interface;
 pub(super) fn prepare(rules: &Path) -> anyhow::Result<(Config, RuleSet, Vec<Cut>)> {
     let config = config::load(rules)?;
     let rule_set = compile::compile(&config)?;
-    let cut = sessions::cut_by(&rule_set, &sessions::established()).unwrap_or_else(|err| {
+    let cut = cuts(&rule_set).unwrap_or_else(|err| {
         tracing::warn!(%err, "cannot check the established sessions against the new rules");
         Vec::new()
     });
     Ok((config, rule_set, cut))
+}
+
+/// The established sessions of the agent's own namespace (where the
+/// interfaces it filters are) that `rule_set` would cut.
+pub(super) fn cuts(rule_set: &RuleSet) -> Result<Vec<Cut>, LoadError> {
+    sessions::cut_by(rule_set, &sessions::established())
 }
 
 /// Loads `new` for every filtered interface, then swaps each in. Any error

@@ -9,7 +9,7 @@ use sd_notify::NotifyState;
 use tracing::{error, info, warn};
 
 use super::{
-    lock, notify,
+    lock, notify, reload,
     serve::Agent,
     trial::{Pending, Previous, REVERT_RETRY, Trial, refused},
 };
@@ -17,7 +17,6 @@ use crate::{
     compile,
     config::{self, Config},
     control::{self, Answer, Request},
-    sessions,
 };
 
 impl Agent {
@@ -60,11 +59,10 @@ impl Agent {
         let prepared = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, _, _)> {
             let config = config::parse(&checked_path, &checked_text)?;
             let rule_set = compile::compile(&config)?;
-            // The agent's own namespace: where the interfaces it filters are.
             let cut = if force {
                 Vec::new()
             } else {
-                sessions::cut_by(&rule_set, &sessions::established())?
+                reload::cuts(&rule_set)?
             };
             Ok((config, rule_set, cut))
         })

@@ -26,7 +26,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    package::{self, Arch},
+    package,
     util::{cargo, workspace_root},
 };
 
@@ -103,14 +103,14 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
             let mut report = Report::default();
             for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
                 report.kernel = suite.debian.to_owned();
-                let arch = if suite.arch == package::ARM64.debian {
-                    package::ARM64
-                } else {
-                    package::AMD64
-                };
-                let agent = &agents[usize::from(suite.arch == package::ARM64.debian)];
-                if let Err(err) = kernel_guest(*suite, arch, agent, &refused, &target, &mut report)
-                {
+                let built = package::ARCHES
+                    .iter()
+                    .position(|arch| arch.debian == suite.arch)
+                    .map(|index| &agents[index][..]);
+                let guest = built
+                    .with_context(|| format!("no {} build", suite.arch))
+                    .and_then(|agent| kernel_guest(*suite, agent, &refused, &target, &mut report));
+                if let Err(err) = guest {
                     report.record("build and boot the guest", Err(err));
                 }
             }
@@ -156,7 +156,6 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
 /// A stock kernel with a busybox initramfs: the agent's checks.
 fn kernel_guest(
     suite: kernels::Suite,
-    arch: Arch,
     agent: &[u8],
     refused: &[u8],
     target: &Path,
@@ -166,8 +165,10 @@ fn kernel_guest(
     report.kernel = format!("{} {}", suite.debian, kernel.release);
     let work = target.join(suite.name);
     fs::create_dir_all(&work)?;
+    // This host's programs serve its own architecture's guests.
+    let foreign = suite.arch != package::AMD64.debian;
     let unpacked;
-    let programs = if arch.debian == package::AMD64.debian {
+    let programs = if !foreign {
         image::Programs::Host
     } else {
         unpacked = foreign_programs(suite, target)?;
@@ -175,7 +176,7 @@ fn kernel_guest(
     };
     let mut bytes = image::userland(agent, refused, &programs)?;
     let mut modules = kernels::MODULES.to_vec();
-    if arch.debian == package::ARM64.debian {
+    if suite.arch == package::ARM64.debian {
         modules.extend_from_slice(ARM64_MODULES);
     }
     bytes.extend(image::modules(&kernel.modules(&modules)?));

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::loader::AttachMode;
+use crate::kernel::loader::AttachMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,13 +46,13 @@ pub enum Command {
         upstream: Option<PathBuf>,
         /// The upstream ACL's format.
         #[arg(long, value_enum)]
-        upstream_format: Option<crate::upstream::Format>,
+        upstream_format: Option<crate::rules::upstream::Format>,
         /// Which ACL of the upstream file (an AWS NetworkAclId).
         #[arg(long, requires = "upstream")]
         acl: Option<String>,
         /// Which way the packets cross the upstream ACL.
-        #[arg(long, value_enum, default_value_t = crate::upstream::Direction::Ingress)]
-        direction: crate::upstream::Direction,
+        #[arg(long, value_enum, default_value_t = crate::rules::upstream::Direction::Ingress)]
+        direction: crate::rules::upstream::Direction,
         /// e.g. "tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA",
         /// "udp [2001:db8::1]:53 -> [2001:db8::2]:40000 vlan 7",
         /// "icmp 192.0.2.1 -> 192.0.2.2 type 3 code 4". Repeatable.
@@ -143,13 +143,13 @@ pub enum Command {
     Import {
         /// The ACL's format.
         #[arg(long, value_enum)]
-        format: crate::upstream::Format,
+        format: crate::rules::upstream::Format,
         /// Which ACL, when the file holds several (an AWS NetworkAclId).
         #[arg(long)]
         acl: Option<String>,
         /// The packets whose entries are turned into rules.
-        #[arg(long, value_enum, default_value_t = crate::upstream::Direction::Ingress)]
-        direction: crate::upstream::Direction,
+        #[arg(long, value_enum, default_value_t = crate::rules::upstream::Direction::Ingress)]
+        direction: crate::rules::upstream::Direction,
         /// Write the rules file here instead of standard output.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -168,7 +168,7 @@ pub enum Command {
         upstream: Option<PathBuf>,
         /// The upstream ACL's format.
         #[arg(long, value_enum)]
-        upstream_format: Option<crate::upstream::Format>,
+        upstream_format: Option<crate::rules::upstream::Format>,
         /// Which ACL of the upstream file (an AWS NetworkAclId).
         #[arg(long, requires = "upstream")]
         acl: Option<String>,

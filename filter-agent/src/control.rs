@@ -52,7 +52,7 @@ pub enum Answer {
 
 /// The longest request line the agent reads: a rules file's size limit,
 /// with room for the JSON around it.
-pub const MAX_LINE_BYTES: u64 = crate::config::MAX_FILE_BYTES * 2 + 4096;
+pub const MAX_LINE_BYTES: u64 = crate::rules::config::MAX_FILE_BYTES * 2 + 4096;
 
 /// `unix` seconds as `HH:MM:SS UTC` (a trial ends within a day).
 pub fn clock(unix: u64) -> String {

@@ -63,7 +63,7 @@ fn main() -> ExitCode {
                     file: &file,
                     format,
                     acl: acl.as_deref(),
-                    direction: filter_agent::upstream::Direction::Ingress,
+                    direction: filter_agent::rules::upstream::Direction::Ingress,
                 };
                 commands::audit_upstream(&upstream, json)
             }

@@ -14,7 +14,7 @@ use prometheus_client::{
 
 use filter_common::{guard, reason};
 
-use crate::{counters, guard::GuardReport, pins};
+use crate::{kernel::counters, kernel::guard::GuardReport, kernel::pins};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "filter_agent";
@@ -33,7 +33,7 @@ pub struct Status {
     /// Open audit findings: (namespace, kind).
     pub findings: Vec<(String, &'static str)>,
     /// Each namespace's conntrack table at the last audit.
-    pub conntrack: Vec<(String, crate::audit::Conntrack)>,
+    pub conntrack: Vec<(String, crate::host::audit::Conntrack)>,
     /// With `[upstream]`: per namespace, the ports of each direction and
     /// protocol whose traffic the cloud's ACL would drop, at the last audit.
     pub upstream_blocked: Vec<UpstreamBlocked>,
@@ -270,7 +270,7 @@ impl Metrics {
             (
                 "conntrack_entries",
                 "Entries in the namespace's conntrack table, at the last audit (every minute).",
-                (|table: &crate::audit::Conntrack| table.entries) as fn(&_) -> u64,
+                (|table: &crate::host::audit::Conntrack| table.entries) as fn(&_) -> u64,
             ),
             (
                 "conntrack_max",

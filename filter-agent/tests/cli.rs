@@ -206,7 +206,7 @@ fn guard_without_an_agent_says_so() {
 
 #[test]
 fn replay_reports_per_rule_hits_and_json_lines() {
-    use filter_agent::packet::{PacketSpec, Transport, tcp_flag};
+    use filter_agent::oracle::packet::{PacketSpec, Transport, tcp_flag};
     use pcap_file::pcap::{PcapPacket, PcapWriter};
 
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/rules.toml");
@@ -319,7 +319,7 @@ fn replay_reports_per_rule_hits_and_json_lines() {
 /// the rest is over the limit); `replay` decides at the capture's pace.
 #[test]
 fn limits_in_test_and_replay() {
-    use filter_agent::packet::{PacketSpec, Transport, tcp_flag};
+    use filter_agent::oracle::packet::{PacketSpec, Transport, tcp_flag};
     use pcap_file::pcap::{PcapPacket, PcapWriter};
 
     let rules = rules_file(

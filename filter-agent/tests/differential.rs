@@ -8,14 +8,14 @@
 use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use filter_agent::{
-    compile::compile,
-    config::{
+    kernel::loader::{Filter, xdp_action},
+    oracle::packet::{self, PacketSpec, Transport},
+    oracle::reference::{self, GuardView, Outcome},
+    rules::compile::compile,
+    rules::config::{
         Action, AddressList, Config, FilterSettings, Fragments, GuardAction, GuardSettings, Limit,
         Location, Mode, Rule, TcpFlags,
     },
-    loader::{Filter, xdp_action},
-    packet::{self, PacketSpec, Transport},
-    reference::{self, GuardView, Outcome},
 };
 use filter_common::{CHILD, WIDE, guard};
 use ipnet::IpNet;
@@ -192,8 +192,8 @@ fn random_config(rng: &mut StdRng) -> Config {
             fragments: *[Fragments::MatchL3, Fragments::Allow, Fragments::Deny]
                 .choose(rng)
                 .unwrap(),
-            max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
-            limit_sources: filter_agent::config::DEFAULT_LIMIT_SOURCES,
+            max_map_mib: filter_agent::rules::config::DEFAULT_MAX_MAP_MIB,
+            limit_sources: filter_agent::rules::config::DEFAULT_LIMIT_SOURCES,
         },
         guard: random_guard(rng),
         rules,

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use filter_agent::{counters, loader, pins};
+use filter_agent::{kernel::counters, kernel::loader, kernel::pins};
 use support::Pins;
 use testbed::{
     Daemon, Netns, Pair,
@@ -455,11 +455,11 @@ fn other_users_can_do_nothing_to_the_pins_or_the_event_socket() {
 
     let dir = pins::dir(&pair.server_if);
     let link = dir.join(pins::XDP_LINK);
-    let socket = filter_agent::events::socket_path(&pair.server_if);
+    let socket = filter_agent::kernel::events::socket_path(&pair.server_if);
     for path in [
         Path::new(pins::ROOT),
         &dir,
-        Path::new(filter_agent::events::SOCKET_DIR),
+        Path::new(filter_agent::kernel::events::SOCKET_DIR),
     ] {
         let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o022, 0, "{} has mode {mode:o}", path.display());
@@ -731,7 +731,7 @@ fn a_new_listener_is_known_before_its_first_client_packet() {
         .filter(|_| tcp_exchange(&pair.client, service, None).unwrap())
         .count();
     let report =
-        filter_agent::guard::GuardReport::read_pinned(&pins::dir(&pair.server_if)).unwrap();
+        filter_agent::kernel::guard::GuardReport::read_pinned(&pins::dir(&pair.server_if)).unwrap();
     let out_of_range = report.stats[filter_common::guard::RETURN_OUT_OF_RANGE as usize].packets;
     assert_eq!(
         (answered, out_of_range),

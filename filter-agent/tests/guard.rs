@@ -289,5 +289,5 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
 }
 
 fn loader_pins(iface: &str) -> std::path::PathBuf {
-    filter_agent::pins::dir(iface)
+    filter_agent::kernel::pins::dir(iface)
 }

@@ -16,7 +16,9 @@ use std::{
     time::Duration,
 };
 
-use filter_agent::{compile::compile, config, counters, loader, pins};
+use filter_agent::{
+    kernel::counters, kernel::loader, kernel::pins, rules::compile::compile, rules::config,
+};
 use testbed::{Daemon, Pair, wait_until};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");

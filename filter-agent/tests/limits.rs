@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::PerCpuArray;
-use filter_agent::pins;
+use filter_agent::kernel::pins;
 use filter_common::{Counter, names};
 use support::Pins;
 use testbed::{Daemon, Netns, Pair, wait_until, within};

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use filter_agent::pins;
+use filter_agent::kernel::pins;
 use testbed::{Daemon, Pair};
 
 mod support;
@@ -156,10 +156,10 @@ fn kubernetes_rules_are_valid() {
         .take_while(|line| line.starts_with("    ") || line.is_empty())
         .map(|line| format!("{}\n", line.get(4..).unwrap_or_default()))
         .collect();
-    let config = filter_agent::config::parse(std::path::Path::new("rules.toml"), &rules)
+    let config = filter_agent::rules::config::parse(std::path::Path::new("rules.toml"), &rules)
         .unwrap_or_else(|err| panic!("{err}\n{rules}"));
     assert!(config.rules.len() >= 5);
-    filter_agent::compile::compile(&config).unwrap();
+    filter_agent::rules::compile::compile(&config).unwrap();
     for needed in [
         "kind: DaemonSet",
         "hostNetwork: true",

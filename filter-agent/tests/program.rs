@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use filter_agent::{
-    compile::compile,
-    config,
-    loader::{Filter, LoadOptions, xdp_action},
-    packet::{self, PacketSpec, Transport, tcp_flag},
-    reference::Outcome,
+    kernel::loader::{Filter, LoadOptions, xdp_action},
+    oracle::packet::{self, PacketSpec, Transport, tcp_flag},
+    oracle::reference::Outcome,
+    rules::compile::compile,
+    rules::config,
 };
 use filter_common::{DECISION_RULE, event, guard, reason};
 

@@ -9,12 +9,12 @@ mod support;
 use std::{net::IpAddr, path::Path};
 
 use filter_agent::{
-    compile::compile,
-    config,
-    loader::{Filter, xdp_action},
-    packet::{self, PacketSpec, Transport},
-    reference::Outcome,
-    upstream::{self, Direction, Format},
+    kernel::loader::{Filter, xdp_action},
+    oracle::packet::{self, PacketSpec, Transport},
+    oracle::reference::Outcome,
+    rules::compile::compile,
+    rules::config,
+    rules::upstream::{self, Direction, Format},
 };
 use filter_common::reason;
 use ipnet::IpNet;

@@ -8,9 +8,9 @@ use std::{
 };
 
 use filter_agent::{
-    compile::compile,
-    config,
-    loader::{self, AttachMode, Attached, Filter},
+    kernel::loader::{self, AttachMode, Attached, Filter},
+    rules::compile::compile,
+    rules::config,
 };
 use filter_common::reason;
 use support::Pins;

@@ -105,11 +105,8 @@ pub mod reason {
     ];
 }
 
-/// `LAST_DECISION` (written only when `TRACE` is set at load time): the
-/// counter slot of the last verdict: a `reason`, or `DECISION_RULE | index`
-/// (with `DECISION_OVER_LIMIT` when the rule's rate limit dropped it).
-pub const DECISION_RULE: u32 = 1 << 31;
-pub const DECISION_OVER_LIMIT: u32 = 1 << 30;
+mod verdict;
+pub use verdict::{DECISION_OVER_LIMIT, DECISION_RULE, Outcome, over_limit_slot, rule_slot};
 
 /// `FRAGMENTS` global: what to do with non-first fragments.
 pub mod fragments {

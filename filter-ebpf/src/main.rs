@@ -26,9 +26,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
-use filter_common::{
-    Counter, DECISION_OVER_LIMIT, DECISION_RULE, action, event, fragments, mode, reason,
-};
+use filter_common::{Counter, action, event, fragments, mode, over_limit_slot, reason, rule_slot};
 
 use crate::{
     guard::Inbound,
@@ -52,7 +50,7 @@ static FRAGMENTS: Global<u32> = Global::new(fragments::MATCH_L3);
 #[unsafe(no_mangle)]
 pub(crate) static TRACE: Global<u32> = Global::new(0);
 
-/// The last verdict's slot, when tracing (see `filter_common::DECISION_RULE`).
+/// The last verdict's slot, when tracing (see `filter_common::Outcome`).
 #[map]
 static LAST_DECISION: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -188,11 +186,8 @@ fn finish(ctx: &XdpContext, verdict: Verdict, packet: Option<&Packet>) -> u32 {
     let len = frame_len(ctx);
     let (counter, decision) = match verdict.slot {
         Slot::Reason(why) => (STATS.get_ptr_mut(why), why),
-        Slot::Rule(rule) => (RULE_STATS.get_ptr_mut(rule), DECISION_RULE | rule),
-        Slot::OverLimit(rule) => (
-            RULE_OVER_LIMIT.get_ptr_mut(rule),
-            DECISION_RULE | DECISION_OVER_LIMIT | rule,
-        ),
+        Slot::Rule(rule) => (RULE_STATS.get_ptr_mut(rule), rule_slot(rule)),
+        Slot::OverLimit(rule) => (RULE_OVER_LIMIT.get_ptr_mut(rule), over_limit_slot(rule)),
     };
     if TRACE.load() != 0
         && let Some(last) = LAST_DECISION.get_ptr_mut(0)

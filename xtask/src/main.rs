@@ -4,6 +4,7 @@
 mod daemonset;
 mod demo;
 mod image;
+mod limits;
 mod package;
 mod setup;
 mod util;
@@ -33,6 +34,8 @@ enum Task {
     /// Reproduce an incident of docs/scenarios.md in throwaway namespaces:
     /// sakura, asymmetric, docker-nacl, conntrack-full, lvs-dr (or all).
     Scenario { name: String },
+    /// Check the size limits: files <= 500 lines, functions <= 70.
+    Limits,
     /// Lint, then run every test (unit and real-kernel integration tests),
     /// then `vm-test` on every kernel.
     Test,
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup => setup::run(),
+        Task::Limits => limits::check(),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
@@ -229,6 +233,7 @@ fn image_check() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    limits::check()?;
     // Every test binary runs, whichever fails first.
     let (mut passed, mut failed) = util::cargo_test(&["test", "--all-targets", "--no-fail-fast"])?;
     // The benchmark harness, with tiny counts, so that it cannot rot; its

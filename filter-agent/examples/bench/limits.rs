@@ -2,8 +2,8 @@
 //! source.
 
 use filter_agent::{
-    compile::compile,
-    config::{Action, Limit},
+    rules::compile::compile,
+    rules::config::{Action, Limit},
 };
 use rand::rngs::StdRng;
 
@@ -45,7 +45,7 @@ pub(crate) fn measure_limits(options: &Options, rng: &mut StdRng) -> anyhow::Res
         per_source: Some((32, 64)),
         ..rule_wide
     };
-    let sources = filter_agent::config::DEFAULT_LIMIT_SOURCES;
+    let sources = filter_agent::rules::config::DEFAULT_LIMIT_SOURCES;
     let flood = workload::syn_flood(rng, FLOOD_FRAMES);
     let sample = &flood[..60];
     let repeat = options.repeat;

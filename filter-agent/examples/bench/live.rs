@@ -18,9 +18,9 @@ use aya::{
     programs::{Xdp, xdp::XdpMode},
 };
 use filter_agent::{
-    compile::compile,
-    config::Config,
-    loader::{AttachMode, Filter, LoadOptions},
+    kernel::loader::{AttachMode, Filter, LoadOptions},
+    rules::compile::compile,
+    rules::config::Config,
 };
 use filter_common::sender::FRAME_BYTES;
 use ipnet::IpNet;

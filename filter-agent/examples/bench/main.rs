@@ -25,11 +25,11 @@ use std::{path::Path, time::Instant};
 use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
-    compile::{RuleSet, compile},
-    config::geoip,
-    config::{Action, Config, GuardAction},
-    loader::{Filter, LoadOptions, time_program},
-    reference,
+    kernel::loader::{Filter, LoadOptions, time_program},
+    oracle::reference,
+    rules::compile::{RuleSet, compile},
+    rules::config::geoip,
+    rules::config::{Action, Config, GuardAction},
 };
 use ipnet::IpNet;
 use limits::{FLOOD_FRAMES, LimitRow, measure_limits};
@@ -351,7 +351,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     println!(
         "\nrate limits, one public TCP rule under a random-source SYN flood \
          ({FLOOD_FRAMES} frames, {} sources in the per-source table)",
-        filter_agent::config::DEFAULT_LIMIT_SOURCES
+        filter_agent::rules::config::DEFAULT_LIMIT_SOURCES
     );
     for row in &limits {
         println!("  {:<44} {:>15} ns", row.rule, row.ns_per_packet);

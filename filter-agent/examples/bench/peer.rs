@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
-use filter_agent::{config::Config, packet};
+use filter_agent::{oracle::packet, rules::config::Config};
 
 /// xdp-filter loaded on a throwaway veth with exact-match entries taken
 /// from `config` (its lookups are exact-match only), pinned so that it can

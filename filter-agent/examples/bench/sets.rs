@@ -6,9 +6,9 @@ use std::{net::IpAddr, time::Instant};
 use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{
-    compile::compile,
-    loader::{fill_trie, program_verdict, time_program, xdp_action},
-    reference,
+    kernel::loader::{fill_trie, program_verdict, time_program, xdp_action},
+    oracle::reference,
+    rules::compile::compile,
 };
 use ipnet::IpNet;
 use rand::rngs::StdRng;
@@ -56,7 +56,7 @@ pub(crate) fn measure_set(
     let dir = tempfile::tempdir()?;
     let path = workload::set_file(dir.path(), nets)?;
     let started = Instant::now();
-    let config = filter_agent::config::load(&path)?;
+    let config = filter_agent::rules::config::load(&path)?;
     let parse_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     let rule_set = compile(&config)?;

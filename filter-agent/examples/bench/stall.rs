@@ -18,7 +18,9 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use filter_agent::{compile::compile, config::GuardAction, loader::AttachMode};
+use filter_agent::{
+    kernel::loader::AttachMode, rules::compile::compile, rules::config::GuardAction,
+};
 use ipnet::IpNet;
 use testbed::Pair;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use filter_agent::loader::Filter;
+use filter_agent::kernel::loader::Filter;
 
 /// Times one frame through one program.
 pub(crate) type Timer<'a> = Box<dyn Fn(&[u8]) -> anyhow::Result<Duration> + 'a>;

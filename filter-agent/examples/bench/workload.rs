@@ -9,12 +9,12 @@ use std::{
 };
 
 use filter_agent::{
-    config::{
+    oracle::packet::{self, PacketSpec, Transport, tcp_flag},
+    oracle::reference::{self, Outcome},
+    rules::config::{
         Action, AddressList, Config, FilterSettings, Fragments, GuardSettings, Limit, Location,
         Mode, Rule,
     },
-    packet::{self, PacketSpec, Transport, tcp_flag},
-    reference::{self, Outcome},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::{Rng, rngs::StdRng, seq::IndexedRandom};
@@ -113,8 +113,8 @@ fn settings(default: Action) -> FilterSettings {
         default,
         mode: Mode::Enforce,
         fragments: Fragments::MatchL3,
-        max_map_mib: filter_agent::config::DEFAULT_MAX_MAP_MIB,
-        limit_sources: filter_agent::config::DEFAULT_LIMIT_SOURCES,
+        max_map_mib: filter_agent::rules::config::DEFAULT_MAX_MAP_MIB,
+        limit_sources: filter_agent::rules::config::DEFAULT_LIMIT_SOURCES,
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::{
 use tracing::info;
 
 use super::SUMMARY_EVERY;
-use crate::{compile::RuleInfo, events, pins};
+use crate::{kernel::events, kernel::pins, rules::compile::RuleInfo};
 
 /// Lines a slow `watch` client may fall behind by before it skips some.
 const WATCH_BACKLOG: usize = 1024;

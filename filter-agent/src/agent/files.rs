@@ -17,7 +17,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::config;
+use crate::rules::config;
 
 /// A writer is done once its file has been quiet this long...
 const RELOAD_QUIET: Duration = Duration::from_millis(250);

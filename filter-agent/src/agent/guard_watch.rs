@@ -10,10 +10,10 @@ use tracing::warn;
 
 use super::{interface::Interface, lock};
 use crate::{
-    audit,
-    config::GuardSettings,
-    guard::{self, Listeners},
+    host::audit,
+    kernel::guard::{self, Listeners},
     metrics::Status,
+    rules::config::GuardSettings,
 };
 
 /// Ports and peers named in a summary line.
@@ -50,7 +50,7 @@ impl GuardWatch {
     }
 
     pub(super) fn on(&self) -> bool {
-        self.settings.action != crate::config::GuardAction::Off
+        self.settings.action != crate::rules::config::GuardAction::Off
     }
 
     /// Scans the listening sockets; UDP ones count only when the previous
@@ -130,7 +130,7 @@ impl GuardWatch {
     pub(super) fn report_audit(
         &mut self,
         namespaces: &[audit::Namespace],
-        upstream: Option<&crate::config::Upstream>,
+        upstream: Option<&crate::rules::config::Upstream>,
         status: &Mutex<Status>,
     ) {
         let mut open = Vec::new();
@@ -149,7 +149,7 @@ impl GuardWatch {
                 upstream_blocked.extend(upstream_series(upstream, &label, range));
             }
             for finding in &ns.findings {
-                open.push((label.clone(), finding.kind));
+                open.push((label.clone(), finding.kind.name()));
                 if self
                     .logged_findings
                     .insert((ns.inode, finding.problem.clone()))
@@ -172,11 +172,11 @@ impl GuardWatch {
 /// How many ports of `range` the upstream ACL blocks, per direction it
 /// judges and protocol (zeros included, so an alert can see them clear).
 fn upstream_series(
-    upstream: &crate::config::Upstream,
+    upstream: &crate::rules::config::Upstream,
     namespace: &str,
     range: (u16, u16),
 ) -> Vec<crate::metrics::UpstreamBlocked> {
-    use crate::upstream::predict;
+    use crate::rules::upstream::predict;
     let decided = predict::decide(&upstream.acl, range);
     let mut series: Vec<crate::metrics::UpstreamBlocked> = Vec::new();
     for d in decided {

@@ -9,14 +9,14 @@ use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 use crate::{
-    compile::{RuleInfo, RuleSet},
-    config::GuardAction,
-    counters::RuleCounts,
-    events,
-    guard::{GuardReport, Listeners},
-    loader::{self, AttachMode, Attached, Filter},
-    notrack,
-    pins::{self, InterfaceLock},
+    host::notrack,
+    kernel::counters::RuleCounts,
+    kernel::events,
+    kernel::guard::{GuardReport, Listeners},
+    kernel::loader::{self, AttachMode, Attached, Filter},
+    kernel::pins::{self, InterfaceLock},
+    rules::compile::{RuleInfo, RuleSet},
+    rules::config::GuardAction,
 };
 
 pub(super) struct Interface {

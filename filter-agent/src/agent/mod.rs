@@ -30,13 +30,13 @@ use tracing::{info, warn};
 
 use crate::{
     cli::RunArgs,
-    compile::{self, RuleSet},
-    config::{self, Config},
-    links::LinkWatch,
-    loader,
+    host::privileges,
+    kernel::links::LinkWatch,
+    kernel::loader,
+    kernel::pins::{self, InterfaceLock},
     metrics::{Metrics, Status},
-    pins::{self, InterfaceLock},
-    privileges,
+    rules::compile::{self, RuleSet},
+    rules::config::{self, Config},
 };
 use files::FileWatch;
 use guard_watch::GuardWatch;

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use crate::{
-    compile::{self, RuleSet},
-    config::{self, Config},
-    guard::Listeners,
-    loader::LoadError,
-    sessions::{self, Cut},
+    host::sessions::{self, Cut},
+    kernel::guard::Listeners,
+    kernel::loader::LoadError,
+    rules::compile::{self, RuleSet},
+    rules::config::{self, Config},
 };
 
 use super::interface::Interface;

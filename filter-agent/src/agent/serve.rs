@@ -26,8 +26,8 @@ use super::{
     trial::{self, Control, Trial},
 };
 use crate::{
-    audit, compile::RuleSet, config::GuardSettings, control, guard::Listeners, links::LinkWatch,
-    metrics::Status,
+    control, host::audit, kernel::guard::Listeners, kernel::links::LinkWatch, metrics::Status,
+    rules::compile::RuleSet, rules::config::GuardSettings,
 };
 
 /// Everything the running agent works with.

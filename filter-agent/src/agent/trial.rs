@@ -24,9 +24,9 @@ use tokio::{
 use tracing::error;
 
 use crate::{
-    compile::RuleSet,
-    config::GuardSettings,
     control::{self, Answer, Request},
+    rules::compile::RuleSet,
+    rules::config::GuardSettings,
 };
 
 /// How soon a revert that failed is tried again.

@@ -14,9 +14,9 @@ use super::{
     trial::{Pending, Previous, REVERT_RETRY, Trial, refused},
 };
 use crate::{
-    compile,
-    config::{self, Config},
     control::{self, Answer, Request},
+    rules::compile,
+    rules::config::{self, Config},
 };
 
 impl Agent {

@@ -8,12 +8,13 @@ use filter_common::{guard as guard_stat, reason};
 use serde_json::json;
 
 use crate::{
-    counters::{self, Snapshot},
-    events,
-    guard::{self, GuardReport},
-    loader, notrack,
-    pins::{self, InterfaceLock, PinError},
-    privileges::{self, Task},
+    host::notrack,
+    host::privileges::{self, Task},
+    kernel::counters::{self, Snapshot},
+    kernel::events,
+    kernel::guard::{self, GuardReport},
+    kernel::loader,
+    kernel::pins::{self, InterfaceLock, PinError},
 };
 
 /// The interfaces asked for, or every one with pinned state.

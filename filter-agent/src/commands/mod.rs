@@ -12,14 +12,17 @@ pub use trial::{confirm, try_rules};
 use std::{io::Write as _, path::Path};
 
 use crate::{
-    audit, compile,
-    config::{self, Action},
-    lint,
-    loader::{Filter, xdp_action},
-    packet, pcap,
-    privileges::{self, Task},
-    reference::Outcome,
-    sessions, upstream,
+    host::audit,
+    host::privileges::{self, Task},
+    host::sessions,
+    kernel::loader::{Filter, xdp_action},
+    oracle::packet,
+    oracle::pcap,
+    oracle::reference::{self, Outcome},
+    rules::compile,
+    rules::config::{self, Action},
+    rules::lint,
+    rules::upstream,
 };
 use anyhow::Context as _;
 use filter_common::reason;
@@ -100,7 +103,8 @@ pub fn test_packets(rules: &Path, packets: &[String]) -> anyhow::Result<()> {
             }
             Outcome::Reason(why) => reason::NAMES[why as usize].replace('_', " "),
         };
-        let would_drop = outcome.action(&rule_set.rules, |rule| rule.action) == Action::Deny;
+        let would_drop =
+            reference::action_of(outcome, &rule_set.rules, |rule| rule.action) == Action::Deny;
         let note = if config.filter.mode == config::Mode::Monitor && would_drop {
             " (monitor mode: enforce would drop)"
         } else {
@@ -156,7 +160,7 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
         } else {
             passed += 1;
         }
-        let action = outcome.action(&rule_set.rules, |rule| rule.action).name();
+        let action = reference::action_of(outcome, &rule_set.rules, |rule| rule.action).name();
         let (rule, reason) = match outcome {
             Outcome::Rule(index) => {
                 rule_hits[index] += 1;
@@ -350,7 +354,7 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
                     "inode": ns.inode,
                     "port_range": ns.port_range,
                     "blocked": own,
-                    "fixes": ns.findings.iter().filter(|f| f.kind == "port_range" && !own.is_empty()).collect::<Vec<_>>(),
+                    "fixes": ns.findings.iter().filter(|f| f.kind == audit::FindingKind::PortRange && !own.is_empty()).collect::<Vec<_>>(),
                     "acl_fixes": acl_fixes(own),
                     "nat": nat.iter().map(|(rule, blocked)| json!({
                         "rule": rule.rule, "ports": rule.ports, "blocked": blocked,
@@ -395,7 +399,11 @@ pub fn audit_upstream(upstream: &Upstream<'_>, json: bool) -> anyhow::Result<()>
             println!("{status:<8} ephemeral {ports:<12} {}", ns.label());
             if !own.is_empty() {
                 println!("         blocked: {}", show(own));
-                for finding in ns.findings.iter().filter(|f| f.kind == "port_range") {
+                for finding in ns
+                    .findings
+                    .iter()
+                    .filter(|f| f.kind == audit::FindingKind::PortRange)
+                {
                     println!("         fix: {}", finding.fix);
                     if let Some(keep) = &finding.keep {
                         println!("         keep: {keep}");

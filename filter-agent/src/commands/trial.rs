@@ -14,9 +14,10 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 
 use crate::{
-    compile, config,
     control::{self, Answer, Request},
-    privileges::{self, Task},
+    host::privileges::{self, Task},
+    rules::compile,
+    rules::config,
 };
 
 /// How long the agent may take to answer: compiling and loading a large

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use filter_agent::{loader, pins};
+use filter_agent::{kernel::loader, kernel::pins};
 
 /// An interface's pin directory, removed (with the filter it keeps
 /// attached) when the test ends, also on failure.

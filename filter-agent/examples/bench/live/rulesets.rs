@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, ensure};
 use filter_agent::{
-    config::{Action, Config, Rule},
-    packet,
+    oracle::packet,
+    rules::config::{Action, Config, Rule},
 };
 use ipnet::{IpNet, Ipv4Net};
 use testbed::Netns;
@@ -25,7 +25,7 @@ pub(super) fn iptables_restore(netns: &Netns, script: &str) -> anyhow::Result<()
 
 /// The single IPv4 prefix of an address condition (all the generated rule
 /// sets use).
-fn single_net(list: &filter_agent::config::AddressList) -> anyhow::Result<Ipv4Net> {
+fn single_net(list: &filter_agent::rules::config::AddressList) -> anyhow::Result<Ipv4Net> {
     match list.nets.as_slice() {
         [IpNet::V4(net)] => Ok(*net),
         _ => bail!("only rules with one IPv4 prefix per address translate"),

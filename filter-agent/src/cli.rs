@@ -1,10 +1,10 @@
 //! Command-line interface (clap derive).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::kernel::loader::AttachMode;
+use crate::{agent::Settings, commands, kernel::loader::AttachMode, rules::upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,24 +35,13 @@ pub enum Command {
     },
     /// Run packets through the real XDP program (BPF_PROG_TEST_RUN, nothing
     /// attached) and print each verdict and the rule that decided it.
-    #[command(group(clap::ArgGroup::new("source").required(true).args(["rules", "upstream"])))]
+    #[command(group(clap::ArgGroup::new("decider").required(true).args(["rules", "upstream"])))]
     Test {
-        /// The rules file (TOML).
-        #[arg(long)]
-        rules: Option<PathBuf>,
-        /// Ask instead whether this upstream ACL (as `import` reads it)
-        /// passes each packet, and which entry decides.
-        #[arg(long, requires = "upstream_format")]
-        upstream: Option<PathBuf>,
-        /// The upstream ACL's format.
-        #[arg(long, value_enum)]
-        upstream_format: Option<crate::rules::upstream::Format>,
-        /// Which ACL of the upstream file (an AWS NetworkAclId).
-        #[arg(long, requires = "upstream")]
-        acl: Option<String>,
+        #[command(flatten)]
+        source: Source,
         /// Which way the packets cross the upstream ACL.
-        #[arg(long, value_enum, default_value_t = crate::rules::upstream::Direction::Ingress)]
-        direction: crate::rules::upstream::Direction,
+        #[arg(long, value_enum, default_value_t = DirectionArg::Ingress)]
+        direction: DirectionArg,
         /// e.g. "tcp 203.0.113.5:443 -> 10.0.0.11:51000 flags SA",
         /// "udp [2001:db8::1]:53 -> [2001:db8::2]:40000 vlan 7",
         /// "icmp 192.0.2.1 -> 192.0.2.2 type 3 code 4". Repeatable.
@@ -141,43 +130,129 @@ pub enum Command {
     /// Turn a cloud provider's stateless ACL (as its API prints it) into a
     /// rules file for one direction that means exactly what the ACL means.
     Import {
-        /// The ACL's format.
-        #[arg(long, value_enum)]
-        format: crate::rules::upstream::Format,
-        /// Which ACL, when the file holds several (an AWS NetworkAclId).
-        #[arg(long)]
-        acl: Option<String>,
-        /// The packets whose entries are turned into rules.
-        #[arg(long, value_enum, default_value_t = crate::rules::upstream::Direction::Ingress)]
-        direction: crate::rules::upstream::Direction,
+        #[command(flatten)]
+        acl: AclFile,
         /// Write the rules file here instead of standard output.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// The ACL file (JSON).
-        file: PathBuf,
     },
     /// List every network namespace with its ephemeral port range and NAT
-    /// rules, and flag those that do not fit the guard's range.
+    /// rules, and flag those that do not fit the guard's range (or, with
+    /// --upstream, that a cloud ACL would cut off). Exit 1 if any is flagged.
     Audit {
-        /// Take the range from this rules file's [guard] (default 32768-60999).
-        #[arg(long)]
-        rules: Option<PathBuf>,
-        /// Hold every namespace and NAT rule to this upstream ACL instead:
-        /// which of their ports would it drop replies to? Exit 1 if any.
-        #[arg(long, requires = "upstream_format", conflicts_with = "rules")]
-        upstream: Option<PathBuf>,
-        /// The upstream ACL's format.
-        #[arg(long, value_enum)]
-        upstream_format: Option<crate::rules::upstream::Format>,
-        /// Which ACL of the upstream file (an AWS NetworkAclId).
-        #[arg(long, requires = "upstream")]
-        acl: Option<String>,
+        #[command(flatten)]
+        source: Source,
         /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// Where verdicts come from: the rules file (`--rules`) or a cloud ACL
+/// (`--upstream`), never both.
+#[derive(Debug, Args)]
+pub struct Source {
+    /// The rules file (TOML).
+    #[arg(long, conflicts_with = "upstream")]
+    pub rules: Option<PathBuf>,
+    /// A cloud provider's ACL (JSON, as its API prints it) instead.
+    #[arg(long, requires = "upstream_format")]
+    pub upstream: Option<PathBuf>,
+    /// The upstream ACL's format.
+    #[arg(long, value_enum, requires = "upstream")]
+    pub upstream_format: Option<FormatArg>,
+    /// Which ACL of the upstream file (an AWS NetworkAclId).
+    #[arg(long, requires = "upstream")]
+    pub acl: Option<String>,
+}
+
+/// The choice a [`Source`] made.
+pub enum Chosen<'a> {
+    /// The rules file, if one was named.
+    Rules(Option<&'a Path>),
+    Upstream(commands::Upstream<'a>),
+}
+
+impl Source {
+    pub fn chosen(&self, direction: DirectionArg) -> Chosen<'_> {
+        match (&self.upstream, self.upstream_format) {
+            (Some(file), Some(format)) => Chosen::Upstream(commands::Upstream {
+                file,
+                format: format.into(),
+                acl: self.acl.as_deref(),
+                direction: direction.into(),
+            }),
+            _ => Chosen::Rules(self.rules.as_deref()),
+        }
+    }
+}
+
+/// The ACL `import` reads, and the direction it turns into rules.
+#[derive(Debug, Args)]
+pub struct AclFile {
+    /// The ACL's format.
+    #[arg(long, value_enum)]
+    pub format: FormatArg,
+    /// Which ACL, when the file holds several (an AWS NetworkAclId).
+    #[arg(long)]
+    pub acl: Option<String>,
+    /// The packets whose entries are turned into rules.
+    #[arg(long, value_enum, default_value_t = DirectionArg::Ingress)]
+    pub direction: DirectionArg,
+    /// The ACL file (JSON).
+    pub file: PathBuf,
+}
+
+impl AclFile {
+    pub fn upstream(&self) -> commands::Upstream<'_> {
+        commands::Upstream {
+            file: &self.file,
+            format: self.format.into(),
+            acl: self.acl.as_deref(),
+            direction: self.direction.into(),
+        }
+    }
+}
+
+/// `--upstream-format` and `import --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// `aws ec2 describe-network-acls` output.
+    AwsNacl,
+    /// An IBM Cloud VPC network ACL (`GET /v1/network_acls/{id}`, or its
+    /// `/rules`).
+    IbmVpc,
+    /// A Sakura Cloud packet filter (`GET /packetfilter/{id}`).
+    Sakura,
+}
+
+impl From<FormatArg> for upstream::Format {
+    fn from(format: FormatArg) -> Self {
+        match format {
+            FormatArg::AwsNacl => upstream::Format::AwsNacl,
+            FormatArg::IbmVpc => upstream::Format::IbmVpc,
+            FormatArg::Sakura => upstream::Format::Sakura,
+        }
+    }
+}
+
+/// `--direction`: which packets an upstream entry judges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectionArg {
+    /// Packets arriving at the host.
+    Ingress,
+    /// Packets leaving it.
+    Egress,
+}
+
+impl From<DirectionArg> for upstream::Direction {
+    fn from(direction: DirectionArg) -> Self {
+        match direction {
+            DirectionArg::Ingress => upstream::Direction::Ingress,
+            DirectionArg::Egress => upstream::Direction::Egress,
+        }
+    }
+}
 /// Running the filter: the default when no subcommand is given.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -217,6 +292,35 @@ pub struct RunArgs {
     /// agent already serves it, this one takes none).
     #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
     pub control_socket: PathBuf,
+    /// How log lines are written: `text` for people, `json` (one object
+    /// per line) for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// The daemon's settings (clap requires --iface and --rules here).
+    pub fn settings(self) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            rules: self
+                .rules
+                .ok_or_else(|| anyhow::anyhow!("--rules is required"))?,
+            iface: self.iface,
+            iface_timeout: self.iface_timeout,
+            xdp_mode: self.xdp_mode.into(),
+            metrics: self.metrics,
+            metrics_hide_processes: self.metrics_hide_processes,
+            events_per_second: self.events_per_second,
+            detach_on_exit: self.detach_on_exit,
+            control_socket: self.control_socket,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -259,21 +363,20 @@ pub fn one_line_error(err: &clap::Error) -> String {
     format!("{folded} (see --help)")
 }
 
-/// Logs to standard error, at `RUST_LOG` or info; coloured on a terminal,
-/// and without a timestamp of its own under journald, which adds one.
-pub fn init_logging() {
+/// Logs to standard error, at `RUST_LOG` or info: as text, coloured on
+/// a terminal and without a timestamp of its own under journald (which
+/// adds one), or as one JSON object per line.
+pub fn init_logging(format: LogFormat) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::{EnvFilter, fmt, prelude::*};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let layer = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
+    let layer = fmt::layer().with_writer(std::io::stderr).with_target(false);
     // systemd sets JOURNAL_STREAM when standard error goes to the journal.
-    let layer = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        layer.without_time().boxed()
-    } else {
-        layer.boxed()
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let layer = match format {
+        LogFormat::Json => layer.json().flatten_event(true).boxed(),
+        LogFormat::Text if journal => layer.with_ansi(false).without_time().boxed(),
+        LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
     tracing_subscriber::registry()
         .with(layer)

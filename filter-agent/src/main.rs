@@ -4,103 +4,65 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser as _;
 
 use filter_agent::{
     agent,
-    cli::{self, Cli, Command},
+    cli::{self, Chosen, Cli, Command, DirectionArg},
     commands,
 };
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) if !err.use_stderr() => {
-            // --help and --version.
-            let _ = err.print();
-            return ExitCode::SUCCESS;
-        }
+        // --help and --version.
+        Err(err) if !err.use_stderr() => return ExitCode::from(u8::from(err.print().is_err())),
         Err(err) => {
             eprintln!("error: {}", cli::one_line_error(&err));
             return ExitCode::from(2);
         }
     };
-    cli::init_logging();
-    let result = match cli.command {
-        Some(Command::Check { rules, live }) => commands::check(&rules, live),
-        Some(Command::Test {
-            rules,
-            upstream,
-            upstream_format,
-            acl,
-            direction,
-            packet,
-        }) => match (rules, upstream, upstream_format) {
-            (_, Some(file), Some(format)) => {
-                let upstream = commands::Upstream {
-                    file: &file,
-                    format,
-                    acl: acl.as_deref(),
-                    direction,
-                };
-                commands::test_upstream(&upstream, &packet)
-            }
-            (Some(rules), ..) => commands::test_packets(&rules, &packet),
-            // clap requires one of the two.
-            _ => unreachable!("neither --rules nor --upstream"),
-        },
-        Some(Command::Replay { rules, pcap, json }) => commands::replay(&rules, &pcap, json),
-        Some(Command::Guard { iface, top, json }) => commands::guard(iface.as_deref(), top, json),
-        Some(Command::Audit {
-            rules,
-            upstream,
-            upstream_format,
-            acl,
-            json,
-        }) => match (upstream, upstream_format) {
-            (Some(file), Some(format)) => {
-                let upstream = commands::Upstream {
-                    file: &file,
-                    format,
-                    acl: acl.as_deref(),
-                    direction: filter_agent::rules::upstream::Direction::Ingress,
-                };
-                commands::audit_upstream(&upstream, json)
-            }
-            _ => commands::audit(rules.as_deref(), json),
-        },
-        Some(Command::Import {
-            format,
-            acl,
-            direction,
-            output,
-            file,
-        }) => {
-            let upstream = commands::Upstream {
-                file: &file,
-                format,
-                acl: acl.as_deref(),
-                direction,
-            };
-            commands::import(&upstream, output.as_deref())
-        }
-        Some(Command::Try {
-            rules,
-            timeout,
-            force,
-            control_socket,
-        }) => commands::try_rules(&rules, timeout, force, &control_socket),
-        Some(Command::Confirm { control_socket }) => commands::confirm(&control_socket),
-        Some(Command::Detach { iface }) => commands::detach(&iface),
-        Some(Command::Watch { iface }) => commands::watch(&iface),
-        Some(Command::Stats { iface, json, watch }) => commands::stats(&iface, json, watch),
-        None => agent::run(cli.run),
-    };
-    match result {
+    cli::init_logging(cli.run.log_format);
+    match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let Some(command) = cli.command else {
+        return agent::run(cli.run.settings()?);
+    };
+    match command {
+        Command::Check { rules, live } => commands::check(&rules, live),
+        Command::Test {
+            source,
+            direction,
+            packet,
+        } => match source.chosen(direction) {
+            Chosen::Upstream(acl) => commands::test_upstream(&acl, &packet),
+            Chosen::Rules(rules) => commands::test_packets(rules.context("no --rules")?, &packet),
+        },
+        Command::Replay { rules, pcap, json } => commands::replay(&rules, &pcap, json),
+        Command::Guard { iface, top, json } => commands::guard(iface.as_deref(), top, json),
+        Command::Audit { source, json } => match source.chosen(DirectionArg::Ingress) {
+            Chosen::Upstream(acl) => commands::audit_upstream(&acl, json),
+            Chosen::Rules(rules) => commands::audit(rules, json),
+        },
+        Command::Import { acl, output } => commands::import(&acl.upstream(), output.as_deref()),
+        Command::Try {
+            rules,
+            timeout,
+            force,
+            control_socket,
+        } => commands::try_rules(&rules, timeout, force, &control_socket),
+        Command::Confirm { control_socket } => commands::confirm(&control_socket),
+        Command::Detach { iface } => commands::detach(&iface),
+        Command::Watch { iface } => commands::watch(&iface),
+        Command::Stats { iface, json, watch } => commands::stats(&iface, json, watch),
     }
 }

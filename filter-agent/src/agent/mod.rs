@@ -19,6 +19,7 @@ mod trial;
 mod trial_requests;
 
 use std::{
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -29,7 +30,6 @@ use sd_notify::NotifyState;
 use tracing::{info, warn};
 
 use crate::{
-    cli::RunArgs,
     host::privileges,
     kernel::links::LinkWatch,
     kernel::loader,
@@ -49,11 +49,27 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// How often every namespace is audited.
 const AUDIT_EVERY: Duration = Duration::from_secs(60);
 
+/// How the daemon runs: what its command line says.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The interfaces to filter, each with its own attachment.
+    pub iface: Vec<String>,
+    pub rules: PathBuf,
+    /// Seconds to wait for an interface that does not exist yet.
+    pub iface_timeout: u64,
+    pub xdp_mode: loader::AttachMode,
+    /// Where /metrics and /healthz are served.
+    pub metrics: SocketAddr,
+    pub metrics_hide_processes: bool,
+    /// Events sampled in the kernel per second and CPU (0: none).
+    pub events_per_second: u32,
+    pub detach_on_exit: bool,
+    pub control_socket: PathBuf,
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let Some(rules) = args.rules.clone() else {
-        unreachable!("clap requires --iface and --rules without a subcommand");
-    };
+pub fn run(args: Settings) -> anyhow::Result<()> {
+    let rules = args.rules.clone();
     let config = config::load(&rules)?;
     let rule_set = compile::compile(&config)?;
     privileges::check(privileges::Task::Attach)?;
@@ -134,7 +150,7 @@ async fn wait_for_interfaces(
 
 /// Claims what the agent needs: each interface's lock and the metrics
 /// port. Nothing is attached yet.
-fn claim(args: &RunArgs) -> anyhow::Result<(Vec<InterfaceLock>, std::net::TcpListener)> {
+fn claim(args: &Settings) -> anyhow::Result<(Vec<InterfaceLock>, std::net::TcpListener)> {
     for vanished in pins::vanished(loader::interface_exists) {
         loader::detach(&vanished.dir);
         let iface = vanished.iface;
@@ -166,7 +182,7 @@ fn claim(args: &RunArgs) -> anyhow::Result<(Vec<InterfaceLock>, std::net::TcpLis
 /// A failed start removes what it added, on every interface: a filter an
 /// earlier agent left in place stays.
 fn start(
-    args: &RunArgs,
+    args: &Settings,
     rules: PathBuf,
     config: &Config,
     rule_set: RuleSet,
@@ -186,7 +202,7 @@ fn start(
         .collect();
     let mut interfaces = Vec::new();
     for (iface, lock) in args.iface.iter().zip(locks) {
-        let mode = args.xdp_mode.into();
+        let mode = args.xdp_mode;
         let rate = args.events_per_second;
         match Interface::attach(iface, lock, &rule_set, &watch.listeners, mode, rate) {
             Ok(interface) => interfaces.push(interface),

@@ -419,14 +419,11 @@ impl<'a> Source<'a> {
     /// and a reload fail on a bad one (located at the key).
     fn upstream(&self, raw: &Spanned<RawUpstream>) -> Result<Arc<Upstream>, ConfigError> {
         let raw = raw.get_ref();
-        let format = <crate::rules::upstream::Format as clap::ValueEnum>::from_str(
-            raw.format.get_ref(),
-            false,
-        )
-        .map_err(|_| {
-            let message = "format must be aws-nacl, sakura or ibm-vpc";
-            self.error(raw.format.span(), message)
-        })?;
+        let format =
+            crate::rules::upstream::Format::from_name(raw.format.get_ref()).ok_or_else(|| {
+                let message = "format must be aws-nacl, sakura or ibm-vpc";
+                self.error(raw.format.span(), message)
+            })?;
         let base = self.path.parent().unwrap_or(Path::new("."));
         let path = base.join(raw.file.get_ref());
         let text = super::read(&path, "upstream ACL", MAX_FILE_BYTES)?;

@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::rules::action::{Action, Fragments};
 
 /// The formats read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// `aws ec2 describe-network-acls` output.
     AwsNacl,
@@ -30,7 +30,7 @@ pub enum Format {
 }
 
 /// Which packets an entry judges, as seen from the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     /// Packets arriving at the host.
     Ingress,
@@ -101,13 +101,26 @@ pub enum UpstreamError {
     Choice(String),
 }
 
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Format {
+    pub const ALL: [Format; 3] = [Format::AwsNacl, Format::IbmVpc, Format::Sakura];
+
+    /// The name in rules files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
             Format::AwsNacl => "aws-nacl",
             Format::IbmVpc => "ibm-vpc",
             Format::Sakura => "sakura",
-        })
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Format> {
+        Format::ALL.into_iter().find(|format| format.name() == name)
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -1,6 +1,6 @@
 //! Command-line interface (clap derive).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -166,23 +166,17 @@ pub struct Source {
     pub acl: Option<String>,
 }
 
-/// The choice a [`Source`] made.
-pub enum Chosen<'a> {
-    /// The rules file, if one was named.
-    Rules(Option<&'a Path>),
-    Upstream(commands::Upstream<'a>),
-}
-
 impl Source {
-    pub fn chosen(&self, direction: DirectionArg) -> Chosen<'_> {
+    /// What decides: the ACL when `--upstream` names one.
+    pub fn decider(&self, direction: DirectionArg) -> commands::Decider<'_> {
         match (&self.upstream, self.upstream_format) {
-            (Some(file), Some(format)) => Chosen::Upstream(commands::Upstream {
+            (Some(file), Some(format)) => commands::Decider::Upstream(commands::Upstream {
                 file,
                 format: format.into(),
                 acl: self.acl.as_deref(),
                 direction: direction.into(),
             }),
-            _ => Chosen::Rules(self.rules.as_deref()),
+            _ => commands::Decider::Rules(self.rules.as_deref()),
         }
     }
 }

@@ -1,15 +1,12 @@
-//! filter-agent: loads the stateless XDP filter onto an interface and keeps
-//! it there until told to stop. This file only parses the command line and
-//! dispatches: everything else is in the library.
+//! filter-agent's entry point: parses the command line and dispatches to
+//! the library (`cli`, `commands`, `agent`), where everything else is.
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser as _;
-
 use filter_agent::{
     agent,
-    cli::{self, Chosen, Cli, Command, DirectionArg},
+    cli::{self, Cli, Command, DirectionArg},
     commands,
 };
 
@@ -24,13 +21,11 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(cli.run.log_format);
-    match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
+    if let Err(err) = dispatch(cli) {
+        eprintln!("error: {err:#}");
+        return ExitCode::FAILURE;
     }
+    ExitCode::SUCCESS
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -43,16 +38,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             source,
             direction,
             packet,
-        } => match source.chosen(direction) {
-            Chosen::Upstream(acl) => commands::test_upstream(&acl, &packet),
-            Chosen::Rules(rules) => commands::test_packets(rules.context("no --rules")?, &packet),
-        },
+        } => commands::test(source.decider(direction), &packet),
         Command::Replay { rules, pcap, json } => commands::replay(&rules, &pcap, json),
         Command::Guard { iface, top, json } => commands::guard(iface.as_deref(), top, json),
-        Command::Audit { source, json } => match source.chosen(DirectionArg::Ingress) {
-            Chosen::Upstream(acl) => commands::audit_upstream(&acl, json),
-            Chosen::Rules(rules) => commands::audit(rules, json),
-        },
+        Command::Audit { source, json } => {
+            commands::audit(source.decider(DirectionArg::Ingress), json)
+        }
         Command::Import { acl, output } => commands::import(&acl.upstream(), output.as_deref()),
         Command::Try {
             rules,

@@ -54,7 +54,7 @@ fn ports(range: Option<(u16, u16)>) -> String {
 }
 
 /// `filter-agent audit`: every namespace's ephemeral range and NAT rules.
-pub fn audit(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
+pub fn audit_range(rules: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let (range, notrack) = match rules {
         Some(rules) => {
             let config = config::load(rules)?;

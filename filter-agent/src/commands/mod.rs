@@ -10,7 +10,7 @@ mod packets;
 mod trial;
 mod upstream;
 
-pub use audit::{audit, audit_upstream};
+pub use audit::{audit_range, audit_upstream};
 pub use inspect::{detach, guard, stats, watch};
 pub use packets::{replay, test_packets};
 pub use trial::{confirm, try_rules};
@@ -29,6 +29,28 @@ use crate::{
     rules::config,
     rules::lint,
 };
+
+/// What decides packets: the rules file (if one is named) or a cloud ACL.
+pub enum Decider<'a> {
+    Rules(Option<&'a Path>),
+    Upstream(Upstream<'a>),
+}
+
+/// `filter-agent test`, with the rules or with the ACL.
+pub fn test(decider: Decider<'_>, packets: &[String]) -> anyhow::Result<()> {
+    match decider {
+        Decider::Rules(rules) => test_packets(rules.context("no --rules")?, packets),
+        Decider::Upstream(acl) => test_upstream(&acl, packets),
+    }
+}
+
+/// `filter-agent audit`, against the rules' range or the ACL.
+pub fn audit(decider: Decider<'_>, json: bool) -> anyhow::Result<()> {
+    match decider {
+        Decider::Rules(rules) => audit_range(rules, json),
+        Decider::Upstream(acl) => audit_upstream(&acl, json),
+    }
+}
 
 fn verdict_name(xdp_action: u32) -> &'static str {
     if xdp_action == xdp_action::DROP {

@@ -255,8 +255,23 @@ impl Metrics {
                 .encode_gauge(&filtered)?;
         }
 
+        let name = format!("{PREFIX}_build_info");
+        let help = "The running filter-agent's version.";
+        let mut info = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+        info.encode_family(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])?
+            .encode_gauge(&1i64)?;
+        self.encode_audit_gauges(encoder, status)
+    }
+
+    /// What the last namespace audit found: findings, conntrack tables and
+    /// the ports an upstream ACL would block.
+    fn encode_audit_gauges(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        status: &Status,
+    ) -> Result<(), std::fmt::Error> {
         let name = format!("{PREFIX}_audit_findings");
-        let help = "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat, conntrack).";
+        let help = "Open namespace audit findings (1 per finding), by namespace and kind (port_range, nat, conntrack, notrack).";
         let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
         for (namespace, kind) in &status.findings {
             let labels = vec![
@@ -312,12 +327,6 @@ impl Metrics {
                     .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
             }
         }
-
-        let name = format!("{PREFIX}_build_info");
-        let help = "The running filter-agent's version.";
-        let mut info = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
-        info.encode_family(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())])?
-            .encode_gauge(&1i64)?;
         Ok(())
     }
 }

@@ -128,28 +128,43 @@ pub fn replay(rules: &Path, capture: &Path, json: bool) -> anyhow::Result<()> {
         Ok(())
     })?;
     if !json {
-        writeln!(
-            out,
-            "{}: {number} packets, {passed} passed, {dropped} dropped",
-            capture.display()
-        )?;
-        for ((rule, hits), over) in rule_set.rules.iter().zip(&rule_hits).zip(&over_limit) {
-            writeln!(
-                out,
-                "  {hits:>10}  rule {:?} ({})",
-                rule.name,
-                rule.action.name()
-            )?;
-            if let Some(limit) = rule.limit {
-                writeln!(out, "  {over:>10}  over its limit ({limit})")?;
-            }
-        }
-        for (name, hits) in reason::NAMES.iter().zip(reason_hits) {
-            if hits > 0 {
-                writeln!(out, "  {hits:>10}  {}", name.replace('_', " "))?;
-            }
-        }
+        let counts = (&rule_hits[..], &over_limit[..], &reason_hits[..]);
+        let totals = (number, passed, dropped);
+        write_summary(&mut out, capture, &rule_set, counts, totals)?;
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `replay`'s summary: the totals, each rule's hits (and drops over its
+/// limit) and the reasons that decided any packet.
+fn write_summary(
+    out: &mut impl std::io::Write,
+    capture: &Path,
+    rule_set: &compile::RuleSet,
+    (rule_hits, over_limit, reason_hits): (&[u64], &[u64], &[u64]),
+    (number, passed, dropped): (u64, u64, u64),
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}: {number} packets, {passed} passed, {dropped} dropped",
+        capture.display()
+    )?;
+    for ((rule, hits), over) in rule_set.rules.iter().zip(rule_hits).zip(over_limit) {
+        writeln!(
+            out,
+            "  {hits:>10}  rule {:?} ({})",
+            rule.name,
+            rule.action.name()
+        )?;
+        if let Some(limit) = rule.limit {
+            writeln!(out, "  {over:>10}  over its limit ({limit})")?;
+        }
+    }
+    for (name, hits) in reason::NAMES.iter().zip(reason_hits) {
+        if *hits > 0 {
+            writeln!(out, "  {hits:>10}  {}", name.replace('_', " "))?;
+        }
+    }
     Ok(())
 }

@@ -311,9 +311,48 @@ pub fn parse_description(text: &str) -> Result<PacketSpec, String> {
     if src.is_ipv4() != dst.is_ipv4() {
         return Err("source and destination must be of one address family".into());
     }
-    let mut options = rest.chunks(2);
+    let Options {
+        flags,
+        icmp_type,
+        code,
+        vlans,
+    } = options(rest)?;
+    let ports = |name: &str| match (sport, dport) {
+        (Some(sport), Some(dport)) => Ok((sport, dport)),
+        _ => Err(format!("{name} needs ports: SRC:PORT -> DST:PORT")),
+    };
+    let transport = match *proto {
+        "tcp" => {
+            let (sport, dport) = ports("tcp")?;
+            Transport::Tcp {
+                sport,
+                dport,
+                flags,
+            }
+        }
+        "udp" => {
+            let (sport, dport) = ports("udp")?;
+            Transport::Udp { sport, dport }
+        }
+        "icmp" | "icmpv6" => Transport::Icmp { icmp_type, code },
+        other => return Err(format!("unknown protocol {other:?}: use tcp, udp or icmp")),
+    };
+    let mut spec = PacketSpec::new(src, dst, transport);
+    spec.vlans = vlans;
+    Ok(spec)
+}
+
+/// The words after `PROTO SRC -> DST`.
+struct Options {
+    flags: u8,
+    icmp_type: u8,
+    code: u8,
+    vlans: Vec<u16>,
+}
+
+fn options(rest: &[&str]) -> Result<Options, String> {
     let (mut flags, mut icmp_type, mut code, mut vlans) = (0u8, 8u8, 0u8, Vec::new());
-    for pair in options.by_ref() {
+    for pair in rest.chunks(2) {
         let [key, value] = pair else {
             return Err(format!("{:?} needs a value", pair[0]));
         };
@@ -338,29 +377,12 @@ pub fn parse_description(text: &str) -> Result<PacketSpec, String> {
             }
         }
     }
-    let ports = |name: &str| match (sport, dport) {
-        (Some(sport), Some(dport)) => Ok((sport, dport)),
-        _ => Err(format!("{name} needs ports: SRC:PORT -> DST:PORT")),
-    };
-    let transport = match *proto {
-        "tcp" => {
-            let (sport, dport) = ports("tcp")?;
-            Transport::Tcp {
-                sport,
-                dport,
-                flags,
-            }
-        }
-        "udp" => {
-            let (sport, dport) = ports("udp")?;
-            Transport::Udp { sport, dport }
-        }
-        "icmp" | "icmpv6" => Transport::Icmp { icmp_type, code },
-        other => return Err(format!("unknown protocol {other:?}: use tcp, udp or icmp")),
-    };
-    let mut spec = PacketSpec::new(src, dst, transport);
-    spec.vlans = vlans;
-    Ok(spec)
+    Ok(Options {
+        flags,
+        icmp_type,
+        code,
+        vlans,
+    })
 }
 
 /// `ADDR`, `ADDR:PORT`, `[V6]` or `[V6]:PORT`.

@@ -41,75 +41,100 @@ pub enum PcapError {
 /// takes the one before it). Returns the number of frames.
 pub fn for_each_frame<E: From<PcapError>>(
     path: &Path,
-    mut each: impl FnMut(Duration, &[u8]) -> Result<(), E>,
+    each: impl FnMut(Duration, &[u8]) -> Result<(), E>,
 ) -> Result<u64, E> {
     let open = |source| PcapError::Open {
         path: path.to_owned(),
         source,
-    };
-    let format = |source| PcapError::Format {
-        path: path.to_owned(),
-        source,
-    };
-    let link_type = |packet, link| PcapError::LinkType {
-        path: path.to_owned(),
-        packet,
-        link,
     };
     let mut file = File::open(path).map_err(open)?;
     let mut magic = [0u8; 4];
     file.read_exact(&mut magic).map_err(open)?;
     file.seek(SeekFrom::Start(0)).map_err(open)?;
     let file = BufReader::new(file);
-    let mut count = 0;
-    let mut time = Duration::ZERO;
     if magic == PCAPNG_MAGIC {
-        let mut reader = PcapNgReader::new(file).map_err(format)?;
-        // Link type per interface of the current section.
-        let mut links: Vec<DataLink> = Vec::new();
-        while let Some(block) = reader.next_block() {
-            let (interface, data) = match block.map_err(format)? {
-                Block::SectionHeader(_) => {
-                    links.clear();
-                    continue;
-                }
-                Block::InterfaceDescription(description) => {
-                    links.push(description.linktype);
-                    continue;
-                }
-                Block::EnhancedPacket(packet) => {
-                    time = packet.timestamp;
-                    (packet.interface_id, packet.data)
-                }
-                Block::Packet(packet) => {
-                    // The obsolete block's default resolution: microseconds.
-                    time = Duration::from_micros(packet.timestamp);
-                    (u32::from(packet.interface_id), packet.data)
-                }
-                Block::SimplePacket(packet) => (0, packet.data),
-                _ => continue,
-            };
-            count += 1;
-            let link = links
-                .get(interface as usize)
-                .copied()
-                .unwrap_or(DataLink::ETHERNET);
-            if link != DataLink::ETHERNET {
-                return Err(link_type(count, link).into());
-            }
-            each(time, &data)?;
-        }
+        pcapng_frames(path, file, each)
     } else {
-        let mut reader = PcapReader::new(file).map_err(format)?;
-        let link = reader.header().datalink;
-        while let Some(packet) = reader.next_packet() {
-            let packet = packet.map_err(format)?;
-            count += 1;
-            if link != DataLink::ETHERNET {
-                return Err(link_type(count, link).into());
+        pcap_frames(path, file, each)
+    }
+}
+
+/// A file's format error.
+fn format(path: &Path) -> impl Fn(pcap_file::PcapError) -> PcapError + '_ {
+    move |source| PcapError::Format {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Packet number `packet` is not Ethernet but `link`.
+fn link_type(path: &Path, packet: u64, link: DataLink) -> PcapError {
+    PcapError::LinkType {
+        path: path.to_owned(),
+        packet,
+        link,
+    }
+}
+
+fn pcapng_frames<E: From<PcapError>>(
+    path: &Path,
+    file: BufReader<File>,
+    mut each: impl FnMut(Duration, &[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    let (mut count, mut time) = (0, Duration::ZERO);
+    let mut reader = PcapNgReader::new(file).map_err(format(path))?;
+    // Link type per interface of the current section.
+    let mut links: Vec<DataLink> = Vec::new();
+    while let Some(block) = reader.next_block() {
+        let (interface, data) = match block.map_err(format(path))? {
+            Block::SectionHeader(_) => {
+                links.clear();
+                continue;
             }
-            each(packet.timestamp, &packet.data)?;
+            Block::InterfaceDescription(description) => {
+                links.push(description.linktype);
+                continue;
+            }
+            Block::EnhancedPacket(packet) => {
+                time = packet.timestamp;
+                (packet.interface_id, packet.data)
+            }
+            Block::Packet(packet) => {
+                // The obsolete block's default resolution: microseconds.
+                time = Duration::from_micros(packet.timestamp);
+                (u32::from(packet.interface_id), packet.data)
+            }
+            Block::SimplePacket(packet) => (0, packet.data),
+            _ => continue,
+        };
+        count += 1;
+        let link = links
+            .get(interface as usize)
+            .copied()
+            .unwrap_or(DataLink::ETHERNET);
+        if link != DataLink::ETHERNET {
+            return Err(link_type(path, count, link).into());
         }
+        each(time, &data)?;
+    }
+    Ok(count)
+}
+
+fn pcap_frames<E: From<PcapError>>(
+    path: &Path,
+    file: BufReader<File>,
+    mut each: impl FnMut(Duration, &[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    let mut count = 0;
+    let mut reader = PcapReader::new(file).map_err(format(path))?;
+    let link = reader.header().datalink;
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet.map_err(format(path))?;
+        count += 1;
+        if link != DataLink::ETHERNET {
+            return Err(link_type(path, count, link).into());
+        }
+        each(packet.timestamp, &packet.data)?;
     }
     Ok(count)
 }

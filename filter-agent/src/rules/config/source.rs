@@ -318,27 +318,11 @@ impl<'a> Source<'a> {
             let values = self.icmp_values(value, key, |text| by_name(text, v6))?;
             Ok(Some(values))
         };
-        let addresses = |field: &Option<Spanned<Value>>| {
-            let value = field.as_ref();
-            value.map(|value| self.addresses(value, sets)).transpose()
-        };
-        let (src, dst) = (addresses(&raw.src)?, addresses(&raw.dst)?);
-        if let (Some(src), Some(dst), Some(value)) = (&src, &dst, &raw.dst)
-            && !share_a_family(src, dst)
-        {
-            let message = "src and dst share no address family, so the rule can never match";
-            return Err(self.error(value.span(), format!("rule {name:?}: {message}")));
-        }
+        let (src, dst) = self.rule_addresses(raw, sets)?;
         let notrack = match &raw.notrack {
             Some(notrack) if *notrack.get_ref() => {
-                self.check_notrack(
-                    name,
-                    notrack.span(),
-                    raw.action,
-                    proto,
-                    &raw.tcp_flags,
-                    [&src, &dst],
-                )?;
+                let (span, flags) = (notrack.span(), &raw.tcp_flags);
+                self.check_notrack(name, span, raw.action, proto, flags, [&src, &dst])?;
                 true
             }
             _ => false,
@@ -360,6 +344,28 @@ impl<'a> Source<'a> {
             limit: limit.transpose()?,
             location: self.locate(Some(span)),
         })
+    }
+
+    /// The rule's `src` and `dst`, which must share an address family.
+    #[allow(clippy::type_complexity)]
+    fn rule_addresses(
+        &self,
+        raw: &RawRule,
+        sets: &HashMap<String, Arc<AddressList>>,
+    ) -> Result<(Option<Arc<AddressList>>, Option<Arc<AddressList>>), ConfigError> {
+        let addresses = |field: &Option<Spanned<Value>>| {
+            let value = field.as_ref();
+            value.map(|value| self.addresses(value, sets)).transpose()
+        };
+        let (src, dst) = (addresses(&raw.src)?, addresses(&raw.dst)?);
+        if let (Some(src), Some(dst), Some(value)) = (&src, &dst, &raw.dst)
+            && !share_a_family(src, dst)
+        {
+            let message = "src and dst share no address family, so the rule can never match";
+            let name = raw.name.get_ref();
+            return Err(self.error(value.span(), format!("rule {name:?}: {message}")));
+        }
+        Ok((src, dst))
     }
 
     /// `notrack` is for whole flows that the rule allows, which nftables

@@ -168,44 +168,49 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> Result<String, UpstreamErr
         }
     );
     for entry in acl.entries.iter().filter(|e| e.direction == direction) {
-        let _ = writeln!(out, "\n# {}", one_line(&entry.label));
-        let _ = writeln!(out, "[[rule]]\nname = \"{}\"", entry.name);
-        let _ = writeln!(out, "action = \"{}\"", entry.action.name());
-        if let Some(proto) = entry.proto {
-            let _ = writeln!(out, "proto = {}", proto_text(proto));
-        }
-        let (src, dst) = match direction {
-            Direction::Ingress => (entry.remote, entry.local),
-            Direction::Egress => (entry.local, entry.remote),
-        };
-        for (key, net) in [("src", src), ("dst", dst)] {
-            if let Some(net) = net {
-                let _ = writeln!(out, "{key} = \"{net}\"");
-            }
-        }
-        let src_ports = match entry.src_ports {
-            None if entry.needs_ports && entry.dst_ports.is_none() => Some((0, 65535)),
-            ports => ports,
-        };
-        for (key, ports) in [("sport", src_ports), ("dport", entry.dst_ports)] {
-            match ports {
-                Some((low, high)) if low == high => {
-                    let _ = writeln!(out, "{key} = {low}");
-                }
-                Some((low, high)) => {
-                    let _ = writeln!(out, "{key} = \"{low}-{high}\"");
-                }
-                None => {}
-            }
-        }
-        if let Some(icmp_type) = entry.icmp_type {
-            let _ = writeln!(out, "icmp_type = {icmp_type}");
-        }
-        if let Some(code) = entry.icmp_code {
-            let _ = writeln!(out, "icmp_code = {code}");
-        }
+        write_rule(&mut out, entry, direction);
     }
     Ok(out)
+}
+
+/// One entry as a `[[rule]]`, with its label as a comment.
+fn write_rule(out: &mut String, entry: &Entry, direction: Direction) {
+    let _ = writeln!(out, "\n# {}", one_line(&entry.label));
+    let _ = writeln!(out, "[[rule]]\nname = \"{}\"", entry.name);
+    let _ = writeln!(out, "action = \"{}\"", entry.action.name());
+    if let Some(proto) = entry.proto {
+        let _ = writeln!(out, "proto = {}", proto_text(proto));
+    }
+    let (src, dst) = match direction {
+        Direction::Ingress => (entry.remote, entry.local),
+        Direction::Egress => (entry.local, entry.remote),
+    };
+    for (key, net) in [("src", src), ("dst", dst)] {
+        if let Some(net) = net {
+            let _ = writeln!(out, "{key} = \"{net}\"");
+        }
+    }
+    let src_ports = match entry.src_ports {
+        None if entry.needs_ports && entry.dst_ports.is_none() => Some((0, 65535)),
+        ports => ports,
+    };
+    for (key, ports) in [("sport", src_ports), ("dport", entry.dst_ports)] {
+        match ports {
+            Some((low, high)) if low == high => {
+                let _ = writeln!(out, "{key} = {low}");
+            }
+            Some((low, high)) => {
+                let _ = writeln!(out, "{key} = \"{low}-{high}\"");
+            }
+            None => {}
+        }
+    }
+    if let Some(icmp_type) = entry.icmp_type {
+        let _ = writeln!(out, "icmp_type = {icmp_type}");
+    }
+    if let Some(code) = entry.icmp_code {
+        let _ = writeln!(out, "icmp_code = {code}");
+    }
 }
 
 /// "allow" or "deny", as every provider spells them.

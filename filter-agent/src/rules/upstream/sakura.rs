@@ -73,98 +73,29 @@ pub(super) fn read(text: &str) -> Result<Acl, UpstreamError> {
     let mut fragments = Fragments::MatchL3;
     let mut fragments_before: Vec<(usize, Action)> = Vec::new();
     for (index, expression) in filter.expression.iter().enumerate() {
-        let label = format!("Expression[{index}]");
-        let bad = |field: &'static str, message: String| UpstreamError::Field {
-            entry: format!("{id} {label}"),
-            field,
-            message,
-        };
-        let action = super::action(&expression.action).map_err(|m| bad("Action", m))?;
+        let bad = |(field, message)| field_error(&id, index, field, message);
+        let action = super::action(&expression.action).map_err(|m| bad(("Action", m)))?;
         let (proto, ports) = match expression.protocol.as_str() {
             "tcp" => (Some(IPPROTO_TCP), true),
             "udp" => (Some(IPPROTO_UDP), true),
             "icmp" => (Some(IPPROTO_ICMP), false),
             "ip" => (None, false),
+            // Only the first decides; later ones are never reached.
+            "fragment" if fragments != Fragments::MatchL3 => continue,
             "fragment" => {
-                if fragments != Fragments::MatchL3 {
-                    continue; // Never reached: an earlier one decides.
-                }
-                if !matches!(expression.source_network.as_str(), "" | "0.0.0.0/0") {
-                    let message = "of a fragment entry cannot be expressed (filter-agent decides \
-                                   fragments for every source at once): leave it empty";
-                    return Err(bad("SourceNetwork", message.into()));
-                }
-                if let Some((earlier, other)) = fragments_before.iter().find(|(_, a)| *a != action)
-                {
-                    let message = format!(
-                        "cannot be expressed: Expression[{earlier}] ({}) decides some fragments \
-                         first, the other way",
-                        other.name()
-                    );
-                    return Err(bad("Protocol", message));
-                }
-                if action == Action::Deny {
-                    let message = "deny cannot be expressed: filter-agent would deny IPv6 \
-                                   fragments too, which the packet filter passes";
-                    return Err(bad("Action", message.into()));
-                }
+                fragment_entry(expression, action, &fragments_before).map_err(bad)?;
                 fragments = Fragments::Allow;
                 continue;
             }
             other => {
                 let message = format!("{other:?} is not tcp, udp, icmp, fragment or ip");
-                return Err(bad("Protocol", message));
+                return Err(bad(("Protocol", message)));
             }
         };
-        if !ports {
-            let field = if expression.source_port.is_empty() {
-                "DestinationPort"
-            } else {
-                "SourcePort"
-            };
-            if !(expression.source_port.is_empty() && expression.destination_port.is_empty()) {
-                return Err(bad(field, "is only for tcp and udp".into()));
-            }
-        }
-        let remote = source_network(&expression.source_network).ok_or_else(|| {
-            let text = &expression.source_network;
-            bad(
-                "SourceNetwork",
-                format!("{text:?} is not an IPv4 address or network"),
-            )
-        })?;
-        let port = |text: &str, field| {
-            port_range(text).ok_or_else(|| {
-                bad(
-                    field,
-                    format!("{text:?} is not a port or a range N-M of 1-65535"),
-                )
-            })
-        };
-        let src_ports = port(&expression.source_port, "SourcePort")?;
-        let dst_ports = port(&expression.destination_port, "DestinationPort")?;
         if fragments == Fragments::MatchL3 && !ports {
             fragments_before.push((index, action));
         }
-        let described = if expression.description.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", expression.description)
-        };
-        entries.push(Entry {
-            label: format!("{label}{described}"),
-            name: format!("expression-{index}"),
-            direction: Direction::Ingress,
-            action,
-            proto,
-            remote: Some(IpNet::V4(remote)),
-            local: None,
-            src_ports,
-            dst_ports,
-            icmp_type: None,
-            icmp_code: None,
-            needs_ports: ports,
-        });
+        entries.push(entry(&id, index, expression, action, (proto, ports))?);
     }
     Ok(Acl {
         id,
@@ -172,6 +103,101 @@ pub(super) fn read(text: &str) -> Result<Acl, UpstreamError> {
         default: Action::Allow,
         fragments,
         directions: &[Direction::Ingress],
+    })
+}
+
+fn field_error(id: &str, index: usize, field: &'static str, message: String) -> UpstreamError {
+    UpstreamError::Field {
+        entry: format!("{id} Expression[{index}]"),
+        field,
+        message,
+    }
+}
+
+/// Whether a `fragment` entry can be expressed: for every source, allowing,
+/// and deciding no fragment an earlier entry decides the other way.
+fn fragment_entry(
+    expression: &Expression,
+    action: Action,
+    fragments_before: &[(usize, Action)],
+) -> Result<(), (&'static str, String)> {
+    if !matches!(expression.source_network.as_str(), "" | "0.0.0.0/0") {
+        let message = "of a fragment entry cannot be expressed (filter-agent decides \
+                       fragments for every source at once): leave it empty";
+        return Err(("SourceNetwork", message.into()));
+    }
+    if let Some((earlier, other)) = fragments_before.iter().find(|(_, a)| *a != action) {
+        let message = format!(
+            "cannot be expressed: Expression[{earlier}] ({}) decides some fragments \
+             first, the other way",
+            other.name()
+        );
+        return Err(("Protocol", message));
+    }
+    if action == Action::Deny {
+        let message = "deny cannot be expressed: filter-agent would deny IPv6 \
+                       fragments too, which the packet filter passes";
+        return Err(("Action", message.into()));
+    }
+    Ok(())
+}
+
+/// The entry of a tcp, udp, icmp or ip expression (`proto`, and whether
+/// it has `ports`).
+fn entry(
+    id: &str,
+    index: usize,
+    expression: &Expression,
+    action: Action,
+    (proto, ports): (Option<u8>, bool),
+) -> Result<Entry, UpstreamError> {
+    let label = format!("Expression[{index}]");
+    let bad = |field, message| field_error(id, index, field, message);
+    if !ports {
+        let field = if expression.source_port.is_empty() {
+            "DestinationPort"
+        } else {
+            "SourcePort"
+        };
+        if !(expression.source_port.is_empty() && expression.destination_port.is_empty()) {
+            return Err(bad(field, "is only for tcp and udp".into()));
+        }
+    }
+    let remote = source_network(&expression.source_network).ok_or_else(|| {
+        let text = &expression.source_network;
+        bad(
+            "SourceNetwork",
+            format!("{text:?} is not an IPv4 address or network"),
+        )
+    })?;
+    let port = |text: &str, field| {
+        port_range(text).ok_or_else(|| {
+            bad(
+                field,
+                format!("{text:?} is not a port or a range N-M of 1-65535"),
+            )
+        })
+    };
+    let src_ports = port(&expression.source_port, "SourcePort")?;
+    let dst_ports = port(&expression.destination_port, "DestinationPort")?;
+    let described = if expression.description.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", expression.description)
+    };
+    Ok(Entry {
+        label: format!("{label}{described}"),
+        name: format!("expression-{index}"),
+        direction: Direction::Ingress,
+        action,
+        proto,
+        remote: Some(IpNet::V4(remote)),
+        local: None,
+        src_ports,
+        dst_ports,
+        icmp_type: None,
+        icmp_code: None,
+        needs_ports: ports,
     })
 }
 

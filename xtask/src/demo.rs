@@ -79,6 +79,22 @@ pub fn run() -> anyhow::Result<()> {
     }
     checkpoint()?;
 
+    send_traffic(&pair)?;
+
+    show_guard(&pair, &agent, &rules)?;
+
+    println!("demo: stopping the agent; it reports what it counted");
+    let (status, _) = daemon.stop();
+    if !status.is_some_and(|status| status.success()) {
+        bail!("filter-agent exited with {status:?}");
+    }
+    println!("demo: done; namespaces removed");
+    Ok(())
+}
+
+/// Allowed and denied TCP, UDP and ICMP from the client, over IPv4 and
+/// IPv6, each line saying whether it was answered.
+fn send_traffic(pair: &Pair) -> anyhow::Result<()> {
     println!(
         "demo: sending real traffic from {} to {}",
         pair.client.name(),
@@ -119,15 +135,6 @@ pub fn run() -> anyhow::Result<()> {
             checkpoint()?;
         }
     }
-
-    show_guard(&pair, &agent, &rules)?;
-
-    println!("demo: stopping the agent; it reports what it counted");
-    let (status, _) = daemon.stop();
-    if !status.is_some_and(|status| status.success()) {
-        bail!("filter-agent exited with {status:?}");
-    }
-    println!("demo: done; namespaces removed");
     Ok(())
 }
 

@@ -99,40 +99,8 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     // Two lanes at once, the busybox guests and the systemd guests: most of
     // a guest's time is spent waiting (for a boot, a timeout, a reboot).
     let (kernel_report, systemd_report) = std::thread::scope(|scope| {
-        let kernel_lane = scope.spawn(|| {
-            let mut report = Report::default();
-            for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
-                report.kernel = suite.debian.to_owned();
-                let built = package::ARCHES
-                    .iter()
-                    .position(|arch| arch.debian == suite.arch)
-                    .map(|index| &agents[index][..]);
-                let guest = built
-                    .with_context(|| format!("no {} build", suite.arch))
-                    .and_then(|agent| kernel_guest(*suite, agent, &refused, &target, &mut report));
-                if let Err(err) = guest {
-                    report.record("build and boot the guest", Err(err));
-                }
-            }
-            report
-        });
-        let mut report = Report::default();
-        // The Ansible hosts after Debian 12's guest, whose image they share.
-        let chosen = SYSTEMD_GUESTS
-            .iter()
-            .filter(|guest| guests.contains(&guest.name));
-        let mut ansible_due = guests.contains(&ANSIBLE);
-        for guest in chosen {
-            if ansible_due && !guest.full {
-                ansible_guests(&target, &refused, &mut report);
-                ansible_due = false;
-            }
-            report.kernel = format!("{}, systemd", guest.suite.debian);
-            systemd_guest(guest, &target, &refused, &mut report);
-        }
-        if ansible_due {
-            ansible_guests(&target, &refused, &mut report);
-        }
+        let kernel_lane = scope.spawn(|| kernel_lane(guests, &agents, &refused, &target));
+        let report = systemd_lane(guests, &refused, &target);
         (
             kernel_lane.join().expect("the kernel lane panicked"),
             report,
@@ -151,6 +119,48 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
         report.failed
     );
     Ok((report.passed, report.failed))
+}
+
+/// The busybox guests, one stock kernel each, in turn.
+fn kernel_lane(guests: &[&str], agents: &[Vec<u8>], refused: &[u8], target: &Path) -> Report {
+    let mut report = Report::default();
+    for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
+        report.kernel = suite.debian.to_owned();
+        let built = package::ARCHES
+            .iter()
+            .position(|arch| arch.debian == suite.arch)
+            .map(|index| &agents[index][..]);
+        let guest = built
+            .with_context(|| format!("no {} build", suite.arch))
+            .and_then(|agent| kernel_guest(*suite, agent, refused, target, &mut report));
+        if let Err(err) = guest {
+            report.record("build and boot the guest", Err(err));
+        }
+    }
+    report
+}
+
+/// The systemd guests in turn, with the Ansible hosts after Debian 12's
+/// guest, whose image they share.
+fn systemd_lane(guests: &[&str], refused: &[u8], target: &Path) -> Report {
+    let mut report = Report::default();
+    // The Ansible hosts after Debian 12's guest, whose image they share.
+    let chosen = SYSTEMD_GUESTS
+        .iter()
+        .filter(|guest| guests.contains(&guest.name));
+    let mut ansible_due = guests.contains(&ANSIBLE);
+    for guest in chosen {
+        if ansible_due && !guest.full {
+            ansible_guests(target, refused, &mut report);
+            ansible_due = false;
+        }
+        report.kernel = format!("{}, systemd", guest.suite.debian);
+        systemd_guest(guest, target, refused, &mut report);
+    }
+    if ansible_due {
+        ansible_guests(target, refused, &mut report);
+    }
+    report
 }
 
 /// A stock kernel with a busybox initramfs: the agent's checks.

@@ -226,8 +226,11 @@ fn deb(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         install(&from, &stage.join(to), 0o644)?;
     }
     for page in man_pages(generated)? {
+        // The section is the page's extension: 8 for commands, 5 for the
+        // rules file.
+        let section = page.extension().and_then(|e| e.to_str()).unwrap_or("8");
         let to = stage
-            .join("usr/share/man/man8")
+            .join(format!("usr/share/man/man{section}"))
             .join(page.file_name().context("a man page without a name")?);
         install(&page, &to, 0o644)?;
         util::run(Command::new("gzip").args(["-9n"]).arg(&to))?;

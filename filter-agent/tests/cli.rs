@@ -1,13 +1,14 @@
 //! The binary's error behaviour: one line on stderr, a non-zero exit, never
 //! a panic or a backtrace.
 
-use std::{
-    io::Write as _,
-    process::{Command, Output},
-};
+mod support;
+
+use support::{AGENT, rules_file};
+
+use std::process::{Command, Output};
 
 fn agent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_filter-agent"))
+    Command::new(AGENT)
         .args(args)
         .env("RUST_BACKTRACE", "1")
         .output()
@@ -25,12 +26,6 @@ fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
         !stderr.contains("panicked") && !stderr.contains("backtrace"),
         "{stderr}"
     );
-}
-
-fn rules_file(text: &str) -> tempfile::NamedTempFile {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    file.write_all(text.as_bytes()).unwrap();
-    file
 }
 
 #[test]
@@ -77,7 +72,7 @@ fn missing_privileges() {
     std::fs::set_permissions(rules.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
     let output = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_filter-agent"))
+        .arg(AGENT)
         .args(["--iface", "lo", "--rules", rules.path().to_str().unwrap()])
         .output()
         .unwrap();

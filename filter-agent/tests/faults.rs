@@ -5,7 +5,6 @@
 //! `cargo xtask vm-test` runs the same two starts on Debian's kernels.
 
 use std::{
-    ffi::OsStr,
     net::{SocketAddr, UdpSocket},
     path::Path,
     process::Output,
@@ -15,7 +14,7 @@ use std::{
 };
 
 use filter_agent::{kernel::counters, kernel::loader, kernel::pins};
-use support::Pins;
+use support::{AGENT, Pins, rules_file, start_agent};
 use testbed::{
     Daemon, Netns, Pair,
     traffic::{Responder, http_get, icmp_echo, tcp_attempt, tcp_exchange, udp_exchange},
@@ -24,7 +23,6 @@ use testbed::{
 
 mod support;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 /// The object the agent embeds (build.rs writes it here).
 const OBJECT: &str = concat!(env!("OUT_DIR"), "/filter");
 /// The demo's rules: default deny, and the guard on.
@@ -81,12 +79,6 @@ fn output_within(child: std::process::Child, deadline: Duration, what: &str) -> 
     }
 }
 
-fn rules_file() -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), RULES).unwrap();
-    file
-}
-
 /// The only error line of a failed start.
 fn error_line(output: &Output) -> String {
     assert!(!output.status.success(), "the agent started");
@@ -105,7 +97,7 @@ fn a_refused_program_is_one_line_and_leaves_nothing() {
     let object = tempfile::NamedTempFile::new().unwrap();
     let refused = testbed::refused_object(&std::fs::read(OBJECT).unwrap()).unwrap();
     std::fs::write(object.path(), refused).unwrap();
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let ifaces = [pair.server_if.as_str()];
     let before = kernel_state(&pair.server, &ifaces);
 
@@ -143,7 +135,7 @@ fn a_failed_attach_on_a_later_interface_undoes_the_earlier_ones() {
         .ip(&["link", "add", &bridge, "type", "bridge"])
         .unwrap();
     pair.server.ip(&["link", "set", &bridge, "up"]).unwrap();
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let ifaces = [pair.server_if.as_str(), bridge.as_str()];
     let before = kernel_state(&pair.server, &ifaces);
 
@@ -269,13 +261,6 @@ fn rules_files_that_are_not_regular_files_are_refused_at_once() {
     }
 }
 
-/// The agent on `pair`'s server side with `args`, started and ready.
-fn start_agent(pair: &Pair, args: &[&str], rules: &Path) -> Daemon {
-    let args = ["--detach-on-exit"].iter().chain(args).chain(&["--rules"]);
-    let args = args.map(OsStr::new).chain([rules.as_os_str()]);
-    Daemon::agent(AGENT, &pair.server, args)
-}
-
 fn xdp_attached(ns: &Netns, iface: &str) -> bool {
     ns.ip(&["link", "show", "dev", iface])
         .is_ok_and(|output| text(output).contains("prog/xdp"))
@@ -288,8 +273,12 @@ fn an_interface_created_again_is_filtered_again_within_a_second() {
     let pair = Pair::create("relink").unwrap();
     let _echo = Responder::start(&pair.server, 9999).unwrap();
     let denied = SocketAddr::from((Pair::SERVER_V4, 9999));
-    let rules = rules_file();
-    let mut agent = start_agent(&pair, &["--iface", &pair.server_if], rules.path());
+    let rules = rules_file(RULES);
+    let mut agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        rules.path(),
+    );
     assert!(!udp_exchange(&pair.client, denied).unwrap());
 
     pair.delete_link().unwrap();
@@ -343,8 +332,14 @@ fn a_reload_with_an_interface_gone_applies_to_the_rest_and_to_it_when_it_returns
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
     let mut agent = start_agent(
-        &pair,
-        &["--iface", &pair.server_if, "--iface", &second],
+        &pair.server,
+        &[
+            "--detach-on-exit",
+            "--iface",
+            &pair.server_if,
+            "--iface",
+            &second,
+        ],
         &rules,
     );
     pair.server.ip(&["link", "del", &second]).unwrap();
@@ -405,7 +400,7 @@ fn pin_directories_another_user_could_change_are_refused() {
     let dir = pins::dir(&pair.server_if);
     std::fs::create_dir_all(&dir).unwrap();
     let _pins = Pins::of(&pair.server_if);
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let start = || {
         let agent = pair
             .server
@@ -438,7 +433,7 @@ fn pin_directories_another_user_could_change_are_refused() {
 fn other_users_can_do_nothing_to_the_pins_or_the_event_socket() {
     use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
     let pair = Pair::create("umask").unwrap();
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let mut command = pair.server.command(AGENT);
     command
         .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
@@ -515,8 +510,12 @@ fn other_users_can_do_nothing_to_the_pins_or_the_event_socket() {
 #[test]
 fn pins_of_a_deleted_interface_are_removed_at_the_next_start() {
     let gone = Pair::create("gone").unwrap();
-    let rules = rules_file();
-    let agent = start_agent(&gone, &["--iface", &gone.server_if], rules.path());
+    let rules = rules_file(RULES);
+    let agent = start_agent(
+        &gone.server,
+        &["--detach-on-exit", "--iface", &gone.server_if],
+        rules.path(),
+    );
     // Interrupted: the filter and its pins stay (fail-static)...
     agent.signal(libc::SIGKILL);
     agent.stop();
@@ -528,7 +527,11 @@ fn pins_of_a_deleted_interface_are_removed_at_the_next_start() {
     let pair = Pair::create("next").unwrap();
     let _pins = Pins::of(&gone.server_if);
     // Any agent's start removes them (another test's may come first).
-    let _agent = start_agent(&pair, &["--iface", &pair.server_if], rules.path());
+    let _agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        rules.path(),
+    );
     assert!(!stale.exists(), "{} is still there", stale.display());
 }
 
@@ -575,10 +578,16 @@ fn hostile_names_cannot_break_the_metrics_page_or_the_log() {
         .spawn()
         .unwrap();
     let _child = KillOnDrop(child);
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let mut agent = start_agent(
-        &pair,
-        &["--iface", &pair.server_if, "--iface", &hostile_if],
+        &pair.server,
+        &[
+            "--detach-on-exit",
+            "--iface",
+            &pair.server_if,
+            "--iface",
+            &hostile_if,
+        ],
         rules.path(),
     );
     // The escaped name, as both the log and the exposition format write it.
@@ -623,9 +632,14 @@ fn hostile_names_cannot_break_the_metrics_page_or_the_log() {
     agent.stop();
 
     // The operator may keep processes out of the page any local user reads.
-    let mut args = vec!["--metrics-hide-processes", "--iface", &pair.server_if];
+    let mut args = vec![
+        "--detach-on-exit",
+        "--metrics-hide-processes",
+        "--iface",
+        &pair.server_if,
+    ];
     args.extend(["--iface", &hostile_if]);
-    let mut agent = start_agent(&pair, &args, rules.path());
+    let mut agent = start_agent(&pair.server, &args, rules.path());
     agent.expect(escaped, Duration::from_secs(10));
     let (_, metrics) = http_get(&pair.server, METRICS, "/metrics").unwrap();
     let finding = metrics
@@ -640,7 +654,7 @@ fn the_first_summary_after_a_restart_reports_only_what_is_new() {
     let pair = Pair::create("first").unwrap();
     // Left in place by both agents; removing the pins detaches the filter.
     let _pins = Pins::of(&pair.server_if);
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let client = SocketAddr::from((Pair::CLIENT_V4, 7));
     // Outbound attempts from a port outside the ephemeral range: one SYN
     // each, counted by the guard's egress half.
@@ -675,7 +689,11 @@ fn health_and_signals_are_served_while_a_big_set_compiles() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    let mut agent = start_agent(&pair, &["--iface", &pair.server_if], &rules);
+    let mut agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        &rules,
+    );
     // Two million /32s: seconds of compiling.
     let mut set = String::with_capacity(2_000_000 * 16);
     let mut state = 0x9e37_79b9u32;
@@ -722,7 +740,11 @@ fn a_new_listener_is_known_before_its_first_client_packet() {
     let dropping = RULES.replace("action = \"count\"", "action = \"drop\"");
     assert_ne!(dropping, RULES);
     std::fs::write(&rules, dropping).unwrap();
-    let _agent = start_agent(&pair, &["--iface", &pair.server_if], &rules);
+    let _agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        &rules,
+    );
     // Started after the agent's scan of listening sockets, on a port
     // outside the ephemeral range that the rules allow (web, 8080).
     let _service = Responder::start(&pair.server, 8080).unwrap();
@@ -750,7 +772,7 @@ fn an_interface_that_appears_after_the_start_is_waited_for() {
     let _pins = Pins::of(&pair.server_if);
     let _echo = Responder::start(&pair.server, 9999).unwrap();
     pair.delete_link().unwrap();
-    let rules = rules_file();
+    let rules = rules_file(RULES);
     let mut command = pair.server.command(AGENT);
     command
         .args(["--detach-on-exit", "--iface-timeout", "30"])

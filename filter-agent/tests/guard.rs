@@ -3,11 +3,15 @@
 //! namespace (sometimes behind a middle one that plays the cloud ACL).
 //! Needs root; every test makes its own namespaces and removes them.
 
+mod support;
+
+use support::AGENT;
+
 use std::{collections::BTreeSet, net::SocketAddr, path::Path};
 
 use scenarios::Agent;
 use serde_json::Value;
-use testbed::{Chain, Netns, traffic::Responder};
+use testbed::{Chain, traffic::Responder};
 
 const PORT: u16 = 8080;
 const ALLOWED: (u16, u16) = (32768, 60999);
@@ -15,7 +19,6 @@ const ATTEMPTS: usize = 30;
 const TOTAL_ATTEMPTS: usize = ATTEMPTS + 5;
 /// The misconfigured container range of incident 1.
 const WIDE: (u16, u16) = (1024, 65000);
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 
 /// A stateless host filter that lets TCP return traffic reach only the
 /// ephemeral range, as the cloud ACL in incident 1 did.
@@ -36,11 +39,6 @@ dport = "32768-60999"
 
 /// Filters nothing; the guard only counts.
 const ALLOW_ALL: &str = "[filter]\ndefault = \"allow\"\n[guard]\nephemeral = \"32768-60999\"\n";
-
-/// The agent in `host` on `iface` with the rules `text`, once it is ready.
-fn start_agent(host: &Netns, iface: &str, text: &str) -> Agent {
-    Agent::start(Path::new(AGENT), host, &[iface], text).unwrap()
-}
 
 /// `TOTAL_ATTEMPTS` connections from the client, spread over `range` (its
 /// `ip_local_port_range`) first; returns the local ports answered and not.
@@ -106,7 +104,7 @@ fn sakura_low_ports_fail_and_the_guard_names_them() {
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
     let uplink = chain.left_if(1);
-    let agent = start_agent(host, &uplink, STATELESS_ACL);
+    let agent = Agent::start(Path::new(AGENT), host, &[&uplink], STATELESS_ACL).unwrap();
 
     let (answered, failed) = connect_many(&chain, WIDE);
     // Exactly the connections from ports outside the allowed range fail.
@@ -160,7 +158,13 @@ fn correctly_configured_namespace_counts_nothing_out_of_range() {
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
     let uplink = chain.left_if(1);
-    let agent = start_agent(&chain.namespaces[1], &uplink, STATELESS_ACL);
+    let agent = Agent::start(
+        Path::new(AGENT),
+        &chain.namespaces[1],
+        &[&uplink],
+        STATELESS_ACL,
+    )
+    .unwrap();
 
     let (answered, failed) = connect_many(&chain, ALLOWED);
     assert!(failed.is_empty(), "{failed:?}");
@@ -201,7 +205,7 @@ fn docker_style_nat_ports_are_seen_after_translation() {
     )
     .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
-    let agent = start_agent(host, &uplink, ALLOW_ALL);
+    let agent = Agent::start(Path::new(AGENT), host, &[&uplink], ALLOW_ALL).unwrap();
 
     let (answered, failed) = connect_many(&chain, ALLOWED);
     assert!(failed.is_empty(), "{failed:?}");
@@ -266,7 +270,13 @@ fn upstream_acl_eats_replies_and_only_egress_sees_it() {
         .unwrap();
     let _responder = Responder::start(chain.server(), PORT).unwrap();
     let uplink = chain.left_if(1);
-    let agent = start_agent(&chain.namespaces[1], &uplink, ALLOW_ALL);
+    let agent = Agent::start(
+        Path::new(AGENT),
+        &chain.namespaces[1],
+        &[&uplink],
+        ALLOW_ALL,
+    )
+    .unwrap();
 
     let (answered, failed) = connect_many(&chain, WIDE);
     assert!(

@@ -3,8 +3,6 @@
 //! without a gap and keeps counting, `detach` removes it. Needs root.
 
 use std::{
-    ffi::OsStr,
-    io::Write as _,
     net::UdpSocket,
     path::{Path, PathBuf},
     process::Command,
@@ -21,7 +19,6 @@ use filter_agent::{
 };
 use testbed::{Daemon, Pair, wait_until};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const DENIED_PORT: u16 = 9000;
 const RESTARTS: usize = 3;
 
@@ -37,22 +34,7 @@ dport = 9000
 "#;
 
 mod support;
-use support::Pins;
-
-/// The agent on the server end of `pair`, once it is ready; with
-/// `detach`, it removes the filter when it stops.
-fn start_agent(pair: &Pair, rules: &Path, detach: bool) -> Daemon {
-    let detach = detach.then_some("--detach-on-exit");
-    let iface = ["--iface", &pair.server_if, "--rules"];
-    let args = detach.into_iter().chain(iface).map(OsStr::new);
-    Daemon::agent(AGENT, &pair.server, args.chain([rules.as_os_str()]))
-}
-
-fn rules_file(text: &str) -> tempfile::NamedTempFile {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    file.write_all(text.as_bytes()).unwrap();
-    file
-}
+use support::{AGENT, Pins, rules_file, start_agent};
 
 /// A UDP socket on the denied port in `pair`'s server namespace.
 fn denied_receiver(pair: &Pair, timeout: Duration) -> UdpSocket {
@@ -99,7 +81,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
         })
     };
 
-    let mut agent = start_agent(&pair, rules.path(), false);
+    let mut agent = start_agent(&pair.server, &["--iface", &pair.server_if], rules.path());
     let sender = pair
         .client
         .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
@@ -134,7 +116,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
         assert!(status.is_some_and(|s| s.success()), "{log:?}");
         // The agent is down: the pinned filter keeps dropping.
         flowing("datagrams sent while no agent runs");
-        agent = start_agent(&pair, rules.path(), false);
+        agent = start_agent(&pair.server, &["--iface", &pair.server_if], rules.path());
         assert!(
             agent.seen().iter().any(|line| line.contains("took over")),
             "{:?}",
@@ -177,7 +159,7 @@ fn restarts_and_reloads_leave_no_gap_and_keep_counting() {
     assert_eq!(counted(&log, "deny-9000"), sent, "{log:?}");
 
     // A running agent's interface cannot be detached; a stopped one can.
-    let agent = start_agent(&pair, rules.path(), false);
+    let agent = start_agent(&pair.server, &["--iface", &pair.server_if], rules.path());
     let refused = Command::new(AGENT)
         .args(["detach", "--iface", &pair.server_if])
         .output()
@@ -295,7 +277,11 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(300));
     let mut config_map = ConfigMapDir::new(RULES);
-    let mut agent = start_agent(&pair, &config_map.rules(), true);
+    let mut agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        &config_map.rules(),
+    );
     let reloaded = |agent: &mut Daemon| agent.expect("rules reloaded", Duration::from_secs(5));
     assert!(!probe(&pair, &receiver));
 
@@ -324,7 +310,11 @@ fn reloads_on_every_kind_of_change_and_rejects_bad_files() {
     let path = plain.path().join("rules.toml");
     std::fs::write(&path, ALLOW_9000).unwrap();
     drop(agent);
-    let mut agent = start_agent(&pair, &path, true);
+    let mut agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        &path,
+    );
     assert!(probe(&pair, &receiver));
     let staged = plain.path().join(".rules.toml.swp");
     std::fs::write(&staged, RULES).unwrap();
@@ -368,7 +358,11 @@ fn metrics_are_served_and_count_what_the_filter_did() {
     let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
-    let mut agent = start_agent(&pair, rules.path(), true);
+    let mut agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        rules.path(),
+    );
     // The first probe needs ARP again: a frame no rule can see.
     pair.client.ip(&["neigh", "flush", "all"]).unwrap();
     for _ in 0..3 {
@@ -511,7 +505,7 @@ fn stats_read_the_pins_while_the_agent_is_down() {
     let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
-    let agent = start_agent(&pair, rules.path(), false);
+    let agent = start_agent(&pair.server, &["--iface", &pair.server_if], rules.path());
     assert!(!probe(&pair, &receiver));
     let (status, _) = agent.stop();
     assert!(status.is_some_and(|s| s.success()));
@@ -564,7 +558,11 @@ fn watch_prints_sampled_drops_with_their_rule() {
     let _pins = Pins::of(&pair.server_if);
     let receiver = denied_receiver(&pair, Duration::from_millis(100));
     let rules = rules_file(RULES);
-    let agent = start_agent(&pair, rules.path(), true);
+    let agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        rules.path(),
+    );
     let mut watch = Command::new(AGENT)
         .args(["watch", "--iface", &pair.server_if])
         .stdout(std::process::Stdio::piped())
@@ -656,7 +654,7 @@ fn listing_every_interface_passes_over_one_being_set_up() {
     let pair = Pair::create("list").unwrap();
     let _pins = Pins::of(&pair.server_if);
     let rules = rules_file(RULES);
-    let agent = start_agent(&pair, rules.path(), false);
+    let agent = start_agent(&pair.server, &["--iface", &pair.server_if], rules.path());
     let starting = Pins::of(&format!("{}x", pair.server_if));
     std::fs::create_dir(&starting.0).unwrap();
     for command in ["stats", "guard"] {

@@ -17,10 +17,9 @@ use std::{
 use aya::maps::PerCpuArray;
 use filter_agent::kernel::pins;
 use filter_common::{Counter, names};
-use support::Pins;
+use support::{AGENT, Pins};
 use testbed::{Daemon, Netns, Pair, wait_until, within};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const RULE_WIDE: u16 = 7000;
 const PER_SOURCE: u16 = 7001;
 /// The limits below, in packets per second and burst.

@@ -7,11 +7,14 @@
 //! and `detach` remove the agent's table; a table of the host's own is
 //! never touched. Needs root.
 
+mod support;
+
+use support::AGENT;
+
 use std::{fs, net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use testbed::{Daemon, Netns, Pair, traffic};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const BYPASSED: u16 = 8080;
 const TRACKED: u16 = 9090;
 

@@ -2,6 +2,10 @@
 //! notify socket: READY once the rules are attached, watchdog pings,
 //! RELOADING/READY around a reload, STOPPING at the end. Needs root.
 
+mod support;
+
+use support::AGENT;
+
 use std::{
     io::Write as _,
     os::unix::net::UnixDatagram,
@@ -12,9 +16,6 @@ use std::{
 use filter_agent::kernel::pins;
 use testbed::{Daemon, Pair};
 
-mod support;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const UNIT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../packaging/filter-agent.service"

@@ -5,7 +5,6 @@
 //! agent's state says. Needs root.
 
 use std::{
-    ffi::OsStr,
     io::Write as _,
     net::UdpSocket,
     path::Path,
@@ -14,12 +13,11 @@ use std::{
 };
 
 use serde_json::Value;
-use support::Pins;
+use support::{Pins, start_agent};
 use testbed::{Daemon, Pair, traffic::http_get, wait_until};
 
 mod support;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const PACKAGING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging");
 const PROMETHEUS: &str = "127.0.0.1:9090";
 const METRICS: &str = "127.0.0.1:9469";
@@ -38,7 +36,11 @@ fn prometheus_answers_every_dashboard_query_and_alert_with_what_the_traffic_did(
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    let mut agent = start_agent(&pair, &rules);
+    let mut agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        &rules,
+    );
     let sender = pair
         .client
         .run(|| UdpSocket::bind((Pair::CLIENT_V4, 0)))
@@ -103,13 +105,6 @@ fn prometheus_answers_every_dashboard_query_and_alert_with_what_the_traffic_did(
         assert_eq!(rule["health"], "ok", "{rule}");
     }
     agent.stop();
-}
-
-/// The agent on `pair`'s server interface, removing its filter on exit.
-fn start_agent(pair: &Pair, rules: &Path) -> Daemon {
-    let args = ["--detach-on-exit", "--iface", &pair.server_if, "--rules"];
-    let args = args.map(OsStr::new).into_iter().chain([rules.as_os_str()]);
-    Daemon::agent(AGENT, &pair.server, args)
 }
 
 /// Prometheus in the server's namespace, scraping the agent every second
@@ -236,7 +231,11 @@ fn the_scraped_page_passes_promtool() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
-    let agent = start_agent(&pair, &rules);
+    let agent = start_agent(
+        &pair.server,
+        &["--detach-on-exit", "--iface", &pair.server_if],
+        &rules,
+    );
     let (status, page) = http_get(&pair.server, METRICS, "/metrics").unwrap();
     assert_eq!(status, 200);
     let mut promtool = Command::new("promtool")

@@ -14,9 +14,8 @@ use std::{
 use testbed::{Daemon, Pair, within};
 
 mod support;
-use support::Pins;
+use support::{AGENT, Pins};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_filter-agent");
 const PORT: u16 = 9001;
 /// What runs before the trial: everything passes.
 const PREVIOUS: &str = "[filter]\ndefault = \"allow\"\n";

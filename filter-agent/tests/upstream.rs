@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::AGENT;
+
 use std::{net::IpAddr, path::Path};
 
 use filter_agent::{
@@ -432,7 +434,7 @@ fn audit_upstream_flags_a_namespace_the_acl_would_cut_off() {
         "/../examples/upstream/sakura.json"
     );
     let audit = || {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_filter-agent"))
+        let output = std::process::Command::new(AGENT)
             .args([
                 "audit",
                 "--upstream",
@@ -522,7 +524,7 @@ fn the_agent_exports_the_prediction_as_metrics() {
     )
     .unwrap();
     let agent = testbed::Daemon::agent(
-        env!("CARGO_BIN_EXE_filter-agent"),
+        AGENT,
         &pair.server,
         [
             "--iface",

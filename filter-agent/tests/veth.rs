@@ -13,7 +13,7 @@ use filter_agent::{
     rules::config,
 };
 use filter_common::reason;
-use support::Pins;
+use support::{AGENT, Pins};
 use testbed::{
     Daemon, Pair,
     traffic::{self, Responder},
@@ -26,7 +26,7 @@ const PORT: u16 = 8080;
 
 /// The agent binary on the server end of `pair`.
 fn agent_command(pair: &Pair, rules: &std::path::Path) -> std::process::Command {
-    let mut command = pair.server.command(env!("CARGO_BIN_EXE_filter-agent"));
+    let mut command = pair.server.command(AGENT);
     command
         .args(["--detach-on-exit", "--iface", &pair.server_if, "--rules"])
         .arg(rules);

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::ensure;
 use testbed::{
-    Chain,
+    Chain, Netns,
     traffic::{self, Responder},
 };
 
@@ -68,26 +68,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     let chain = Chain::create("asy", &["cli", "net", "srv"])?;
     let (client, network, server) = (chain.client(), &chain.namespaces[1], chain.server());
-    let first = chain.right_if(1);
-    let second = format!("{first}b");
-    // The subnet becomes a bridge in the middle namespace, with both
-    // server interfaces on it.
-    chain.bridge(1)?;
-    chain.join(1, server, &second)?;
-    server.ip(&["addr", "add", &format!("{SECOND}/24"), "dev", &second])?;
-    // Each address answers ARP only on its own interface, so requests for
-    // SECOND arrive there; replies to the client leave by the first.
-    server.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
-    server.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
-    server.ip(&[
-        "route",
-        "replace",
-        "10.210.0.0/24",
-        "via",
-        "10.210.1.1",
-        "dev",
-        &first,
-    ])?;
+    let (first, second) = two_interfaces(&chain)?;
     let _service = Responder::start(server, PORT)?;
     let _other = Responder::start(server, CLOSED_PORT)?;
     say!(
@@ -99,41 +80,8 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     let target = IpAddr::from(SECOND);
     let service = SocketAddr::new(target, PORT);
 
-    step!("Linux's reverse-path filter");
-    server.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
-    let ping_strict = ping(client, target)?;
-    say!(
-        "rp_filter=1 (strict): ping {SECOND} {}",
-        answered(ping_strict)
-    );
-    server.sysctl("net.ipv4.conf.all.rp_filter", "2")?;
-    let ping_loose = ping(client, target)?;
-    say!(
-        "rp_filter=2 (loose):  ping {SECOND} {}",
-        answered(ping_loose)
-    );
-    ensure!(
-        !ping_strict && ping_loose,
-        "rp_filter did not behave as in the incident"
-    );
-
-    step!(
-        "a stateful filter that tracks connections per interface (conntrack zones), \
-         allowing new connections to {PORT} and ICMP"
-    );
-    nft(server, &stateful_rules(&first, &second))?;
-    let stateful_ping = ping(client, target)?;
-    let stateful_tcp = connections(client, service)?;
-    say!(
-        "ping {}; TCP to {service}: {stateful_tcp} of {CONNECTIONS} answered",
-        answered(stateful_ping)
-    );
-    say!("(the SYN-ACK leaves {first}, whose state never saw the SYN: invalid, dropped)");
-    ensure!(
-        stateful_ping && stateful_tcp == 0,
-        "the stateful filter did not break TCP alone"
-    );
-    server.exec("nft", &["delete", "table", "inet", "fa_stateful"])?;
+    let (ping_strict, ping_loose) = reverse_path_filter(server, client, target)?;
+    let (stateful_ping, stateful_tcp) = stateful_per_interface(&chain, [&first, &second], target)?;
 
     step!(
         "filter-agent instead, stateless rules on both interfaces (tcp dport {PORT}, icmp, default deny)"
@@ -178,6 +126,88 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         requests_on_second,
         requests_on_first,
     })
+}
+
+/// The server's two interfaces on one subnet (a bridge in the middle
+/// namespace): (the first, the second).
+fn two_interfaces(chain: &Chain) -> anyhow::Result<(String, String)> {
+    let server = chain.server();
+    let first = chain.right_if(1);
+    let second = format!("{first}b");
+    // The subnet becomes a bridge in the middle namespace, with both
+    // server interfaces on it.
+    chain.bridge(1)?;
+    chain.join(1, server, &second)?;
+    server.ip(&["addr", "add", &format!("{SECOND}/24"), "dev", &second])?;
+    // Each address answers ARP only on its own interface, so requests for
+    // SECOND arrive there; replies to the client leave by the first.
+    server.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+    server.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+    server.ip(&[
+        "route",
+        "replace",
+        "10.210.0.0/24",
+        "via",
+        "10.210.1.1",
+        "dev",
+        &first,
+    ])?;
+    Ok((first, second))
+}
+
+/// Ping answered with rp_filter=1 (strict), and with 2 (loose).
+fn reverse_path_filter(
+    server: &Netns,
+    client: &Netns,
+    target: IpAddr,
+) -> anyhow::Result<(bool, bool)> {
+    step!("Linux's reverse-path filter");
+    server.sysctl("net.ipv4.conf.all.rp_filter", "1")?;
+    let ping_strict = ping(client, target)?;
+    say!(
+        "rp_filter=1 (strict): ping {SECOND} {}",
+        answered(ping_strict)
+    );
+    server.sysctl("net.ipv4.conf.all.rp_filter", "2")?;
+    let ping_loose = ping(client, target)?;
+    say!(
+        "rp_filter=2 (loose):  ping {SECOND} {}",
+        answered(ping_loose)
+    );
+    ensure!(
+        !ping_strict && ping_loose,
+        "rp_filter did not behave as in the incident"
+    );
+    Ok((ping_strict, ping_loose))
+}
+
+/// A stateful filter tracking connections per interface: ping answered,
+/// and TCP connections answered.
+fn stateful_per_interface(
+    chain: &Chain,
+    [first, second]: [&str; 2],
+    target: IpAddr,
+) -> anyhow::Result<(bool, usize)> {
+    let (client, server) = (chain.client(), chain.server());
+    let service = SocketAddr::new(target, PORT);
+    step!(
+        "a stateful filter that tracks connections per interface (conntrack zones), \
+         allowing new connections to {PORT} and ICMP"
+    );
+    nft(server, &stateful_rules(first, second))?;
+    let stateful_ping = ping(client, target)?;
+    let stateful_tcp = connections(client, service)?;
+    say!(
+        "ping {}; TCP to {service}: {stateful_tcp} of {CONNECTIONS} answered",
+        answered(stateful_ping)
+    );
+    say!("(the SYN-ACK leaves {first}, whose state never saw the SYN: invalid, dropped)");
+    ensure!(
+        stateful_ping && stateful_tcp == 0,
+        "the stateful filter did not break TCP alone"
+    );
+    server.exec("nft", &["delete", "table", "inet", "fa_stateful"])?;
+    Ok((stateful_ping, stateful_tcp))
 }
 
 /// Connection tracking per interface, as a cloud's per-NIC "protocol

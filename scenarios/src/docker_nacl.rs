@@ -14,7 +14,7 @@ use std::{collections::BTreeSet, io, net::SocketAddr, path::Path};
 use anyhow::{Context as _, ensure};
 use testbed::{
     Chain, Netns, TestbedError,
-    docker::Docker,
+    docker::{Container, Docker},
     traffic::{self, Responder},
 };
 
@@ -75,22 +75,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     let docker = Docker::start(host, BRIDGE)?;
     let ctr = docker.run("ctr", &[])?;
     let container = &ctr.netns;
-    nft(
-        acl,
-        &format!(
-            "table ip fa_nacl {{ chain forward {{ type filter hook forward priority 0;\n\
-             iifname \"{}\" tcp sport != {lo}-{hi} drop\n\
-             iifname \"{}\" tcp dport != {lo}-{hi} drop\n}}\n}}\n",
-            chain.right_if(0),
-            chain.left_if(1),
-            lo = ALLOWED.0,
-            hi = ALLOWED.1
-        ),
-    )?;
-    host.sysctl(
-        "net.ipv4.ip_local_port_range",
-        &format!("{} {}", ALLOWED.0, ALLOWED.1),
-    )?;
+    upstream_acl(&chain)?;
     let _service = Responder::start(chain.server(), PORT)?;
     let _host_service = Responder::start(chain.server(), HOST_PORT)?;
     let _shared_service = Responder::start(chain.server(), SHARED_PORT)?;
@@ -110,6 +95,71 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     let agent = Agent::start(binary, host, &[&uplink], RULES)?;
 
+    let (host_attempts, container_attempts) = first_attempts(&chain, container, server)?;
+    let egress_ports = what_filter_agent_shows(
+        binary,
+        &agent,
+        &docker,
+        &ctr,
+        [host, container],
+        &uplink,
+        &container_attempts,
+    )?;
+    let (fix, after) = ports::fix_and_retry(
+        &agent,
+        Some(docker.host()),
+        container,
+        server,
+        ALLOWED,
+        CONNECTIONS,
+    )?;
+
+    let (reused, moved_ports, pinned) =
+        port_reuse(&agent, &docker, &chain, container, &egress_ports)?;
+    agent.stop()?;
+    Ok(Outcome {
+        host: host_attempts,
+        container: container_attempts,
+        egress_ports,
+        fix,
+        after,
+        reused,
+        moved_ports,
+        pinned,
+    })
+}
+
+/// The stateless ACL in its own namespace, passing only source ports (and
+/// replies to them) in the allowed range; the host's own range inside it.
+fn upstream_acl(chain: &Chain) -> anyhow::Result<()> {
+    let (host, acl) = (chain.client(), &chain.namespaces[1]);
+    nft(
+        acl,
+        &format!(
+            "table ip fa_nacl {{ chain forward {{ type filter hook forward priority 0;\n\
+             iifname \"{}\" tcp sport != {lo}-{hi} drop\n\
+             iifname \"{}\" tcp dport != {lo}-{hi} drop\n}}\n}}\n",
+            chain.right_if(0),
+            chain.left_if(1),
+            lo = ALLOWED.0,
+            hi = ALLOWED.1
+        ),
+    )?;
+    host.sysctl(
+        "net.ipv4.ip_local_port_range",
+        &format!("{} {}", ALLOWED.0, ALLOWED.1),
+    )?;
+    Ok(())
+}
+
+/// Connections from the host, all answered, and from the container, which
+/// fail exactly from the ports outside the ACL's range.
+fn first_attempts(
+    chain: &Chain,
+    container: &Netns,
+    server: SocketAddr,
+) -> anyhow::Result<(Attempts, Attempts)> {
+    let host = chain.client();
     let host_server = SocketAddr::from((chain.server_addr(), HOST_PORT));
     let host_attempts = ports::connect_many(host, host_server, ALLOWED, CONNECTIONS)?;
     say!(
@@ -134,8 +184,22 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "failures are not exactly the ports outside {ALLOWED:?}: {container_attempts:?}"
     );
 
+    Ok((host_attempts, container_attempts))
+}
+
+/// The egress guard names the failed ports; `audit --upstream` predicts
+/// them from the ACL; `audit` names the container from Docker's API.
+fn what_filter_agent_shows(
+    binary: &Path,
+    agent: &Agent,
+    docker: &Docker,
+    ctr: &Container,
+    [host, container]: [&Netns; 2],
+    uplink: &str,
+    container_attempts: &Attempts,
+) -> anyhow::Result<BTreeSet<u16>> {
     step!("what filter-agent shows: `filter-agent guard --iface {uplink}` on the host");
-    let egress_ports = ports::guard_ports(&agent, &uplink, "egress")?;
+    let egress_ports = ports::guard_ports(agent, uplink, "egress")?;
     say!(
         "connection attempts that left the host from source ports (after NAT) outside the range: {}",
         list(&egress_ports)
@@ -185,15 +249,19 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         container.name(),
         ctr.id
     );
-    let (fix, after) = ports::fix_and_retry(
-        &agent,
-        Some(docker.host()),
-        container,
-        server,
-        ALLOWED,
-        CONNECTIONS,
-    )?;
+    Ok(egress_ports)
+}
 
+/// Docker's MASQUERADE moves a reused port below the range; pinned by the
+/// audit's fix, it no longer does.
+fn port_reuse(
+    agent: &Agent,
+    docker: &Docker,
+    chain: &Chain,
+    container: &Netns,
+    egress_ports: &BTreeSet<u16>,
+) -> anyhow::Result<(Attempts, BTreeSet<u16>, Attempts)> {
+    let (host, uplink) = (chain.client(), chain.left_if(0));
     step!(
         "Docker's port reuse: the host connects to {} from {CONNECTIONS} ports, then the container \
          (now in range) from the same ports to the same place",
@@ -202,7 +270,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     let shared = SocketAddr::from((chain.server_addr(), SHARED_PORT));
     let reported = egress_ports.clone();
     let (reused, moved_ports) =
-        from_the_hosts_ports(&agent, &uplink, [host, container], shared, 0, &reported)?;
+        from_the_hosts_ports(agent, &uplink, [host, container], shared, 0, &reported)?;
     ensure!(
         !reused.failed.is_empty() && !moved_ports.is_empty(),
         "no connection from a port the host had used failed: {reused:?}"
@@ -230,22 +298,12 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     ports::apply(nat)?;
     let reported = &reported | &moved_ports;
     let (pinned, still_moved) =
-        from_the_hosts_ports(&agent, &uplink, [host, container], shared, 1, &reported)?;
+        from_the_hosts_ports(agent, &uplink, [host, container], shared, 1, &reported)?;
     ensure!(
         pinned.failed.is_empty() && still_moved.is_empty(),
         "still failing with Docker's MASQUERADE pinned: {pinned:?}, moved to {still_moved:?}"
     );
-    agent.stop()?;
-    Ok(Outcome {
-        host: host_attempts,
-        container: container_attempts,
-        egress_ports,
-        fix,
-        after,
-        reused,
-        moved_ports,
-        pinned,
-    })
+    Ok((reused, moved_ports, pinned))
 }
 
 /// The scenario's ACL as `aws ec2 describe-network-acls` would print it:

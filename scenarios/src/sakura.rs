@@ -85,21 +85,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "failures are not exactly the ports outside {ALLOWED:?}: {before:?}"
     );
 
-    step!("what filter-agent shows: `filter-agent guard --iface {uplink}`");
-    let egress_ports = ports::guard_ports(&agent, &uplink, "egress")?;
-    let ingress_ports = ports::guard_ports(&agent, &uplink, "ingress")?;
-    say!(
-        "connection attempts that left from ports outside the range: {}",
-        list(&egress_ports)
-    );
-    say!(
-        "replies that came back to ports outside the range:            {}",
-        list(&ingress_ports)
-    );
-    ensure!(
-        egress_ports == before.failed && ingress_ports == before.failed,
-        "the guard did not name exactly the failed ports"
-    );
+    let (egress_ports, ingress_ports) = guard_names(&agent, &uplink, &before)?;
     let (fix, after) = ports::fix_and_retry(&agent, None, container, server, ALLOWED, CONNECTIONS)?;
     ensure!(
         fix.contains(&format!(
@@ -122,4 +108,29 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         fix,
         after,
     })
+}
+
+/// The guard names exactly the failed ports, leaving and coming back:
+/// (egress, ingress).
+fn guard_names(
+    agent: &Agent,
+    uplink: &str,
+    before: &Attempts,
+) -> anyhow::Result<(BTreeSet<u16>, BTreeSet<u16>)> {
+    step!("what filter-agent shows: `filter-agent guard --iface {uplink}`");
+    let egress_ports = ports::guard_ports(agent, uplink, "egress")?;
+    let ingress_ports = ports::guard_ports(agent, uplink, "ingress")?;
+    say!(
+        "connection attempts that left from ports outside the range: {}",
+        list(&egress_ports)
+    );
+    say!(
+        "replies that came back to ports outside the range:            {}",
+        list(&ingress_ports)
+    );
+    ensure!(
+        egress_ports == before.failed && ingress_ports == before.failed,
+        "the guard did not name exactly the failed ports"
+    );
+    Ok((egress_ports, ingress_ports))
 }

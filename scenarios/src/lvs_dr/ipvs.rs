@@ -123,6 +123,22 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
     );
     let ufw = phase(&site, 40000, FAR_CLIENT[0], None)?;
     report(&ufw);
+    ufw_lost_the_flows(&ufw)?;
+
+    step!("filter-agent's stateless rules on the director instead (UFW's rules removed)");
+    director.exec("iptables", &["-P", "INPUT", "ACCEPT"])?;
+    director.exec("iptables", &["-F", "INPUT"])?;
+    let agent = Agent::start(binary, director, &[&site.director_if], RULES)?;
+    let stateless = phase(&site, 50000, FAR_CLIENT[1], Some(&agent))?;
+    agent.stop()?;
+    report(&stateless);
+    stateless_kept_them(&stateless)?;
+    Ok(Outcome { ufw, stateless })
+}
+
+/// Under UFW the director's conntrack never saw the flows: their FINs,
+/// RSTs and ICMP errors were INVALID and dropped.
+fn ufw_lost_the_flows(ufw: &Phase) -> anyhow::Result<()> {
     ensure!(
         ufw.completed == usize::from(CLOSED),
         "under UFW the transfers themselves failed: {ufw:?}"
@@ -143,14 +159,11 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
          {ufw:?}",
         ufw.invalid_dropped
     );
+    Ok(())
+}
 
-    step!("filter-agent's stateless rules on the director instead (UFW's rules removed)");
-    director.exec("iptables", &["-P", "INPUT", "ACCEPT"])?;
-    director.exec("iptables", &["-F", "INPUT"])?;
-    let agent = Agent::start(binary, director, &[&site.director_if], RULES)?;
-    let stateless = phase(&site, 50000, FAR_CLIENT[1], Some(&agent))?;
-    agent.stop()?;
-    report(&stateless);
+/// With filter-agent the same packets passed, and `stats` counted them.
+fn stateless_kept_them(stateless: &Phase) -> anyhow::Result<()> {
     ensure!(
         stateless.completed == usize::from(CLOSED)
             && stateless.settled
@@ -170,7 +183,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Outcome> {
         "`stats` does not show the FINs, RSTs and ICMP errors passed: {:?}",
         stateless.rules
     );
-    Ok(Outcome { ufw, stateless })
+    Ok(())
 }
 
 /// The site: client - router - (bridge: director, two real servers), and
@@ -304,6 +317,18 @@ fn phase(site: &Site, base: u16, far: Ipv4Addr, agent: Option<&Agent>) -> anyhow
         .run(|| fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count"))??
         .trim()
         .parse()?;
+    count_on_the_director(site, agent, &mut phase)?;
+    Ok(phase)
+}
+
+/// What the director's filter counted: filter-agent's rules (`stats`), or
+/// UFW's iptables counters.
+fn count_on_the_director(
+    site: &Site,
+    agent: Option<&Agent>,
+    phase: &mut Phase,
+) -> anyhow::Result<()> {
+    let director = site.director();
     if let Some(agent) = agent {
         let stats = agent.json(&["stats", "--iface", &site.director_if])?;
         for rule in super::RULE_NAMES {
@@ -324,7 +349,7 @@ fn phase(site: &Site, base: u16, far: Ipv4Addr, agent: Option<&Agent>) -> anyhow
         phase.invalid_dropped = counted("INVALID")?;
         phase.accepted_new = counted("dpt:80")?;
     }
-    Ok(phase)
+    Ok(())
 }
 
 /// `/proc/net/tcp`'s TIME_WAIT and LISTEN states.

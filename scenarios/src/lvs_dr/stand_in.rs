@@ -50,38 +50,7 @@ pub fn run(binary: &Path) -> anyhow::Result<Vec<Class>> {
         "lvs-dr (stand-in): a direct-routing balancer sees only client-to-server packets; \
          {PER_CLASS} of each class sent to its VIP"
     );
-    let stateful = {
-        let pair = Pair::create("lvs")?;
-        pair.server
-            .exec_with_input("iptables-restore", &[], &format!("{NO_REPLIES}{UFW}"))?;
-        say!(
-            "UFW-style iptables on {} (ESTABLISHED,RELATED accept; INVALID drop; tcp dport 80 accept)",
-            pair.server.name()
-        );
-        let mut passed = Vec::new();
-        for (_, args) in CLASSES {
-            let before = ufw_accepted(&pair.server)?;
-            send(&pair.client, args)?;
-            passed.push(ufw_accepted(&pair.server)? - before);
-        }
-        passed
-    };
-    let stateless = {
-        let pair = Pair::create("lvs")?;
-        let agent = Agent::start(binary, &pair.server, &[&pair.server_if], RULES)?;
-        say!(
-            "filter-agent on {} instead (rules by TCP flags and ICMP type, default deny)",
-            pair.server_if
-        );
-        let mut passed = Vec::new();
-        for (_, args) in CLASSES {
-            let before = agent_passed(&agent, &pair.server_if)?;
-            send(&pair.client, args)?;
-            passed.push(agent_passed(&agent, &pair.server_if)? - before);
-        }
-        agent.stop()?;
-        passed
-    };
+    let (stateful, stateless) = (through_ufw()?, through_filter_agent(binary)?);
 
     step!("packets that got through, per class");
     say!("{:<18} {:>12} {:>14}", "class", "UFW-style", "filter-agent");
@@ -119,6 +88,42 @@ pub fn run(binary: &Path) -> anyhow::Result<Vec<Class>> {
         "(conntrack takes the ACK of a flow it never saw as a new flow; FIN, RST and an error about an unknown flow are INVALID)"
     );
     Ok(classes)
+}
+
+/// Packets of each class that UFW-style rules let through.
+fn through_ufw() -> anyhow::Result<Vec<u64>> {
+    let pair = Pair::create("lvs")?;
+    pair.server
+        .exec_with_input("iptables-restore", &[], &format!("{NO_REPLIES}{UFW}"))?;
+    say!(
+        "UFW-style iptables on {} (ESTABLISHED,RELATED accept; INVALID drop; tcp dport 80 accept)",
+        pair.server.name()
+    );
+    let mut passed = Vec::new();
+    for (_, args) in CLASSES {
+        let before = ufw_accepted(&pair.server)?;
+        send(&pair.client, args)?;
+        passed.push(ufw_accepted(&pair.server)? - before);
+    }
+    Ok(passed)
+}
+
+/// Packets of each class that filter-agent lets through.
+fn through_filter_agent(binary: &Path) -> anyhow::Result<Vec<u64>> {
+    let pair = Pair::create("lvs")?;
+    let agent = Agent::start(binary, &pair.server, &[&pair.server_if], RULES)?;
+    say!(
+        "filter-agent on {} instead (rules by TCP flags and ICMP type, default deny)",
+        pair.server_if
+    );
+    let mut passed = Vec::new();
+    for (_, args) in CLASSES {
+        let before = agent_passed(&agent, &pair.server_if)?;
+        send(&pair.client, args)?;
+        passed.push(agent_passed(&agent, &pair.server_if)? - before);
+    }
+    agent.stop()?;
+    Ok(passed)
 }
 
 /// Sends `PER_CLASS` packets of one class from `client` to the VIP.

@@ -13,7 +13,6 @@ use std::{
     io,
     net::{SocketAddr, UdpSocket},
     path::Path,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,6 +22,10 @@ use testbed::{
     traffic::{self, Responder},
     within,
 };
+
+mod kernel;
+
+use kernel::{ConntrackMax, Flood, all_drops, conntrack_count, service_entries, table_full_drops};
 
 use crate::{Agent, agent, nft, ports, say, step};
 
@@ -194,44 +197,6 @@ fn site() -> anyhow::Result<(Chain, Vec<Responder>)> {
     Ok((chain, services))
 }
 
-/// The spoofed SYN floods, killed on drop (nsenter execs hping3, so each
-/// child is hping3 itself).
-struct Flood(Vec<Child>);
-
-impl Flood {
-    fn start(client: &Netns, target: &str) -> anyhow::Result<Self> {
-        let mut flood = Self(Vec::new());
-        let kinds = [&SYN_FLOOD[..], &UDP_FLOOD];
-        let sources = [&["--rand-source"][..], &["-a", SPOOFED_CLIENT]];
-        for (kind, source) in kinds
-            .iter()
-            .flat_map(|kind| sources.map(|source| (kind, source)))
-        {
-            let child = client
-                .command("hping3")
-                .arg("-q")
-                .args(*kind)
-                .args(source)
-                .arg(target)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("running hping3")?;
-            flood.0.push(child);
-        }
-        Ok(flood)
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Without filter-agent: floods until conntrack drops, then serves while
 /// the flood goes on; `filter-agent audit` must flag the full table
 /// meanwhile. Returns what was served and the packets conntrack dropped
@@ -283,25 +248,7 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
     let iface = chain.right_if(0);
     let agent = Agent::start(binary, host, &[&iface], RULES)?;
 
-    // The firewall accepts the services only as `ct state new`: untracked
-    // packets would fall to its policy. The audit, run on the host, says
-    // so; its fixes are run as printed.
-    let own = agent::audit_host(binary, host, agent.rules())?;
-    let mut notrack_fixes = Vec::new();
-    for finding in ports::findings(&own, "notrack") {
-        say!(
-            "`filter-agent audit` on the host: {}",
-            finding["problem"].as_str().unwrap_or("?")
-        );
-        let fix = finding["fix"].as_str().context("no fix")?.to_owned();
-        say!("  {fix}");
-        host.exec("sh", &["-c", &fix])?;
-        notrack_fixes.push(fix);
-    }
-    ensure!(
-        notrack_fixes.len() == 2,
-        "the audit did not flag both services: {notrack_fixes:?}"
-    );
+    let notrack_fixes = fix_the_firewall(binary, host, &agent)?;
 
     let drops_before = all_drops(host)?;
     let flood = Flood::start(client, &chain.server_addr().to_string())?;
@@ -343,13 +290,29 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
         over_limit[0],
         over_limit[1]
     );
-    let tracked = connect(&chain, TRACKED_PORT)? == 1;
-    let closed = connect(&chain, CLOSED_PORT)? == 1;
-    say!(
-        "the stateful firewall still guards the rest: port {TRACKED_PORT} answered: {tracked}, \
-         port {CLOSED_PORT} (not allowed) answered: {closed}"
-    );
+    let (tracked, closed) = still_guarded(&chain)?;
     agent.stop()?;
+    held(&served, drops_moved, over_limit, (tracked, closed))?;
+    Ok(Outcome {
+        stateful: Served::default(),
+        stateful_table_full_drops: 0,
+        filtered: served,
+        filtered_drops_moved: drops_moved,
+        flood_passed,
+        flood_rate,
+        over_limit,
+        notrack_fixes,
+    })
+}
+
+/// What filter-agent must have kept: the services served and out of the
+/// table, both floods cut by their limits, the other ports still guarded.
+fn held(
+    served: &Served,
+    drops_moved: u64,
+    over_limit: [u64; 2],
+    (tracked, closed): (bool, bool),
+) -> anyhow::Result<()> {
     ensure!(
         served.connections == CONNECTIONS
             && served.queries == CONNECTIONS
@@ -367,16 +330,42 @@ fn public(binary: &Path) -> anyhow::Result<Outcome> {
         tracked && !closed,
         "the stateful firewall no longer guards the other ports"
     );
-    Ok(Outcome {
-        stateful: Served::default(),
-        stateful_table_full_drops: 0,
-        filtered: served,
-        filtered_drops_moved: drops_moved,
-        flood_passed,
-        flood_rate,
-        over_limit,
-        notrack_fixes,
-    })
+    Ok(())
+}
+
+/// The firewall accepts the services only as `ct state new`: untracked
+/// packets would fall to its policy. The audit, run on the host, says so;
+/// its fixes are run as printed, and returned.
+fn fix_the_firewall(binary: &Path, host: &Netns, agent: &Agent) -> anyhow::Result<Vec<String>> {
+    let own = agent::audit_host(binary, host, agent.rules())?;
+    let mut notrack_fixes = Vec::new();
+    for finding in ports::findings(&own, "notrack") {
+        say!(
+            "`filter-agent audit` on the host: {}",
+            finding["problem"].as_str().unwrap_or("?")
+        );
+        let fix = finding["fix"].as_str().context("no fix")?.to_owned();
+        say!("  {fix}");
+        host.exec("sh", &["-c", &fix])?;
+        notrack_fixes.push(fix);
+    }
+    ensure!(
+        notrack_fixes.len() == 2,
+        "the audit did not flag both services: {notrack_fixes:?}"
+    );
+    Ok(notrack_fixes)
+}
+
+/// Whether the stateful firewall still answers its tracked port, and the
+/// port it does not allow.
+fn still_guarded(chain: &Chain) -> anyhow::Result<(bool, bool)> {
+    let tracked = connect(chain, TRACKED_PORT)? == 1;
+    let closed = connect(chain, CLOSED_PORT)? == 1;
+    say!(
+        "the stateful firewall still guards the rest: port {TRACKED_PORT} answered: {tracked}, \
+         port {CLOSED_PORT} (not allowed) answered: {closed}"
+    );
+    Ok((tracked, closed))
 }
 
 /// The packets `rule`'s rate limit dropped, from the agent's /metrics in
@@ -413,81 +402,4 @@ fn connect(chain: &Chain, port: u16) -> anyhow::Result<usize> {
         server,
         None,
     )?))
-}
-
-/// conntrack entries for the two services' ports in `netns`.
-fn service_entries(netns: &Netns) -> anyhow::Result<u64> {
-    let table = netns.run(|| std::fs::read_to_string("/proc/thread-self/net/nf_conntrack"))??;
-    let needles = [PORT, DNS_PORT].map(|port| format!("dport={port} "));
-    Ok(table
-        .lines()
-        .filter(|line| needles.iter().any(|needle| line.contains(needle)))
-        .count() as u64)
-}
-
-fn conntrack_count(netns: &Netns) -> anyhow::Result<u64> {
-    let output = netns.exec("sysctl", &["-n", "net.netfilter.nf_conntrack_count"])?;
-    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
-}
-
-/// The `drop` column of /proc/net/stat/nf_conntrack: packets dropped
-/// because no entry could be made for them.
-fn table_full_drops(netns: &Netns) -> anyhow::Result<u64> {
-    stat_columns(netns, &["drop"])
-}
-
-/// Every silent drop conntrack counts: drop, early_drop, insert_failed.
-fn all_drops(netns: &Netns) -> anyhow::Result<u64> {
-    stat_columns(netns, &["drop", "early_drop", "insert_failed"])
-}
-
-/// The sum of `columns` of /proc/net/stat/nf_conntrack (hex, one line per
-/// CPU).
-fn stat_columns(netns: &Netns, columns: &[&str]) -> anyhow::Result<u64> {
-    let output = netns.exec("cat", &["/proc/net/stat/nf_conntrack"])?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .context("empty conntrack statistics")?
-        .split_whitespace()
-        .collect();
-    let mut sum = 0;
-    for line in lines {
-        for (name, field) in header.iter().zip(line.split_whitespace()) {
-            if columns.contains(name) {
-                sum += u64::from_str_radix(field, 16)?;
-            }
-        }
-    }
-    Ok(sum)
-}
-
-/// `nf_conntrack_max` is global (only the initial namespace may set it):
-/// set for the scenario, restored on drop, also after a failure.
-struct ConntrackMax {
-    previous: String,
-}
-
-impl ConntrackMax {
-    fn set(value: u32) -> anyhow::Result<Self> {
-        let previous = std::fs::read_to_string(CONNTRACK_MAX)?.trim().to_owned();
-        let status = Command::new("sysctl")
-            .args(["-qw", &format!("net.netfilter.nf_conntrack_max={value}")])
-            .status()?;
-        ensure!(status.success(), "cannot set nf_conntrack_max");
-        say!("(nf_conntrack_max {previous} -> {value} for the scenario; restored afterwards)");
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for ConntrackMax {
-    fn drop(&mut self) {
-        let _ = Command::new("sysctl")
-            .args([
-                "-qw",
-                &format!("net.netfilter.nf_conntrack_max={}", self.previous),
-            ])
-            .status();
-    }
 }

@@ -35,11 +35,7 @@ enum Task {
     /// sakura, asymmetric, docker-nacl, conntrack-full, lvs-dr (or all).
     Scenario { name: String },
     /// Check the size limits: files <= 500 lines, functions <= 70.
-    Limits {
-        /// Also the folders not yet within them (the scenarios, the bench).
-        #[arg(long)]
-        all: bool,
-    },
+    Limits,
     /// Lint, then run every test (unit and real-kernel integration tests),
     /// then `vm-test` on every kernel.
     Test,
@@ -90,7 +86,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup => setup::run(),
-        Task::Limits { all } => limits::check(all),
+        Task::Limits => limits::check(),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
@@ -237,7 +233,7 @@ fn image_check() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    limits::check(false)?;
+    limits::check()?;
     // Every test binary runs, whichever fails first.
     let (mut passed, mut failed) = util::cargo_test(&["test", "--all-targets", "--no-fail-fast"])?;
     let mut outcomes = smoke_benches();

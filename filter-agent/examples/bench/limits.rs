@@ -49,46 +49,7 @@ pub(crate) fn measure_limits(options: &Options, rng: &mut StdRng) -> anyhow::Res
     let flood = workload::syn_flood(rng, FLOOD_FRAMES);
     let sample = &flood[..60];
     let repeat = options.repeat;
-    let case = |rule, limit, action, frames, repeat| LimitCase {
-        rule,
-        limit,
-        action,
-        frames,
-        repeat,
-    };
-    let (allow, deny) = (Action::Allow, Action::Deny);
-    let cases = [
-        case("no limit", None, allow, sample, repeat),
-        case(
-            "no limit, action deny (the cost of a drop)",
-            None,
-            deny,
-            sample,
-            repeat,
-        ),
-        case(
-            "limit 1000/s, the flood over it",
-            Some(rule_wide),
-            allow,
-            sample,
-            repeat,
-        ),
-        case(
-            "per-source /32, a known source",
-            Some(per_source),
-            allow,
-            sample,
-            repeat,
-        ),
-        case("no limit, one run per packet", None, allow, &flood, 1),
-        case(
-            "per-source /32, each packet a new source",
-            Some(per_source),
-            allow,
-            &flood,
-            1,
-        ),
-    ];
+    let cases = cases(rule_wide, per_source, sample, &flood, repeat);
     let filters = cases
         .iter()
         .map(|case| {
@@ -116,6 +77,58 @@ pub(crate) fn measure_limits(options: &Options, rng: &mut StdRng) -> anyhow::Res
         .collect())
 }
 
+/// The rows: the public rule without a limit (allowing, and denying), with
+/// a rule-wide one, with a per-source one for a known source; and, one
+/// run per packet, without a limit and per source with every packet new.
+fn cases<'a>(
+    rule_wide: Limit,
+    per_source: Limit,
+    sample: &'a [Vec<u8>],
+    flood: &'a [Vec<u8>],
+    repeat: u32,
+) -> [LimitCase<'a>; 6] {
+    let case = |rule, limit, action, frames, repeat| LimitCase {
+        rule,
+        limit,
+        action,
+        frames,
+        repeat,
+    };
+    let (allow, deny) = (Action::Allow, Action::Deny);
+    [
+        case("no limit", None, allow, sample, repeat),
+        case(
+            "no limit, action deny (the cost of a drop)",
+            None,
+            deny,
+            sample,
+            repeat,
+        ),
+        case(
+            "limit 1000/s, the flood over it",
+            Some(rule_wide),
+            allow,
+            sample,
+            repeat,
+        ),
+        case(
+            "per-source /32, a known source",
+            Some(per_source),
+            allow,
+            sample,
+            repeat,
+        ),
+        case("no limit, one run per packet", None, allow, flood, 1),
+        case(
+            "per-source /32, each packet a new source",
+            Some(per_source),
+            allow,
+            flood,
+            1,
+        ),
+    ]
+}
+
 /// One row of the rate-limit table: the public rule as `action` with
 /// `limit`, timed on `frames`, each repeated `repeat` times.
 pub(crate) struct LimitCase<'a> {
@@ -124,4 +137,18 @@ pub(crate) struct LimitCase<'a> {
     pub(crate) action: Action,
     pub(crate) frames: &'a [Vec<u8>],
     pub(crate) repeat: u32,
+}
+
+/// Measures the rate-limit rows and prints them.
+pub(crate) fn run(options: &Options, rng: &mut StdRng) -> anyhow::Result<Vec<LimitRow>> {
+    let limits = measure_limits(options, rng)?;
+    println!(
+        "\nrate limits, one public TCP rule under a random-source SYN flood \
+         ({FLOOD_FRAMES} frames, {} sources in the per-source table)",
+        filter_agent::rules::config::DEFAULT_LIMIT_SOURCES
+    );
+    for row in &limits {
+        println!("  {:<44} {:>15} ns", row.rule, row.ns_per_packet);
+    }
+    Ok(limits)
 }

@@ -107,24 +107,7 @@ const IPSET_NAME: &str = "blocklist";
 const BATCH: u32 = 64;
 
 pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
-    let pair = Pair::create("lb")?;
-    // Both stacks stay quiet (no addresses, no ARP, no IPv6), so that the
-    // receiver's counters see exactly the frames sent.
-    for (netns, iface) in [
-        (&pair.client, &pair.client_if),
-        (&pair.server, &pair.server_if),
-    ] {
-        netns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-        netns.ip(&["addr", "flush", "dev", iface])?;
-        netns.ip(&["link", "set", "dev", iface, "arp", "off"])?;
-    }
-    // What a filter accepts ends at a blackhole route: the stack's work
-    // after the filter is small, silent and the same for every receiver
-    // (no ICMP errors, whose rate limits would make it vary).
-    pair.server.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-    pair.server
-        .sysctl(&format!("net.ipv4.conf.{}.rp_filter", pair.server_if), "0")?;
-    pair.server.ip(&["route", "add", "blackhole", "default"])?;
+    let pair = quiet_pair()?;
     let macs = (
         mac(&pair.server, &pair.server_if)?,
         mac(&pair.client, &pair.client_if)?,
@@ -171,30 +154,7 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
             previous_kind = workload.name;
         }
         let measured = measure(&pair, &sender, empty, workload, &receivers, options)?;
-        let ours = measured
-            .iter()
-            .find(|row| row.receiver == Receiver::FilterAgent.label())
-            .map(|row| row.ns_per_packet)
-            .filter(|&ns| ns > 0.0);
-        for (row, receiver) in measured.into_iter().zip(receivers) {
-            let ratio = ours
-                .filter(|_| !matches!(receiver, Receiver::FilterAgent | Receiver::NoFilter))
-                .map(|ours| row.ns_per_packet / ours);
-            let rules_text = row.rules.map_or("-".to_owned(), |rules| rules.to_string());
-            println!(
-                "{:<9} {rules_text:>6}  {:<17} {:>10.0} {:>9.3} {:>14} {:>8.2}",
-                workload.name,
-                receiver.label(),
-                row.ns_per_packet,
-                row.packets_per_second / 1e6,
-                ratio.map_or("-".to_owned(), |ratio| format!("{ratio:.2}")),
-                row.setup_seconds,
-            );
-            rows.push(LiveRow {
-                ratio_to_filter_agent: ratio,
-                ..row
-            });
-        }
+        rows.extend(report_rows(workload.name, measured, receivers));
     }
     if let Some(path) = &options.json {
         let report = serde_json::json!({
@@ -208,6 +168,60 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
         println!("written to {}", path.display());
     }
     Ok(())
+}
+
+/// The pair the live runs use, both stacks quiet (no addresses, no ARP, no
+/// IPv6) so that the receiver's counters see exactly the frames sent.
+fn quiet_pair() -> anyhow::Result<Pair> {
+    let pair = Pair::create("lb")?;
+    // Both stacks stay quiet (no addresses, no ARP, no IPv6), so that the
+    // receiver's counters see exactly the frames sent.
+    for (netns, iface) in [
+        (&pair.client, &pair.client_if),
+        (&pair.server, &pair.server_if),
+    ] {
+        netns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        netns.ip(&["addr", "flush", "dev", iface])?;
+        netns.ip(&["link", "set", "dev", iface, "arp", "off"])?;
+    }
+    // What a filter accepts ends at a blackhole route: the stack's work
+    // after the filter is small, silent and the same for every receiver
+    // (no ICMP errors, whose rate limits would make it vary).
+    pair.server.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    pair.server
+        .sysctl(&format!("net.ipv4.conf.{}.rp_filter", pair.server_if), "0")?;
+    pair.server.ip(&["route", "add", "blackhole", "default"])?;
+    Ok(pair)
+}
+
+/// One workload's rows, each with its ratio to filter-agent, printed.
+fn report_rows(name: &str, measured: Vec<LiveRow>, receivers: Vec<Receiver>) -> Vec<LiveRow> {
+    let mut rows = Vec::new();
+    let ours = measured
+        .iter()
+        .find(|row| row.receiver == Receiver::FilterAgent.label())
+        .map(|row| row.ns_per_packet)
+        .filter(|&ns| ns > 0.0);
+    for (row, receiver) in measured.into_iter().zip(receivers) {
+        let ratio = ours
+            .filter(|_| !matches!(receiver, Receiver::FilterAgent | Receiver::NoFilter))
+            .map(|ours| row.ns_per_packet / ours);
+        let rules_text = row.rules.map_or("-".to_owned(), |rules| rules.to_string());
+        println!(
+            "{:<9} {rules_text:>6}  {:<17} {:>10.0} {:>9.3} {:>14} {:>8.2}",
+            name,
+            receiver.label(),
+            row.ns_per_packet,
+            row.packets_per_second / 1e6,
+            ratio.map_or("-".to_owned(), |ratio| format!("{ratio:.2}")),
+            row.setup_seconds,
+        );
+        rows.push(LiveRow {
+            ratio_to_filter_agent: ratio,
+            ..row
+        });
+    }
+    rows
 }
 
 /// ClassBench-like ACLs, then address lists, of every size.

@@ -163,15 +163,7 @@ pub fn measure(nets: &[IpNet], changed: &[IpNet]) -> anyhow::Result<StallRow> {
         let teardown_start = Instant::now();
         drop(old);
         let teardown_end = stream.phase("while the old set was freed")?;
-        let mut lpm = aya::EbpfLoader::new()
-            .map_max_entries("PREFIXES", nets.len() as u32)
-            .load(BASELINE_OBJECT)?;
-        let v4: Vec<IpNet> = nets
-            .iter()
-            .filter(|net| matches!(net, IpNet::V4(_)))
-            .copied()
-            .collect();
-        fill_lpm::<4>(lpm.map_mut("PREFIXES").context("PREFIXES")?, &v4)?;
+        let lpm = kernel_lpm(nets)?;
         let lpm_start = Instant::now();
         drop(lpm);
         let lpm_end = stream.phase("while a kernel LPM trie was freed")?;
@@ -200,4 +192,18 @@ pub fn measure(nets: &[IpNet], changed: &[IpNet]) -> anyhow::Result<StallRow> {
     })();
     let _ = std::fs::remove_dir_all(&pins);
     result
+}
+
+/// The IPv4 prefixes of `nets` in a kernel LPM trie, to time its freeing.
+fn kernel_lpm(nets: &[IpNet]) -> anyhow::Result<aya::Ebpf> {
+    let mut lpm = aya::EbpfLoader::new()
+        .map_max_entries("PREFIXES", nets.len() as u32)
+        .load(BASELINE_OBJECT)?;
+    let v4: Vec<IpNet> = nets
+        .iter()
+        .filter(|net| matches!(net, IpNet::V4(_)))
+        .copied()
+        .collect();
+    fill_lpm::<4>(lpm.map_mut("PREFIXES").context("PREFIXES")?, &v4)?;
+    Ok(lpm)
 }

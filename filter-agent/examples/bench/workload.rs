@@ -62,24 +62,7 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
             ]
             .choose(rng)
             .unwrap();
-            let dport = match rng.random_range(0..10) {
-                0..3 => None,
-                3..7 => {
-                    let port = *[22u16, 25, 53, 80, 110, 123, 143, 443, 993, 3306, 5432, 8080]
-                        .choose(rng)
-                        .unwrap();
-                    Some(vec![(port, port)])
-                }
-                7..9 => Some(vec![
-                    *[(1024, 65535), (6000, 6063), (32768, 60999), (0, 1023)]
-                        .choose(rng)
-                        .unwrap(),
-                ]),
-                _ => {
-                    let port = rng.random();
-                    Some(vec![(port, port)])
-                }
-            };
+            let dport = destination_ports(rng);
             let sport = rng.random_bool(0.15).then(|| vec![(1024, 65535)]);
             let action = if rng.random_bool(0.7) {
                 Action::Allow
@@ -104,6 +87,29 @@ pub fn rule_set(rng: &mut StdRng, count: usize, addresses: Addresses) -> Config 
         rules,
         implicit_nd: None,
         upstream: None,
+    }
+}
+
+/// A ClassBench-like destination port condition: any (3 in 10), a
+/// well-known service (4 in 10), a common range (2 in 10) or a random port.
+fn destination_ports(rng: &mut StdRng) -> Option<Vec<(u16, u16)>> {
+    match rng.random_range(0..10) {
+        0..3 => None,
+        3..7 => {
+            let port = *[22u16, 25, 53, 80, 110, 123, 143, 443, 993, 3306, 5432, 8080]
+                .choose(rng)
+                .unwrap();
+            Some(vec![(port, port)])
+        }
+        7..9 => Some(vec![
+            *[(1024, 65535), (6000, 6063), (32768, 60999), (0, 1023)]
+                .choose(rng)
+                .unwrap(),
+        ]),
+        _ => {
+            let port = rng.random();
+            Some(vec![(port, port)])
+        }
     }
 }
 

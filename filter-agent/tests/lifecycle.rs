@@ -671,3 +671,36 @@ fn listing_every_interface_passes_over_one_being_set_up() {
     }
     drop(agent);
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let pair = Pair::create("jsonlog").unwrap();
+    let _pins = Pins::of(&pair.server_if);
+    let rules = rules_file(RULES);
+    let args = [
+        "--detach-on-exit",
+        "--log-format",
+        "json",
+        "--iface",
+        &pair.server_if,
+    ];
+    let mut agent = start_agent(&pair.server, &args, rules.path());
+    agent.signal(libc::SIGHUP);
+    agent.expect("rules reloaded", Duration::from_secs(5));
+    let (status, lines) = agent.stop();
+    assert!(status.is_some_and(|s| s.success()), "{lines:?}");
+    for line in &lines {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("{line:?}: {err}"));
+        assert!(
+            object["level"].is_string() && object["message"].is_string(),
+            "{line}"
+        );
+    }
+    for message in ["filter attached", "rules reloaded"] {
+        assert!(
+            lines.iter().any(|line| line.contains(message)),
+            "no {message:?}: {lines:?}"
+        );
+    }
+}

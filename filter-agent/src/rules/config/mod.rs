@@ -52,7 +52,7 @@ pub struct Upstream {
 }
 
 /// Longest rule name: names are kept with the pinned counters (see
-/// `state::RuleRecord`), where `stats` and the metrics read them.
+/// `kernel::counters::RuleRecord`), where `stats` and the metrics read them.
 pub const MAX_RULE_NAME: usize = 63;
 /// Prefixes a `notrack` rule may name per field: nftables holds them in
 /// the agent's table, and a huge set there is slow to load.

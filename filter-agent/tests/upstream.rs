@@ -568,3 +568,46 @@ fn the_agent_exports_the_prediction_as_metrics() {
     let (status, log) = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
 }
+
+/// `audit` and `audit --upstream` print through one renderer and share
+/// one exit rule: the same words for the same namespace, exit 1 when
+/// anything is flagged, and the same closing error line.
+#[test]
+fn both_audits_say_it_the_same_way() {
+    let ns = testbed::Netns::create(&format!("fa-upw-{}", std::process::id())).unwrap();
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+        .unwrap();
+    let sample = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/upstream/sakura.json"
+    );
+    let upstream = ["audit", "--upstream", sample, "--upstream-format", "sakura"];
+    for args in [&["audit"][..], &upstream[..]] {
+        let output = std::process::Command::new(AGENT)
+            .args(args)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stdout}{stderr}");
+        let ours = stdout
+            .lines()
+            .find(|line| line.contains(ns.name()))
+            .unwrap_or_else(|| panic!("{args:?} did not list {}: {stdout}", ns.name()));
+        assert!(
+            ours.starts_with("FLAGGED  ephemeral 1024-65000"),
+            "{args:?}: {ours}"
+        );
+        assert!(
+            stdout.lines().all(|line| !line.starts_with("OK ")),
+            "{args:?}: {stdout}"
+        );
+        let closing = stderr.lines().last().unwrap_or_default();
+        assert!(
+            closing.starts_with("error: ") && closing.contains("flagged against"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -89,21 +89,6 @@ const GUEST_FILES: &[(&str, &str, u32)] = &[
     ),
     ("vm/veth.sh", include_str!("guest/systemd/veth.sh"), 0o755),
     (
-        "vm/rules.toml",
-        include_str!("../../../examples/rules.toml"),
-        0o644,
-    ),
-    (
-        "vm/rules-9000.toml",
-        include_str!("guest/rules-9000.toml"),
-        0o644,
-    ),
-    (
-        "vm/rules-bad.toml",
-        include_str!("guest/rules-bad.toml"),
-        0o644,
-    ),
-    (
         "etc/systemd/system/vm-control.service",
         include_str!("guest/systemd/vm-control.service"),
         0o644,
@@ -205,7 +190,7 @@ fn bootstrap(suite: Suite, include: &[String], archive: &str, rootfs: &Path) -> 
 
 /// This run's files: the guest's, the packages, the kernel's modules.
 fn stage(rootfs: &Path, kernel: &Kernel, staged: &Staged) -> anyhow::Result<()> {
-    for (path, text, mode) in GUEST_FILES {
+    for (path, text, mode) in GUEST_FILES.iter().chain(super::RULE_FILES) {
         write(&rootfs.join(path), text.as_bytes(), *mode)?;
     }
     write(&rootfs.join("vm/refused.o"), staged.refused, 0o644)?;

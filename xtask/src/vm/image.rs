@@ -32,21 +32,6 @@ const GUEST_FILES: &[(&str, &str, u32)] = &[
     ("vm/setup.sh", include_str!("guest/setup.sh"), 0o755),
     ("vm/snapshot.sh", include_str!("guest/snapshot.sh"), 0o755),
     ("vm/nat.nft", include_str!("guest/nat.nft"), 0o644),
-    (
-        "vm/rules.toml",
-        include_str!("../../../examples/rules.toml"),
-        0o644,
-    ),
-    (
-        "vm/rules-9000.toml",
-        include_str!("guest/rules-9000.toml"),
-        0o644,
-    ),
-    (
-        "vm/rules-bad.toml",
-        include_str!("guest/rules-bad.toml"),
-        0o644,
-    ),
 ];
 
 /// Where the guest's programs come from.
@@ -197,7 +182,7 @@ pub fn userland(agent: &[u8], refused: &[u8], programs: &Programs) -> anyhow::Re
         Programs::Unpacked(root) => unpacked_programs(root)?,
     };
     archive.file("usr/sbin/filter-agent", 0o755, agent);
-    for (path, text, mode) in GUEST_FILES {
+    for (path, text, mode) in GUEST_FILES.iter().chain(super::RULE_FILES) {
         archive.file(path, *mode, text.as_bytes());
     }
     archive.file("vm/refused.o", 0o644, refused);

@@ -30,6 +30,26 @@ use crate::{
     util::{cargo, workspace_root},
 };
 
+/// The rules files every guest gets: examples/rules.toml, one opening :9000,
+/// and one that fails `check`.
+const RULE_FILES: &[(&str, &str, u32)] = &[
+    (
+        "vm/rules.toml",
+        include_str!("../../../examples/rules.toml"),
+        0o644,
+    ),
+    (
+        "vm/rules-9000.toml",
+        include_str!("guest/rules-9000.toml"),
+        0o644,
+    ),
+    (
+        "vm/rules-bad.toml",
+        include_str!("guest/rules-bad.toml"),
+        0o644,
+    ),
+];
+
 pub use kernels::SUITES;
 
 /// A Debian system with systemd as PID 1 that installs the package.

@@ -3,6 +3,7 @@
 
 mod daemonset;
 mod demo;
+mod fuzz;
 mod image;
 mod limits;
 mod package;
@@ -36,6 +37,17 @@ enum Task {
     Scenario { name: String },
     /// Check the size limits: files <= 500 lines, functions <= 70.
     Limits,
+    /// Run the coverage-guided fuzzers (fuzz/): each replays its
+    /// regressions, then fuzzes from its seeds. Needs root (the packet
+    /// path runs the real program).
+    Fuzz {
+        /// One of rules_text, rules_structured, upstream, pcap, packet_path
+        /// (default: all).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Lint, then run every test (unit and real-kernel integration tests),
     /// then `vm-test` on every kernel.
     Test,
@@ -87,6 +99,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup::run(),
         Task::Limits => limits::check(),
+        Task::Fuzz { target, seconds } => setup::run().and_then(|()| fuzz_targets(target, seconds)),
         Task::Demo => setup::run().and_then(|()| demo::run()),
         Task::Test => setup::run().and_then(|()| test()),
         Task::Scenario { name } => scenario(&name),
@@ -128,6 +141,27 @@ fn scenario(name: &str) -> anyhow::Result<()> {
     for name in names {
         scenarios::run(name, &agent)?;
     }
+    Ok(())
+}
+
+fn fuzz_targets(target: Option<String>, seconds: u64) -> anyhow::Result<()> {
+    let targets: Vec<&'static str> = match target {
+        None => fuzz::TARGETS.to_vec(),
+        Some(name) => vec![
+            fuzz::TARGETS
+                .into_iter()
+                .find(|known| *known == name)
+                .with_context(|| {
+                    format!(
+                        "no fuzz target {name:?}; the targets are {}",
+                        fuzz::TARGETS.join(", ")
+                    )
+                })?,
+        ],
+    };
+    let runs = fuzz::run(&targets, seconds)?;
+    let total: u64 = runs.iter().map(|run| run.executions).sum();
+    println!("fuzz: {total} executions in all");
     Ok(())
 }
 
@@ -194,6 +228,9 @@ enum Ended {
     Skipped,
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS: u64 = 20;
+
 /// The bench's exit code when this kernel cannot run it (automake's).
 const BENCH_SKIPPED: i32 = 77;
 
@@ -237,6 +274,9 @@ fn test() -> anyhow::Result<()> {
     // Every test binary runs, whichever fails first.
     let (mut passed, mut failed) = util::cargo_test(&["test", "--all-targets", "--no-fail-fast"])?;
     let mut outcomes = smoke_benches();
+    // Every fuzzer briefly: its regressions, then 20 s from its seeds.
+    let fuzzed = fuzz::run(&fuzz::TARGETS, FUZZ_SECONDS);
+    outcomes.push(("fuzz", fuzzed.map(|_| Ended::Passed)));
     // The Debian packages build, and lintian finds no error in them.
     let packaged =
         package::run().and_then(|built| built.debs.iter().try_for_each(|deb| package::lint(deb)));

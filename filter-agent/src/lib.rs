@@ -2,9 +2,9 @@
 //! integration tests use the same code paths as the binary.
 //!
 //! Layers, data flowing one way (a module uses only those above it here):
-//! - [`rules`]: the rules file ([`rules::config`]), its warnings
-//!   ([`rules::lint`]), cloud ACL import ([`rules::upstream`]) and the
-//!   compiled maps ([`rules::compile`]). Pure.
+//! - [`rules`]: what a rule does ([`rules::action`]), the rules file
+//!   ([`rules::config`]), its warnings ([`rules::lint`]), cloud ACL import
+//!   ([`rules::upstream`]) and the compiled maps ([`rules::compile`]). Pure.
 //! - [`oracle`]: the reference model ([`oracle::reference`]), test frames
 //!   ([`oracle::packet`]) and captures ([`oracle::pcap`]).
 //! - [`kernel`]: loading and swapping ([`kernel::loader`]), the pinned

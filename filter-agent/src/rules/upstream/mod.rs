@@ -10,7 +10,7 @@ mod ibm;
 pub mod predict;
 mod sakura;
 
-use std::{fmt, fmt::Write as _};
+use std::{collections::HashSet, fmt, fmt::Write as _};
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -167,16 +167,22 @@ pub fn rules_toml(acl: &Acl, direction: Direction) -> Result<String, UpstreamErr
             Fragments::Deny => "deny",
         }
     );
+    let mut names = HashSet::new();
     for entry in acl.entries.iter().filter(|e| e.direction == direction) {
-        write_rule(&mut out, entry, direction);
+        write_rule(
+            &mut out,
+            entry,
+            &unique_name(&entry.name, &mut names),
+            direction,
+        );
     }
     Ok(out)
 }
 
 /// One entry as a `[[rule]]`, with its label as a comment.
-fn write_rule(out: &mut String, entry: &Entry, direction: Direction) {
+fn write_rule(out: &mut String, entry: &Entry, name: &str, direction: Direction) {
     let _ = writeln!(out, "\n# {}", one_line(&entry.label));
-    let _ = writeln!(out, "[[rule]]\nname = \"{}\"", entry.name);
+    let _ = writeln!(out, "[[rule]]\nname = \"{name}\"");
     let _ = writeln!(out, "action = \"{}\"", entry.action.name());
     if let Some(proto) = entry.proto {
         let _ = writeln!(out, "proto = {}", proto_text(proto));
@@ -211,6 +217,20 @@ fn write_rule(out: &mut String, entry: &Entry, direction: Direction) {
     if let Some(code) = entry.icmp_code {
         let _ = writeln!(out, "icmp_code = {code}");
     }
+}
+
+/// `name`, or when an earlier rule has it `name-2`, `name-3`...: an ACL
+/// may hold two entries of one name (IBM names that differ only in
+/// characters a rule name cannot hold; a hand-edited file), and rule
+/// names are unique.
+fn unique_name(name: &str, used: &mut HashSet<String>) -> String {
+    let mut candidate = name.to_owned();
+    let mut suffix = 2;
+    while !used.insert(candidate.clone()) {
+        candidate = format!("{name}-{suffix}");
+        suffix += 1;
+    }
+    candidate
 }
 
 /// "allow" or "deny", as every provider spells them.

@@ -310,3 +310,26 @@ fn a_protocol_blocked_everywhere_leaves_the_range_to_the_others() {
         predict::decide(&acl, (1024, 65535))
     );
 }
+
+/// Found by the `upstream` fuzzer: two IBM rules of one name imported as
+/// two rules of one name, which the rules file refuses. Each keeps a name
+/// of its own.
+#[test]
+fn entries_of_one_name_import_as_rules_of_their_own() {
+    let rule = |action: &str| {
+        format!(
+            r#"{{"name": "return-tcp", "action": "{action}", "direction": "inbound", "protocol": "tcp",
+              "source": "0.0.0.0/0", "destination": "0.0.0.0/0"}}"#
+        )
+    };
+    let text = format!(
+        r#"{{"name": "acl", "rules": [{}, {}]}}"#,
+        rule("deny"),
+        rule("allow")
+    );
+    let acl = read(Format::IbmVpc, &text, None).unwrap();
+    let rules = rules_toml(&acl, Direction::Ingress).unwrap();
+    let config = config::parse(Path::new("imported.toml"), &rules).unwrap();
+    let names: Vec<&str> = config.rules.iter().map(|rule| rule.name.as_str()).collect();
+    assert_eq!(names, ["return-tcp", "return-tcp-2"]);
+}

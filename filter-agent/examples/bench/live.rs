@@ -284,7 +284,8 @@ fn measure(
                         None => *count.insert(sender.calibrate(ifindex, options.seconds)?),
                     };
                     let before = installed.classified()?;
-                    let sample = sender.run(ifindex, count)?;
+                    let since = || Ok(installed.classified()? - before);
+                    let sample = sender.run(ifindex, count, since)?;
                     let classified = installed.classified()? - before;
                     ensure!(
                         classified == sample.packets,

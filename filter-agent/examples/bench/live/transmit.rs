@@ -10,9 +10,12 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
 };
 use filter_common::sender::{self, FRAME_BYTES};
-use testbed::Pair;
+use testbed::{Pair, within};
 
 use crate::BASELINE_OBJECT;
+
+/// How long the receiver may take to count the last batch.
+const SETTLE: Duration = Duration::from_secs(2);
 
 use super::*;
 
@@ -140,12 +143,24 @@ impl Sender {
         Ok(rounds.clamp(BATCH, u32::MAX / self.frames) * self.frames)
     }
 
-    pub(super) fn run(&self, ifindex: u32, count: u32) -> anyhow::Result<Sample> {
+    /// Sends `count` frames and waits until `classified` (the receiver's
+    /// count since the start) has them all, so that the softirq work the
+    /// last batch scheduled lands in this sample's CPU time.
+    pub(super) fn run(
+        &self,
+        ifindex: u32,
+        count: u32,
+        classified: impl Fn() -> anyhow::Result<u64>,
+    ) -> anyhow::Result<Sample> {
         let cpu_before = busy_cpu_ns()?;
         let kernel_ns_per_packet = self.send(ifindex, count)?;
-        // Softirq work the last batch scheduled may run just after the
-        // call; give it a moment so that its time and counts land here.
-        std::thread::sleep(Duration::from_millis(20));
+        let all = within(SETTLE, || {
+            classified().is_ok_and(|seen| seen >= u64::from(count))
+        });
+        ensure!(
+            all,
+            "the receiver did not classify all {count} frames within {SETTLE:?}"
+        );
         Ok(Sample {
             packets: u64::from(count),
             cpu_ns: busy_cpu_ns()? - cpu_before,

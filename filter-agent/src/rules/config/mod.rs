@@ -403,4 +403,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 }
 
 #[cfg(test)]
+mod error_tests;
+#[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
-//! What the agent's integration tests share: its binary, rules files,
-//! starting it, and pins removed when a test ends. Each test binary uses
-//! part of it.
+//! What the agent's integration tests share: its binary, rules files and
+//! the rules several tests run, starting it, reading its output, probing
+//! the denied port, pins removed when a test ends, and random rule sets
+//! ([`random`]). Each test binary uses part of it.
 #![allow(dead_code)]
 
 pub mod random;

@@ -57,14 +57,14 @@ pub(super) fn counted(vm: &mut Vm, iface: &str) -> anyhow::Result<(u64, u64)> {
     let page = vm.wait_until(
         &format!("/metrics counting {iface}"),
         WAIT,
-        "get 127.0.0.1 9469 /metrics",
+        METRICS,
         |answer| {
             let (web, deny) = counted_in(&answer.output);
             web.is_some_and(|value| value > 0.0) && deny.is_some_and(|value| value > 0.0)
         },
     );
     if page.is_err() {
-        let (web, deny) = counted_in(&vm.ok("get 127.0.0.1 9469 /metrics")?);
+        let (web, deny) = counted_in(&vm.ok(METRICS)?);
         bail!("/metrics for {iface}: web {web:?}, default_deny {deny:?}");
     }
     Ok((web, denied))
@@ -81,13 +81,16 @@ pub(super) fn json_document(text: &str) -> anyhow::Result<Value> {
 
 /// The agent's `filter_agent_reloads_total` of `result`.
 pub(super) fn reloads(vm: &mut Vm, result: &str) -> anyhow::Result<f64> {
-    let metrics = vm.ok("get 127.0.0.1 9469 /metrics")?;
-    Ok(metric(
-        &metrics,
-        "filter_agent_reloads_total",
-        &[("result", result)],
-    )
-    .unwrap_or(0.0))
+    let metrics = vm.ok(METRICS)?;
+    Ok(reloads_in(&metrics, result))
+}
+
+/// The guest's command that prints the agent's /metrics.
+pub(super) const METRICS: &str = "get 127.0.0.1 9469 /metrics";
+
+/// `filter_agent_reloads_total` of `result` in a /metrics text.
+pub(super) fn reloads_in(metrics: &str, result: &str) -> f64 {
+    metric(metrics, "filter_agent_reloads_total", &[("result", result)]).unwrap_or(0.0)
 }
 
 /// Waits until the peer's connections to 10.9.0.1:9000 are answered (or

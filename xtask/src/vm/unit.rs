@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 
 use super::{
-    observe::{WAIT, host_get, http_get, peer_get, reloads, wait_for_9000},
+    observe::{METRICS, WAIT, host_get, http_get, peer_get, reloads, reloads_in, wait_for_9000},
     qemu::Vm,
     systemd::{DEFAULTS, RULES, apt, show_command, show_one, values},
 };
@@ -36,11 +36,15 @@ pub(super) fn reload(vm: &mut Vm) -> anyhow::Result<String> {
     put_rules(vm, "rules-9000.toml")?;
     vm.ok("systemctl reload filter-agent")?;
     wait_for_9000(vm, true)?;
-    let after = reloads(vm, "success")?;
-    ensure!(
-        after > before,
-        "reloads_total{{result=\"success\"}} stayed {before}"
-    );
+    // The agent counts a reload once the kernel has the new rules, so the
+    // counter can trail the traffic that shows them by a moment.
+    let counted = vm.wait_until(
+        &format!("reloads_total{{result=\"success\"}} above {before}"),
+        WAIT,
+        METRICS,
+        |answer| reloads_in(&answer.output, "success") > before,
+    )?;
+    let after = reloads_in(&counted, "success");
     Ok(format!(
         "exit 0; :9000 now answered; reloads_total{{result=\"success\"}} {before} -> {after}"
     ))

@@ -14,7 +14,7 @@ use prometheus_client::{
 
 use filter_common::{guard, reason};
 
-use crate::{kernel::counters, kernel::guard::GuardReport, kernel::pins};
+use crate::{kernel::counters, kernel::guard::GuardReport, kernel::layout, kernel::pins};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "filter_agent";
@@ -253,6 +253,17 @@ impl Metrics {
             family
                 .encode_family(&vec![("iface", iface.clone())])?
                 .encode_gauge(&filtered)?;
+        }
+
+        let name = format!("{PREFIX}_rules_generation");
+        let help = "Rule sets put in force on the interface so far (start, reload, trial), as its pins record; it rises by one with each and survives restarts and upgrades.";
+        let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+        for iface in &self.ifaces {
+            if let Ok(Some(pinned)) = layout::read(&pins::dir(iface)) {
+                family
+                    .encode_family(&vec![("iface", iface.clone())])?
+                    .encode_gauge(&(pinned.generation as i64))?;
+            }
         }
 
         let name = format!("{PREFIX}_build_info");

@@ -9,6 +9,7 @@ mod daemon;
 pub mod docker;
 mod netns;
 mod refused;
+pub mod steady;
 pub mod traffic;
 mod wait;
 

@@ -10,11 +10,11 @@ use tracing::{error, info, warn};
 
 use crate::{
     host::notrack,
-    kernel::counters::RuleCounts,
-    kernel::events,
+    kernel::counters::{self, RuleCounts},
     kernel::guard::{GuardReport, Listeners},
     kernel::loader::{self, AttachMode, Attached, Filter},
     kernel::pins::{self, InterfaceLock},
+    kernel::{events, layout},
     rules::compile::{RuleInfo, RuleSet},
     rules::config::GuardAction,
 };
@@ -52,12 +52,13 @@ impl Interface {
         let dir = pins::dir(iface);
         // Read before attaching: a re-creation in between shows as a change.
         let ifindex = loader::if_index(iface).unwrap_or_default();
+        take_over_pins(iface, &dir)?;
         let mut filter = load(rule_set, &dir, listeners, event_rate)?;
         if let Some(logger) = filter.logger() {
             forward_program_logs(logger)?;
         }
         notrack::apply(iface, &rule_set.notrack)?;
-        let (attached, bases) = filter.install(iface, mode, &dir, &rule_set.rules)?;
+        let installed = filter.install(iface, mode, &dir, &rule_set.rules)?;
         if rule_set.guard.action != GuardAction::Off && !loader::has_tcx() {
             info!(
                 %iface,
@@ -65,10 +66,12 @@ impl Interface {
                 "no TCX before Linux 6.6: the guard's egress program runs as a tc filter on a clsact qdisc instead (kept across restarts, removed by detach)"
             );
         }
-        match attached {
-            Attached::Fresh(mode) => info!(%iface, mode, "filter attached"),
+        let generation = installed.generation;
+        match installed.attached {
+            Attached::Fresh(mode) => info!(%iface, mode, generation, "filter attached"),
             Attached::Adopted => info!(
                 %iface,
+                generation,
                 "filter attached: took over the pinned filter, new rules swapped in without a gap"
             ),
         }
@@ -82,7 +85,7 @@ impl Interface {
             event_rate,
             filter,
             rules: rule_set.rules.clone(),
-            bases,
+            bases: installed.bases,
             _lock: lock,
         })
     }
@@ -100,10 +103,11 @@ impl Interface {
         // The conntrack bypass first: if nftables refuses it, nothing of
         // this interface has changed.
         notrack::apply(&self.name, &rule_set.notrack)?;
-        let (_, bases) = filter.install(&self.name, self.mode, &self.dir, &rule_set.rules)?;
+        let installed = filter.install(&self.name, self.mode, &self.dir, &rule_set.rules)?;
+        info!(iface = %self.name, generation = installed.generation, "rules in force");
         self.filter = filter;
         self.rules = rule_set.rules.clone();
-        self.bases = bases;
+        self.bases = installed.bases;
         Ok(())
     }
 
@@ -239,6 +243,31 @@ impl Interface {
             }
         }
     }
+}
+
+/// Makes the pins in `dir`, if any, ready for this release's program: a
+/// newer layout is refused, maps whose shape changed start afresh. Says
+/// what an older layout kept and what it reset.
+fn take_over_pins(iface: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut wanted = loader::shared_map_shapes()?;
+    wanted.push((pins::RULES, counters::RULE_TABLE));
+    let Some(takeover) = layout::take_over(dir, iface, &wanted)? else {
+        return Ok(());
+    };
+    for reset in &takeover.reset {
+        warn!(%iface, map = %reset, "pinned map of another shape: counting starts afresh");
+    }
+    if takeover.from != layout::CURRENT {
+        info!(
+            %iface,
+            from = takeover.from,
+            to = layout::CURRENT,
+            carried = %takeover.carried.join(" "),
+            reset = %if takeover.reset.is_empty() { "none".to_owned() } else { takeover.reset.join("; ") },
+            "taking over the pins of an older release"
+        );
+    }
+    Ok(())
 }
 
 /// Loads `rule_set` with the interface's shared maps from `dir`.

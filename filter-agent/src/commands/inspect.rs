@@ -231,6 +231,38 @@ fn stats_rows<'a>(snapshot: &'a Snapshot, before: Option<(&Snapshot, f64)>) -> V
     rules.chain(reasons).collect()
 }
 
+/// One interface's `stats --json` document.
+fn stats_json(iface: &str, snapshot: &Snapshot, rows: &[StatsRow<'_>]) -> serde_json::Value {
+    let counter_json = |counter: &filter_common::Counter, per_second: Option<f64>| {
+        json!({"packets": counter.packets, "bytes": counter.bytes,
+               "packets_per_second": per_second})
+    };
+    let row_json = |row: &StatsRow<'_>| {
+        let mut value = counter_json(&row.counter, row.per_second);
+        if let Some((counter, per_second)) = &row.over_limit {
+            value["over_limit"] = counter_json(counter, *per_second);
+        }
+        value
+    };
+    let rule_count = snapshot.rules.len();
+    let rules: Vec<_> = rows[..rule_count]
+        .iter()
+        .map(|row| {
+            let mut value = row_json(row);
+            value["rule"] = json!(row.name);
+            value["action"] = json!(row.action);
+            value
+        })
+        .collect();
+    let reasons: serde_json::Map<String, serde_json::Value> = rows[rule_count..]
+        .iter()
+        .map(|row| (row.name.to_owned(), row_json(row)))
+        .collect();
+    let layout = &snapshot.layout;
+    json!({"iface": iface, "layout": layout.version, "generation": layout.generation,
+           "rules": rules, "reasons": reasons})
+}
+
 /// Prints `current`; with `since`, also packets per second since then.
 fn print_stats(
     current: &Snapshots,
@@ -244,36 +276,14 @@ fn print_stats(
             Some((before, seconds))
         });
         let rows = stats_rows(snapshot, before);
-        let rule_count = snapshot.rules.len();
         if json {
-            let counter_json = |counter: &filter_common::Counter, per_second: Option<f64>| {
-                json!({"packets": counter.packets, "bytes": counter.bytes,
-                       "packets_per_second": per_second})
-            };
-            let row_json = |row: &StatsRow<'_>| {
-                let mut value = counter_json(&row.counter, row.per_second);
-                if let Some((counter, per_second)) = &row.over_limit {
-                    value["over_limit"] = counter_json(counter, *per_second);
-                }
-                value
-            };
-            let rules: Vec<_> = rows[..rule_count]
-                .iter()
-                .map(|row| {
-                    let mut value = row_json(row);
-                    value["rule"] = json!(row.name);
-                    value["action"] = json!(row.action);
-                    value
-                })
-                .collect();
-            let reasons: serde_json::Map<String, serde_json::Value> = rows[rule_count..]
-                .iter()
-                .map(|row| (row.name.to_owned(), row_json(row)))
-                .collect();
-            documents.push(json!({"iface": iface, "rules": rules, "reasons": reasons}));
+            documents.push(stats_json(iface, snapshot, &rows));
             continue;
         }
-        println!("{iface}");
+        println!(
+            "{iface}  rules generation {}, pin layout {}",
+            snapshot.layout.generation, snapshot.layout.version
+        );
         println!(
             "  {:<28} {:<10} {:>14} {:>16} {:>12}",
             "rule / reason", "action", "packets", "bytes", "packets/s"

@@ -12,6 +12,7 @@ use aya::{
 use filter_common::{Counter, names};
 
 use crate::{
+    kernel::layout::{self, Pinned, Shape},
     kernel::pins::{self, PinError},
     rules::compile::RuleInfo,
     rules::config::Action,
@@ -79,6 +80,14 @@ pub struct RuleRecord {
 }
 
 const _: () = assert!(size_of::<RuleRecord>() == NAME_BYTES + 8 + 32);
+
+/// The pinned rule table's shape (its entries follow the rule set).
+pub const RULE_TABLE: Shape = Shape {
+    map_type: aya::maps::MapType::Array as u32,
+    key_size: size_of::<u32>() as u32,
+    value_size: size_of::<RuleRecord>() as u32,
+    max_entries: None,
+};
 // SAFETY: `repr(C)`, integers and a byte array, no padding (size asserted).
 unsafe impl Pod for RuleRecord {}
 
@@ -118,6 +127,8 @@ pub struct Snapshot {
     pub rules: Vec<RuleTotal>,
     /// Indexed by `filter_common::reason`.
     pub reasons: Vec<Counter>,
+    /// The pins' layout and the rules' generation.
+    pub layout: Pinned,
 }
 
 /// Reads the rules and counters pinned in `dir`.
@@ -128,6 +139,7 @@ pub fn read_snapshot(dir: &Path) -> Result<Snapshot, PinError> {
     Ok(Snapshot {
         rules: pinned_rule_totals(dir)?,
         reasons: pinned_array_totals(dir, names::STATS)?,
+        layout: layout::read(dir)?.ok_or_else(|| PinError::NotPinned(dir.to_owned()))?,
     })
 }
 

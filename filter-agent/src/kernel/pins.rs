@@ -10,6 +10,7 @@
 //!   EVENTS                     the event ring buffer
 //!   RULE_STATS, RULE_OVER_LIMIT  per-rule per-CPU counters of the running rules
 //!   RULES                      their names, actions and carried-over counts
+//!   LAYOUT                     the layout's version and the rules' generation
 //! ```
 //!
 //! The directory is also the interface's lock: an agent holds `flock` on
@@ -286,13 +287,22 @@ pub fn vanished(interface_exists: impl Fn(&str) -> bool) -> Vec<Vanished> {
 /// nothing). Read from the link's fdinfo, which names the index whatever
 /// network namespace the device was in.
 pub fn xdp_link_ifindex(dir: &Path) -> io::Result<u32> {
+    xdp_link_field(dir, "ifindex:")
+}
+
+/// The id of the program the XDP link pinned in `dir` runs.
+pub fn xdp_link_program(dir: &Path) -> io::Result<u32> {
+    xdp_link_field(dir, "prog_id:")
+}
+
+fn xdp_link_field(dir: &Path, field: &str) -> io::Result<u32> {
     let path = dir.join(XDP_LINK);
     let link = pinned_object(&path)?;
     let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", link.as_raw_fd()))?;
     fdinfo
         .lines()
-        .find_map(|line| line.strip_prefix("ifindex:"))
-        .and_then(|index| index.trim().parse().ok())
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|value| value.trim().parse().ok())
         .ok_or_else(|| io::Error::other(format!("{} is not an XDP link", path.display())))
 }
 

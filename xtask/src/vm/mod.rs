@@ -16,6 +16,7 @@ mod observe;
 mod qemu;
 mod systemd;
 mod unit;
+mod upgrade;
 
 use std::{
     fs,
@@ -104,6 +105,13 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     let started = Instant::now();
     let target = workspace_root().join("target/vm");
     fs::create_dir_all(&target)?;
+    // Before this build's packages: the previous release's build shares
+    // the target directory.
+    let previous = SYSTEMD_GUESTS
+        .iter()
+        .any(|guest| guest.full && guests.contains(&guest.name))
+        .then(upgrade::previous_deb)
+        .transpose()?;
     // The refused object is made from the debug build's.
     cargo(&["build", "--quiet", "--package", "filter-agent"])?;
     let refused = refused_object()?;
@@ -120,7 +128,7 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     // a guest's time is spent waiting (for a boot, a timeout, a reboot).
     let (kernel_report, systemd_report) = std::thread::scope(|scope| {
         let kernel_lane = scope.spawn(|| kernel_lane(guests, &agents, &refused, &target));
-        let report = systemd_lane(guests, &refused, &target);
+        let report = systemd_lane(guests, &refused, previous.as_deref(), &target);
         (
             kernel_lane.join().expect("the kernel lane panicked"),
             report,
@@ -162,7 +170,7 @@ fn kernel_lane(guests: &[&str], agents: &[Vec<u8>], refused: &[u8], target: &Pat
 
 /// The systemd guests in turn, with the Ansible hosts after Debian 12's
 /// guest, whose image they share.
-fn systemd_lane(guests: &[&str], refused: &[u8], target: &Path) -> Report {
+fn systemd_lane(guests: &[&str], refused: &[u8], previous: Option<&Path>, target: &Path) -> Report {
     let mut report = Report::default();
     // The Ansible hosts after Debian 12's guest, whose image they share.
     let chosen = SYSTEMD_GUESTS
@@ -175,7 +183,7 @@ fn systemd_lane(guests: &[&str], refused: &[u8], target: &Path) -> Report {
             ansible_due = false;
         }
         report.kernel = format!("{}, systemd", guest.suite.debian);
-        systemd_guest(guest, target, refused, &mut report);
+        systemd_guest(guest, target, refused, previous, &mut report);
     }
     if ansible_due {
         ansible_guests(target, refused, &mut report);
@@ -258,9 +266,15 @@ fn foreign_programs(suite: kernels::Suite, target: &Path) -> anyhow::Result<Path
 }
 
 /// A Debian system from its packages, booted from a disk with systemd as
-/// PID 1, installing this build's Debian package (and on Debian 12, a
-/// later version of it).
-fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &mut Report) {
+/// PID 1, installing this build's Debian package (and on Debian 12, the
+/// previous release's and a later version of this one).
+fn systemd_guest(
+    guest: &SystemdGuest,
+    target: &Path,
+    refused: &[u8],
+    previous: Option<&Path>,
+    report: &mut Report,
+) {
     let work = target.join(guest.suite.debian.to_lowercase().replace(' ', ""));
     let booted = (|| {
         let current = package::run()?.debs[0].clone();
@@ -270,6 +284,7 @@ fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &m
         if guest.full {
             upgrade = package::build(&format!("{}+upgrade", package::VERSION))?.debs[0].clone();
             debs.push(upgrade.clone());
+            debs.extend(previous.map(Path::to_owned));
             cargo(&[
                 "build",
                 "--release",
@@ -304,6 +319,7 @@ fn systemd_guest(guest: &SystemdGuest, target: &Path, refused: &[u8], report: &m
         let packages = systemd::Packages {
             current: name(&current),
             upgrade: name(&upgrade),
+            previous: previous.map(name).unwrap_or_default(),
         };
         anyhow::Ok((vm, packages))
     })();

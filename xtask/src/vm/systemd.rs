@@ -13,19 +13,19 @@ use super::{
     Report,
     observe::{counted, host_get, peer_get},
     qemu::Vm,
-    unit::{
-        Prober, bad_reload, purge, refused, reload, remove, restart, security, stop, upgrade,
-        watchdog,
-    },
+    unit::{Prober, bad_reload, purge, refused, reload, remove, restart, security, stop, watchdog},
+    upgrade,
 };
 
 pub(super) const RULES: &str = "/etc/filter-agent/rules.toml";
 pub(super) const DEFAULTS: &str = "/etc/default/filter-agent";
 
-/// The packages the checks install: this version, then a later one.
+/// The packages the checks install: this version, the previous release,
+/// then a later version of this one.
 pub struct Packages {
     pub current: String,
     pub upgrade: String,
+    pub previous: String,
 }
 
 /// Runs every check in `vm`, recording one line each in `report`.
@@ -49,8 +49,12 @@ pub fn run(vm: &mut Vm, packages: &Packages, report: &mut Report) {
     report.record("refused program: bounded retries, says why", refused(vm));
     report.record("hardening: systemd-analyze security", security(vm));
     report.record(
-        "apt upgrade in place: no moment unfiltered",
-        upgrade(vm, &packages.upgrade),
+        "apt downgrade to the previous release: works, no moment unfiltered",
+        upgrade::downgrade(vm, &packages.previous),
+    );
+    report.record(
+        "apt upgrade from the previous release across pin layouts: nothing denied passes, nothing allowed lost, counts carried",
+        upgrade::upgrade(vm, &packages.upgrade),
     );
     report.record(
         "apt remove: stopped, filter detached, says so",

@@ -1,7 +1,7 @@
 //! The systemd guest's checks of the running unit and of the package after
 //! the first boot: reload and a rejected reload, restart without a gap, the
 //! watchdog, stop, bounded retries on a kernel that refuses the program,
-//! hardening, and upgrade in place, remove and purge.
+//! hardening, remove and purge.
 
 use std::{
     sync::{
@@ -95,7 +95,7 @@ pub(super) fn bad_reload(vm: &mut Vm) -> anyhow::Result<String> {
 /// Runs `action` with the NIC's denied port probed from the host all
 /// through it; fails if the agent's pid did not change or a probe was
 /// answered. Returns the probes and `action`'s result.
-fn without_gap<T>(
+pub(super) fn without_gap<T>(
     vm: &mut Vm,
     action: impl FnOnce(&mut Vm) -> anyhow::Result<T>,
 ) -> anyhow::Result<(u32, T)> {
@@ -253,26 +253,6 @@ pub(super) fn security(vm: &mut Vm) -> anyhow::Result<String> {
     Ok(overall
         .trim_start_matches(|c: char| !c.is_alphanumeric())
         .to_owned())
-}
-
-pub(super) fn upgrade(vm: &mut Vm, package: &str) -> anyhow::Result<String> {
-    let (attempts, ()) = without_gap(vm, |vm| {
-        apt(vm, &format!("install /root/debs/{package}")).map(drop)
-    })?;
-    let version = vm.ok("dpkg-query -W -f '${Version}' filter-agent")?;
-    ensure!(
-        package.contains(version.trim()),
-        "installed {} after upgrading to {package}",
-        version.trim()
-    );
-    ensure!(
-        show_one(vm, "ActiveState")? == "active",
-        "the unit is not active after the upgrade"
-    );
-    Ok(format!(
-        "{} running; {attempts} connections to :9000 during the upgrade, 0 answered; both pins taken over",
-        version.trim()
-    ))
 }
 
 pub(super) fn remove(vm: &mut Vm, nic: &str) -> anyhow::Result<String> {

@@ -16,9 +16,19 @@ use filter_common::names;
 use super::{Filter, LoadError, egress_mut, has_tcx, missing_map, program_mut};
 use crate::{
     kernel::counters::{self, RuleCounts},
-    kernel::pins,
+    kernel::{layout, pins},
     rules::compile::RuleInfo,
 };
+
+/// What [`Filter::install`] did.
+#[derive(Clone, Debug)]
+pub struct Installed {
+    pub attached: Attached,
+    /// Per rule: what it counted under earlier rule sets.
+    pub bases: Vec<RuleCounts>,
+    /// The rules' generation on the interface.
+    pub generation: u64,
+}
 
 /// How to attach the XDP program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,14 +110,14 @@ impl Filter {
 
     /// Attaches through the pins in `dir` like [`Filter::attach_pinned`],
     /// then publishes `rules` as the rules running there (their per-rule
-    /// counters and the rule table); returns the rules' carried-over bases.
+    /// counters and the rule table) and records their generation.
     pub fn install(
         &mut self,
         iface: &str,
         mode: AttachMode,
         dir: &Path,
         rules: &[RuleInfo],
-    ) -> Result<(Attached, Vec<RuleCounts>), LoadError> {
+    ) -> Result<Installed, LoadError> {
         let attached = self.attach_pinned(iface, mode, dir)?;
         if attached == Attached::Adopted {
             // Packets still inside the old program would be counted after
@@ -116,10 +126,12 @@ impl Filter {
         }
         let previous = counters::carried_over(dir);
         self.pin_rule_stats(dir)?;
-        Ok((
+        let bases = counters::publish_rule_table(rules, &previous, dir)?;
+        Ok(Installed {
             attached,
-            counters::publish_rule_table(rules, &previous, dir)?,
-        ))
+            bases,
+            generation: layout::stamp(dir)?,
+        })
     }
 
     /// Pins this instance's per-rule counters in `dir`, replacing what is

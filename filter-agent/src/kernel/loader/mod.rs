@@ -4,6 +4,7 @@ mod attach;
 mod egress_tc;
 mod kernel;
 mod probe;
+mod shapes;
 mod tc_netlink;
 
 use std::path::{Path, PathBuf};
@@ -20,11 +21,12 @@ use filter_common::{Counter, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, names, reason};
 use thiserror::Error;
 
 pub use attach::{
-    AttachMode, Attached, detach, if_index, interface_exists, wait_for_running_programs,
+    AttachMode, Attached, Installed, detach, if_index, interface_exists, wait_for_running_programs,
 };
 pub use kernel::{MIN_KERNEL, VERIFIER_LOG_DIR, check_kernel, has_tcx, kernel_version};
 use kernel::{log_verified, refused};
 pub use probe::{program_verdict, time_program, xdp_action};
+pub use shapes::shared_map_shapes;
 
 use crate::{
     kernel::counters,
@@ -94,6 +96,8 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot parse the eBPF object")]
+    Parse(#[source] aya_obj::ParseError),
     #[error("the eBPF object has no program named `{0}`")]
     MissingProgram(&'static str),
     #[error("the kernel rejected the XDP program")]

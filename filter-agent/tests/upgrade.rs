@@ -69,7 +69,7 @@ fn an_older_layout_is_taken_over_without_a_gap_and_says_what_it_reset() {
     let args = agent_args(&pair.server_if, &dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = start_agent(&pair.server, &args, rules.path());
-    let traffic = steady(&pair);
+    let mut traffic = steady(&pair);
     wait_until("denied datagrams counted", Duration::from_secs(5), || {
         rule_packets(&stats(&pair.server_if), "deny-9000") >= 50
     });
@@ -157,7 +157,7 @@ fn a_newer_layout_is_refused_in_one_line_and_left_as_it_was() {
     update.extend(value.iter().map(String::as_str));
     bpftool(&update);
 
-    let traffic = steady(&pair);
+    let mut traffic = steady(&pair);
     let output = pair
         .server
         .command(AGENT)

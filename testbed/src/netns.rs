@@ -237,7 +237,7 @@ impl Pair {
 impl Pair {
     /// Right after link-up, IPv6 loses packets for up to a second; wait
     /// until both families answer an echo so tests start from a working link.
-    fn wait_until_ready(&self) -> Result<(), TestbedError> {
+    pub fn wait_until_ready(&self) -> Result<(), TestbedError> {
         const ATTEMPTS: usize = 40;
         for server in [IpAddr::from(Self::SERVER_V4), IpAddr::from(Self::SERVER_V6)] {
             let mut answered = false;

@@ -1,25 +1,29 @@
 //! Steady traffic through a filter, counted where it arrives: an allowed
-//! and a denied datagram at a time, the next pair sent once the allowed one
-//! has arrived (or after [`TIMEOUT`]), until stopped. Whether the filter
+//! and a denied datagram at a time, [`PAIRS_PER_SECOND`] at most, the next
+//! pair sent once the allowed one has arrived (or after [`TIMEOUT`]), until
+//! stopped. Whether the filter
 //! ever lost an allowed packet or let a denied one through, as a receiver
-//! sees it.
+//! sees it. It can be held while the path is knowingly broken (an
+//! interface deleted and created again).
 
 use std::{
     io,
     net::{SocketAddr, UdpSocket},
     sync::{
-        Arc,
+        Arc, Condvar, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{Netns, TestbedError, traffic::TIMEOUT};
 
 /// How often the receivers look at the stop flag.
 const POLL: Duration = Duration::from_millis(20);
+/// At most this many pairs a second: steady traffic, not a flood.
+pub const PAIRS_PER_SECOND: u32 = 1_000;
 
 /// What was sent and what arrived.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,11 +48,62 @@ struct Counts {
     denied_delivered: AtomicU64,
 }
 
+/// Whether the sender is to hold, and whether it does.
+#[derive(Default)]
+struct Hold {
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl Hold {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, bool)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Asks the sender to hold; returns once it holds (nothing in flight).
+    fn hold(&self, sender_ended: impl Fn() -> bool) {
+        let mut state = self.lock();
+        state.0 = true;
+        while !state.1 && !sender_ended() {
+            state = self
+                .changed
+                .wait_timeout(state, POLL)
+                .unwrap_or_else(|poison| poison.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        self.lock().0 = false;
+        self.changed.notify_all();
+    }
+
+    /// The sender's side: waits here while asked to hold.
+    fn wait_if_held(&self) {
+        let mut state = self.lock();
+        if !state.0 {
+            return;
+        }
+        state.1 = true;
+        self.changed.notify_all();
+        while state.0 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poison| poison.into_inner());
+        }
+        state.1 = false;
+    }
+}
+
 /// The traffic, running until [`Steady::stop`].
 pub struct Steady {
-    /// Set to stop: the sender first, then the receivers.
-    stop_sending: Arc<AtomicBool>,
+    /// Sent (or dropped) to stop the sender; then the receivers stop.
+    stop_sending: Option<mpsc::Sender<()>>,
     stop_receiving: Arc<AtomicBool>,
+    hold: Arc<Hold>,
     counts: Arc<Counts>,
     sender: Option<JoinHandle<()>>,
     receivers: Vec<JoinHandle<()>>,
@@ -72,10 +127,14 @@ impl Steady {
                 .map_err(|e| socket_error(ns, e))?;
             Ok(socket)
         };
-        let allowed_sink = bind(server, allowed)?;
-        let denied_sink = bind(server, denied)?;
+        // Bound to any address: one deleted and added again stays usable.
+        let any = |at: SocketAddr| SocketAddr::new(wildcard(at).ip(), at.port());
+        let allowed_sink = bind(server, any(allowed))?;
+        let denied_sink = bind(server, any(denied))?;
         let sender = bind(client, wildcard(allowed))?;
-        let (stop_sending, stop_receiving) = (Arc::default(), Arc::default());
+        let hold = Arc::new(Hold::default());
+        let (stop_sending, sender_stopped) = mpsc::channel();
+        let stop_receiving = Arc::default();
         let counts = Arc::new(Counts::default());
         let (arrived, arrivals) = mpsc::channel();
         let receivers = vec![
@@ -89,10 +148,17 @@ impl Steady {
                 }
             }),
         ];
-        let sender = send_in_step(sender, (allowed, denied), arrivals, &stop_sending, &counts);
+        let sender = send_in_step(
+            sender,
+            (allowed, denied),
+            arrivals,
+            (sender_stopped, &hold),
+            &counts,
+        );
         Ok(Self {
-            stop_sending,
+            stop_sending: Some(stop_sending),
             stop_receiving,
+            hold,
             counts,
             sender: Some(sender),
             receivers,
@@ -110,9 +176,23 @@ impl Steady {
         }
     }
 
+    /// Holds the traffic: returns once the sender waits, with nothing in
+    /// flight.
+    pub fn pause(&self) {
+        let sender = self.sender.as_ref();
+        self.hold
+            .hold(|| sender.is_none_or(JoinHandle::is_finished));
+    }
+
+    /// Lets held traffic go on.
+    pub fn resume(&self) {
+        self.hold.release();
+    }
+
     /// Stops sending, lets the last datagrams arrive, and counts.
-    pub fn stop(mut self) -> Tally {
-        self.stop_sending.store(true, Ordering::Relaxed);
+    pub fn stop(&mut self) -> Tally {
+        self.stop_sending.take();
+        self.hold.release();
         if let Some(sender) = self.sender.take() {
             let _ = sender.join();
         }
@@ -126,7 +206,8 @@ impl Steady {
 
 impl Drop for Steady {
     fn drop(&mut self) {
-        self.stop_sending.store(true, Ordering::Relaxed);
+        self.stop_sending.take();
+        self.hold.release();
         self.stop_receiving.store(true, Ordering::Relaxed);
     }
 }
@@ -157,15 +238,16 @@ fn receive(
 }
 
 /// Sends a denied and an allowed datagram, waits for the allowed one to
-/// arrive (at most [`TIMEOUT`]), and again, until `stopped`.
+/// arrive (at most [`TIMEOUT`]) and for the pair's time slot to end, and
+/// again, until `stopped` says so (or is dropped).
 fn send_in_step(
     sender: UdpSocket,
     (allowed, denied): (SocketAddr, SocketAddr),
     arrivals: mpsc::Receiver<()>,
-    stopped: &Arc<AtomicBool>,
+    (stopped, hold): (mpsc::Receiver<()>, &Arc<Hold>),
     counts: &Arc<Counts>,
 ) -> JoinHandle<()> {
-    let (stopped, counts) = (Arc::clone(stopped), Arc::clone(counts));
+    let (hold, counts) = (Arc::clone(hold), Arc::clone(counts));
     let arrive = move |counts: &Counts| {
         if arrivals.recv_timeout(TIMEOUT).is_ok() {
             counts.allowed_received.fetch_add(1, Ordering::Relaxed);
@@ -175,14 +257,21 @@ fn send_in_step(
             }
         }
     };
+    let slot = Duration::from_secs(1) / PAIRS_PER_SECOND;
     thread::spawn(move || {
-        while !stopped.load(Ordering::Relaxed) {
+        loop {
+            let started = Instant::now();
+            hold.wait_if_held();
             let sent = sender.send_to(b"denied", denied).is_ok()
                 && sender.send_to(b"allowed", allowed).is_ok();
             if sent {
                 counts.pairs_sent.fetch_add(1, Ordering::Relaxed);
             }
             arrive(&counts);
+            let left = slot.saturating_sub(started.elapsed());
+            if stopped.recv_timeout(left) != Err(mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
         }
     })
 }

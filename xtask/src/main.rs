@@ -1,5 +1,5 @@
 //! The project's helper: `cargo xtask setup | demo | test | package |
-//! vm-test | bench | scenario NAME`.
+//! vm-test | bench | fuzz | soak | scenario NAME`.
 
 mod daemonset;
 mod demo;
@@ -8,6 +8,7 @@ mod image;
 mod limits;
 mod package;
 mod setup;
+mod soak;
 mod util;
 mod vm;
 
@@ -74,6 +75,16 @@ enum Task {
         #[arg(long = "guest", alias = "kernel", value_name = "GUEST")]
         guests: Vec<String>,
     },
+    /// The agent under churn for MINUTES with traffic throughout: the
+    /// rules rewritten every second (up to 100,000 prefixes), the
+    /// interface re-created every 30 s, the agent killed with SIGKILL and
+    /// restarted every minute, stats, /metrics and watch read all along;
+    /// then every promise checked (nothing denied delivered, nothing
+    /// allowed lost, every reload in force, no leak, no pin left).
+    Soak {
+        #[arg(long, default_value_t = 60.0)]
+        minutes: f64,
+    },
     /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
     /// writes target/bench.json. With --live: whole-path cost with live
     /// traffic next to nftables, iptables and ipset; writes
@@ -107,6 +118,7 @@ fn main() -> ExitCode {
         Task::Image { check: false } => setup::packaging().and_then(|()| image::build().map(drop)),
         Task::Image { check: true } => setup::run().and_then(|()| image_check().map(drop)),
         Task::VmTest { guests } => setup::run().and_then(|()| vm_test(&guests)),
+        Task::Soak { minutes } => setup::run().and_then(|()| soak::run(minutes)),
         Task::Bench {
             live,
             runs,
@@ -230,6 +242,8 @@ enum Ended {
 
 /// Seconds each fuzz target runs in `cargo xtask test`.
 const FUZZ_SECONDS: u64 = 20;
+/// The soak's length in `cargo xtask test` (the long runs are by hand).
+const SOAK_MINUTES: f64 = 2.0;
 
 /// The bench's exit code when this kernel cannot run it (automake's).
 const BENCH_SKIPPED: i32 = 77;
@@ -286,6 +300,8 @@ fn test() -> anyhow::Result<()> {
     let schema = package::validate_manifest();
     outcomes.push(("package (DaemonSet schema)", schema.map(|()| Ended::Passed)));
     outcomes.push(("image --check", image_check().map(|()| Ended::Passed)));
+    let soaked = soak::run(SOAK_MINUTES);
+    outcomes.push(("soak --minutes 2", soaked.map(|()| Ended::Passed)));
     let mut skipped = 0u64;
     for (name, outcome) in outcomes {
         match outcome {

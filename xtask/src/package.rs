@@ -170,6 +170,16 @@ pub fn binaries() -> anyhow::Result<Vec<PathBuf>> {
     Ok(built)
 }
 
+/// The static binary of this machine's architecture, as the packages ship
+/// it.
+pub fn host_binary() -> anyhow::Result<PathBuf> {
+    let index = ARCHES
+        .iter()
+        .position(|arch| arch.uname == std::env::consts::ARCH)
+        .with_context(|| format!("no package for {}", std::env::consts::ARCH))?;
+    Ok(binaries()?.swap_remove(index))
+}
+
 /// `filter-agent-*/out/filter` under `build`: the object build.rs embedded last.
 pub fn embedded_object(build: &Path) -> anyhow::Result<PathBuf> {
     fs::read_dir(build)?

@@ -241,14 +241,27 @@ fn start(
 /// The control socket at `path`, unless another agent already serves it
 /// (agents on other interfaces of the host): then this one takes no trials.
 fn control_socket(path: &std::path::Path) -> anyhow::Result<Option<trial::Control>> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    let served_elsewhere = || {
         warn!(
             socket = %path.display(),
             "another agent serves the control socket: `filter-agent try` goes to that one"
         );
-        return Ok(None);
+        Ok(None)
+    };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return served_elsewhere();
     }
-    trial::Control::bind(path).map(Some)
+    match trial::Control::bind(path) {
+        // Another agent bound it since the check: the same.
+        Err(err)
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|err| err.kind() == std::io::ErrorKind::AddrInUse) =>
+        {
+            served_elsewhere()
+        }
+        bound => bound.map(Some),
+    }
 }
 
 /// Tells systemd (`Type=notify`) about the agent's state; a no-op when not

@@ -51,6 +51,7 @@ pub fn previous_deb() -> anyhow::Result<PathBuf> {
         return Ok(deb);
     }
     println!("vm-test: building release {PREVIOUS_VERSION} ({PREVIOUS_COMMIT}) to upgrade from");
+    let partial = deb.with_extension("partial");
     let src = out.join("src");
     let _ = fs::remove_dir_all(&src);
     fs::create_dir_all(&src)?;
@@ -68,17 +69,26 @@ pub fn previous_deb() -> anyhow::Result<PathBuf> {
     fs::write(&tar, &archive.stdout)?;
     run(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&src))?;
     std::os::unix::fs::symlink(&target, src.join("target"))?;
-    let scripts_before = build_scripts(&target);
-    run(Command::new(cargo_program())
+    // Its packaging embeds the newest eBPF object it finds among the build
+    // scripts' outputs: only its own are there while it builds.
+    let hidden = hide_build_scripts(&target, &out.join("hidden"))?;
+    let built = run(Command::new(cargo_program())
         .args(["xtask", "package"])
         .current_dir(&src))
-    .context("building the previous release's package")?;
-    fs::copy(
-        target.join(format!("debian/filter-agent_{PREVIOUS_VERSION}_amd64.deb")),
-        &deb,
-    )?;
-    forget_previous_build(&target, &scripts_before)?;
+    .context("building the previous release's package")
+    .and_then(|()| {
+        let built = target.join(format!("debian/filter-agent_{PREVIOUS_VERSION}_amd64.deb"));
+        fs::copy(built, &partial).map_err(anyhow::Error::from)
+    });
+    let forgotten = forget_previous_build(&target);
+    for (at, kept) in hidden {
+        fs::rename(kept, at)?;
+    }
+    fs::remove_dir_all(out.join("hidden"))?;
+    built.and(forgotten)?;
     fs::remove_dir_all(&src)?;
+    // Only a build that cleaned up after itself is reused.
+    fs::rename(partial, &deb)?;
     Ok(deb)
 }
 
@@ -92,19 +102,37 @@ fn build_scripts(target: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Moves this build's build-script directories under `store`; returns
+/// where each was and is.
+fn hide_build_scripts(target: &Path, store: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    let _ = fs::remove_dir_all(store);
+    fs::create_dir_all(store)?;
+    let mut hidden = Vec::new();
+    for (index, script) in build_scripts(target).into_iter().enumerate() {
+        let kept = store.join(index.to_string());
+        fs::rename(&script, &kept)?;
+        hidden.push((script, kept));
+    }
+    Ok(hidden)
+}
+
 /// Removes what the previous release's build left where this one's looks:
 /// its packages and tarballs, the binaries cargo copied out of `deps`
 /// (cargo copies this build's again when they are missing, not when they
-/// are there), and its build scripts' output (the packaging takes the
-/// newest eBPF object it finds there).
-fn forget_previous_build(target: &Path, scripts_before: &[PathBuf]) -> anyhow::Result<()> {
+/// are there), and its build scripts' output.
+fn forget_previous_build(target: &Path) -> anyhow::Result<()> {
     for dir in ["debian", "dist"] {
         for entry in fs::read_dir(target.join(dir))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.contains(&format!("-{PREVIOUS_VERSION}-"))
                 || name.contains(&format!("_{PREVIOUS_VERSION}_"))
             {
-                fs::remove_file(entry.path())?;
+                let path = entry.path();
+                if path.is_dir() {
+                    fs::remove_dir_all(path)?;
+                } else {
+                    fs::remove_file(path)?;
+                }
             }
         }
     }
@@ -114,9 +142,7 @@ fn forget_previous_build(target: &Path, scripts_before: &[PathBuf]) -> anyhow::R
         }
     }
     for script in build_scripts(target) {
-        if !scripts_before.contains(&script) {
-            fs::remove_dir_all(&script)?;
-        }
+        fs::remove_dir_all(&script)?;
     }
     Ok(())
 }

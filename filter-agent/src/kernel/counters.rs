@@ -80,6 +80,8 @@ pub struct RuleRecord {
 }
 
 const _: () = assert!(size_of::<RuleRecord>() == NAME_BYTES + 8 + 32);
+// SAFETY: `repr(C)`, integers and a byte array, no padding (size asserted).
+unsafe impl Pod for RuleRecord {}
 
 /// The pinned rule table's shape (its entries follow the rule set).
 pub const RULE_TABLE: Shape = Shape {
@@ -88,8 +90,6 @@ pub const RULE_TABLE: Shape = Shape {
     value_size: size_of::<RuleRecord>() as u32,
     max_entries: None,
 };
-// SAFETY: `repr(C)`, integers and a byte array, no padding (size asserted).
-unsafe impl Pod for RuleRecord {}
 
 impl RuleRecord {
     fn new(rule: &RuleInfo, base: RuleCounts) -> Self {

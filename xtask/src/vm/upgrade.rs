@@ -19,10 +19,10 @@ use super::{
 };
 use crate::util::{cargo_program, run, workspace_root};
 
-/// The last commit of release 0.1.0. Its pins have no layout record
-/// (layout 1); the next commit added the record, so upgrading from it
-/// crosses the only layout change since the pinned rule table took its
-/// present form.
+/// The last commit of release 0.1.0, and the last before a layout change:
+/// its pins have no layout record (layout 1), the next commit added it.
+/// Upgrading from it crosses that change; the maps both pin have the same
+/// shapes, which the host test (tests/upgrade.rs) varies instead.
 const PREVIOUS_COMMIT: &str = "25d5991c50056b9f06bb9920b0fa65e52a94a338";
 const PREVIOUS_VERSION: &str = "0.1.0";
 

@@ -347,6 +347,12 @@ fn interface_name(name: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
+/// A failure as one line, with its causes: paths and values from the
+/// command line and from files may hold control characters, escaped here.
+pub fn one_line_failure(err: &anyhow::Error) -> String {
+    crate::rules::quote::one_line(&format!("{err:#}"))
+}
+
 /// Folds clap's multi-line error report into one line.
 pub fn one_line_error(err: &clap::Error) -> String {
     let rendered = err.render().to_string();

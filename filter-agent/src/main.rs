@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     };
     cli::init_logging(cli.run.log_format);
     if let Err(err) = dispatch(cli) {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", cli::one_line_failure(&err));
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

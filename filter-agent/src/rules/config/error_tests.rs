@@ -31,6 +31,17 @@ fn set_file_errors_name_the_rules_file_line() {
 }
 
 #[test]
+fn a_value_quoted_in_an_error_keeps_it_one_line() {
+    // Found by the rules_text fuzzer: TOML's escapes put a newline into a
+    // value, and the parser's message quotes the value.
+    let err = error_of("[filter]\ndefault = \"d\\ny\"\n");
+    assert_eq!(
+        err,
+        "rules.toml:2:11: unknown variant `d\\ny`, expected `allow` or `deny`"
+    );
+}
+
+#[test]
 fn nesting_past_the_parser_limit_is_located() {
     let deep = format!(
         "{HEAD}# a comment. with [dots]\n{}b = 1\n",

@@ -298,7 +298,9 @@ pub enum ConfigError {
         path: PathBuf,
         limit: u64,
     },
-    #[error("{location}: {message}")]
+    /// The message may quote the file's own text: control characters in
+    /// it are escaped, so that the error stays one line.
+    #[error("{location}: {}", crate::rules::quote::one_line(.message))]
     Invalid { location: Location, message: String },
 }
 

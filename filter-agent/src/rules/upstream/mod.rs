@@ -15,7 +15,10 @@ use std::{collections::HashSet, fmt, fmt::Write as _};
 use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::rules::action::{Action, Fragments};
+use crate::rules::{
+    action::{Action, Fragments},
+    quote,
+};
 
 /// The formats read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,18 +89,19 @@ pub struct Entry {
     pub needs_ports: bool,
 }
 
-/// One line, naming the entry and the field.
+/// One line, naming the entry and the field (names and values from the
+/// ACL have their control characters escaped).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum UpstreamError {
-    #[error("not {what}: {message}")]
+    #[error("not {what}: {}", quote::one_line(.message))]
     Shape { what: &'static str, message: String },
-    #[error("{entry}: {field} {message}")]
+    #[error("{}: {field} {}", quote::one_line(.entry), quote::one_line(.message))]
     Field {
         entry: String,
         field: &'static str,
         message: String,
     },
-    #[error("{0}")]
+    #[error("{}", quote::one_line(.0))]
     Choice(String),
 }
 

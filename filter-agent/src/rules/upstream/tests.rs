@@ -333,3 +333,16 @@ fn entries_of_one_name_import_as_rules_of_their_own() {
     let names: Vec<&str> = config.rules.iter().map(|rule| rule.name.as_str()).collect();
     assert_eq!(names, ["return-tcp", "return-tcp-2"]);
 }
+
+#[test]
+fn names_and_values_from_the_acl_keep_an_error_one_line() {
+    let err = UpstreamError::Field {
+        entry: "acl\nrule 1".into(),
+        field: "RuleAction",
+        message: "\"al\nlow\" is not allow or deny".into(),
+    };
+    assert_eq!(
+        err.to_string(),
+        "acl\\nrule 1: RuleAction \"al\\nlow\" is not allow or deny"
+    );
+}

@@ -45,6 +45,9 @@ pub fn run(minutes: f64) -> anyhow::Result<()> {
     // The binary the packages ship (static, musl's allocator).
     let binary = package::host_binary()?;
     let (interrupt, interrupted) = mpsc::channel();
+    // Held until the end, so that the channel stays open (its timeout
+    // paces the soak) even when the handler below is not installed.
+    let _paced = interrupt.clone();
     // Fails only when another task of this run has one: Ctrl-C then does
     // what that one says.
     let _ = ctrlc::set_handler(move || {

@@ -8,29 +8,32 @@
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use filter_agent::kernel::layout;
-use testbed::{Pair, steady::Steady, wait_until};
+use testbed::{Daemon, Pair, steady::Steady, wait_until};
 
 mod support;
-use support::{AGENT, DENIED_PORT, DENY_9000, Pins, error_line, rules_file, start_agent};
+use support::{
+    AGENT, DENIED_PORT, DENY_9000, Pins, error_line, rules_file, start_agent, stats_packets,
+};
 
 /// Allowed by `DENY_9000`.
 const ALLOWED_PORT: u16 = 9001;
 
-/// `filter-agent stats --json` for `iface`: its one document.
-fn stats(iface: &str) -> serde_json::Value {
+/// `filter-agent stats --json` for `iface`.
+fn stats(iface: &str) -> String {
     let output = Command::new(AGENT)
         .args(["stats", "--json", "--iface", iface])
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
-    let mut documents: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    documents[0].take()
+    String::from_utf8(output.stdout).unwrap()
 }
 
-fn rule_packets(stats: &serde_json::Value, rule: &str) -> u64 {
-    let rules = stats["rules"].as_array().unwrap();
-    let entry = rules.iter().find(|entry| entry["rule"] == rule).unwrap();
-    entry["packets"].as_u64().unwrap()
+/// `stats --json`'s one document: its pin layout and generation.
+fn layout_of(stats: &str) -> (u64, u64) {
+    let documents: serde_json::Value = serde_json::from_str(stats).unwrap();
+    let document = &documents[0];
+    let number = |key: &str| document[key].as_u64().unwrap();
+    (number("layout"), number("generation"))
 }
 
 fn bpftool(args: &[&str]) -> String {
@@ -39,14 +42,41 @@ fn bpftool(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// `--iface IFACE` and a control socket of the test's own (tests run in
-/// parallel).
-fn agent_args(iface: &str, dir: &tempfile::TempDir) -> Vec<String> {
-    let socket = dir.path().join("control.sock");
-    let socket = socket.to_str().unwrap();
-    ["--iface", iface, "--control-socket", socket]
-        .map(str::to_owned)
-        .to_vec()
+/// An agent's interface with `DENY_9000`, its pins removed when the test
+/// ends, and a control socket of the test's own (tests run in parallel).
+struct Filtered {
+    pair: Pair,
+    pins: Pins,
+    rules: tempfile::NamedTempFile,
+    args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Filtered {
+    fn new(tag: &str) -> Self {
+        let pair = Pair::create(tag).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let iface = pair.server_if.as_str();
+        let args = [
+            "--iface",
+            iface,
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ];
+        Self {
+            pins: Pins::of(&pair.server_if),
+            rules: rules_file(DENY_9000),
+            args: args.map(str::to_owned).to_vec(),
+            _dir: dir,
+            pair,
+        }
+    }
+
+    fn start(&self) -> Daemon {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        start_agent(&self.pair.server, &args, self.rules.path())
+    }
 }
 
 fn steady(pair: &Pair) -> Steady {
@@ -62,21 +92,17 @@ fn steady(pair: &Pair) -> Steady {
 
 #[test]
 fn an_older_layout_is_taken_over_without_a_gap_and_says_what_it_reset() {
-    let pair = Pair::create("upg").unwrap();
-    let pins = Pins::of(&pair.server_if);
-    let rules = rules_file(DENY_9000);
-    let dir = tempfile::tempdir().unwrap();
-    let args = agent_args(&pair.server_if, &dir);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = start_agent(&pair.server, &args, rules.path());
-    let mut traffic = steady(&pair);
+    let filtered = Filtered::new("upg");
+    let (pair, pins) = (&filtered.pair, &filtered.pins);
+    let agent = filtered.start();
+    let mut traffic = steady(pair);
     wait_until("denied datagrams counted", Duration::from_secs(5), || {
-        rule_packets(&stats(&pair.server_if), "deny-9000") >= 50
+        stats_packets(&stats(&pair.server_if), "deny-9000") >= 50
     });
     let (status, log) = agent.stop();
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
     let before = stats(&pair.server_if);
-    assert_eq!(before["layout"], layout::CURRENT);
+    assert_eq!(layout_of(&before).0, u64::from(layout::CURRENT));
 
     // As a release before layouts left it: no record; and a counter map
     // of another shape than this release's (7 reasons where it had 3).
@@ -100,7 +126,7 @@ fn an_older_layout_is_taken_over_without_a_gap_and_says_what_it_reset() {
         "STATS",
     ]);
 
-    let agent = start_agent(&pair.server, &args, rules.path());
+    let agent = filtered.start();
     let said = agent
         .seen()
         .iter()
@@ -112,15 +138,18 @@ fn an_older_layout_is_taken_over_without_a_gap_and_says_what_it_reset() {
         "{said}"
     );
     assert!(said.contains("STATS (entries 3 -> 7)"), "{said}");
-    let carried = rule_packets(&before, "deny-9000");
+    let carried = stats_packets(&before, "deny-9000");
     wait_until(
         "counting on after the takeover",
         Duration::from_secs(5),
-        || rule_packets(&stats(&pair.server_if), "deny-9000") >= carried + 50,
+        || stats_packets(&stats(&pair.server_if), "deny-9000") >= carried + 50,
     );
     let after = stats(&pair.server_if);
-    assert_eq!(after["layout"], layout::CURRENT);
-    assert_eq!(after["generation"], 1, "{after}");
+    assert_eq!(
+        layout_of(&after),
+        (u64::from(layout::CURRENT), 1),
+        "{after}"
+    );
     let tally = traffic.stop();
     drop(agent);
     assert_eq!(tally.denied_delivered, 0, "{tally:?}");
@@ -130,13 +159,9 @@ fn an_older_layout_is_taken_over_without_a_gap_and_says_what_it_reset() {
 
 #[test]
 fn a_newer_layout_is_refused_in_one_line_and_left_as_it_was() {
-    let pair = Pair::create("upn").unwrap();
-    let pins = Pins::of(&pair.server_if);
-    let rules = rules_file(DENY_9000);
-    let dir = tempfile::tempdir().unwrap();
-    let args = agent_args(&pair.server_if, &dir);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (status, log) = start_agent(&pair.server, &args, rules.path()).stop();
+    let filtered = Filtered::new("upn");
+    let (pair, pins) = (&filtered.pair, &filtered.pins);
+    let (status, log) = filtered.start().stop();
     assert!(status.is_some_and(|s| s.success()), "{log:?}");
 
     // The record as a later release would write it: version 3.
@@ -157,13 +182,13 @@ fn a_newer_layout_is_refused_in_one_line_and_left_as_it_was() {
     update.extend(value.iter().map(String::as_str));
     bpftool(&update);
 
-    let mut traffic = steady(&pair);
+    let mut traffic = steady(pair);
     let output = pair
         .server
         .command(AGENT)
-        .args(&args)
+        .args(&filtered.args)
         .arg("--rules")
-        .arg(rules.path())
+        .arg(filtered.rules.path())
         .output()
         .unwrap();
     let error = error_line(&output);
@@ -174,7 +199,7 @@ fn a_newer_layout_is_refused_in_one_line_and_left_as_it_was() {
         "{error}"
     );
     let after = stats(&pair.server_if);
-    assert_eq!(after["layout"], 3, "{after}");
+    assert_eq!(layout_of(&after).0, 3, "{after}");
     let tally = traffic.stop();
     assert_eq!(tally.denied_delivered, 0, "{tally:?}");
     assert_eq!(tally.allowed_lost(), 0, "{tally:?}");

@@ -7,7 +7,6 @@
 //! interface deleted and created again).
 
 use std::{
-    io,
     net::{SocketAddr, UdpSocket},
     sync::{
         Arc, Condvar, Mutex,
@@ -18,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Netns, TestbedError, traffic::TIMEOUT};
+use crate::{
+    Netns, TestbedError,
+    traffic::{TIMEOUT, socket_error},
+};
 
 /// How often the receivers look at the stop flag.
 const POLL: Duration = Duration::from_millis(20);
@@ -274,11 +276,4 @@ fn send_in_step(
             }
         }
     })
-}
-
-fn socket_error(ns: &Netns, source: io::Error) -> TestbedError {
-    TestbedError::Socket {
-        name: ns.name().to_owned(),
-        source,
-    }
 }

@@ -285,7 +285,7 @@ pub fn http_get(ns: &Netns, address: &str, path: &str) -> Result<(u16, String), 
     Ok((status, body.to_owned()))
 }
 
-fn socket_error(ns: &Netns, source: io::Error) -> TestbedError {
+pub(crate) fn socket_error(ns: &Netns, source: io::Error) -> TestbedError {
     TestbedError::Socket {
         name: ns.name().to_owned(),
         source,

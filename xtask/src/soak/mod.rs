@@ -176,11 +176,9 @@ impl Soak {
     /// return datagram more.
     fn scrape(&mut self) -> anyhow::Result<()> {
         let page = observe::metrics(&self.pair.server)?;
-        let series = format!(
-            "filter_agent_rules_generation{{iface=\"{}\"}}",
-            self.pair.server_if
-        );
-        let shown = observe::metric(&page, &series).context("no generation in /metrics")?;
+        let iface = [("iface", self.pair.server_if.as_str())];
+        let shown = crate::vm::metric(&page, "filter_agent_rules_generation", &iface)
+            .context("no generation in /metrics")?;
         ensure!(
             shown as u64 == self.generation,
             "/metrics says generation {shown}, stats said {}",

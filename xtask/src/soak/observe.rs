@@ -134,12 +134,6 @@ impl Stats {
     }
 }
 
-/// The value of `name{labels}` in a Prometheus text page.
-pub fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
 /// The agent's /metrics page, fetched from inside its namespace.
 pub fn metrics(ns: &Netns) -> anyhow::Result<String> {
     let (status, body) = testbed::traffic::http_get(ns, "127.0.0.1:9469", "/metrics")?;

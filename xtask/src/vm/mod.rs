@@ -52,6 +52,7 @@ const RULE_FILES: &[(&str, &str, u32)] = &[
 ];
 
 pub use kernels::SUITES;
+pub(crate) use observe::metric;
 
 /// A Debian system with systemd as PID 1 that installs the package.
 pub struct SystemdGuest {

@@ -24,13 +24,7 @@ pub(super) const GUEST_BODY: &str = "hello from the guest";
 /// and default denials on `iface`; returns both packet counts.
 pub(super) fn counted(vm: &mut Vm, iface: &str) -> anyhow::Result<(u64, u64)> {
     let document = json_document(&vm.ok(&format!("filter-agent stats --iface {iface} --json"))?)?;
-    let web = document["rules"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|rule| rule["rule"] == "web")
-        .and_then(|rule| rule["packets"].as_u64())
-        .unwrap_or(0);
+    let web = rule_packets(&document, "web").unwrap_or(0);
     let denied = document["reasons"]["default_deny"]["packets"]
         .as_u64()
         .unwrap_or(0);
@@ -68,6 +62,12 @@ pub(super) fn counted(vm: &mut Vm, iface: &str) -> anyhow::Result<(u64, u64)> {
         bail!("/metrics for {iface}: web {web:?}, default_deny {deny:?}");
     }
     Ok((web, denied))
+}
+
+/// Packets of `rule` in an interface's `stats --json` document.
+pub(super) fn rule_packets(document: &Value, rule: &str) -> Option<u64> {
+    let rules = document["rules"].as_array()?;
+    rules.iter().find(|entry| entry["rule"] == rule)?["packets"].as_u64()
 }
 
 /// The one interface's document of a `--json` listing.
@@ -134,7 +134,7 @@ pub(super) fn http_get(port: u16, timeout: Duration) -> bool {
 }
 
 /// The value of the series of `name` with all of `labels`, in Prometheus text.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|line| line.starts_with(name) && line[name.len()..].starts_with('{'))
         .filter(|line| {

@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 
 use super::{
+    observe::{json_document, rule_packets},
     qemu::Vm,
     systemd::{apt, show_one},
     unit::without_gap,
@@ -216,13 +217,9 @@ fn answered_in_order(out: &str) -> anyhow::Result<u64> {
 /// generation there.
 fn counted(vm: &mut Vm, rule: &str) -> anyhow::Result<(u64, u64)> {
     let text = vm.ok("filter-agent stats --json --iface fa0")?;
-    let documents: serde_json::Value = serde_json::from_str(&text)?;
-    let document = &documents[0];
-    let packets = document["rules"]
-        .as_array()
-        .and_then(|rules| rules.iter().find(|entry| entry["rule"] == rule))
-        .and_then(|entry| entry["packets"].as_u64())
-        .with_context(|| format!("no rule {rule} in {text}"))?;
+    let document = json_document(&text)?;
+    let packets =
+        rule_packets(&document, rule).with_context(|| format!("no rule {rule} in {text}"))?;
     Ok((packets, document["generation"].as_u64().unwrap_or(0)))
 }
 

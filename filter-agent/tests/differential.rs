@@ -10,7 +10,7 @@ mod support;
 use std::net::IpAddr;
 
 use filter_agent::{
-    kernel::loader::{Filter, xdp_action},
+    kernel::loader::{Filter, LoadOptions, xdp_action},
     oracle::packet::{self, PacketSpec, Transport},
     oracle::reference::{self, GuardView, Outcome},
     rules::compile::compile,
@@ -115,9 +115,15 @@ fn kernel_agrees_with_reference() {
     let mut over_limit = 0;
     for set in 0..RULE_SETS {
         let config = random_config(&mut rng);
-        let mut filter = Filter::load_traced(&compile(&config).unwrap())
+        let source_seed = rng.random();
+        let options = LoadOptions {
+            trace: true,
+            source_seed: Some(source_seed),
+            ..LoadOptions::default()
+        };
+        let mut filter = Filter::load_with(&compile(&config).unwrap(), &options)
             .unwrap_or_else(|err| panic!("seed {seed}, set {set}: {err:?}"));
-        let mut buckets = reference::Buckets::default();
+        let mut buckets = reference::Buckets::with_seed(source_seed);
         let mut clock = rng.random_range(0..1_000_000_000);
         for _ in 0..FRAMES_PER_SET {
             let frame = random_frame(&mut rng);

@@ -221,35 +221,11 @@ pub mod action {
     pub const LIMIT_SHIFT: u32 = 8;
 }
 
-/// A rule's rate limit (an entry of `LIMITS`), kept as GCRA: the bucket is
-/// the time its next packet is due, so one 64-bit add takes a token and
-/// every CPU shares the same bucket without a lock.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Nanoseconds per packet at the limit's rate.
-    pub interval_ns: u64,
-    /// How far ahead of now the due time may run: (burst - 1) intervals.
-    pub tolerance_ns: u64,
-    /// The rule-wide bucket: when the next packet is due (program state).
-    pub due_ns: u64,
-    /// Non-zero: one bucket per source prefix (`SOURCE_BUCKETS`): the
-    /// source as the program stores addresses (IPv4-mapped for IPv4),
-    /// masked with `v4_mask` or `v6_mask`.
-    pub per_source: u32,
-    pub reserved: u32,
-    pub v4_mask: [u8; 16],
-    pub v6_mask: [u8; 16],
-}
-
-/// Key of `SOURCE_BUCKETS`: a rule's limit slot and a masked source
-/// (IPv4-mapped for IPv4). The value is the bucket's due time.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SourceBucket {
-    pub addr: [u8; 16],
-    pub slot: u32,
-}
+mod limit;
+pub use limit::{
+    COARSE_CLOCK_MIN_TOLERANCE_NS, COARSE_CLOCK_USES, RateLimit, SourceBucket, address_words,
+    source_bucket_count, source_hash,
+};
 
 /// Filter modes, as stored in the `MODE` global.
 pub mod mode {
@@ -445,6 +421,8 @@ pub mod names {
     pub const CLOCK: &str = "CLOCK";
     pub const LIMITS: &str = "LIMITS";
     pub const SOURCE_BUCKETS: &str = "SOURCE_BUCKETS";
+    pub const SOURCE_SEED: &str = "SOURCE_SEED";
+    pub const SOURCE_INDEX_MASK: &str = "SOURCE_INDEX_MASK";
     pub const RULE_OVER_LIMIT: &str = "RULE_OVER_LIMIT";
     pub const LAST_DECISION: &str = "LAST_DECISION";
     pub const EGRESS_PROGRAM: &str = "guard_egress";
@@ -470,7 +448,7 @@ const _: () = assert!(core::mem::size_of::<Event>() == 48);
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 16);
 const _: () = assert!(core::mem::size_of::<GuardSampler>() == 24);
 const _: () = assert!(core::mem::size_of::<RateLimit>() == 64);
-const _: () = assert!(core::mem::size_of::<SourceBucket>() == 20);
+const _: () = assert!(core::mem::size_of::<SourceBucket>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {

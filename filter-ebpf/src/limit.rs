@@ -1,5 +1,7 @@
-//! Rate limits: a GCRA bucket per rule, or per source prefix in an LRU
-//! table. A bucket is the time its next packet is due; every CPU updates
+//! Rate limits: a GCRA bucket per rule, or per source prefix in a fixed
+//! array of buckets indexed by a keyed hash of the masked source (no
+//! insert, no eviction: a flood of new sources costs what a known source
+//! does). A bucket is the time its next packet is due; every CPU updates
 //! the same one with a plain store or one atomic add (`BPF_XADD`, on every
 //! kernel from 5.10), so the limit holds across CPUs without a lock.
 //!
@@ -10,39 +12,59 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
+    Global,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, LruHashMap},
+    maps::{Array, PerCpuArray},
 };
-use filter_common::{RateLimit, SourceBucket};
+use filter_common::{COARSE_CLOCK_USES, RateLimit, SourceBucket, source_hash};
 
-use crate::{guard, parse::Packet};
+use crate::parse::Packet;
 
 /// The limits, indexed by the slot in a rule's `RULE_ACTIONS` entry (sized
 /// by the agent; slot 0 is unused).
 #[map]
 static LIMITS: Array<RateLimit> = Array::with_max_entries(1, 0);
-/// Per-source buckets of every per-source limit (sized by the agent).
+/// Per-source buckets of every per-source limit: a power of two of them
+/// (sized by the agent), shared by all rules.
 #[map]
-static SOURCE_BUCKETS: LruHashMap<SourceBucket, u64> = LruHashMap::with_max_entries(1, 0);
+static SOURCE_BUCKETS: Array<SourceBucket> = Array::with_max_entries(1, 0);
+/// The key of `source_hash`, drawn by the agent at each load.
+#[unsafe(no_mangle)]
+static SOURCE_SEED: Global<u64> = Global::new(0);
+/// `SOURCE_BUCKETS`' entries minus one: the hash bits that index it.
+#[unsafe(no_mangle)]
+static SOURCE_INDEX_MASK: Global<u32> = Global::new(0);
+/// Per CPU, the clock as last read, for limits that may decide with a
+/// clock up to a tick old (`RateLimit::coarse_clock`).
+#[map]
+static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
+
+/// A clock reading and the tick it was taken in.
+#[repr(C)]
+struct CoarseClock {
+    ns: u64,
+    jiffies: u64,
+    /// Packets decided with `ns` since it was read.
+    uses: u64,
+}
+
 /// The time traced instances (`test`, `replay`) decide at, set before each
 /// packet, so a capture replays at its own pace.
 #[map]
 static CLOCK: Array<u64> = Array::with_max_entries(1, 0);
 
 /// True when the packet fits the limit in `slot`, and takes its token;
-/// `end` is the end of packet memory (see [`guard::address`]).
+/// `end` is the end of packet memory (see `guard::address`).
 #[inline(always)]
 pub fn admit(slot: u32, packet: &Packet, end: usize) -> bool {
     let Some(limit) = LIMITS.get_ptr_mut(slot) else {
         return true;
     };
-    let now = now();
     // SAFETY: a map value of this program. Other CPUs change `due_ns`
     // under us, so it is only reached through its pointer; the rest is
     // written by the agent before the program runs.
-    let (interval, tolerance, per_source, mask) = unsafe {
+    let (interval, tolerance, per_source, mask, now) = unsafe {
         let mask = if packet.v6 {
             &(*limit).v6_mask
         } else {
@@ -53,6 +75,7 @@ pub fn admit(slot: u32, packet: &Packet, end: usize) -> bool {
             (*limit).tolerance_ns,
             (*limit).per_source,
             mask,
+            now((*limit).coarse_clock != 0),
         )
     };
     if per_source == 0 {
@@ -63,27 +86,51 @@ pub fn admit(slot: u32, packet: &Packet, end: usize) -> bool {
             tolerance,
         );
     }
-    let key = SourceBucket {
-        addr: masked_source(mask, packet, end),
-        slot,
+    let source = masked_source(mask, packet, end);
+    let tag = source_hash(SOURCE_SEED.load(), source, slot);
+    let Some(bucket) = SOURCE_BUCKETS.get_ptr_mut(tag as u32 & SOURCE_INDEX_MASK.load()) else {
+        return true;
     };
-    match SOURCE_BUCKETS.get_ptr_mut(&key) {
-        Some(due) => take(due, now, interval, tolerance),
-        None => {
-            // A new source has a full bucket: this packet takes one token.
-            // A full table evicts its least recently used source.
-            let _ = SOURCE_BUCKETS.insert(&key, &(now + interval), BPF_NOEXIST as u64);
-            true
+    // SAFETY: a map value of this program, reached through its pointer
+    // because other CPUs change it under us.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*bucket).tag) != tag {
+            // Another source's bucket (or none yet): this source takes it
+            // over with a full bucket, and this packet takes one token.
+            core::ptr::write_volatile(&raw mut (*bucket).tag, tag);
+            core::ptr::write_volatile(&raw mut (*bucket).due_ns, now + interval);
+            return true;
         }
+        take(&raw mut (*bucket).due_ns, now, interval, tolerance)
     }
 }
 
+/// The time to decide at: the clock, or with `coarse` this CPU's last
+/// reading of it while the tick (jiffies) has not moved on, which saves a
+/// clock read (most of a limit's cost) on nearly every packet of a flood.
 #[inline(always)]
-fn now() -> u64 {
+fn now(coarse: bool) -> u64 {
     if crate::TRACE.load() != 0
         && let Some(clock) = CLOCK.get(0)
     {
         return *clock;
+    }
+    if coarse && let Some(cached) = COARSE_CLOCK.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the program is not preempted by itself.
+        unsafe {
+            let jiffies = bpf_jiffies64();
+            if (*cached).jiffies == jiffies && (*cached).uses < COARSE_CLOCK_USES {
+                (*cached).uses += 1;
+                return (*cached).ns;
+            }
+            let ns = bpf_ktime_get_ns();
+            *cached = CoarseClock {
+                ns,
+                jiffies,
+                uses: 1,
+            };
+            return ns;
+        }
     }
     unsafe { bpf_ktime_get_ns() }
 }
@@ -108,13 +155,35 @@ fn take(due: *mut u64, now: u64, interval: u64, tolerance: u64) -> bool {
     true
 }
 
-/// The packet's source under its family's prefix `mask`.
+/// The packet's source under its family's prefix `mask`, as
+/// `source_hash` takes it (IPv4-mapped for IPv4), read as whole words
+/// rather than through a 16-byte copy.
 #[inline(always)]
-fn masked_source(mask: &[u8; 16], packet: &Packet, end: usize) -> [u8; 16] {
-    // SAFETY: `end` ends the packet that `packet` was parsed from.
-    let mut addr = unsafe { guard::address(packet, 0, end) };
-    for (byte, mask) in addr.iter_mut().zip(mask) {
-        *byte &= mask;
-    }
-    addr
+fn masked_source(mask: &[u64; 2], packet: &Packet, end: usize) -> [u64; 2] {
+    let from = packet.addresses;
+    // The proof next to the reads, as in `guard::address`.
+    let source = if packet.v6 {
+        if from as usize + 32 > end {
+            return [0; 2];
+        }
+        // SAFETY: 16 bytes of the packet, checked just above.
+        unsafe { [be_word(from), be_word(from.add(8))] }
+    } else {
+        if from as usize + 8 > end {
+            return [0; 2];
+        }
+        // SAFETY: 4 bytes of the packet, checked just above.
+        let v4 = unsafe { u32::from_be_bytes(from.cast::<[u8; 4]>().read_unaligned()) };
+        [0, 0xffff_0000_0000 | u64::from(v4)]
+    };
+    [source[0] & mask[0], source[1] & mask[1]]
+}
+
+/// The big-endian word at `at`.
+///
+/// # Safety
+/// `at` and the 7 bytes after it are packet memory.
+#[inline(always)]
+unsafe fn be_word(at: *const u8) -> u64 {
+    u64::from_be_bytes(unsafe { at.cast::<[u8; 8]>().read_unaligned() })
 }

@@ -25,13 +25,14 @@ use filter_agent::{
     kernel::loader::{Filter, LoadOptions},
     rules::compile::RuleSet,
 };
+use options::Part;
 use rand::{SeedableRng, rngs::StdRng};
 
 /// The whole JSON report of one run.
 #[derive(serde::Serialize)]
 struct Report {
     #[serde(flatten)]
-    rule_sets: rule_sets::RuleSetsReport,
+    rule_sets: Option<rule_sets::RuleSetsReport>,
     limits: Vec<limits::LimitRow>,
     sets: Vec<sets::SetRow>,
     /// Replacing the largest IPv4 set under live traffic.
@@ -64,9 +65,21 @@ fn main() -> anyhow::Result<ExitCode> {
     timing::pin_to_cpu(0);
     // One seed, drawn from in this order: the figures of two runs compare.
     let mut rng = StdRng::seed_from_u64(7);
-    let rule_sets = rule_sets::run(&options, &mut rng)?;
-    let limits = limits::run(&options, &mut rng)?;
-    let (sets, stall) = sets::run(&options, &mut rng)?;
+    let rule_sets = if options.measures(Part::RuleSets) {
+        Some(rule_sets::run(&options, &mut rng)?)
+    } else {
+        None
+    };
+    let limits = if options.measures(Part::Limits) {
+        limits::run(&options, &mut rng)?
+    } else {
+        Vec::new()
+    };
+    let (sets, stall) = if options.measures(Part::Sets) {
+        sets::run(&options, &mut rng)?
+    } else {
+        (Vec::new(), None)
+    };
     let report = Report {
         rule_sets,
         limits,

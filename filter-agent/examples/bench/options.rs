@@ -29,6 +29,9 @@ pub(crate) struct Options {
     /// IPv6 address-set sizes.
     #[arg(long, value_delimiter = ',', default_values_t = [200_000])]
     pub(crate) v6_set_sizes: Vec<usize>,
+    /// Measure only these parts (default: all of them).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub(crate) only: Option<Vec<Part>>,
     /// Write the results here as JSON.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -39,4 +42,22 @@ pub(crate) struct Options {
     /// Added by `cargo bench`-style runners; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// The parts of the default bench.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Part {
+    /// Rule sets of growing size beside xdp-filter.
+    RuleSets,
+    /// Rate limits under a flood.
+    Limits,
+    /// Address sets beside the kernel's LPM trie.
+    Sets,
+}
+
+impl Options {
+    /// Whether `part` is measured in this run.
+    pub(crate) fn measures(&self, part: Part) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&part))
+    }
 }

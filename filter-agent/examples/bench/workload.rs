@@ -154,17 +154,24 @@ pub fn public_service(limit: Option<Limit>, sources: u32) -> Config {
     }
 }
 
-/// A spoofed SYN flood on port 80: every frame from another random source.
-pub fn syn_flood(rng: &mut StdRng, count: usize) -> Vec<Vec<u8>> {
+/// A spoofed SYN flood on port 80: every frame from another random source,
+/// IPv4 or (with `v6`) IPv6 from another /64 of 2000::/3.
+pub fn syn_flood(rng: &mut StdRng, count: usize, v6: bool) -> Vec<Vec<u8>> {
     (0..count)
         .map(|_| {
-            let src = Ipv4Addr::from(rng.random::<u32>());
+            let (src, dst): (IpAddr, IpAddr) = if v6 {
+                let src = (0x2000_u128 << 112) | (rng.random::<u128>() >> 3);
+                (Ipv6Addr::from(src).into(), "2001:db8::1".parse().unwrap())
+            } else {
+                let src = Ipv4Addr::from(rng.random::<u32>());
+                (src.into(), Ipv4Addr::new(192, 0, 2, 1).into())
+            };
             let transport = Transport::Tcp {
                 sport: rng.random_range(1024..=65535),
                 dport: 80,
                 flags: tcp_flag::SYN,
             };
-            PacketSpec::new(src.into(), Ipv4Addr::new(192, 0, 2, 1).into(), transport).build()
+            PacketSpec::new(src, dst, transport).build()
         })
         .collect()
 }

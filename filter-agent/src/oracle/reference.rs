@@ -2,14 +2,13 @@
 //! classifier, written to be obviously correct rather than fast. The
 //! differential tests hold the XDP program to it.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
 pub use filter_common::Outcome;
 use filter_common::{guard::WELL_KNOWN_END, reason, wire::*};
 
-use ipnet::{Ipv4Net, Ipv6Net};
-
-use crate::rules::config::{Action, Config, Fragments, GuardAction, GuardSettings, Limit, Rule};
+pub use super::buckets::Buckets;
+use crate::rules::config::{Action, Config, Fragments, GuardAction, GuardSettings, Rule};
 
 /// What a frame is, as far as the filter is concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,12 +92,17 @@ pub fn classify_at(
             Fragments::MatchL3 => {}
         }
     }
+    // A limited rule's slot in the program's `LIMITS` map: 1, 2, ... in
+    // rule order.
+    let mut limit_slot = 0;
     for (index, rule) in config.effective_rules().enumerate() {
+        limit_slot += u32::from(rule.limit.is_some());
         if !matches(rule, &fields) {
             continue;
         }
+        let sources = config.filter.limit_sources;
         if let Some(limit) = &rule.limit
-            && !buckets.take(index, limit, fields.src, now_ns)
+            && !buckets.take(limit_slot, limit, fields.src, now_ns, sources)
         {
             return (Outcome::OverLimit(index), Action::Deny);
         }
@@ -107,35 +111,6 @@ pub fn classify_at(
     match config.filter.default {
         Action::Allow => (Outcome::Reason(reason::DEFAULT_ALLOW), Action::Allow),
         Action::Deny => (Outcome::Reason(reason::DEFAULT_DENY), Action::Deny),
-    }
-}
-
-/// Rate-limit state: a token bucket per limited rule, or per rule and
-/// source prefix. A bucket holds up to `burst` tokens, starts full, refills
-/// one token per interval (kept in nanoseconds of credit, so refills are
-/// exact), and each packet that finds a whole token takes it.
-#[derive(Debug, Default)]
-pub struct Buckets {
-    /// (rule index, masked source) -> (credit in ns, time of last update).
-    buckets: HashMap<(usize, Option<IpAddr>), (u64, u64)>,
-}
-
-impl Buckets {
-    fn take(&mut self, rule: usize, limit: &Limit, src: IpAddr, now: u64) -> bool {
-        let source = limit.per_source.map(|(v4, v6)| match src {
-            IpAddr::V4(addr) => IpAddr::V4(Ipv4Net::new(addr, v4).unwrap().network()),
-            IpAddr::V6(addr) => IpAddr::V6(Ipv6Net::new(addr, v6).unwrap().network()),
-        });
-        let token = limit.interval_ns();
-        let full = limit.burst * token;
-        let (credit, last) = self.buckets.entry((rule, source)).or_insert((full, now));
-        *credit = full.min(*credit + now.saturating_sub(*last));
-        *last = now;
-        if *credit < token {
-            return false;
-        }
-        *credit -= token;
-        true
     }
 }
 

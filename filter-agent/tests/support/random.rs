@@ -191,7 +191,16 @@ pub fn random_config(rng: &mut StdRng) -> Config {
                 .choose(rng)
                 .unwrap(),
             max_map_mib: filter_agent::rules::config::DEFAULT_MAX_MAP_MIB,
-            limit_sources: filter_agent::rules::config::DEFAULT_LIMIT_SOURCES,
+            // Small tables make per-source buckets shared and taken over.
+            limit_sources: *[
+                1,
+                2,
+                3,
+                16,
+                filter_agent::rules::config::DEFAULT_LIMIT_SOURCES,
+            ]
+            .choose(rng)
+            .unwrap(),
         },
         guard: random_guard(rng),
         rules,

@@ -17,7 +17,9 @@ use aya::{
         xdp::XdpLinkId,
     },
 };
-use filter_common::{Counter, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, names, reason};
+use filter_common::{
+    Counter, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, names, reason, source_bucket_count,
+};
 use thiserror::Error;
 
 pub use attach::{
@@ -45,6 +47,9 @@ pub struct LoadOptions<'a> {
     pub event_rate: u32,
     /// Record each verdict's slot (for [`Filter::trace_frame`]).
     pub trace: bool,
+    /// The key of the per-source buckets' hash (`filter_common::source_hash`);
+    /// `None` draws one from the kernel's random source, as the agent does.
+    pub source_seed: Option<u64>,
 }
 
 /// The XDP object built by build.rs from filter-ebpf.
@@ -119,6 +124,8 @@ pub enum LoadError {
         cause: &'static str,
         log: String,
     },
+    #[error("cannot draw the seed of the per-source buckets' hash")]
+    Seed(#[source] getrandom::Error),
     #[error("the filter is not attached to an interface")]
     NotAttached,
     #[error("no network interface named `{0}`")]
@@ -182,7 +189,7 @@ impl Filter {
         let options = LoadOptions {
             pins: Some(dir),
             event_rate,
-            trace: false,
+            ..LoadOptions::default()
         };
         Self::load_with(rules, &options)
     }
@@ -292,10 +299,15 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
     let entries = |len: usize| (len as u32).max(1);
     let rule_count = entries(rules.rules.len());
     let source_buckets = if rules.has_source_limits() {
-        settings.limit_sources
+        source_bucket_count(settings.limit_sources)
     } else {
         1
     };
+    let source_seed = match options.source_seed {
+        Some(seed) => seed,
+        None => getrandom::u64().map_err(LoadError::Seed)?,
+    };
+    let source_index_mask = source_buckets - 1;
     let custom = ProgramObject::get()?;
     let mut loader = EbpfLoader::new();
     if let Some(dir) = options.pins {
@@ -313,6 +325,8 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .override_global(names::CHUNKS, &rules.chunks, true)
         .override_global(names::TRACE, &trace, true)
         .override_global(names::EVENT_RATE, &options.event_rate, true)
+        .override_global(names::SOURCE_SEED, &source_seed, true)
+        .override_global(names::SOURCE_INDEX_MASK, &source_index_mask, true)
         .map_max_entries(names::SRC_ENTRIES, rules.src.trie.entry_blocks())
         .map_max_entries(names::SRC_NODES, rules.src.trie.node_blocks())
         .map_max_entries(names::DST_ENTRIES, rules.dst.trie.entry_blocks())

@@ -16,8 +16,9 @@ mod trie;
 use std::collections::HashMap;
 
 use filter_common::{
-    BitmapChunk, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE, RULES_PER_CHUNK, RateLimit,
-    SourceBucket, WORDS_PER_CHUNK, action, proto_index_parts,
+    BitmapChunk, COARSE_CLOCK_MIN_TOLERANCE_NS, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE,
+    RULES_PER_CHUNK, RateLimit, SourceBucket, WORDS_PER_CHUNK, action, address_words,
+    proto_index_parts, source_bucket_count,
 };
 use thiserror::Error;
 
@@ -87,7 +88,7 @@ impl RuleSet {
             .sum::<usize>();
         let limits = self.limits().len() * size_of::<RateLimit>();
         let sources = if self.has_source_limits() {
-            self.settings.limit_sources as usize * (size_of::<SourceBucket>() + 8)
+            source_bucket_count(self.settings.limit_sources) as usize * size_of::<SourceBucket>()
         } else {
             0
         };
@@ -135,9 +136,9 @@ pub fn rate_limit(limit: &Limit) -> RateLimit {
         tolerance_ns: (limit.burst - 1) * interval_ns,
         due_ns: 0,
         per_source: u32::from(limit.per_source.is_some()),
-        reserved: 0,
-        v4_mask: v4_mapped.to_be_bytes(),
-        v6_mask: v6.to_be_bytes(),
+        coarse_clock: u32::from((limit.burst - 1) * interval_ns >= COARSE_CLOCK_MIN_TOLERANCE_NS),
+        v4_mask: address_words(v4_mapped.to_be_bytes()),
+        v6_mask: address_words(v6.to_be_bytes()),
     }
 }
 

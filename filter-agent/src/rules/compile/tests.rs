@@ -281,7 +281,7 @@ fn limited_rules_get_limit_slots_and_masks() {
         "[[rule]]\nname = \"web\"\naction = \"allow\"\nlimit = { rate = \"1000/s\", burst = 3 }\n\
          [[rule]]\nname = \"ssh\"\naction = \"allow\"\n\
          [[rule]]\nname = \"dns\"\naction = \"allow\"\n\
-         limit = { rate = \"4/min\", per = \"source\", ipv4_prefix = 20, ipv6_prefix = 56 }\n",
+         limit = { rate = \"4/min\", burst = 2, per = \"source\", ipv4_prefix = 20, ipv6_prefix = 56 }\n",
     );
     let entries: Vec<u32> = set.action_entries().collect();
     let slot = |n: u32| n << action::LIMIT_SHIFT;
@@ -294,14 +294,11 @@ fn limited_rules_get_limit_slots_and_masks() {
     assert_eq!(limits[1].per_source, 0);
     assert_eq!(limits[2].interval_ns, 15_000_000_000);
     assert_eq!(limits[2].per_source, 1);
-    let mapped_20 = [
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xf0, 0,
-    ];
-    assert_eq!(limits[2].v4_mask, mapped_20);
-    assert_eq!(
-        &limits[2].v6_mask[..8],
-        &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]
-    );
-    assert_eq!(&limits[2].v6_mask[8..], &[0; 8]);
+    // Masks as big-endian halves; IPv4 /20 keeps the IPv4-mapped prefix.
+    assert_eq!(limits[2].v4_mask, [u64::MAX, 0xffff_ffff_ffff_f000]);
+    assert_eq!(limits[2].v6_mask, [0xffff_ffff_ffff_ff00, 0]);
+    // A 2 ms tolerance needs the precise clock; 15 s does not.
+    assert_eq!(limits[1].coarse_clock, 0);
+    assert_eq!(limits[2].coarse_clock, 1);
     assert!(set.has_source_limits());
 }

@@ -79,13 +79,16 @@ pub struct FilterSettings {
     pub fragments: Fragments,
     /// The most memory the compiled rules' maps may take, in MiB.
     pub max_map_mib: u32,
-    /// Sources the per-source rate limits remember, all rules together.
+    /// Buckets the per-source rate limits share, all rules together
+    /// (rounded up to a power of two).
     pub limit_sources: u32,
 }
 
-/// The default of `[filter] limit_sources`.
-pub const DEFAULT_LIMIT_SOURCES: u32 = 65_536;
-/// The most `limit_sources`: 16M buckets take about 1 GiB of kernel memory.
+/// The default of `[filter] limit_sources`: 256 KiB of buckets, which stay
+/// in the CPU's caches, so that a flood of new sources costs little more
+/// than known ones (docs/rules.md has the trade against sharing).
+pub const DEFAULT_LIMIT_SOURCES: u32 = 16_384;
+/// The most `limit_sources`: 16M buckets take 256 MiB of kernel memory.
 pub const MAX_LIMIT_SOURCES: u32 = 1 << 24;
 
 /// The default of `[filter] max_map_mib`: room for a few million prefixes.

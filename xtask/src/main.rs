@@ -12,7 +12,7 @@ mod soak;
 mod util;
 mod vm;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -89,20 +89,34 @@ enum Task {
     /// writes target/bench.json. With --live: whole-path cost with live
     /// traffic next to nftables, iptables and ipset; writes
     /// target/bench-live.json. Never part of CI's pass/fail.
-    Bench {
-        /// Live traffic through veth instead of BPF_PROG_TEST_RUN alone.
-        #[arg(long)]
-        live: bool,
-        /// Measurement runs per rule-set size (the median is reported).
-        #[arg(long, default_value_t = 7)]
-        runs: u32,
-        /// BPF_PROG_TEST_RUN repetitions per frame and run.
-        #[arg(long, default_value_t = 20_000)]
-        repeat: u32,
-        /// Length of one live run, in seconds.
-        #[arg(long, default_value_t = 1.0)]
-        seconds: f64,
-    },
+    Bench(BenchArgs),
+}
+
+/// `cargo xtask bench`'s options, passed on to the harness.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Live traffic through veth instead of BPF_PROG_TEST_RUN alone.
+    #[arg(long)]
+    live: bool,
+    /// Measurement runs per rule-set size (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    runs: u32,
+    /// BPF_PROG_TEST_RUN repetitions per frame and run.
+    #[arg(long, default_value_t = 20_000)]
+    repeat: u32,
+    /// Length of one live run, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// A ClassBench filter set: its first 10 to 16,384 rules timed on its
+    /// trace's early, late and unmatched frames, instead of the rest.
+    #[arg(long, requires = "trace")]
+    classbench: Option<PathBuf>,
+    /// The ClassBench trace of `--classbench`'s set.
+    #[arg(long, requires = "classbench")]
+    trace: Option<PathBuf>,
+    /// Only these parts: rule-sets, limits, sets (comma-separated).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -119,12 +133,7 @@ fn main() -> ExitCode {
         Task::Image { check: true } => setup::run().and_then(|()| image_check().map(drop)),
         Task::VmTest { guests } => setup::run().and_then(|()| vm_test(&guests)),
         Task::Soak { minutes } => setup::run().and_then(|()| soak::run(minutes)),
-        Task::Bench {
-            live,
-            runs,
-            repeat,
-            seconds,
-        } => setup::run().and_then(|()| bench(live, runs, repeat, seconds)),
+        Task::Bench(args) => setup::run().and_then(|()| bench(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,36 +209,38 @@ fn vm_checks(guests: &[String]) -> anyhow::Result<(u32, u32)> {
     vm::run(&chosen)
 }
 
-fn bench(live: bool, runs: u32, repeat: u32, seconds: f64) -> anyhow::Result<()> {
-    let file = if live {
-        "bench-live.json"
-    } else {
-        "bench.json"
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let file = match (args.live, &args.classbench) {
+        (true, _) => "bench-live.json",
+        (false, Some(_)) => "bench-classbench.json",
+        (false, None) => "bench.json",
     };
     let json = util::workspace_root().join("target").join(file);
     let json = json.to_str().context("a non-UTF-8 workspace path")?;
-    let runs = runs.to_string();
-    let ran = if live {
-        run_bench(&[
-            "--live",
-            "--runs",
-            &runs,
-            "--seconds",
-            &seconds.to_string(),
-            "--json",
-            json,
-        ])
+    let (runs, repeat, seconds) = (
+        args.runs.to_string(),
+        args.repeat.to_string(),
+        args.seconds.to_string(),
+    );
+    let mut passed = vec!["--runs", &runs, "--json", json];
+    if args.live {
+        passed.extend(["--live", "--seconds", &seconds]);
     } else {
-        run_bench(&[
-            "--runs",
-            &runs,
-            "--repeat",
-            &repeat.to_string(),
-            "--json",
-            json,
-        ])
+        passed.extend(["--repeat", &repeat]);
+    }
+    let path = |path: &Option<PathBuf>| -> anyhow::Result<Option<String>> {
+        let Some(path) = path else { return Ok(None) };
+        let full = std::fs::canonicalize(path).with_context(|| path.display().to_string())?;
+        Ok(Some(full.to_string_lossy().into_owned()))
     };
-    ran.map(drop)
+    let (classbench, trace) = (path(&args.classbench)?, path(&args.trace)?);
+    if let (Some(classbench), Some(trace)) = (&classbench, &trace) {
+        passed.extend(["--classbench", classbench, "--trace", trace]);
+    }
+    if let Some(only) = &args.only {
+        passed.extend(["--only", only]);
+    }
+    run_bench(&passed).map(drop)
 }
 
 /// How a check that may not apply to this machine ended.
@@ -362,8 +373,27 @@ fn smoke_benches() -> Vec<(&'static str, anyhow::Result<Ended>)> {
     ];
     // A kernel that refuses XDP live frames (some sandboxes' do) cannot
     // run the live bench at all: it says so and counts as skipped.
-    smoke
+    let mut outcomes: Vec<_> = smoke
         .into_iter()
         .map(|(name, args)| (name, run_bench(args)))
-        .collect()
+        .collect();
+    // The ClassBench reader on a small set of the format's own shape.
+    let fixtures = util::workspace_root().join("filter-agent/examples/bench/fixtures");
+    let (rules, trace) = (fixtures.join("small.rules"), fixtures.join("small.trace"));
+    let (rules, trace) = (rules.to_string_lossy(), trace.to_string_lossy());
+    let classbench = [
+        "--require-peer",
+        "--runs",
+        "1",
+        "--repeat",
+        "100",
+        "--sizes",
+        "10,40",
+        "--classbench",
+        &rules,
+        "--trace",
+        &trace,
+    ];
+    outcomes.push(("bench --classbench", run_bench(&classbench)));
+    outcomes
 }

@@ -8,6 +8,7 @@
 //! With `--live`, whole-path cost with live packets against nftables,
 //! iptables and ipset instead (live.rs). `bench --help` lists the options.
 
+mod classbench;
 mod limits;
 mod live;
 mod options;
@@ -17,6 +18,7 @@ mod sets;
 mod stall;
 mod timing;
 mod workload;
+mod worst_case;
 
 use std::process::ExitCode;
 
@@ -63,6 +65,15 @@ fn main() -> anyhow::Result<ExitCode> {
         return live(options);
     }
     timing::pin_to_cpu(0);
+    if let (Some(rules), Some(trace)) = (&options.classbench, &options.trace) {
+        let rows = worst_case::run(&options, rules, trace)?;
+        if let Some(path) = &options.json {
+            let report = serde_json::json!({ "classbench": rows });
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+            println!("written to {}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     // One seed, drawn from in this order: the figures of two runs compare.
     let mut rng = StdRng::seed_from_u64(7);
     let rule_sets = if options.measures(Part::RuleSets) {

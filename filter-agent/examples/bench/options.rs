@@ -29,6 +29,13 @@ pub(crate) struct Options {
     /// IPv6 address-set sizes.
     #[arg(long, value_delimiter = ',', default_values_t = [200_000])]
     pub(crate) v6_set_sizes: Vec<usize>,
+    /// A ClassBench filter set: time its first 10, 1,000, 10,000 and 16,384
+    /// rules on its trace's early, late and unmatched frames instead.
+    #[arg(long, requires = "trace")]
+    pub(crate) classbench: Option<PathBuf>,
+    /// The ClassBench trace of `--classbench`'s set.
+    #[arg(long, requires = "classbench")]
+    pub(crate) trace: Option<PathBuf>,
     /// Measure only these parts (default: all of them).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) only: Option<Vec<Part>>,

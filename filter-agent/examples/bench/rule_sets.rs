@@ -65,9 +65,9 @@ pub(crate) struct RuleSetsReport {
 
 /// A rule set loaded for measurement.
 pub(crate) struct Loaded {
-    size: usize,
-    config: Config,
-    filter: Filter,
+    pub(crate) size: usize,
+    pub(crate) config: Config,
+    pub(crate) filter: Filter,
     /// Frames of each mix the rule set drops (of `MIX_FRAMES`).
     dropped: [usize; 2],
     map_bytes: usize,

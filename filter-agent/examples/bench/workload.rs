@@ -114,7 +114,7 @@ fn destination_ports(rng: &mut StdRng) -> Option<Vec<(u16, u16)>> {
 }
 
 /// The `[filter]` table with defaults but for the default action.
-fn settings(default: Action) -> FilterSettings {
+pub(crate) fn settings(default: Action) -> FilterSettings {
     FilterSettings {
         default,
         mode: Mode::Enforce,
@@ -125,7 +125,7 @@ fn settings(default: Action) -> FilterSettings {
 }
 
 /// A rule with no conditions beyond those given, and no limit.
-fn bare_rule(name: &str, action: Action) -> Rule {
+pub(crate) fn bare_rule(name: &str, action: Action) -> Rule {
     let location = Location {
         file: PathBuf::from("bench"),
         line: 1,

@@ -37,28 +37,54 @@ const BUILDS: [&str; 4] = [
 ];
 
 /// The previous release's amd64 package, built once per commit into
-/// `target/previous/`. The build shares this workspace's target directory
-/// (so only the workspace's own crates compile again); what it leaves
-/// there that this build would take for its own goes afterwards.
+/// `target/previous/` and kept in the machine's cache too (a commit's
+/// package never changes), so a fresh clone on the same machine reuses it.
+/// The build shares this workspace's target directory (so only the
+/// workspace's own crates compile again); what it leaves there that this
+/// build would take for its own goes afterwards.
 pub fn previous_deb() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let target = root.join("target");
     let out = target.join("previous");
-    let deb = out.join(format!(
+    let name = format!(
         "filter-agent_{PREVIOUS_VERSION}_{}_amd64.deb",
         &PREVIOUS_COMMIT[..12]
-    ));
+    );
+    let deb = out.join(&name);
     if deb.exists() {
         return Ok(deb);
     }
-    println!("vm-test: building release {PREVIOUS_VERSION} ({PREVIOUS_COMMIT}) to upgrade from");
+    let cached = machine_cache().map(|dir| dir.join(&name));
+    if let Some(cached) = cached.as_ref().filter(|cached| cached.exists()) {
+        fs::create_dir_all(&out)?;
+        fs::copy(cached, &deb)?;
+        return Ok(deb);
+    }
     let partial = deb.with_extension("partial");
+    build_previous(&root, &out, &partial)?;
+    // Only a build that cleaned up after itself is reused.
+    fs::rename(partial, &deb)?;
+    if let Some(cached) = cached {
+        // Best effort: without it, the next clone builds it again.
+        let copied = cached.parent().map(fs::create_dir_all).transpose();
+        if let Err(err) = copied.and_then(|_| fs::copy(&deb, &cached)) {
+            println!("vm-test: not cached in {}: {err}", cached.display());
+        }
+    }
+    Ok(deb)
+}
+
+/// Builds the previous release's package into `partial`, from a `git
+/// archive` of its commit under `out`, in this workspace's target directory.
+fn build_previous(root: &Path, out: &Path, partial: &Path) -> anyhow::Result<()> {
+    let target = root.join("target");
+    println!("vm-test: building release {PREVIOUS_VERSION} ({PREVIOUS_COMMIT}) to upgrade from");
     let src = out.join("src");
     let _ = fs::remove_dir_all(&src);
     fs::create_dir_all(&src)?;
     let archive = Command::new("git")
         .args(["archive", "--format=tar", PREVIOUS_COMMIT])
-        .current_dir(&root)
+        .current_dir(root)
         .output()
         .context("running git archive")?;
     ensure!(
@@ -79,7 +105,7 @@ pub fn previous_deb() -> anyhow::Result<PathBuf> {
     .context("building the previous release's package")
     .and_then(|()| {
         let built = target.join(format!("debian/filter-agent_{PREVIOUS_VERSION}_amd64.deb"));
-        fs::copy(built, &partial).map_err(anyhow::Error::from)
+        fs::copy(built, partial).map_err(anyhow::Error::from)
     });
     let forgotten = forget_previous_build(&target);
     for (at, kept) in hidden {
@@ -88,9 +114,15 @@ pub fn previous_deb() -> anyhow::Result<PathBuf> {
     fs::remove_dir_all(out.join("hidden"))?;
     built.and(forgotten)?;
     fs::remove_dir_all(&src)?;
-    // Only a build that cleaned up after itself is reused.
-    fs::rename(partial, &deb)?;
-    Ok(deb)
+    Ok(())
+}
+
+/// `$XDG_CACHE_HOME/filter-agent/previous` (`~/.cache` by default).
+fn machine_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("filter-agent").join("previous"))
 }
 
 /// The build-script directories of filter-agent, one per build.

@@ -343,21 +343,11 @@ fn test() -> anyhow::Result<()> {
 /// benchmark: every receiver, a few thousand packets each, every packet
 /// accounted for in the receiver's counters.
 fn smoke_benches() -> Vec<(&'static str, anyhow::Result<Ended>)> {
+    // Few rounds and repeats, and xdp-filter must be there.
+    let quick = ["--require-peer", "--runs", "1", "--repeat", "100"];
+    let default = [&quick[..], &["--sizes", "10,100", "--set-sizes", "1000"]].concat();
     let smoke: [(&str, &[&str]); 2] = [
-        (
-            "bench",
-            &[
-                "--require-peer",
-                "--runs",
-                "1",
-                "--repeat",
-                "100",
-                "--sizes",
-                "10,100",
-                "--set-sizes",
-                "1000",
-            ],
-        ),
+        ("bench", &default),
         (
             "bench --live",
             &[
@@ -382,18 +372,10 @@ fn smoke_benches() -> Vec<(&'static str, anyhow::Result<Ended>)> {
     let (rules, trace) = (fixtures.join("small.rules"), fixtures.join("small.trace"));
     let (rules, trace) = (rules.to_string_lossy(), trace.to_string_lossy());
     let classbench = [
-        "--require-peer",
-        "--runs",
-        "1",
-        "--repeat",
-        "100",
-        "--sizes",
-        "10,40",
-        "--classbench",
-        &rules,
-        "--trace",
-        &trace,
-    ];
+        &quick[..],
+        &["--sizes", "10,40", "--classbench", &rules, "--trace", &trace],
+    ]
+    .concat();
     outcomes.push(("bench --classbench", run_bench(&classbench)));
     outcomes
 }

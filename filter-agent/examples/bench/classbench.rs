@@ -21,7 +21,7 @@ use crate::workload::{bare_rule, settings};
 pub(crate) struct FilterSet {
     pub(crate) config: Config,
     /// Lines the rules file cannot say: a protocol mask other than exact
-    /// or any, ports without TCP or UDP, or TCP flag conditions.
+    /// or any, or ports without TCP or UDP.
     pub(crate) skipped: usize,
 }
 
@@ -62,14 +62,11 @@ fn rule(line: &str, index: usize) -> anyhow::Result<Option<Rule>> {
         .split_whitespace()
         .filter(|field| *field != ":")
         .collect();
-    let [src, dst, slo, shi, dlo, dhi, proto, rest @ ..] = fields.as_slice() else {
+    // A trailing flags field is not read: its bits are not TCP's flags
+    // byte, and the classifier's cost is in the other five.
+    let [src, dst, slo, shi, dlo, dhi, proto, ..] = fields.as_slice() else {
         bail!("expected 'src dst slo : shi dlo : dhi proto/mask', got {line:?}");
     };
-    if let Some(flags) = rest.first()
-        && masked(flags)?.1 != 0
-    {
-        return Ok(None);
-    }
     let sport = ports(slo, shi)?;
     let dport = ports(dlo, dhi)?;
     let proto = match masked(proto)? {

@@ -373,7 +373,14 @@ fn smoke_benches() -> Vec<(&'static str, anyhow::Result<Ended>)> {
     let (rules, trace) = (rules.to_string_lossy(), trace.to_string_lossy());
     let classbench = [
         &quick[..],
-        &["--sizes", "10,40", "--classbench", &rules, "--trace", &trace],
+        &[
+            "--sizes",
+            "10,40",
+            "--classbench",
+            &rules,
+            "--trace",
+            &trace,
+        ],
     ]
     .concat();
     outcomes.push(("bench --classbench", run_bench(&classbench)));

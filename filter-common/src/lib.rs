@@ -223,8 +223,8 @@ pub mod action {
 
 mod limit;
 pub use limit::{
-    COARSE_CLOCK_MIN_TOLERANCE_NS, COARSE_CLOCK_USES, RateLimit, SourceBucket, address_words,
-    source_bucket_count, source_hash,
+    COARSE_CLOCK_MIN_TOLERANCE_NS, RateLimit, SourceBucket, address_words, source_bucket_count,
+    source_hash,
 };
 
 /// Filter modes, as stored in the `MODE` global.

@@ -17,7 +17,7 @@ pub struct RateLimit {
     /// source as the program stores addresses (IPv4-mapped for IPv4),
     /// masked with `v4_mask` or `v6_mask`, hashed with [`source_hash`].
     pub per_source: u32,
-    /// Non-zero: decide with the per-CPU clock refreshed at each timer tick
+    /// Non-zero: decide with the shared clock copy refreshed at each tick
     /// (see [`COARSE_CLOCK_MIN_TOLERANCE_NS`]) instead of reading the
     /// clock for every packet.
     pub coarse_clock: u32,
@@ -32,9 +32,6 @@ pub struct RateLimit {
 /// is 10 ms (HZ=100), so a bucket cannot fill up within one, and a token
 /// noticed a tick late is taken by a later packet instead of being lost.
 pub const COARSE_CLOCK_MIN_TOLERANCE_NS: u64 = 10_000_000;
-/// The coarse clock is read afresh at least this often per CPU, in
-/// packets, should the tick ever stall.
-pub const COARSE_CLOCK_USES: u64 = 1024;
 
 /// One per-source bucket: an entry of the `SOURCE_BUCKETS` array, which
 /// has a power-of-two number of entries and is indexed by the low bits of

@@ -15,9 +15,9 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::Array,
 };
-use filter_common::{COARSE_CLOCK_USES, RateLimit, SourceBucket, source_hash};
+use filter_common::{RateLimit, SourceBucket, source_hash};
 
 use crate::parse::Packet;
 
@@ -35,18 +35,18 @@ static SOURCE_SEED: Global<u64> = Global::new(0);
 /// `SOURCE_BUCKETS`' entries minus one: the hash bits that index it.
 #[unsafe(no_mangle)]
 static SOURCE_INDEX_MASK: Global<u32> = Global::new(0);
-/// Per CPU, the clock as last read, for limits that may decide with a
-/// clock up to a tick old (`RateLimit::coarse_clock`).
+/// The clock as last read, for limits that may decide with a clock up to
+/// a tick old (`RateLimit::coarse_clock`). One for all CPUs: per-CPU
+/// copies would lag by different amounts, and a bucket whose packets move
+/// between CPUs would then look fuller than it is.
 #[map]
-static COARSE_CLOCK: PerCpuArray<CoarseClock> = PerCpuArray::with_max_entries(1, 0);
+static COARSE_CLOCK: Array<CoarseClock> = Array::with_max_entries(1, 0);
 
 /// A clock reading and the tick it was taken in.
 #[repr(C)]
 struct CoarseClock {
     ns: u64,
     jiffies: u64,
-    /// Packets decided with `ns` since it was read.
-    uses: u64,
 }
 
 /// The time traced instances (`test`, `replay`) decide at, set before each
@@ -105,9 +105,9 @@ pub fn admit(slot: u32, packet: &Packet, end: usize) -> bool {
     }
 }
 
-/// The time to decide at: the clock, or with `coarse` this CPU's last
-/// reading of it while the tick (jiffies) has not moved on, which saves a
-/// clock read (most of a limit's cost) on nearly every packet of a flood.
+/// The time to decide at: the clock, or with `coarse` its last reading
+/// while the tick (jiffies) has not moved on, which saves a clock read
+/// (most of a limit's cost) on nearly every packet of a flood.
 #[inline(always)]
 fn now(coarse: bool) -> u64 {
     if crate::TRACE.load() != 0
@@ -116,19 +116,16 @@ fn now(coarse: bool) -> u64 {
         return *clock;
     }
     if coarse && let Some(cached) = COARSE_CLOCK.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot; the program is not preempted by itself.
+        // SAFETY: a map value of this program; other CPUs write it too, so
+        // only through its pointer. A torn pair costs one more clock read.
         unsafe {
             let jiffies = bpf_jiffies64();
-            if (*cached).jiffies == jiffies && (*cached).uses < COARSE_CLOCK_USES {
-                (*cached).uses += 1;
-                return (*cached).ns;
+            if core::ptr::read_volatile(&raw const (*cached).jiffies) == jiffies {
+                return core::ptr::read_volatile(&raw const (*cached).ns);
             }
             let ns = bpf_ktime_get_ns();
-            *cached = CoarseClock {
-                ns,
-                jiffies,
-                uses: 1,
-            };
+            core::ptr::write_volatile(&raw mut (*cached).ns, ns);
+            core::ptr::write_volatile(&raw mut (*cached).jiffies, jiffies);
             return ns;
         }
     }

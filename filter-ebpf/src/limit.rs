@@ -117,7 +117,8 @@ fn now(coarse: bool) -> u64 {
     }
     if coarse && let Some(cached) = COARSE_CLOCK.get_ptr_mut(0) {
         // SAFETY: a map value of this program; other CPUs write it too, so
-        // only through its pointer. A torn pair costs one more clock read.
+        // only through its pointer. A pair torn by a racing writer is at
+        // worst one tick older still: it errs the way the lag does.
         unsafe {
             let jiffies = bpf_jiffies64();
             if core::ptr::read_volatile(&raw const (*cached).jiffies) == jiffies {

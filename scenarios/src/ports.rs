@@ -14,11 +14,14 @@ use crate::{Agent, say, step};
 pub const LINUX_DEFAULT: (u16, u16) = (32768, 60999);
 
 /// Local ports of the connections that were answered and of those that
-/// were not.
+/// were not, and of every connection made, in order.
 #[derive(Debug, Default)]
 pub struct Attempts {
     pub answered: BTreeSet<u16>,
     pub failed: BTreeSet<u16>,
+    /// One entry per SYN sent, including ports the kernel picked again:
+    /// what a counter of outbound attempts on the wire must add up to.
+    pub sent_from: Vec<u16>,
 }
 
 impl Attempts {
@@ -40,6 +43,7 @@ impl Attempts {
 
     /// Records one `tcp_attempt`: whether it was answered, and its port.
     pub(crate) fn record(&mut self, (answered, port): (bool, u16)) {
+        self.sent_from.push(port);
         if answered {
             self.answered.insert(port);
         } else {
@@ -76,7 +80,9 @@ pub fn connect_many(
         );
         picks += 1;
         let attempt = traffic::tcp_attempt(client, server, None)?;
-        if !attempts.used(attempt.1) {
+        if attempts.used(attempt.1) {
+            attempts.sent_from.push(attempt.1);
+        } else {
             attempts.record(attempt);
         }
     }

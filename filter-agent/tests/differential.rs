@@ -20,7 +20,8 @@ use filter_common::guard;
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use support::random::{
-    ICMP_VALUES, PORTS, V4_PREFIXES, V6_PREFIXES, random_config, random_step, seed_or,
+    ICMP_VALUES, PORTS, V4_PREFIXES, V6_PREFIXES, many_prefixes_config, random_config, random_step,
+    seed_or,
 };
 
 const RULE_SETS: usize = 1_000;
@@ -186,4 +187,70 @@ fn kernel_agrees_with_reference() {
         over_limit > 100,
         "only {over_limit} frames were over a rate limit"
     );
+}
+
+/// Rule sets with thousands of address classes, over one and two chunks:
+/// the pair summary then groups many classes per entry, and a group that
+/// lost a rule would skip the word that decides. Frames are aimed inside
+/// the rules' prefixes and ports, so that late rules decide.
+#[test]
+fn kernel_agrees_with_reference_on_thousands_of_address_classes() {
+    let seed = seed_or(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(0, |since| since.as_nanos() as u64)
+    });
+    let mut rng = StdRng::seed_from_u64(seed);
+    for (set, count) in [1_500, 6_000].into_iter().enumerate() {
+        let config = many_prefixes_config(&mut rng, count);
+        let rule_set = compile(&config).unwrap();
+        assert!(
+            rule_set.pairs.src_shift > 0 && rule_set.pairs.dst_shift > 0,
+            "DIFFERENTIAL_SEED={seed}, set {set}: too few address classes to group"
+        );
+        let filter = Filter::load_with(&rule_set, &LoadOptions::default())
+            .unwrap_or_else(|err| panic!("seed {seed}, set {set}: {err:?}"));
+        let mut late = 0;
+        for _ in 0..1_000 {
+            let frame = aimed_frame(&mut rng, &config.rules);
+            let (outcome, _) = reference::classify(&config, &frame);
+            late += usize::from(matches!(outcome, Outcome::Rule(rule) if rule >= count / 2));
+            let got = filter.classify_frame(&frame).unwrap().1;
+            assert_eq!(
+                got, outcome,
+                "DIFFERENTIAL_SEED={seed}, set {set}\nframe {frame:02x?}"
+            );
+        }
+        assert!(late > 100, "set {set}: only {late} frames decided late");
+    }
+}
+
+/// A TCP or UDP frame from inside a random rule's source and destination
+/// (anywhere in its family's pool where it has none) and port lists.
+fn aimed_frame(rng: &mut StdRng, rules: &[filter_agent::rules::config::Rule]) -> Vec<u8> {
+    let rule = rules.choose(rng).unwrap();
+    let v6 = [&rule.src, &rule.dst]
+        .iter()
+        .find_map(|list| list.as_ref().map(|list| list.nets[0].addr().is_ipv6()))
+        .unwrap_or_else(|| rng.random_bool(0.2));
+    let mut address =
+        |list: &Option<std::sync::Arc<filter_agent::rules::config::AddressList>>| match list {
+            Some(list) => packet::address_in(&list.nets[0], rng.random()),
+            None => random_address(rng, v6),
+        };
+    let (src, dst) = (address(&rule.src), address(&rule.dst));
+    let mut port = |ports: &Option<Vec<(u16, u16)>>| match ports {
+        Some(ports) => rng.random_range(ports[0].0..=ports[0].1),
+        None => random_port(rng),
+    };
+    let (sport, dport) = (port(&rule.sport), port(&rule.dport));
+    let transport = if rule.proto == Some(packet::IPPROTO_UDP) {
+        Transport::Udp { sport, dport }
+    } else {
+        Transport::Tcp {
+            sport,
+            dport,
+            flags: packet::tcp_flag::ACK,
+        }
+    };
+    PacketSpec::new(src, dst, transport).build()
 }

@@ -132,6 +132,20 @@ pub const RULES_PER_CHUNK: u32 = (WORDS_PER_CHUNK * 64) as u32;
 pub const MAX_CHUNKS: u32 = 4;
 pub const MAX_RULES: u32 = MAX_CHUNKS * RULES_PER_CHUNK;
 
+/// The words, per chunk, where one rule accepts both a source class of a
+/// group and a destination class of another: the per-field summaries miss
+/// that, so without it a packet whose fields each match some rule of a word,
+/// but no rule all of them, visits that word. Classes are grouped by their
+/// number (`class >> PAIR_*_SHIFT`, at most `MAX_PAIR_GROUPS` per field);
+/// entry `src_group * PAIR_DST_GROUPS + dst_group`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairSummary {
+    pub chunks: [u64; MAX_CHUNKS as usize],
+}
+
+pub const MAX_PAIR_GROUPS: u32 = 256;
+
 /// Index into the `PROTO_CLASS` table: protocol, whether the packet has an
 /// L4 header (non-first fragments do not) and the TCP flags byte.
 pub const fn proto_index(proto: u8, has_l4: bool, tcp_flags: u8) -> u32 {
@@ -417,6 +431,10 @@ pub mod names {
     pub const MODE: &str = "MODE";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const CHUNKS: &str = "CHUNKS";
+    pub const PAIR_SUMMARY: &str = "PAIR_SUMMARY";
+    pub const PAIR_SRC_SHIFT: &str = "PAIR_SRC_SHIFT";
+    pub const PAIR_DST_SHIFT: &str = "PAIR_DST_SHIFT";
+    pub const PAIR_DST_GROUPS: &str = "PAIR_DST_GROUPS";
     pub const TRACE: &str = "TRACE";
     pub const CLOCK: &str = "CLOCK";
     pub const LIMITS: &str = "LIMITS";
@@ -441,6 +459,7 @@ pub mod names {
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 const _: () = assert!(core::mem::size_of::<AddressNode>() == 68);
 const _: () = assert!(core::mem::size_of::<BitmapChunk>() == 8 * (1 + WORDS_PER_CHUNK));
+const _: () = assert!(core::mem::size_of::<PairSummary>() == 8 * MAX_CHUNKS as usize);
 const _: () = assert!(core::mem::size_of::<GuardPort>() == 4);
 const _: () = assert!(core::mem::size_of::<GuardPeer>() == 20);
 const _: () = assert!(core::mem::size_of::<UdpFlow>() == 20);
@@ -457,6 +476,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: `BitmapChunk` is `repr(C)` and all u64 (size asserted above).
     unsafe impl aya::Pod for super::BitmapChunk {}
+    // SAFETY: `repr(C)` and all u64 (size asserted above).
+    unsafe impl aya::Pod for super::PairSummary {}
     // SAFETY: `repr(C)`, integers only, no padding (size asserted above).
     unsafe impl aya::Pod for super::AddressNode {}
     // SAFETY: the guard keys are `repr(C)` integers and byte arrays with no

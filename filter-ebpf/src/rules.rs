@@ -1,10 +1,12 @@
 //! First-match classification at a cost that does not grow with the rule
 //! count: five equivalence-class lookups, then the AND of five rule bitmaps,
-//! skipping 64-rule words that are empty in any of them.
+//! skipping 64-rule words that are empty in any of them or that no rule of
+//! the address classes' pair summary has.
 
 use aya_ebpf::{Global, maps::Array};
 use filter_common::{
-    BitmapChunk, EntryBlock, MAX_CHUNKS, NodeBlock, V6_ROOT, WORDS_PER_CHUNK, proto_index,
+    BitmapChunk, EntryBlock, MAX_CHUNKS, NodeBlock, PairSummary, V6_ROOT, WORDS_PER_CHUNK,
+    proto_index,
 };
 
 use crate::{parse::Packet, trie::class};
@@ -12,6 +14,13 @@ use crate::{parse::Packet, trie::class};
 /// Bitmap chunks per class in the `*_BITS` maps; set by the agent.
 #[unsafe(no_mangle)]
 static CHUNKS: Global<u32> = Global::new(1);
+/// How the address classes group into `PAIR_SUMMARY` entries; set by the agent.
+#[unsafe(no_mangle)]
+static PAIR_SRC_SHIFT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static PAIR_DST_SHIFT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static PAIR_DST_GROUPS: Global<u32> = Global::new(1);
 
 // Every map is sized by the agent for its rule set at load time.
 #[aya_ebpf::macros::map]
@@ -38,6 +47,8 @@ static PROTO_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
 static SPORT_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
 static DPORT_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+#[aya_ebpf::macros::map]
+static PAIR_SUMMARY: Array<PairSummary> = Array::with_max_entries(1, 0);
 
 /// The index of the first rule that matches `packet`, if any.
 #[inline(always)]
@@ -46,11 +57,19 @@ pub fn first_match(packet: &Packet) -> Option<u32> {
     let proto = *PROTO_CLASS.get(proto_index(packet.proto, packet.has_l4, packet.tcp_flags))?;
     let sport = *SPORT_CLASS.get(packet.sport as u32)?;
     let dport = *DPORT_CLASS.get(packet.dport as u32)?;
+    let pair_group =
+        (src >> PAIR_SRC_SHIFT.load()) * PAIR_DST_GROUPS.load() + (dst >> PAIR_DST_SHIFT.load());
+    let pair = PAIR_SUMMARY.get(pair_group)?;
 
     let chunks = CHUNKS.load();
     for chunk in 0..MAX_CHUNKS {
         if chunk >= chunks {
             break;
+        }
+        // No rule here takes both addresses: skip the five lookups.
+        let pair = pair.chunks[chunk as usize];
+        if pair == 0 {
+            continue;
         }
         let src = SRC_BITS.get(src * chunks + chunk)?;
         let dst = DST_BITS.get(dst * chunks + chunk)?;
@@ -58,7 +77,7 @@ pub fn first_match(packet: &Packet) -> Option<u32> {
         let sport = SPORT_BITS.get(sport * chunks + chunk)?;
         let dport = DPORT_BITS.get(dport * chunks + chunk)?;
         let mut candidates =
-            src.summary & dst.summary & proto.summary & sport.summary & dport.summary;
+            pair & src.summary & dst.summary & proto.summary & sport.summary & dport.summary;
         for _ in 0..WORDS_PER_CHUNK {
             if candidates == 0 {
                 break;

@@ -241,3 +241,62 @@ pub fn location(file: &str, line: usize) -> Location {
         column: 1,
     }
 }
+
+/// A list shaped like a real ACL: `count` rules with thousands of distinct
+/// nested prefixes (a fifth IPv6),
+/// so that the address classes number in the thousands and their groups
+/// in the pair summary hold many classes each.
+pub fn many_prefixes_config(rng: &mut StdRng, count: usize) -> Config {
+    let rules = (0..count)
+        .map(|index| {
+            let v6 = rng.random_bool(0.2);
+            let proto = *[None, Some(packet::IPPROTO_TCP), Some(packet::IPPROTO_UDP)]
+                .choose(rng)
+                .unwrap();
+            let ports = |rng: &mut StdRng| {
+                (proto.is_some() && rng.random_bool(0.5)).then(|| vec![*PORTS.choose(rng).unwrap()])
+            };
+            // One address in five a wildcard, never both.
+            let wildcard = rng.random_range(0..10);
+            Rule {
+                proto,
+                src: (wildcard != 0).then(|| nested_prefix(rng, v6)),
+                dst: (wildcard != 1).then(|| nested_prefix(rng, v6)),
+                sport: ports(rng),
+                dport: ports(rng),
+                ..Rule::matching_all(
+                    format!("p{index}"),
+                    *[Action::Allow, Action::Deny].choose(rng).unwrap(),
+                    location("many", index + 1),
+                )
+            }
+        })
+        .collect();
+    let mut config = random_config(rng);
+    config.filter.default = Action::Allow;
+    config.rules = rules;
+    config
+}
+
+/// A prefix inside one of a few /8s (IPv4) or /32s (IPv6), mostly long, so
+/// that prefixes nest and share their upper bits.
+fn nested_prefix(rng: &mut StdRng, v6: bool) -> Arc<AddressList> {
+    let base: IpNet = if v6 {
+        *["2001:db8::/32", "2001:db9::/32"].choose(rng).unwrap()
+    } else {
+        *["10.0.0.0/8", "172.0.0.0/8", "192.0.0.0/8"]
+            .choose(rng)
+            .unwrap()
+    }
+    .parse()
+    .unwrap();
+    let extra = *[8u8, 12, 16, 20, 22, 24].choose(rng).unwrap();
+    let len = (base.prefix_len() + extra).min(base.max_prefix_len());
+    let net = IpNet::new(packet::address_in(&base, rng.random()), len)
+        .unwrap()
+        .trunc();
+    Arc::new(AddressList {
+        set: None,
+        nets: vec![net],
+    })
+}

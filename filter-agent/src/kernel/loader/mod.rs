@@ -323,6 +323,9 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .override_global(names::MODE, &mode, true)
         .override_global(names::FRAGMENTS, &fragments, true)
         .override_global(names::CHUNKS, &rules.chunks, true)
+        .override_global(names::PAIR_SRC_SHIFT, &rules.pairs.src_shift, true)
+        .override_global(names::PAIR_DST_SHIFT, &rules.pairs.dst_shift, true)
+        .override_global(names::PAIR_DST_GROUPS, &rules.pairs.dst_groups, true)
         .override_global(names::TRACE, &trace, true)
         .override_global(names::EVENT_RATE, &options.event_rate, true)
         .override_global(names::SOURCE_SEED, &source_seed, true)
@@ -336,6 +339,7 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
         .map_max_entries(names::SPORT_BITS, entries(rules.sport.bitmaps.len()))
         .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
+        .map_max_entries(names::PAIR_SUMMARY, entries(rules.pairs.summaries.len()))
         .map_max_entries(names::RULE_STATS, rule_count)
         .map_max_entries(names::RULE_ACTIONS, rule_count)
         .map_max_entries(names::RULE_OVER_LIMIT, rule_count)
@@ -354,6 +358,8 @@ fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
     fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
     fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
     fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
+    let pairs = rules.pairs.summaries.iter().copied().enumerate();
+    fill_array(ebpf, names::PAIR_SUMMARY, pairs)?;
     fill_array(
         ebpf,
         names::RULE_ACTIONS,

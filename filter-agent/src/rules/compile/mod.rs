@@ -11,6 +11,7 @@
 //!
 //! Pure logic: no I/O, unit tested without root.
 
+mod pairs;
 mod trie;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use filter_common::{
 };
 use thiserror::Error;
 
+pub use pairs::PairTable;
 pub use trie::AddressTrie;
 use trie::address_dim;
 
@@ -41,6 +43,7 @@ pub struct RuleSet {
     pub dport: TableDim,
     pub src: AddressDim,
     pub dst: AddressDim,
+    pub pairs: PairTable,
     /// The rules whose flows skip conntrack (nftables, [`crate::host::notrack`]).
     pub notrack: Vec<Rule>,
     /// The cloud's ACL the audit holds namespaces to (`[upstream]`).
@@ -85,7 +88,8 @@ impl RuleSet {
         let addresses = [&self.src, &self.dst]
             .iter()
             .map(|dim| dim.trie.bytes() + dim.bitmaps.len() * chunk)
-            .sum::<usize>();
+            .sum::<usize>()
+            + self.pairs.summaries.len() * size_of::<filter_common::PairSummary>();
         let limits = self.limits().len() * size_of::<RateLimit>();
         let sources = if self.has_source_limits() {
             source_bucket_count(self.settings.limit_sources) as usize * size_of::<SourceBucket>()
@@ -177,6 +181,7 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
         rule.dst.as_ref()
     })
     .map_err(|err| err.with_limit(limit_mib))?;
+    let pairs = PairTable::build(&src.bitmaps, &dst.bitmaps, chunks);
     Ok(RuleSet {
         upstream: config.upstream.clone(),
         notrack: rules
@@ -204,6 +209,7 @@ pub fn compile(config: &Config) -> Result<RuleSet, CompileError> {
         }),
         src,
         dst,
+        pairs,
     })
 }
 

@@ -102,13 +102,18 @@ fn random_frame(rng: &mut StdRng) -> Vec<u8> {
     frame
 }
 
-#[test]
-fn kernel_agrees_with_reference() {
+/// `DIFFERENTIAL_SEED`, or the clock's nanoseconds, and its generator.
+fn seeded() -> (u64, StdRng) {
     let seed = seed_or(|| {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         now.map_or(0, |since| since.as_nanos() as u64)
     });
-    let mut rng = StdRng::seed_from_u64(seed);
+    (seed, StdRng::seed_from_u64(seed))
+}
+
+#[test]
+fn kernel_agrees_with_reference() {
+    let (seed, mut rng) = seeded();
     let mut checked = 0;
     // Frames per guard view (ignored, in range, out of range): all must occur.
     let mut guard_views = [0usize; 3];
@@ -195,11 +200,7 @@ fn kernel_agrees_with_reference() {
 /// the rules' prefixes and ports, so that late rules decide.
 #[test]
 fn kernel_agrees_with_reference_on_thousands_of_address_classes() {
-    let seed = seed_or(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        now.map_or(0, |since| since.as_nanos() as u64)
-    });
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded();
     for (set, count) in [1_500, 6_000].into_iter().enumerate() {
         let config = many_prefixes_config(&mut rng, count);
         let rule_set = compile(&config).unwrap();

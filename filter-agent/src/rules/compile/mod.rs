@@ -7,7 +7,8 @@
 //! the lowest set bit is the first matching rule. The work per packet does
 //! not grow with the number of rules, only with the number of 64-rule words
 //! that are non-zero in every bitmap (a summary word per chunk skips the
-//! rest).
+//! rest, and a summary per pair of address class groups the words where no
+//! rule takes both addresses: [`PairTable`]).
 //!
 //! Pure logic: no I/O, unit tested without root.
 

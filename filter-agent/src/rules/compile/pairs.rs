@@ -127,19 +127,21 @@ mod tests {
 
     #[test]
     fn many_classes_share_groups_and_lose_no_rule() {
-        // 1,000 classes, each matched by one rule of its own: 4 per group.
-        let classes: Vec<BitmapChunk> = (0..1000).map(|rule| bitmap(&[rule % 4096])).collect();
-        let every = [bitmap(&(0..1000).collect::<Vec<_>>())];
+        // 1,000 classes, each matched by one rule of its own, 4 per group;
+        // a group's 4 rules lie in 4 different words, so a group that kept
+        // fewer than all its classes would lose a word.
+        let rule = |class: usize| (class % 4) * 1024 + class / 4;
+        let classes: Vec<BitmapChunk> = (0..1000).map(|class| bitmap(&[rule(class)])).collect();
+        let every = [bitmap(&(0..1000).map(rule).collect::<Vec<_>>())];
         let table = PairTable::build(&classes, &every, 1);
         assert_eq!(table.src_shift, 2);
         assert_eq!(table.summaries.len(), 250);
-        for class in 0..1000u32 {
-            let word = (class % 4096) / 64;
-            assert_eq!(
-                table.entry(class, 0).chunks[0] >> word & 1,
-                1,
-                "class {class}"
-            );
+        for class in 0..1000 {
+            let word = rule(class) / 64;
+            let summary = table.entry(class as u32, 0).chunks[0];
+            assert_eq!(summary >> word & 1, 1, "class {class}");
+            // The group's 4 words and no other.
+            assert_eq!(summary.count_ones(), 4, "class {class}");
         }
     }
 }

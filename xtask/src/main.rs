@@ -85,7 +85,8 @@ enum Task {
         #[arg(long, default_value_t = 60.0)]
         minutes: f64,
     },
-    /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter;
+    /// ns/packet (BPF_PROG_TEST_RUN) for 10..10,000 rules next to xdp-filter,
+    /// and 10..16,384 of ClassBench-shaped sets on early, late and unmatched frames;
     /// writes target/bench.json. With --live: whole-path cost with live
     /// traffic next to nftables, iptables and ipset; writes
     /// target/bench-live.json. Never part of CI's pass/fail.
@@ -114,7 +115,7 @@ struct BenchArgs {
     /// The ClassBench trace of `--classbench`'s set.
     #[arg(long, requires = "classbench")]
     trace: Option<PathBuf>,
-    /// Only these parts: rule-sets, limits, sets (comma-separated).
+    /// Only these parts: rule-sets, limits, sets, families (comma-separated).
     #[arg(long)]
     only: Option<String>,
 }

@@ -122,9 +122,7 @@ fn prefix(text: &str) -> anyhow::Result<Option<Arc<AddressList>>> {
     }))
 }
 
-/// Reads a ClassBench trace as frames: TCP ACKs for TCP (what a flood of
-/// established-looking traffic is), UDP datagrams, other protocols with
-/// eight zero bytes.
+/// Reads a ClassBench trace as frames ([`header_frame`]).
 pub(crate) fn trace(text: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut frames = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -143,6 +141,19 @@ fn trace_frame(fields: &[&str]) -> anyhow::Result<Vec<u8>> {
         bail!("expected 'src dst sport dport proto', got {fields:?}");
     };
     let (sport, dport, proto): (u16, u16, u8) = (sport.parse()?, dport.parse()?, proto.parse()?);
+    Ok(header_frame(
+        address(src)?,
+        address(dst)?,
+        sport,
+        dport,
+        proto,
+    ))
+}
+
+/// A trace line's frame: a TCP ACK for TCP (what a flood of
+/// established-looking traffic is), a UDP datagram, or eight zero bytes
+/// of another protocol.
+pub(crate) fn header_frame(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> Vec<u8> {
     let transport = match proto {
         packet::IPPROTO_TCP => Transport::Tcp {
             sport,
@@ -155,7 +166,7 @@ fn trace_frame(fields: &[&str]) -> anyhow::Result<Vec<u8>> {
             payload: vec![0; 8],
         },
     };
-    Ok(PacketSpec::new(address(src)?, address(dst)?, transport).build())
+    PacketSpec::new(src, dst, transport).build()
 }
 
 /// A trace address: a decimal integer (IPv4) or written out.

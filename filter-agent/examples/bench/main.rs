@@ -3,12 +3,15 @@
 //! mix, side by side with xdp-filter (Debian's xdp-tools) on the same
 //! frames, in one run (rule_sets.rs); rate limits under a flood
 //! (limits.rs); address sets against the kernel LPM trie (lookup, memory,
-//! file to kernel, a swap under live traffic: sets.rs, stall.rs).
+//! file to kernel, a swap under live traffic: sets.rs, stall.rs); early,
+//! late and unmatched frames on sets of ClassBench's acl, fw and ipc
+//! shapes (families.rs, worst_case.rs).
 //!
 //! With `--live`, whole-path cost with live packets against nftables,
 //! iptables and ipset instead (live.rs). `bench --help` lists the options.
 
 mod classbench;
+mod families;
 mod limits;
 mod live;
 mod options;
@@ -39,6 +42,8 @@ struct Report {
     sets: Vec<sets::SetRow>,
     /// Replacing the largest IPv4 set under live traffic.
     stall: Option<stall::StallRow>,
+    /// Early, late and unmatched frames on sets of each ClassBench family's shape.
+    families: Vec<worst_case::FamilyRows>,
 }
 
 /// The `empty` and `lpm` reference programs (filter-ebpf/src/baseline.rs).
@@ -91,11 +96,17 @@ fn main() -> anyhow::Result<ExitCode> {
     } else {
         (Vec::new(), None)
     };
+    let families = if options.measures(Part::Families) {
+        worst_case::run_families(&options)?
+    } else {
+        Vec::new()
+    };
     let report = Report {
         rule_sets,
         limits,
         sets,
         stall,
+        families,
     };
     if let Some(path) = &options.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;

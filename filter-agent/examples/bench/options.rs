@@ -20,7 +20,8 @@ pub(crate) struct Options {
     /// BPF_PROG_TEST_RUN repetitions per frame and round.
     #[arg(long, default_value_t = 20_000)]
     pub(crate) repeat: u32,
-    /// Rule-set sizes (default 10,100,1000,10000; live: 1,100,1000,10000).
+    /// Rule-set sizes (default 10,100,1000,10000; families and
+    /// --classbench: 10,1000,10000,16384; live: 1,100,1000,10000).
     #[arg(long, value_delimiter = ',')]
     pub(crate) sizes: Option<Vec<usize>>,
     /// IPv4 address-set sizes.
@@ -60,6 +61,9 @@ pub(crate) enum Part {
     Limits,
     /// Address sets beside the kernel's LPM trie.
     Sets,
+    /// Early, late and unmatched frames at up to 16,384 rules, on sets of
+    /// each ClassBench family's shape.
+    Families,
 }
 
 impl Options {

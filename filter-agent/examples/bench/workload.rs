@@ -294,7 +294,7 @@ fn candidate(rng: &mut StdRng, rules: &[Rule], target: Target) -> Vec<u8> {
 }
 
 /// Picks from `(value, weight)` pairs.
-fn weighted<T: Copy>(rng: &mut StdRng, choices: &[(T, u32)]) -> T {
+pub(crate) fn weighted<T: Copy>(rng: &mut StdRng, choices: &[(T, u32)]) -> T {
     let total: u32 = choices.iter().map(|&(_, weight)| weight).sum();
     let mut pick = rng.random_range(0..total);
     for &(value, weight) in choices {

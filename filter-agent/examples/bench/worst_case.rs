@@ -1,5 +1,6 @@
-//! `--classbench RULES --trace TRACE`: the first 10, 1,000, 10,000 and
-//! 16,384 rules of a ClassBench filter set, each timed on the same frames
+//! `--classbench RULES --trace TRACE`, and the default bench's `families`
+//! part on sets made in ClassBench's shapes: the first 10, 1,000, 10,000
+//! and 16,384 rules of a filter set, each timed on the same frames
 //! of its trace, grouped by what the largest set decides for them: early
 //! (one of its first 10 rules), late (a rule in its second half) or no
 //! rule; beside xdp-filter holding the 10-rule set. Ratios to 10 rules are
@@ -11,9 +12,10 @@ use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
 use filter_agent::{kernel::loader::time_program, oracle::reference, rules::config::Config};
 use filter_common::{Outcome, reason};
+use rand::{SeedableRng as _, rngs::StdRng};
 
 use crate::{
-    classbench,
+    classbench, families,
     options::Options,
     peer::XdpFilter,
     rule_sets::{Loaded, load_rule_set},
@@ -43,7 +45,48 @@ pub(crate) fn run(options: &Options, rules: &Path, trace: &Path) -> anyhow::Resu
     };
     let set = classbench::filter_set(&read(rules)?).context(rules.display().to_string())?;
     let frames = classbench::trace(&read(trace)?).context(trace.display().to_string())?;
-    let count = set.config.rules.len();
+    println!(
+        "{}: {} rules ({} lines the rules file cannot say, left out); {}: {} frames",
+        rules.display(),
+        set.config.rules.len(),
+        set.skipped,
+        trace.display(),
+        frames.len()
+    );
+    table(options, &set.config, frames)
+}
+
+/// One family's table (families.rs).
+#[derive(serde::Serialize)]
+pub(crate) struct FamilyRows {
+    pub(crate) family: &'static str,
+    pub(crate) rows: Vec<WorstRow>,
+}
+
+/// The table for a set of each ClassBench family's shape, made here, and
+/// a trace made from it.
+pub(crate) fn run_families(options: &Options) -> anyhow::Result<Vec<FamilyRows>> {
+    families::FAMILIES
+        .iter()
+        .enumerate()
+        .map(|(seed, &(family, profile))| {
+            let mut rng = StdRng::seed_from_u64(seed as u64);
+            let config = families::filter_set(&mut rng, profile, families::FAMILY_RULES);
+            let frames = families::trace(&mut rng, &config, families::FAMILY_RULES);
+            println!(
+                "\n{family}-shaped set (made here): {} rules",
+                config.rules.len()
+            );
+            let rows = table(options, &config, frames)?;
+            Ok(FamilyRows { family, rows })
+        })
+        .collect()
+}
+
+/// Times the first 10, 1,000, 10,000 and 16,384 rules of `set` (or
+/// `--sizes`) on `frames` and prints the table.
+fn table(options: &Options, set: &Config, frames: Vec<Vec<u8>>) -> anyhow::Result<Vec<WorstRow>> {
+    let count = set.rules.len();
     let mut sizes: Vec<usize> = options
         .sizes
         .clone()
@@ -53,20 +96,13 @@ pub(crate) fn run(options: &Options, rules: &Path, trace: &Path) -> anyhow::Resu
         .collect();
     sizes.dedup();
     let largest = *sizes.last().context("no sizes")?;
-    println!(
-        "{}: {count} rules ({} lines the rules file cannot say, left out); {}: {} frames",
-        rules.display(),
-        set.skipped,
-        trace.display(),
-        frames.len()
-    );
-    let mut full = set.config.clone();
+    let mut full = set.clone();
     full.rules.truncate(largest);
     let groups = group(&full, frames);
     let every: Vec<Vec<u8>> = groups.iter().flatten().cloned().collect();
     let loaded = sizes
         .iter()
-        .map(|&size| load_rule_set(&set.config, size, [&every, &[]]))
+        .map(|&size| load_rule_set(set, size, [&every, &[]]))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let peer = match XdpFilter::load(&loaded[0].config) {
         Ok(peer) => Some(peer),

@@ -126,6 +126,11 @@ pub struct BitmapChunk {
     pub words: [u64; WORDS_PER_CHUNK],
 }
 
+/// A class's chunks, all in one map value: the matcher looks each field's
+/// class up once, however many chunks the rule set has (unused chunks are
+/// zero).
+pub type ClassBitmaps = [BitmapChunk; MAX_CHUNKS as usize];
+
 pub const WORDS_PER_CHUNK: usize = 64;
 pub const RULES_PER_CHUNK: u32 = (WORDS_PER_CHUNK * 64) as u32;
 /// Bounds the matcher's loop; the rule capacity is `MAX_CHUNKS * RULES_PER_CHUNK`.

@@ -1,11 +1,12 @@
 //! First-match classification at a cost that does not grow with the rule
-//! count: five equivalence-class lookups, then the AND of five rule bitmaps,
-//! skipping 64-rule words that are empty in any of them or that no rule of
-//! the address classes' pair summary has.
+//! count: five equivalence-class lookups, each class's rule bitmap in one
+//! map value (all its chunks), then the AND of the five bitmaps, skipping
+//! 64-rule words that are empty in any of them or that no rule of the
+//! address classes' pair summary has.
 
 use aya_ebpf::{Global, maps::Array};
 use filter_common::{
-    BitmapChunk, EntryBlock, MAX_CHUNKS, NodeBlock, PairSummary, V6_ROOT, WORDS_PER_CHUNK,
+    ClassBitmaps, EntryBlock, MAX_CHUNKS, NodeBlock, PairSummary, V6_ROOT, WORDS_PER_CHUNK,
     proto_index,
 };
 
@@ -38,15 +39,15 @@ static SPORT_CLASS: Array<u32> = Array::with_max_entries(filter_common::PORT_TAB
 #[aya_ebpf::macros::map]
 static DPORT_CLASS: Array<u32> = Array::with_max_entries(filter_common::PORT_TABLE_SIZE, 0);
 #[aya_ebpf::macros::map]
-static SRC_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+static SRC_BITS: Array<ClassBitmaps> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
-static DST_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+static DST_BITS: Array<ClassBitmaps> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
-static PROTO_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+static PROTO_BITS: Array<ClassBitmaps> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
-static SPORT_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+static SPORT_BITS: Array<ClassBitmaps> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
-static DPORT_BITS: Array<BitmapChunk> = Array::with_max_entries(1, 0);
+static DPORT_BITS: Array<ClassBitmaps> = Array::with_max_entries(1, 0);
 #[aya_ebpf::macros::map]
 static PAIR_SUMMARY: Array<PairSummary> = Array::with_max_entries(1, 0);
 
@@ -60,22 +61,26 @@ pub fn first_match(packet: &Packet) -> Option<u32> {
     let pair_group =
         (src >> PAIR_SRC_SHIFT.load()) * PAIR_DST_GROUPS.load() + (dst >> PAIR_DST_SHIFT.load());
     let pair = PAIR_SUMMARY.get(pair_group)?;
+    // One lookup per field for every chunk: a chunk costs loads, not lookups.
+    let bits = [
+        SRC_BITS.get(src)?,
+        DST_BITS.get(dst)?,
+        PROTO_BITS.get(proto)?,
+        SPORT_BITS.get(sport)?,
+        DPORT_BITS.get(dport)?,
+    ];
 
     let chunks = CHUNKS.load();
     for chunk in 0..MAX_CHUNKS {
         if chunk >= chunks {
             break;
         }
-        // No rule here takes both addresses: skip the five lookups.
+        // No rule here takes both addresses: skip the chunk.
         let pair = pair.chunks[chunk as usize];
         if pair == 0 {
             continue;
         }
-        let src = SRC_BITS.get(src * chunks + chunk)?;
-        let dst = DST_BITS.get(dst * chunks + chunk)?;
-        let proto = PROTO_BITS.get(proto * chunks + chunk)?;
-        let sport = SPORT_BITS.get(sport * chunks + chunk)?;
-        let dport = DPORT_BITS.get(dport * chunks + chunk)?;
+        let [src, dst, proto, sport, dport] = bits.map(|class| &class[chunk as usize]);
         let mut candidates =
             pair & src.summary & dst.summary & proto.summary & sport.summary & dport.summary;
         for _ in 0..WORDS_PER_CHUNK {

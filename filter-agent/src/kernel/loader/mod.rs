@@ -2,6 +2,7 @@
 
 mod attach;
 mod egress_tc;
+mod fill;
 mod kernel;
 mod probe;
 mod shapes;
@@ -10,21 +11,21 @@ mod tc_netlink;
 use std::path::{Path, PathBuf};
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader, Pod,
-    maps::{Array, MapError},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::MapError,
     programs::{
         ProgramError, SchedClassifier, Xdp, links::LinkError, tc::SchedClassifierLinkId,
         xdp::XdpLinkId,
     },
 };
-use filter_common::{
-    Counter, ENTRIES_PER_BLOCK, NODES_PER_BLOCK, names, reason, source_bucket_count,
-};
+use filter_common::{BitmapChunk, Counter, names, reason, source_bucket_count};
 use thiserror::Error;
 
 pub use attach::{
     AttachMode, Attached, Installed, detach, if_index, interface_exists, wait_for_running_programs,
 };
+pub use fill::fill_trie;
+use fill::{fill_array, fill_maps};
 pub use kernel::{MIN_KERNEL, VERIFIER_LOG_DIR, check_kernel, has_tcx, kernel_version};
 use kernel::{log_verified, refused};
 pub use probe::{program_verdict, time_program, xdp_action};
@@ -34,7 +35,7 @@ use crate::{
     kernel::counters,
     kernel::guard::{self, GuardReport, Listeners},
     kernel::pins::{self, PinError},
-    rules::compile::{AddressDim, AddressTrie, RuleSet, TableDim},
+    rules::compile::RuleSet,
     rules::config::GuardAction,
 };
 
@@ -297,6 +298,8 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
     let (low, high) = rules.guard.ephemeral;
     let (low, high) = (u32::from(low), u32::from(high));
     let entries = |len: usize| (len as u32).max(1);
+    // One value per class: all its chunks (`by_class`).
+    let classes = |bitmaps: &[BitmapChunk]| entries(bitmaps.len() / rules.chunks as usize);
     let rule_count = entries(rules.rules.len());
     let source_buckets = if rules.has_source_limits() {
         source_bucket_count(settings.limit_sources)
@@ -334,11 +337,11 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .map_max_entries(names::SRC_NODES, rules.src.trie.node_blocks())
         .map_max_entries(names::DST_ENTRIES, rules.dst.trie.entry_blocks())
         .map_max_entries(names::DST_NODES, rules.dst.trie.node_blocks())
-        .map_max_entries(names::SRC_BITS, entries(rules.src.bitmaps.len()))
-        .map_max_entries(names::DST_BITS, entries(rules.dst.bitmaps.len()))
-        .map_max_entries(names::PROTO_BITS, entries(rules.proto.bitmaps.len()))
-        .map_max_entries(names::SPORT_BITS, entries(rules.sport.bitmaps.len()))
-        .map_max_entries(names::DPORT_BITS, entries(rules.dport.bitmaps.len()))
+        .map_max_entries(names::SRC_BITS, classes(&rules.src.bitmaps))
+        .map_max_entries(names::DST_BITS, classes(&rules.dst.bitmaps))
+        .map_max_entries(names::PROTO_BITS, classes(&rules.proto.bitmaps))
+        .map_max_entries(names::SPORT_BITS, classes(&rules.sport.bitmaps))
+        .map_max_entries(names::DPORT_BITS, classes(&rules.dport.bitmaps))
         .map_max_entries(names::PAIR_SUMMARY, entries(rules.pairs.summaries.len()))
         .map_max_entries(names::RULE_STATS, rule_count)
         .map_max_entries(names::RULE_ACTIONS, rule_count)
@@ -346,28 +349,6 @@ fn open(rules: &RuleSet, options: &LoadOptions<'_>) -> Result<Ebpf, LoadError> {
         .map_max_entries(names::LIMITS, entries(rules.limits().len()))
         .map_max_entries(names::SOURCE_BUCKETS, source_buckets)
         .load(custom.as_ref().map_or(PROGRAM_OBJECT, ProgramObject::bytes))?)
-}
-
-/// Writes the compiled rule set into the maps, before the program can see
-/// a packet.
-fn fill_maps(ebpf: &mut Ebpf, rules: &RuleSet) -> Result<(), LoadError> {
-    let src_trie = [names::SRC_ENTRIES, names::SRC_NODES];
-    fill_addresses(ebpf, src_trie, names::SRC_BITS, &rules.src)?;
-    let dst_trie = [names::DST_ENTRIES, names::DST_NODES];
-    fill_addresses(ebpf, dst_trie, names::DST_BITS, &rules.dst)?;
-    fill_table(ebpf, names::PROTO_CLASS, names::PROTO_BITS, &rules.proto)?;
-    fill_table(ebpf, names::SPORT_CLASS, names::SPORT_BITS, &rules.sport)?;
-    fill_table(ebpf, names::DPORT_CLASS, names::DPORT_BITS, &rules.dport)?;
-    let pairs = rules.pairs.summaries.iter().copied().enumerate();
-    fill_array(ebpf, names::PAIR_SUMMARY, pairs)?;
-    fill_array(
-        ebpf,
-        names::RULE_ACTIONS,
-        rules.action_entries().enumerate(),
-    )?;
-    fill_array(ebpf, names::LIMITS, rules.limits().into_iter().enumerate())?;
-    let services = guard::service_words(&rules.guard.services, &Listeners::default());
-    fill_array(ebpf, names::SERVICE_PORTS, services.into_iter().enumerate())
 }
 
 /// Hands the programs to the verifier: the filter, and the guard's egress
@@ -393,70 +374,6 @@ fn missing_map(name: &str) -> LoadError {
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, LoadError> {
     ebpf.map_mut(name).ok_or_else(|| missing_map(name))
-}
-
-/// Writes `(index, value)` pairs into array map `name`.
-fn fill_array<V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    values: impl IntoIterator<Item = (usize, V)>,
-) -> Result<(), LoadError> {
-    let mut array = Array::<_, V>::try_from(map_mut(ebpf, name)?)?;
-    for (index, value) in values {
-        array
-            .set(index as u32, value, 0)
-            .map_err(|source| LoadError::Fill {
-                map: name.to_owned(),
-                source,
-            })?;
-    }
-    Ok(())
-}
-
-fn fill_table(ebpf: &mut Ebpf, table: &str, bits: &str, dim: &TableDim) -> Result<(), LoadError> {
-    // Maps start zeroed and class 0 is the most common: skip those writes.
-    let nonzero = dim
-        .table
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|&(_, class)| class != 0);
-    fill_array(ebpf, table, nonzero)?;
-    fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
-}
-
-/// An address trie's maps and bitmaps.
-fn fill_addresses(
-    ebpf: &mut Ebpf,
-    trie: [&str; 2],
-    bits: &str,
-    dim: &AddressDim,
-) -> Result<(), LoadError> {
-    fill_trie(ebpf, trie, &dim.trie)?;
-    fill_array(ebpf, bits, dim.bitmaps.iter().copied().enumerate())
-}
-
-/// Writes `trie` into the array maps named `[entries, nodes]` (sized by
-/// [`AddressTrie::entry_blocks`] and [`AddressTrie::node_blocks`]), a
-/// block per syscall.
-pub fn fill_trie(
-    ebpf: &mut Ebpf,
-    [entries, nodes]: [&str; 2],
-    trie: &AddressTrie,
-) -> Result<(), LoadError> {
-    fill_array(ebpf, entries, blocks::<_, ENTRIES_PER_BLOCK>(&trie.entries))?;
-    fill_array(ebpf, nodes, blocks::<_, NODES_PER_BLOCK>(&trie.nodes))
-}
-
-/// `values` as numbered blocks of `N`, the last one padded with defaults.
-fn blocks<T: Copy + Default, const N: usize>(
-    values: &[T],
-) -> impl Iterator<Item = (usize, [T; N])> + '_ {
-    values.chunks(N).enumerate().map(|(index, chunk)| {
-        let mut block = [T::default(); N];
-        block[..chunk.len()].copy_from_slice(chunk);
-        (index, block)
-    })
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {

@@ -18,9 +18,9 @@ mod trie;
 use std::collections::HashMap;
 
 use filter_common::{
-    BitmapChunk, COARSE_CLOCK_MIN_TOLERANCE_NS, MAX_RULES, PORT_TABLE_SIZE, PROTO_TABLE_SIZE,
-    RULES_PER_CHUNK, RateLimit, SourceBucket, WORDS_PER_CHUNK, action, address_words,
-    proto_index_parts, source_bucket_count,
+    BitmapChunk, COARSE_CLOCK_MIN_TOLERANCE_NS, ClassBitmaps, MAX_RULES, PORT_TABLE_SIZE,
+    PROTO_TABLE_SIZE, RULES_PER_CHUNK, RateLimit, SourceBucket, WORDS_PER_CHUNK, action,
+    address_words, proto_index_parts, source_bucket_count,
 };
 use thiserror::Error;
 
@@ -81,14 +81,17 @@ impl RuleSet {
     /// Bytes of BPF map values this rule set occupies (keys and kernel
     /// overhead not counted).
     pub fn map_bytes(&self) -> usize {
-        let chunk = size_of::<BitmapChunk>();
+        // Each class's chunks are one map value of `MAX_CHUNKS` chunks.
+        let bitmaps = |bitmaps: &[BitmapChunk]| {
+            bitmaps.len() / self.chunks as usize * size_of::<ClassBitmaps>()
+        };
         let tables = [&self.proto, &self.sport, &self.dport]
             .iter()
-            .map(|dim| dim.table.len() * 4 + dim.bitmaps.len() * chunk)
+            .map(|dim| dim.table.len() * 4 + bitmaps(&dim.bitmaps))
             .sum::<usize>();
         let addresses = [&self.src, &self.dst]
             .iter()
-            .map(|dim| dim.trie.bytes() + dim.bitmaps.len() * chunk)
+            .map(|dim| dim.trie.bytes() + bitmaps(&dim.bitmaps))
             .sum::<usize>()
             + self.pairs.summaries.len() * size_of::<filter_common::PairSummary>();
         let limits = self.limits().len() * size_of::<RateLimit>();

@@ -408,8 +408,8 @@ pub struct EventBudget {
 /// The live benchmark's sender (filter-ebpf/src/baseline.rs).
 pub mod sender {
     /// Every frame it sends is this long (shorter ones are padded, as
-    /// Ethernet pads them on the wire).
-    pub const FRAME_BYTES: usize = 64;
+    /// Ethernet pads them on the wire): an IPv6 TCP SYN (74 bytes) fits.
+    pub const FRAME_BYTES: usize = 80;
     /// The frames it sends in turn, `FRAME_BYTES` each.
     pub const FRAMES: &str = "FRAMES";
 }

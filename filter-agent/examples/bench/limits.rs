@@ -47,7 +47,7 @@ struct LimitCase<'a> {
 
 /// The limits the rows use: 1,000/s for the rule, and 100/s per /32 or
 /// /64 source.
-fn limits() -> (Limit, Limit) {
+pub(crate) fn limits() -> (Limit, Limit) {
     let rule_wide = Limit {
         packets: 1_000,
         per_ns: 1_000_000_000,

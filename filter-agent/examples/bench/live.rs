@@ -13,29 +13,21 @@
 use std::{path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, ensure};
-use aya::{
-    Ebpf,
-    programs::{Xdp, xdp::XdpMode},
-};
-use filter_agent::{
-    kernel::loader::{AttachMode, Filter, LoadOptions},
-    rules::compile::compile,
-    rules::config::Config,
-};
+use aya::{Ebpf, programs::Xdp};
+use filter_agent::rules::config::{Config, DEFAULT_LIMIT_SOURCES};
 use filter_common::sender::FRAME_BYTES;
 use ipnet::IpNet;
 use rand::{SeedableRng, rngs::StdRng};
 use testbed::{Netns, Pair};
 
+mod receiver;
 mod rulesets;
+mod socket;
 mod transmit;
 
-use crate::{BASELINE_OBJECT, timing::pin_to_cpu, workload};
-use rulesets::{
-    ipset, iptables_ipset, iptables_notrack, iptables_restore, nft, nft_linear, nft_set,
-};
-pub use transmit::LiveFramesRefused;
-use transmit::{Sample, Sender, if_index, refuses_live_frames};
+use crate::{BASELINE_OBJECT, limits, timing::pin_to_cpu, workload};
+use receiver::{Installed, Receiver};
+use transmit::{Sample, Sender, if_index, sending_path};
 
 pub struct LiveOptions {
     pub runs: usize,
@@ -43,35 +35,6 @@ pub struct LiveOptions {
     pub seconds: f64,
     pub sizes: Vec<usize>,
     pub json: Option<PathBuf>,
-}
-
-/// What sits on the receiving veth.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Receiver {
-    /// No filter: what receiving and dropping in the stack costs anyway.
-    NoFilter,
-    FilterAgent,
-    /// One nftables rule per rule, netdev ingress hook.
-    NftLinear,
-    /// One nftables interval set (address lists only).
-    NftSet,
-    /// One iptables rule per rule, raw PREROUTING, accepted traffic NOTRACK.
-    IptablesNotrack,
-    /// One ipset hash:net behind one iptables raw rule (address lists only).
-    Ipset,
-}
-
-impl Receiver {
-    fn label(self) -> &'static str {
-        match self {
-            Self::NoFilter => "no filter",
-            Self::FilterAgent => "filter-agent",
-            Self::NftLinear => "nftables",
-            Self::NftSet => "nftables set",
-            Self::IptablesNotrack => "iptables NOTRACK",
-            Self::Ipset => "ipset",
-        }
-    }
 }
 
 /// One line of the table, as written to the JSON file.
@@ -88,6 +51,8 @@ struct LiveRow {
     ratio_to_filter_agent: Option<f64>,
     setup_seconds: f64,
     packets_per_run: u64,
+    /// The share of the packets that rate limits dropped (median).
+    over_limit_share: f64,
 }
 
 /// The same rules and frames for every receiver.
@@ -97,7 +62,25 @@ struct Workload {
     config: Config,
     /// Only for address lists, which sets and ipset can hold.
     prefixes: Option<Vec<IpNet>>,
+    /// Only for floods: `config` with a per-source limit on its rule.
+    limited: Option<Config>,
     frames: Vec<Vec<u8>>,
+}
+
+impl Workload {
+    /// Who receives it: filter-agent first (the others' ratios are to it),
+    /// then what an operator would use instead; for a flood, the same rule
+    /// with a per-source limit.
+    fn receivers(&self) -> Vec<Receiver> {
+        let others = if self.limited.is_some() {
+            [Receiver::FilterAgentLimited].as_slice()
+        } else if self.prefixes.is_some() {
+            &[Receiver::NftSet, Receiver::Ipset]
+        } else {
+            &[Receiver::NftLinear, Receiver::IptablesNotrack]
+        };
+        [&[Receiver::FilterAgent], others].concat()
+    }
 }
 
 const NFT_TABLE: &str = "fa_bench";
@@ -113,7 +96,7 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
         mac(&pair.client, &pair.client_if)?,
     );
 
-    refuses_live_frames(&pair, macs)?;
+    let path = sending_path(&pair, macs)?;
     let mut receiver_baseline = Ebpf::load(BASELINE_OBJECT)?;
     let empty: &mut Xdp = receiver_baseline
         .program_mut("empty")
@@ -130,8 +113,15 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(11);
     let mut rows = Vec::new();
     println!(
-        "{:<9} {:>6}  {:<17} {:>10} {:>9} {:>14} {:>8}",
-        "workload", "rules", "receiver", "ns/packet", "Mpps", "x filter-agent", "setup s"
+        "{:<9} {:>6}  {:<18} {:>10} {:>9} {:>14} {:>8} {:>10}",
+        "workload",
+        "rules",
+        "receiver",
+        "ns/packet",
+        "Mpps",
+        "x filter-agent",
+        "setup s",
+        "over limit"
     );
     let mut previous_kind = "";
     for workload in &workloads(&mut rng, &options.sizes) {
@@ -140,16 +130,11 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
             .iter()
             .map(|frame| addressed(frame, macs))
             .collect::<anyhow::Result<_>>()?;
-        let sender = Sender::new(&frames)?;
-        let mut receivers = vec![Receiver::FilterAgent];
-        if workload.prefixes.is_some() {
-            receivers.extend([Receiver::NftSet, Receiver::Ipset]);
-        } else {
-            receivers.extend([Receiver::NftLinear, Receiver::IptablesNotrack]);
-        }
+        let sender = Sender::new(&frames, path)?;
+        let mut receivers = workload.receivers();
         // The unfiltered path once per kind of workload: it does not
         // depend on the rules, only on the frames.
-        if workload.name != previous_kind {
+        if workload.name != previous_kind && workload.limited.is_none() {
             receivers.insert(0, Receiver::NoFilter);
             previous_kind = workload.name;
         }
@@ -162,6 +147,7 @@ pub fn run(options: &LiveOptions) -> anyhow::Result<()> {
             "cpus": std::thread::available_parallelism()?.get(),
             "runs": options.runs,
             "seconds_per_run": options.seconds,
+            "sender": format!("{path:?}"),
             "rows": rows,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -208,13 +194,14 @@ fn report_rows(name: &str, measured: Vec<LiveRow>, receivers: Vec<Receiver>) -> 
             .map(|ours| row.ns_per_packet / ours);
         let rules_text = row.rules.map_or("-".to_owned(), |rules| rules.to_string());
         println!(
-            "{:<9} {rules_text:>6}  {:<17} {:>10.0} {:>9.3} {:>14} {:>8.2}",
+            "{:<9} {rules_text:>6}  {:<18} {:>10.0} {:>9.3} {:>14} {:>8.2} {:>9.1}%",
             name,
             receiver.label(),
             row.ns_per_packet,
             row.packets_per_second / 1e6,
             ratio.map_or("-".to_owned(), |ratio| format!("{ratio:.2}")),
             row.setup_seconds,
+            row.over_limit_share * 100.0,
         );
         rows.push(LiveRow {
             ratio_to_filter_agent: ratio,
@@ -224,7 +211,8 @@ fn report_rows(name: &str, measured: Vec<LiveRow>, receivers: Vec<Receiver>) -> 
     rows
 }
 
-/// ClassBench-like ACLs, then address lists, of every size.
+/// ClassBench-like ACLs, then address lists, of every size; then the
+/// random-source floods.
 fn workloads(rng: &mut StdRng, sizes: &[usize]) -> Vec<Workload> {
     let mut workloads = Vec::new();
     for &size in sizes {
@@ -235,6 +223,7 @@ fn workloads(rng: &mut StdRng, sizes: &[usize]) -> Vec<Workload> {
             size,
             config,
             prefixes: None,
+            limited: None,
             frames,
         });
     }
@@ -246,10 +235,28 @@ fn workloads(rng: &mut StdRng, sizes: &[usize]) -> Vec<Workload> {
             size,
             config: workload::address_list(&nets),
             prefixes: Some(nets),
+            limited: None,
             frames,
         });
     }
+    workloads.extend([false, true].map(|v6| flood(rng, v6)));
     workloads
+}
+
+/// A random-source SYN flood on a public web rule, the same rule with a
+/// per-source limit beside it: every frame from another source, more
+/// sources than the limit has buckets, so every bucket is taken.
+fn flood(rng: &mut StdRng, v6: bool) -> Workload {
+    let (_, per_source) = limits::limits();
+    let buckets = DEFAULT_LIMIT_SOURCES;
+    Workload {
+        name: if v6 { "flood v6" } else { "flood v4" },
+        size: 1,
+        config: workload::public_service(None, buckets),
+        prefixes: None,
+        limited: Some(workload::public_service(Some(per_source), buckets)),
+        frames: workload::syn_flood(rng, limits::FLOOD_FRAMES, v6),
+    }
 }
 
 /// Measures every receiver on `workload`, `options.runs` rounds; each
@@ -283,15 +290,16 @@ fn measure(
                         Some(count) => *count,
                         None => *count.insert(sender.calibrate(ifindex, options.seconds)?),
                     };
-                    let before = installed.classified()?;
+                    let (before, over_limit) = (installed.classified()?, installed.over_limit()?);
                     let since = || Ok(installed.classified()? - before);
-                    let sample = sender.run(ifindex, count, since)?;
+                    let mut sample = sender.run(ifindex, count, since)?;
                     let classified = installed.classified()? - before;
                     ensure!(
                         classified == sample.packets,
                         "sent {} packets but the receiver classified {classified}",
                         sample.packets
                     );
+                    sample.over_limit = installed.over_limit()? - over_limit;
                     Ok(sample)
                 })?
                 .with_context(|| format!("{} rules, {}", workload.size, receiver.label()))?;
@@ -307,10 +315,15 @@ fn measure(
             rules: (*receiver != Receiver::NoFilter).then_some(workload.size),
             receiver: receiver.label(),
             ns_per_packet: median(samples.iter().map(|s| s.cpu_ns as f64 / s.packets as f64)),
-            packets_per_second: median(samples.iter().map(|s| 1e9 / s.kernel_ns_per_packet)),
+            packets_per_second: median(samples.iter().map(|s| 1e9 / s.sender_ns_per_packet)),
             ratio_to_filter_agent: None,
             setup_seconds,
             packets_per_run: samples.first().map_or(0, |s| s.packets),
+            over_limit_share: median(
+                samples
+                    .iter()
+                    .map(|s| s.over_limit as f64 / s.packets as f64),
+            ),
         })
         .collect())
 }
@@ -319,154 +332,6 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-/// A receiver configuration in place on the receiving veth; removed on drop
-/// (the namespace's deletion would remove it too, even after a panic).
-struct Installed<'a> {
-    receiver: Receiver,
-    netns: &'a Netns,
-    iface: &'a str,
-    filter: Option<Filter>,
-    /// The XDP_PASS program that veth needs to accept XDP_TX frames, for
-    /// every receiver except filter-agent (which is an XDP program itself).
-    empty_link: Option<aya::programs::xdp::XdpLinkId>,
-    empty: &'a mut Xdp,
-}
-
-impl<'a> Installed<'a> {
-    fn new(
-        pair: &'a Pair,
-        empty: &'a mut Xdp,
-        workload: &Workload,
-        receiver: Receiver,
-    ) -> anyhow::Result<Self> {
-        let (netns, iface) = (&pair.server, pair.server_if.as_str());
-        let mut installed = Self {
-            receiver,
-            netns,
-            iface,
-            filter: None,
-            empty_link: None,
-            empty,
-        };
-        if receiver == Receiver::FilterAgent {
-            let rules = compile(&workload.config)?;
-            let options = LoadOptions {
-                event_rate: filter_common::event::DEFAULT_RATE,
-                ..LoadOptions::default()
-            };
-            let mut filter = Filter::load_with(&rules, &options)?;
-            netns.run(|| filter.attach(iface, AttachMode::Native))??;
-            installed.filter = Some(filter);
-            return Ok(installed);
-        }
-        let program = &mut *installed.empty;
-        installed.empty_link = Some(netns.run(|| program.attach(iface, XdpMode::Driver))??);
-        match receiver {
-            Receiver::NoFilter | Receiver::FilterAgent => {}
-            Receiver::NftLinear => nft(netns, &nft_linear(&workload.config, iface)?)?,
-            Receiver::NftSet => nft(netns, &nft_set(prefixes(workload)?, iface))?,
-            Receiver::IptablesNotrack => {
-                iptables_restore(netns, &iptables_notrack(&workload.config)?)?
-            }
-            Receiver::Ipset => {
-                let script = ipset(prefixes(workload)?);
-                netns.exec_with_input("ipset", &["-exist", "restore"], &script)?;
-                iptables_restore(netns, &iptables_ipset())?;
-            }
-        }
-        Ok(installed)
-    }
-
-    /// Packets this configuration has counted so far.
-    fn classified(&self) -> anyhow::Result<u64> {
-        match self.receiver {
-            Receiver::FilterAgent => {
-                // Every packet is counted once: by its rule, or by a reason.
-                let filter = self.filter.as_ref().context("filter not loaded")?;
-                let (reasons, rules) = (filter.counters()?, filter.rule_counters()?);
-                Ok(reasons.iter().chain(&rules).map(|c| c.packets).sum())
-            }
-            Receiver::NoFilter => rx_packets(self.netns, self.iface),
-            Receiver::NftLinear | Receiver::NftSet => {
-                let listing = self
-                    .netns
-                    .exec("nft", &["list", "table", "netdev", NFT_TABLE])?;
-                Ok(sum_after(
-                    &String::from_utf8_lossy(&listing.stdout),
-                    "packets ",
-                ))
-            }
-            Receiver::IptablesNotrack | Receiver::Ipset => {
-                let saved = self
-                    .netns
-                    .exec("iptables-legacy-save", &["-c", "-t", "raw"])?;
-                Ok(prerouting_packets(&String::from_utf8_lossy(&saved.stdout)))
-            }
-        }
-    }
-}
-
-impl Drop for Installed<'_> {
-    fn drop(&mut self) {
-        if let Some(link) = self.empty_link.take() {
-            let _ = self.empty.detach(link);
-        }
-        // Dropping the filter detaches it.
-        self.filter = None;
-        let _ = match self.receiver {
-            Receiver::NftLinear | Receiver::NftSet => self
-                .netns
-                .exec("nft", &["delete", "table", "netdev", NFT_TABLE])
-                .map(drop),
-            Receiver::IptablesNotrack | Receiver::Ipset => {
-                let _ = self.netns.exec("iptables-legacy", &["-t", "raw", "-F"]);
-                let _ = self.netns.exec("iptables-legacy", &["-t", "raw", "-X"]);
-                self.netns
-                    .exec("ipset", &["-exist", "destroy", IPSET_NAME])
-                    .map(drop)
-            }
-            Receiver::NoFilter | Receiver::FilterAgent => Ok(()),
-        };
-    }
-}
-
-fn prefixes(workload: &Workload) -> anyhow::Result<&[IpNet]> {
-    workload
-        .prefixes
-        .as_deref()
-        .context("sets hold address lists only")
-}
-
-/// Packets received by `iface` (the kernel's interface statistics).
-fn rx_packets(netns: &Netns, iface: &str) -> anyhow::Result<u64> {
-    let output = netns.ip(&["-s", "-j", "link", "show", "dev", iface])?;
-    let stats: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    stats[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .context("no rx packet count in `ip -s -j link`")
-}
-
-/// The sum of the numbers that follow each `marker` in `text`.
-fn sum_after(text: &str, marker: &str) -> u64 {
-    text.split(marker)
-        .skip(1)
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
-/// Packets counted by raw PREROUTING's rules and policy, from
-/// `iptables-save -c`: `[packets:bytes]` on every rule and the policy line.
-fn prerouting_packets(saved: &str) -> u64 {
-    saved
-        .lines()
-        .filter(|line| line.contains("PREROUTING"))
-        .filter_map(|line| {
-            let counters = line.split('[').nth(1)?.split(':').next()?;
-            counters.parse::<u64>().ok()
-        })
-        .sum()
 }
 
 /// The interface's MAC address inside `netns`.

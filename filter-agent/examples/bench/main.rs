@@ -60,10 +60,6 @@ pub(crate) fn load(rules: &RuleSet) -> anyhow::Result<Filter> {
     Ok(Filter::load_with(rules, &options)?)
 }
 
-/// The exit code of a run that could not measure anything on this kernel
-/// (automake's "skipped").
-const SKIPPED: u8 = 77;
-
 fn main() -> anyhow::Result<ExitCode> {
     let options = options::Options::parse();
     if options.live {
@@ -115,19 +111,13 @@ fn main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--live`; skipped (77) where the kernel refuses XDP live frames.
+/// `--live`.
 fn live(options: options::Options) -> anyhow::Result<ExitCode> {
-    let live = live::run(&live::LiveOptions {
+    live::run(&live::LiveOptions {
         runs: options.runs,
         seconds: options.seconds,
         sizes: options.sizes.unwrap_or_else(|| vec![1, 100, 1_000, 10_000]),
         json: options.json,
-    });
-    match live {
-        Err(err) if err.downcast_ref::<live::LiveFramesRefused>().is_some() => {
-            println!("bench --live: skipped: {err}");
-            Ok(ExitCode::from(SKIPPED))
-        }
-        other => other.map(|()| ExitCode::SUCCESS),
-    }
+    })?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -25,11 +25,13 @@ pub struct Fields {
     pub proto: u8,
     /// A non-first fragment.
     pub fragment: bool,
-    pub transport: Transport,
+    pub header: Header,
 }
 
+/// What the parser read past the IP header (the packet builder's
+/// `packet::Transport` is what a test asks to be written there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
+pub enum Header {
     Tcp {
         sport: u16,
         dport: u16,
@@ -134,9 +136,9 @@ pub fn guard_inbound(guard: &GuardSettings, fields: &Fields) -> GuardView {
             .iter()
             .any(|&(lo, hi)| lo <= port && port <= hi)
     };
-    let local_port = match fields.transport {
-        Transport::Tcp { dport, flags, .. } if flags & tcp_flag::ACK != 0 => dport,
-        Transport::Udp { sport, dport } if sport < WELL_KNOWN_END || service(sport) => dport,
+    let local_port = match fields.header {
+        Header::Tcp { dport, flags, .. } if flags & tcp_flag::ACK != 0 => dport,
+        Header::Udp { sport, dport } if sport < WELL_KNOWN_END || service(sport) => dport,
         _ => return GuardView::Ignored,
     };
     let (low, high) = guard.ephemeral;
@@ -161,25 +163,22 @@ pub fn matches(rule: &Rule, fields: &Fields) -> bool {
         (Some(ranges), Some(port)) => ranges.iter().any(|&(lo, hi)| lo <= port && port <= hi),
         (Some(_), None) => false,
     };
-    let (sport, dport) = match fields.transport {
-        Transport::Tcp { sport, dport, .. } | Transport::Udp { sport, dport } => {
+    let (sport, dport) = match fields.header {
+        Header::Tcp { sport, dport, .. } | Header::Udp { sport, dport } => {
             (Some(sport), Some(dport))
         }
         _ => (None, None),
     };
-    let flags_ok = match (rule.tcp_flags, fields.transport) {
+    let flags_ok = match (rule.tcp_flags, fields.header) {
         (None, _) => true,
-        (Some(wanted), Transport::Tcp { flags, .. }) => wanted.matches(flags),
+        (Some(wanted), Header::Tcp { flags, .. }) => wanted.matches(flags),
         (Some(_), _) => false,
     };
-    let icmp_ok =
-        |values: &Option<Vec<u8>>, pick: fn(u8, u8) -> u8| match (values, fields.transport) {
-            (None, _) => true,
-            (Some(values), Transport::Icmp { icmp_type, code }) => {
-                values.contains(&pick(icmp_type, code))
-            }
-            (Some(_), _) => false,
-        };
+    let icmp_ok = |values: &Option<Vec<u8>>, pick: fn(u8, u8) -> u8| match (values, fields.header) {
+        (None, _) => true,
+        (Some(values), Header::Icmp { icmp_type, code }) => values.contains(&pick(icmp_type, code)),
+        (Some(_), _) => false,
+    };
     rule.proto.is_none_or(|proto| proto == fields.proto)
         && address(&rule.src, fields.src)
         && address(&rule.dst, fields.dst)
@@ -266,8 +265,8 @@ fn transport(
     fragment: bool,
 ) -> Option<Parsed> {
     let v6 = src.is_ipv6();
-    let transport = if fragment {
-        Transport::None
+    let header = if fragment {
+        Header::None
     } else {
         match proto {
             IPPROTO_TCP => {
@@ -275,7 +274,7 @@ fn transport(
                 if tcp[12] >> 4 < 5 {
                     return None;
                 }
-                Transport::Tcp {
+                Header::Tcp {
                     sport: be16(tcp, 0)?,
                     dport: be16(tcp, 2)?,
                     flags: tcp[13],
@@ -283,14 +282,14 @@ fn transport(
             }
             IPPROTO_UDP => {
                 let udp = frame.get(start..start + 8)?;
-                Transport::Udp {
+                Header::Udp {
                     sport: be16(udp, 0)?,
                     dport: be16(udp, 2)?,
                 }
             }
             IPPROTO_ICMP if !v6 => icmp(frame, start)?,
             IPPROTO_ICMPV6 if v6 => icmp(frame, start)?,
-            _ => Transport::None,
+            _ => Header::None,
         }
     };
     Some(Parsed::Ip(Fields {
@@ -298,13 +297,13 @@ fn transport(
         dst,
         proto,
         fragment,
-        transport,
+        header,
     }))
 }
 
-fn icmp(frame: &[u8], start: usize) -> Option<Transport> {
+fn icmp(frame: &[u8], start: usize) -> Option<Header> {
     let icmp = frame.get(start..start + 2)?;
-    Some(Transport::Icmp {
+    Some(Header::Icmp {
         icmp_type: icmp[0],
         code: icmp[1],
     })
@@ -322,7 +321,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        oracle::packet::{PacketSpec, Transport as Spec, tcp_flag},
+        oracle::packet::{PacketSpec, Transport, tcp_flag},
         rules::config,
     };
 
@@ -338,7 +337,7 @@ mod tests {
         PacketSpec::new(
             src.parse().unwrap(),
             dst.parse().unwrap(),
-            Spec::Tcp {
+            Transport::Tcp {
                 sport: 40000,
                 dport,
                 flags,
@@ -376,7 +375,7 @@ mod tests {
         let mut v6_with_icmpv4 = PacketSpec::new(
             "2001:db8::1".parse().unwrap(),
             "2001:db8::2".parse().unwrap(),
-            Spec::Other {
+            Transport::Other {
                 proto: IPPROTO_ICMP,
                 payload: vec![0, 0, 0, 0],
             },
@@ -398,7 +397,7 @@ mod tests {
         let mut fragment = PacketSpec::new(
             "192.0.2.1".parse().unwrap(),
             "192.0.2.2".parse().unwrap(),
-            Spec::Udp {
+            Transport::Udp {
                 sport: 53,
                 dport: 53,
             },
@@ -423,7 +422,7 @@ mod tests {
         let solicitation = PacketSpec::new(
             "fe80::1".parse().unwrap(),
             "ff02::1:ff00:2".parse().unwrap(),
-            Spec::Icmp {
+            Transport::Icmp {
                 icmp_type: 135,
                 code: 0,
             },

@@ -1,11 +1,13 @@
 //! `cargo xtask bench --live`: whole-path cost with live packets, against
 //! what operators would pick instead (nftables, iptables with NOTRACK,
-//! ipset), each given the same rules and the same packets in one run.
+//! ipset), each given the same rules and the same packets in one run; and a
+//! random-source SYN flood on a rule with and without a per-source limit.
 //!
 //! Two namespaces joined by veth. The sender runs a one-instruction XDP_TX
-//! program with BPF_PROG_TEST_RUN live frames (what xdp-trafficgen does), so
-//! every frame leaves the sender's veth and is received, filtered and
-//! delivered to the stack by the receiver's. The receiver holds one
+//! program with BPF_PROG_TEST_RUN live frames (what xdp-trafficgen does),
+//! or, where the kernel refuses those, writes the frames to an AF_PACKET
+//! socket; every frame leaves the sender's veth and is received, filtered
+//! and delivered to the stack by the receiver's. The receiver holds one
 //! configuration at a time. Cost is the busy CPU time of the whole machine
 //! (/proc/stat, both cores) per packet sent, and every packet sent must show
 //! up in the configuration's own counters, so nothing is lost unnoticed.

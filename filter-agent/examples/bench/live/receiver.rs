@@ -4,7 +4,7 @@
 
 use aya::programs::{Xdp, xdp::XdpMode};
 use filter_agent::{
-    kernel::loader::{AttachMode, Filter, LoadOptions},
+    kernel::loader::{AttachMode, Filter},
     rules::compile::compile,
 };
 use testbed::{Netns, Pair};
@@ -83,12 +83,7 @@ impl<'a> Installed<'a> {
             _ => None,
         };
         if let Some(config) = config {
-            let rules = compile(config)?;
-            let options = LoadOptions {
-                event_rate: filter_common::event::DEFAULT_RATE,
-                ..LoadOptions::default()
-            };
-            let mut filter = Filter::load_with(&rules, &options)?;
+            let mut filter = crate::load(&compile(config)?)?;
             netns.run(|| filter.attach(iface, AttachMode::Native))??;
             installed.filter = Some(filter);
             return Ok(installed);
@@ -115,10 +110,12 @@ impl<'a> Installed<'a> {
     pub(super) fn classified(&self) -> anyhow::Result<u64> {
         match self.receiver {
             Receiver::FilterAgent | Receiver::FilterAgentLimited => {
-                // Every packet is counted once: by its rule, or by a reason.
+                // Every packet is counted once: by its rule, by the rule's
+                // rate limit, or by a reason.
                 let filter = self.filter.as_ref().context("filter not loaded")?;
                 let (reasons, rules) = (filter.counters()?, filter.rule_counters()?);
-                Ok(reasons.iter().chain(&rules).map(|c| c.packets).sum())
+                let counted: u64 = reasons.iter().chain(&rules).map(|c| c.packets).sum();
+                Ok(counted + self.over_limit()?)
             }
             Receiver::NoFilter => rx_packets(self.netns, self.iface),
             Receiver::NftLinear | Receiver::NftSet => {

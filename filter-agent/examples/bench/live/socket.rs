@@ -70,41 +70,34 @@ pub(super) fn send(frames: &[[u8; FRAME_BYTES]], ifindex: u32, count: u32) -> an
 /// A raw packet socket that sends on `ifindex` and receives nothing
 /// (protocol 0), past the qdisc.
 fn bound_socket(ifindex: u32) -> anyhow::Result<OwnedFd> {
-    // SAFETY: plain system calls on a descriptor this function owns.
+    // SAFETY: plain system calls on a descriptor this function owns, with
+    // pointers to locals that outlive each call.
     unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        ensure!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
+        succeeded(fd, "opening an AF_PACKET socket")?;
         let socket = OwnedFd::from_raw_fd(fd);
         let mut address: libc::sockaddr_ll = std::mem::zeroed();
         address.sll_family = libc::AF_PACKET as u16;
         address.sll_ifindex = ifindex as i32;
-        let bound = libc::bind(
-            fd,
-            (&address as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        );
-        ensure!(
-            bound == 0,
-            "binding an AF_PACKET socket to interface {ifindex}: {}",
-            std::io::Error::last_os_error()
-        );
+        let size = std::mem::size_of_val(&address) as libc::socklen_t;
+        let bound = libc::bind(fd, (&raw const address).cast(), size);
+        succeeded(bound, "binding the AF_PACKET socket to its interface")?;
         let bypass: libc::c_int = 1;
+        let size = std::mem::size_of_val(&bypass) as libc::socklen_t;
         let set = libc::setsockopt(
             fd,
             libc::SOL_PACKET,
             libc::PACKET_QDISC_BYPASS,
-            (&bypass as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (&raw const bypass).cast(),
+            size,
         );
-        ensure!(
-            set == 0,
-            "PACKET_QDISC_BYPASS: {}",
-            std::io::Error::last_os_error()
-        );
+        succeeded(set, "PACKET_QDISC_BYPASS")?;
         Ok(socket)
     }
+}
+
+/// A system call's result: negative is the error in errno.
+fn succeeded(result: libc::c_int, what: &str) -> anyhow::Result<()> {
+    ensure!(result >= 0, "{what}: {}", std::io::Error::last_os_error());
+    Ok(())
 }

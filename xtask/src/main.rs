@@ -283,25 +283,30 @@ fn image_check() -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    util::cargo(&["fmt", "--all", "--check"])?;
-    util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    limits::check()?;
+    timed("lints", || {
+        util::cargo(&["fmt", "--all", "--check"])?;
+        util::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+        limits::check()
+    })?;
     // Every test binary runs, whichever fails first.
-    let (mut passed, mut failed) = util::cargo_test(&["test", "--all-targets", "--no-fail-fast"])?;
-    let mut outcomes = smoke_benches();
+    let (mut passed, mut failed) = timed("cargo test", || {
+        util::cargo_test(&["test", "--all-targets", "--no-fail-fast"])
+    })?;
+    let mut outcomes = timed("bench smoke runs", smoke_benches);
     // Every fuzzer briefly: its regressions, then 20 s from its seeds.
-    let fuzzed = fuzz::run(&fuzz::TARGETS, FUZZ_SECONDS);
+    let fuzzed = timed("fuzz", || fuzz::run(&fuzz::TARGETS, FUZZ_SECONDS));
     outcomes.push(("fuzz", fuzzed.map(drop)));
     // The Debian packages build, and lintian finds no error in them.
-    let packaged =
-        package::run().and_then(|built| built.debs.iter().try_for_each(|deb| package::lint(deb)));
+    let packaged = timed("package", || {
+        package::run().and_then(|built| built.debs.iter().try_for_each(|deb| package::lint(deb)))
+    });
     outcomes.push(("package", packaged));
     // The DaemonSet passes Kubernetes' schemas, and its image runs under
     // Docker as the DaemonSet runs it.
     let schema = package::validate_manifest();
     outcomes.push(("package (DaemonSet schema)", schema));
-    outcomes.push(("image --check", image_check()));
-    let soaked = soak::run(SOAK_MINUTES);
+    outcomes.push(("image --check", timed("image --check", image_check)));
+    let soaked = timed("soak", || soak::run(SOAK_MINUTES));
     outcomes.push(("soak --minutes 2", soaked));
     for (name, outcome) in outcomes {
         match outcome {
@@ -321,6 +326,18 @@ fn test() -> anyhow::Result<()> {
         anyhow::bail!("{failed} tests failed");
     }
     Ok(())
+}
+
+/// Runs one step of `cargo xtask test` and says how long it took, so that
+/// a slow CI run shows where its time went.
+fn timed<T>(step: &str, run: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let outcome = run();
+    println!(
+        "cargo xtask test: {step} took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    outcome
 }
 
 /// The benchmark harness, with tiny counts, so that it cannot rot; its

@@ -14,6 +14,7 @@ mod classbench;
 mod families;
 mod limits;
 mod live;
+mod loop_model;
 mod options;
 mod peer;
 mod rule_sets;

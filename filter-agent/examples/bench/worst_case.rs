@@ -10,12 +10,17 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
-use filter_agent::{kernel::loader::time_program, oracle::reference, rules::config::Config};
+use filter_agent::{
+    kernel::loader::time_program,
+    oracle::reference,
+    rules::{compile::compile, config::Config},
+};
 use filter_common::{Outcome, reason};
 use rand::{SeedableRng as _, rngs::StdRng};
 
 use crate::{
     classbench, families,
+    loop_model::{self, Visits},
     options::Options,
     peer::XdpFilter,
     rule_sets::{Loaded, load_rule_set},
@@ -36,6 +41,8 @@ pub(crate) struct WorstRow {
     pub(crate) ns: [Option<Measured>; 3],
     /// Per group, this row over the 10-rule row, per round.
     pub(crate) vs_smallest: [Option<Quartiles>; 3],
+    /// Per group, what the program's loop visits (filter-agent's rows).
+    pub(crate) visits: [Option<Visits>; 3],
 }
 
 /// Reads the set and the trace, times every size and prints the table.
@@ -113,7 +120,24 @@ fn table(options: &Options, set: &Config, frames: Vec<Vec<u8>>) -> anyhow::Resul
         }
     };
     let rounds = time(options, &loaded, peer.as_ref().map(|(_, xdp)| xdp), &groups)?;
-    Ok(report(&loaded, peer.is_some(), &rounds))
+    let visits = loaded
+        .iter()
+        .map(|set| model(set, &groups))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(report(&loaded, peer.is_some(), &rounds, &visits))
+}
+
+/// The loop model's counts for one size's groups.
+fn model(set: &Loaded, groups: &[Vec<Vec<u8>>; 3]) -> anyhow::Result<[Option<Visits>; 3]> {
+    let rule_set = compile(&set.config)?;
+    let mut visits = [None; 3];
+    for (visits, frames) in visits.iter_mut().zip(groups) {
+        if !frames.is_empty() {
+            let counted = loop_model::visits(&rule_set, &set.config, frames);
+            *visits = Some(counted.with_context(|| format!("{} rules", set.size))?);
+        }
+    }
+    Ok(visits)
 }
 
 /// The trace's frames by what `config` decides: early, late, unmatched.
@@ -177,8 +201,13 @@ fn time(
         .collect())
 }
 
-/// The rows, printed as a table.
-fn report(loaded: &[Loaded], peer: bool, rounds: &[[Option<Rounds>; 3]]) -> Vec<WorstRow> {
+/// The rows, printed as a table, then the loop model's counts.
+fn report(
+    loaded: &[Loaded],
+    peer: bool,
+    rounds: &[[Option<Rounds>; 3]],
+    visits: &[[Option<Visits>; 3]],
+) -> Vec<WorstRow> {
     println!(
         "{:>7} {:>11} | {:>28} | {:>28} | {:>28}",
         "rules", "", GROUPS[0], GROUPS[1], GROUPS[2]
@@ -210,7 +239,33 @@ fn report(loaded: &[Loaded], peer: bool, rounds: &[[Option<Rounds>; 3]]) -> Vec<
             receiver,
             ns,
             vs_smallest,
+            visits: visits.get(rows.len()).copied().unwrap_or_default(),
         });
     }
+    print_visits(loaded, visits);
     rows
+}
+
+/// Per size and group: the share of frames the pair summary ends, then
+/// chunks entered and words ANDed per frame.
+fn print_visits(loaded: &[Loaded], visits: &[[Option<Visits>; 3]]) {
+    println!("  loop model, per frame: ended at the pair summary, chunks, words");
+    for (set, row) in loaded.iter().zip(visits) {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|visits| match visits {
+                Some(v) => format!(
+                    "{:.0}% {:.2} {:.2}",
+                    v.ended_at_pair * 100.0,
+                    v.chunks,
+                    v.words
+                ),
+                None => "-".to_owned(),
+            })
+            .collect();
+        println!(
+            "{:>7} {:>11} | {:>28} | {:>28} | {:>28}",
+            set.size, "", cells[0], cells[1], cells[2]
+        );
+    }
 }

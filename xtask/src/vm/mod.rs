@@ -11,6 +11,7 @@ mod archive;
 mod checks;
 mod debian;
 mod image;
+mod installs;
 mod kernels;
 mod observe;
 mod qemu;
@@ -19,12 +20,15 @@ mod unit;
 mod upgrade;
 
 use std::{
+    collections::VecDeque,
     fs,
     path::{Path, PathBuf},
+    sync::Mutex,
     time::Instant,
 };
 
 use anyhow::Context as _;
+use installs::Installs;
 
 use crate::{
     package,
@@ -116,20 +120,35 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     // The refused object is made from the debug build's.
     cargo(&["build", "--quiet", "--package", "filter-agent"])?;
     let refused = refused_object()?;
-    // Read now: the systemd lane packages (and so rewrites them) meanwhile.
     let agents = package::binaries()?
         .iter()
         .map(fs::read)
         .collect::<std::io::Result<Vec<_>>>()?;
-    // Every kernel first, so that the two lanes below never fetch the same.
-    for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
-        kernels::fetch(*suite, &target)?;
-    }
+    let installs = Installs::build(guests, previous)?;
+    fetch_kernels(guests, &target)?;
+    // The systemd guests that install the package only; the first lane
+    // to be free boots the next.
+    let spare: Mutex<VecDeque<&SystemdGuest>> = Mutex::new(
+        SYSTEMD_GUESTS
+            .iter()
+            .filter(|guest| !guest.full && guests.contains(&guest.name))
+            .collect(),
+    );
+    let lane = Lane {
+        target: &target,
+        refused: &refused,
+        installs: &installs,
+        spare: &spare,
+    };
     // Two lanes at once, the busybox guests and the systemd guests: most of
     // a guest's time is spent waiting (for a boot, a timeout, a reboot).
     let (kernel_report, systemd_report) = std::thread::scope(|scope| {
-        let kernel_lane = scope.spawn(|| kernel_lane(guests, &agents, &refused, &target));
-        let report = systemd_lane(guests, &refused, previous.as_deref(), &target);
+        let kernel_lane = scope.spawn(|| {
+            let mut report = kernel_lane(guests, &agents, &refused, &target);
+            lane.spare_guests(&mut report);
+            report
+        });
+        let report = systemd_lane(guests, &lane);
         (
             kernel_lane.join().expect("the kernel lane panicked"),
             report,
@@ -148,6 +167,41 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
         report.failed
     );
     Ok((report.passed, report.failed))
+}
+
+/// Every guest's kernel, before the lanes start, so that two lanes never
+/// fetch the same.
+fn fetch_kernels(guests: &[&str], target: &Path) -> anyhow::Result<()> {
+    let systemd_suites = SYSTEMD_GUESTS
+        .iter()
+        .filter(|guest| guests.contains(&guest.name))
+        .map(|guest| guest.suite);
+    let kernel_suites = SUITES.iter().filter(|suite| guests.contains(&suite.name));
+    for suite in kernel_suites.copied().chain(systemd_suites) {
+        kernels::fetch(suite, target)?;
+    }
+    Ok(())
+}
+
+/// What every lane shares.
+struct Lane<'a> {
+    target: &'a Path,
+    refused: &'a [u8],
+    installs: &'a Option<Installs>,
+    /// The systemd guests no lane has taken yet.
+    spare: &'a Mutex<VecDeque<&'static SystemdGuest>>,
+}
+
+impl Lane<'_> {
+    /// Boots spare systemd guests until none is left.
+    fn spare_guests(&self, report: &mut Report) {
+        loop {
+            let next = self.spare.lock().expect("a lane panicked").pop_front();
+            let Some(guest) = next else { return };
+            report.kernel = format!("{}, systemd", guest.suite.debian);
+            systemd_guest(guest, self, report);
+        }
+    }
 }
 
 /// The busybox guests, one stock kernel each, in turn.
@@ -169,26 +223,21 @@ fn kernel_lane(guests: &[&str], agents: &[Vec<u8>], refused: &[u8], target: &Pat
     report
 }
 
-/// The systemd guests in turn, with the Ansible hosts after Debian 12's
-/// guest, whose image they share.
-fn systemd_lane(guests: &[&str], refused: &[u8], previous: Option<&Path>, target: &Path) -> Report {
+/// Debian 12's full guest, then the Ansible hosts, whose image it makes
+/// (so neither is spare), then spare systemd guests.
+fn systemd_lane(guests: &[&str], lane: &Lane<'_>) -> Report {
     let mut report = Report::default();
-    // The Ansible hosts after Debian 12's guest, whose image they share.
-    let chosen = SYSTEMD_GUESTS
+    let full = SYSTEMD_GUESTS
         .iter()
-        .filter(|guest| guests.contains(&guest.name));
-    let mut ansible_due = guests.contains(&ANSIBLE);
-    for guest in chosen {
-        if ansible_due && !guest.full {
-            ansible_guests(target, refused, &mut report);
-            ansible_due = false;
-        }
+        .filter(|guest| guest.full && guests.contains(&guest.name));
+    for guest in full {
         report.kernel = format!("{}, systemd", guest.suite.debian);
-        systemd_guest(guest, target, refused, previous, &mut report);
+        systemd_guest(guest, lane, &mut report);
     }
-    if ansible_due {
-        ansible_guests(target, refused, &mut report);
+    if guests.contains(&ANSIBLE) {
+        ansible_guests(lane, &mut report);
     }
+    lane.spare_guests(&mut report);
     report
 }
 
@@ -269,36 +318,24 @@ fn foreign_programs(suite: kernels::Suite, target: &Path) -> anyhow::Result<Path
 /// A Debian system from its packages, booted from a disk with systemd as
 /// PID 1, installing this build's Debian package (and on Debian 12, the
 /// previous release's and a later version of this one).
-fn systemd_guest(
-    guest: &SystemdGuest,
-    target: &Path,
-    refused: &[u8],
-    previous: Option<&Path>,
-    report: &mut Report,
-) {
+fn systemd_guest(guest: &SystemdGuest, lane: &Lane<'_>, report: &mut Report) {
+    let target = lane.target;
     let work = target.join(guest.suite.debian.to_lowercase().replace(' ', ""));
     let booted = (|| {
-        let current = package::run()?.debs[0].clone();
+        let installs = lane.installs.as_ref().context("no package built")?;
+        let current = installs.current.clone();
         let mut debs = vec![current.clone()];
         let mut upgrade = PathBuf::new();
         let scenario = workspace_root().join("target/release/fa-scenario");
         if guest.full {
-            upgrade = package::build(&format!("{}+upgrade", package::VERSION))?.debs[0].clone();
+            upgrade = installs.upgrade.clone().context("no later version built")?;
             debs.push(upgrade.clone());
-            debs.extend(previous.map(Path::to_owned));
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "scenarios",
-                "--bin",
-                "fa-scenario",
-            ])?;
+            debs.extend(installs.previous.clone());
         }
         let kernel = kernels::fetch(guest.suite, target)?;
         let staged = debian::Staged {
             debs: &debs,
-            refused,
+            refused: lane.refused,
             scenario: guest.full.then_some(scenario.as_path()),
             authorized_key: None,
         };
@@ -320,7 +357,7 @@ fn systemd_guest(
         let packages = systemd::Packages {
             current: name(&current),
             upgrade: name(&upgrade),
-            previous: previous.map(name).unwrap_or_default(),
+            previous: installs.previous.as_deref().map(name).unwrap_or_default(),
         };
         anyhow::Ok((vm, packages))
     })();
@@ -337,15 +374,17 @@ fn systemd_guest(
 
 /// Two Debian 12 hosts with sshd, booted at once, and the Ansible role
 /// rolled out to them from this host.
-fn ansible_guests(target: &Path, refused: &[u8], report: &mut Report) {
+fn ansible_guests(lane: &Lane<'_>, report: &mut Report) {
     report.kernel = "Debian 12 x2, Ansible".into();
+    let target = lane.target;
     let booted = (|| {
         let controller = ansible::Controller::new(target)?;
-        let deb = package::run()?.debs[0].clone();
+        let installs = lane.installs.as_ref().context("no package built")?;
+        let deb = installs.current.clone();
         let kernel = kernels::fetch(kernels::BOOKWORM, target)?;
         let staged = debian::Staged {
             debs: &[],
-            refused,
+            refused: lane.refused,
             scenario: None,
             authorized_key: Some(&controller.public_key),
         };

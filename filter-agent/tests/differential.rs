@@ -111,87 +111,137 @@ fn seeded() -> (u64, StdRng) {
     (seed, StdRng::seed_from_u64(seed))
 }
 
+/// What the frames of some rule sets exercised.
+#[derive(Default)]
+struct Tally {
+    checked: usize,
+    /// Frames per guard view (ignored, in range, out of range).
+    guard_views: [usize; 3],
+    /// Frames a rate limit dropped.
+    over_limit: usize,
+}
+
+impl Tally {
+    fn add(mut self, other: Self) -> Self {
+        self.checked += other.checked;
+        for (mine, theirs) in self.guard_views.iter_mut().zip(other.guard_views) {
+            *mine += theirs;
+        }
+        self.over_limit += other.over_limit;
+        self
+    }
+}
+
 #[test]
 fn kernel_agrees_with_reference() {
-    let (seed, mut rng) = seeded();
-    let mut checked = 0;
-    // Frames per guard view (ignored, in range, out of range): all must occur.
-    let mut guard_views = [0usize; 3];
-    // Frames a rate limit dropped: limits must be exercised.
-    let mut over_limit = 0;
-    for set in 0..RULE_SETS {
-        let config = random_config(&mut rng);
-        let source_seed = rng.random();
-        let options = LoadOptions {
-            trace: true,
-            source_seed: Some(source_seed),
-            ..LoadOptions::default()
-        };
-        let mut filter = Filter::load_with(&compile(&config).unwrap(), &options)
-            .unwrap_or_else(|err| panic!("seed {seed}, set {set}: {err:?}"));
-        let mut buckets = reference::Buckets::with_seed(source_seed);
-        let mut clock = rng.random_range(0..1_000_000_000);
-        for _ in 0..FRAMES_PER_SET {
-            let frame = random_frame(&mut rng);
-            clock += random_step(&mut rng);
-            filter.set_clock(clock).unwrap();
-            let (expected_outcome, action) =
-                reference::classify_at(&config, &mut buckets, clock, &frame);
-            let expected = (
-                if action == Action::Deny {
-                    XDP_DROP
-                } else {
-                    XDP_PASS
-                },
-                expected_outcome,
-            );
-            let guard_before = filter.guard_stats().unwrap();
-            let got = filter.classify_frame(&frame).unwrap();
-            let guard_after = filter.guard_stats().unwrap();
-            let guard_moved: Vec<u32> = (0..guard::STAT_COUNT)
-                .filter(|&i| guard_before[i as usize].packets != guard_after[i as usize].packets)
-                .collect();
-            let guard_expected = match reference::parse(&frame) {
-                reference::Parsed::Ip(fields) => {
-                    match reference::guard_inbound(&config.guard, &fields) {
-                        GuardView::Ignored => vec![],
-                        GuardView::InRange => vec![guard::RETURN_IN_RANGE],
-                        GuardView::OutOfRange => vec![guard::RETURN_OUT_OF_RANGE],
-                    }
-                }
-                _ => vec![],
-            };
-            guard_views[guard_expected.first().map_or(0, |&i| i as usize + 1)] += 1;
-            assert_eq!(
-                guard_moved, guard_expected,
-                "DIFFERENTIAL_SEED={seed}, set {set}: guard counters\nframe {frame:02x?}\nguard {:?}",
-                config.guard
-            );
-            // What the program recorded is what it counted.
-            assert_eq!(
-                filter.last_outcome().unwrap(),
-                got.1,
-                "DIFFERENTIAL_SEED={seed}"
-            );
-            over_limit += usize::from(matches!(got.1, Outcome::OverLimit(_)));
-            assert_eq!(
-                got,
-                expected,
-                "DIFFERENTIAL_SEED={seed}, set {set}\nframe {frame:02x?}\nparsed {:?}\nconfig {config:#?}",
-                reference::parse(&frame)
-            );
-            checked += 1;
-        }
-    }
+    let (seed, _) = seeded();
+    // Loading (verifying) a program per set is most of the time: the sets
+    // are spread over the CPUs, each from its own generator, so that a
+    // failure replays from the seed alone.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let tally = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|first| {
+                scope.spawn(move || {
+                    (first..RULE_SETS)
+                        .step_by(threads)
+                        .map(|set| check_set(seed, set))
+                        .fold(Tally::default(), Tally::add)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .fold(Tally::default(), Tally::add)
+    });
+    let Tally {
+        checked,
+        guard_views,
+        over_limit,
+    } = tally;
     println!(
         "seed {seed}: {checked} frames over {RULE_SETS} rule sets agree; guard views \
          {guard_views:?}; {over_limit} over a rate limit"
     );
+    // Every guard view and the rate limits must have been exercised.
     assert!(guard_views.iter().all(|&n| n > 100), "{guard_views:?}");
     assert!(
         over_limit > 100,
         "only {over_limit} frames were over a rate limit"
     );
+}
+
+/// One random rule set, loaded, against the reference on random frames.
+fn check_set(seed: u64, set: usize) -> Tally {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ set as u64);
+    let mut tally = Tally::default();
+    let config = random_config(&mut rng);
+    let source_seed = rng.random();
+    let options = LoadOptions {
+        trace: true,
+        source_seed: Some(source_seed),
+        ..LoadOptions::default()
+    };
+    let mut filter = Filter::load_with(&compile(&config).unwrap(), &options)
+        .unwrap_or_else(|err| panic!("seed {seed}, set {set}: {err:?}"));
+    let mut buckets = reference::Buckets::with_seed(source_seed);
+    let mut clock = rng.random_range(0..1_000_000_000);
+    for _ in 0..FRAMES_PER_SET {
+        let frame = random_frame(&mut rng);
+        clock += random_step(&mut rng);
+        filter.set_clock(clock).unwrap();
+        let (expected_outcome, action) =
+            reference::classify_at(&config, &mut buckets, clock, &frame);
+        let expected = (
+            if action == Action::Deny {
+                XDP_DROP
+            } else {
+                XDP_PASS
+            },
+            expected_outcome,
+        );
+        let guard_before = filter.guard_stats().unwrap();
+        let got = filter.classify_frame(&frame).unwrap();
+        let guard_after = filter.guard_stats().unwrap();
+        let guard_moved: Vec<u32> = (0..guard::STAT_COUNT)
+            .filter(|&i| guard_before[i as usize].packets != guard_after[i as usize].packets)
+            .collect();
+        let guard_expected = match reference::parse(&frame) {
+            reference::Parsed::Ip(fields) => match reference::guard_inbound(&config.guard, &fields)
+            {
+                GuardView::Ignored => vec![],
+                GuardView::InRange => vec![guard::RETURN_IN_RANGE],
+                GuardView::OutOfRange => vec![guard::RETURN_OUT_OF_RANGE],
+            },
+            _ => vec![],
+        };
+        tally.guard_views[guard_expected.first().map_or(0, |&i| i as usize + 1)] += 1;
+        assert_eq!(
+            guard_moved, guard_expected,
+            "DIFFERENTIAL_SEED={seed}, set {set}: guard counters\nframe {frame:02x?}\nguard {:?}",
+            config.guard
+        );
+        // What the program recorded is what it counted.
+        assert_eq!(
+            filter.last_outcome().unwrap(),
+            got.1,
+            "DIFFERENTIAL_SEED={seed}"
+        );
+        tally.over_limit += usize::from(matches!(got.1, Outcome::OverLimit(_)));
+        assert_eq!(
+            got,
+            expected,
+            "DIFFERENTIAL_SEED={seed}, set {set}\nframe {frame:02x?}\nparsed {:?}\nconfig {config:#?}",
+            reference::parse(&frame)
+        );
+        tally.checked += 1;
+    }
+    tally
 }
 
 /// Rule sets with thousands of address classes, over one and two chunks:

@@ -241,7 +241,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(only) = &args.only {
         passed.extend(["--only", only]);
     }
-    run_bench(&passed).map(drop)
+    run_bench(Profile::Release, &passed)
 }
 
 /// Seconds each fuzz target runs in `cargo xtask test`.
@@ -249,18 +249,24 @@ const FUZZ_SECONDS: u64 = 20;
 /// The soak's length in `cargo xtask test` (the long runs are by hand).
 const SOAK_MINUTES: f64 = 2.0;
 
-/// `filter-agent/examples/bench.rs`, built in release, with `args`.
-fn run_bench(args: &[&str]) -> anyhow::Result<()> {
-    let mut command = vec![
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "filter-agent",
-        "--example",
-        "bench",
-        "--",
-    ];
+/// How `run_bench` builds the bench.
+#[derive(Clone, Copy)]
+enum Profile {
+    /// For figures.
+    Release,
+    /// For the smoke runs in `cargo xtask test`, whose figures gate
+    /// nothing: `cargo test` has built every dependency in this profile
+    /// already, where release would build them all again (3-4 minutes).
+    Dev,
+}
+
+/// `filter-agent/examples/bench.rs`, built in `profile`, with `args`.
+fn run_bench(profile: Profile, args: &[&str]) -> anyhow::Result<()> {
+    let mut command = vec!["run", "--quiet"];
+    if let Profile::Release = profile {
+        command.push("--release");
+    }
+    command.extend(["--package", "filter-agent", "--example", "bench", "--"]);
     command.extend_from_slice(args);
     let status = std::process::Command::new(util::cargo_program())
         .args(&command)
@@ -365,7 +371,7 @@ fn smoke_benches() -> Vec<(&'static str, anyhow::Result<()>)> {
     ];
     let mut outcomes: Vec<_> = smoke
         .into_iter()
-        .map(|(name, args)| (name, run_bench(args)))
+        .map(|(name, args)| (name, run_bench(Profile::Dev, args)))
         .collect();
     // The ClassBench reader on a small set of the format's own shape.
     let fixtures = util::workspace_root().join("filter-agent/examples/bench/fixtures");
@@ -383,6 +389,6 @@ fn smoke_benches() -> Vec<(&'static str, anyhow::Result<()>)> {
         ],
     ]
     .concat();
-    outcomes.push(("bench --classbench", run_bench(&classbench)));
+    outcomes.push(("bench --classbench", run_bench(Profile::Dev, &classbench)));
     outcomes
 }

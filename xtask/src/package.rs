@@ -83,9 +83,10 @@ pub fn build(version: &str) -> anyhow::Result<Artifacts> {
     let binaries = binaries()?;
     let generated = root.join("target/debian/generated");
     let out = generated.to_str().context("a non-UTF-8 target directory")?;
+    // Debug: the docs do not depend on the profile, and `cargo test` has
+    // built its dependencies in this one already.
     util::cargo(&[
         "run",
-        "--release",
         "-p",
         "filter-agent",
         "--example",

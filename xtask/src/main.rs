@@ -262,23 +262,17 @@ enum Profile {
 
 /// `filter-agent/examples/bench.rs`, built in `profile`, with `args`.
 fn run_bench(profile: Profile, args: &[&str]) -> anyhow::Result<()> {
-    let mut command = vec!["run", "--quiet"];
-    if let Profile::Release = profile {
-        command.push("--release");
-    }
-    command.extend(["--package", "filter-agent", "--example", "bench", "--"]);
-    command.extend_from_slice(args);
-    let status = std::process::Command::new(util::cargo_program())
-        .args(&command)
-        .current_dir(util::workspace_root())
-        .stdin(std::process::Stdio::null())
-        .status()
-        .context("cannot start cargo")?;
-    anyhow::ensure!(
-        status.success(),
-        "the bench with {args:?} failed ({status})"
-    );
-    Ok(())
+    let mut command = match profile {
+        Profile::Release => {
+            let mut cargo = std::process::Command::new(util::cargo_program());
+            cargo.args(["run", "--quiet", "--release", "--package", "filter-agent"]);
+            cargo.args(["--example", "bench", "--"]);
+            cargo
+        }
+        Profile::Dev => std::process::Command::new(util::dev_example("bench")?),
+    };
+    command.args(args).current_dir(util::workspace_root());
+    util::run(&mut command).with_context(|| format!("the bench with {args:?}"))
 }
 
 /// Builds the image and runs it as the DaemonSet does.

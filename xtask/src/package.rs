@@ -85,15 +85,11 @@ pub fn build(version: &str) -> anyhow::Result<Artifacts> {
     let out = generated.to_str().context("a non-UTF-8 target directory")?;
     // Debug: the docs do not depend on the profile, and `cargo test` has
     // built its dependencies in this one already.
-    util::cargo(&[
-        "run",
-        "-p",
-        "filter-agent",
-        "--example",
-        "package_docs",
-        "--",
-        out,
-    ])?;
+    util::run(
+        Command::new(util::dev_example("package_docs")?)
+            .arg(out)
+            .current_dir(&root),
+    )?;
     let mut artifacts = Artifacts {
         debs: Vec::new(),
         tarballs: Vec::new(),

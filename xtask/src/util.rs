@@ -26,6 +26,16 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
         .current_dir(workspace_root()))
 }
 
+/// Builds every example of the workspace in the dev profile and returns
+/// the path of `name`'s binary. Built for the whole workspace, its
+/// dependencies resolve the features `cargo test` at the root resolved, so
+/// nothing that build made compiles again (`cargo run -p filter-agent`
+/// resolves others and rebuilt most of them, about 160 s).
+pub fn dev_example(name: &str) -> anyhow::Result<PathBuf> {
+    cargo(&["build", "--quiet", "--examples"])?;
+    Ok(workspace_root().join("target/debug/examples").join(name))
+}
+
 /// Runs `cargo ARGS` (a test run), echoing its output, and returns the
 /// passed and failed counts summed over its "test result:" lines.
 pub fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {

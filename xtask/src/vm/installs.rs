@@ -11,8 +11,9 @@ use crate::{package, util::cargo};
 pub struct Installs {
     /// This build's package (amd64).
     pub current: PathBuf,
-    /// For Debian 12's full guest: this build as a later version, the
-    /// previous release's package, and the scenario runner.
+    /// For Debian 12's full guest (which also gets `fa-scenario`, built
+    /// here): this build as a later version, and the previous release's
+    /// package.
     pub upgrade: Option<PathBuf>,
     pub previous: Option<PathBuf>,
 }

@@ -67,7 +67,7 @@ impl std::fmt::Display for Run {
 pub fn run(targets: &[&'static str], seconds: u64) -> anyhow::Result<Vec<Run>> {
     let root = util::workspace_root();
     // The eBPF object, built by the project's own build, embedded as is.
-    util::cargo(&["build", "--quiet", "--package", "filter-agent"])?;
+    util::dev_build()?;
     let object = package::embedded_object(&root.join("target/debug/build"))?;
     util::run(
         Command::new("rustup")

@@ -255,8 +255,9 @@ enum Profile {
     /// For figures.
     Release,
     /// For the smoke runs in `cargo xtask test`, whose figures gate
-    /// nothing: `cargo test` has built every dependency in this profile
-    /// already, where release would build them all again (3-4 minutes).
+    /// nothing: the debug build its other steps share
+    /// ([`util::dev_build`]), where release would build the whole tree
+    /// once more (3-4 minutes).
     Dev,
 }
 

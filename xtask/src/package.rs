@@ -83,8 +83,8 @@ pub fn build(version: &str) -> anyhow::Result<Artifacts> {
     let binaries = binaries()?;
     let generated = root.join("target/debian/generated");
     let out = generated.to_str().context("a non-UTF-8 target directory")?;
-    // Debug: the docs do not depend on the profile, and `cargo test` has
-    // built its dependencies in this one already.
+    // Debug: the docs do not depend on the profile, and the other steps
+    // of `cargo xtask test` share this build.
     util::run(
         Command::new(util::dev_example("package_docs")?)
             .arg(out)

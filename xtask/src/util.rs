@@ -26,13 +26,19 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
         .current_dir(workspace_root()))
 }
 
-/// Builds every example of the workspace in the dev profile and returns
-/// the path of `name`'s binary. Built for the whole workspace, its
-/// dependencies resolve the features `cargo test` at the root resolved, so
-/// nothing that build made compiles again (`cargo run -p filter-agent`
-/// resolves others and rebuilt most of them, about 160 s).
+/// The debug build `cargo xtask test`'s steps share: every example of the
+/// workspace (the agent's library and build script, so the eBPF object
+/// too). One command, so that its dependencies resolve one set of features
+/// and no step builds the tree again (`-p filter-agent` resolves others,
+/// and `cargo test`'s own build is its `test` profile, which `cargo build`
+/// does not reuse).
+pub fn dev_build() -> anyhow::Result<()> {
+    cargo(&["build", "--quiet", "--examples"])
+}
+
+/// [`dev_build`], and the path of the example `name`'s binary.
 pub fn dev_example(name: &str) -> anyhow::Result<PathBuf> {
-    cargo(&["build", "--quiet", "--examples"])?;
+    dev_build()?;
     Ok(workspace_root().join("target/debug/examples").join(name))
 }
 

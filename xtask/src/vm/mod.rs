@@ -32,7 +32,7 @@ use installs::Installs;
 
 use crate::{
     package,
-    util::{cargo, workspace_root},
+    util::{dev_build, workspace_root},
 };
 
 /// The rules files every guest gets: examples/rules.toml, one opening :9000,
@@ -118,7 +118,7 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
         .then(upgrade::previous_deb)
         .transpose()?;
     // The refused object is made from the debug build's.
-    cargo(&["build", "--quiet", "--package", "filter-agent"])?;
+    dev_build()?;
     let refused = refused_object()?;
     let agents = package::binaries()?
         .iter()

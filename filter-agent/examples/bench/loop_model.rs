@@ -71,9 +71,7 @@ pub(crate) fn visits(set: &RuleSet, config: &Config, frames: &[Vec<u8>]) -> anyh
 fn walk(set: &RuleSet, fields: &Fields) -> Walk {
     let classes = classes(set, fields);
     let [src, dst, ..] = classes;
-    let pairs = &set.pairs;
-    let group = (src >> pairs.src_shift) * pairs.dst_groups + (dst >> pairs.dst_shift);
-    let pair = pairs.summaries[group as usize].chunks;
+    let pair = set.pairs.entry(src, dst).chunks;
     if pair.iter().all(|&word| word == 0) {
         return Walk {
             ended_at_pair: true,

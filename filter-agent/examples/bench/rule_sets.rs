@@ -9,7 +9,7 @@ use aya::programs::Xdp;
 use filter_agent::{
     kernel::loader::{Filter, time_program},
     oracle::reference,
-    rules::compile::compile,
+    rules::compile::{RuleSet, compile},
     rules::config::{Action, Config, GuardAction},
 };
 use rand::rngs::StdRng;
@@ -68,9 +68,10 @@ pub(crate) struct Loaded {
     pub(crate) size: usize,
     pub(crate) config: Config,
     pub(crate) filter: Filter,
+    /// What was loaded (the worst-case tables' loop model walks it).
+    pub(crate) rule_set: RuleSet,
     /// Frames of each mix the rule set drops (of `MIX_FRAMES`).
     dropped: [usize; 2],
-    map_bytes: usize,
     apply_ms: f64,
 }
 
@@ -104,7 +105,7 @@ pub(crate) fn load_rule_set(
         config,
         filter,
         dropped,
-        map_bytes: rule_set.map_bytes(),
+        rule_set,
         apply_ms,
     })
 }
@@ -283,7 +284,7 @@ fn rows(loaded: &[Loaded], timings: &Timings) -> Vec<Row> {
             reply.summary().to_string(),
             shown(peer.map(|p| &p.1)),
             shown_ratio(vs_peer_reply),
-            set.map_bytes as f64 / (1 << 20) as f64,
+            set.rule_set.map_bytes() as f64 / (1 << 20) as f64,
             set.apply_ms
         );
         rows.push(Row {
@@ -298,7 +299,7 @@ fn rows(loaded: &[Loaded], timings: &Timings) -> Vec<Row> {
             vs_smallest_return_mix: reply.paired(smallest_reply, ratio),
             dropped_syn_mix: set.dropped[0],
             dropped_return_mix: set.dropped[1],
-            map_bytes: set.map_bytes,
+            map_bytes: set.rule_set.map_bytes(),
             compile_apply_ms: set.apply_ms,
         });
     }

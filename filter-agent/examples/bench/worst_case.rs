@@ -10,11 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use aya::programs::Xdp;
-use filter_agent::{
-    kernel::loader::time_program,
-    oracle::reference,
-    rules::{compile::compile, config::Config},
-};
+use filter_agent::{kernel::loader::time_program, oracle::reference, rules::config::Config};
 use filter_common::{Outcome, reason};
 use rand::{SeedableRng as _, rngs::StdRng};
 
@@ -129,11 +125,10 @@ fn table(options: &Options, set: &Config, frames: Vec<Vec<u8>>) -> anyhow::Resul
 
 /// The loop model's counts for one size's groups.
 fn model(set: &Loaded, groups: &[Vec<Vec<u8>>; 3]) -> anyhow::Result<[Option<Visits>; 3]> {
-    let rule_set = compile(&set.config)?;
     let mut visits = [None; 3];
     for (visits, frames) in visits.iter_mut().zip(groups) {
         if !frames.is_empty() {
-            let counted = loop_model::visits(&rule_set, &set.config, frames);
+            let counted = loop_model::visits(&set.rule_set, &set.config, frames);
             *visits = Some(counted.with_context(|| format!("{} rules", set.size))?);
         }
     }

@@ -144,7 +144,7 @@ pub fn run(guests: &[&str]) -> anyhow::Result<(u32, u32)> {
     // a guest's time is spent waiting (for a boot, a timeout, a reboot).
     let (kernel_report, systemd_report) = std::thread::scope(|scope| {
         let kernel_lane = scope.spawn(|| {
-            let mut report = kernel_lane(guests, &agents, &refused, &target);
+            let mut report = kernel_lane(guests, &agents, &lane);
             lane.spare_guests(&mut report);
             report
         });
@@ -205,7 +205,7 @@ impl Lane<'_> {
 }
 
 /// The busybox guests, one stock kernel each, in turn.
-fn kernel_lane(guests: &[&str], agents: &[Vec<u8>], refused: &[u8], target: &Path) -> Report {
+fn kernel_lane(guests: &[&str], agents: &[Vec<u8>], lane: &Lane<'_>) -> Report {
     let mut report = Report::default();
     for suite in SUITES.iter().filter(|suite| guests.contains(&suite.name)) {
         report.kernel = suite.debian.to_owned();
@@ -215,7 +215,7 @@ fn kernel_lane(guests: &[&str], agents: &[Vec<u8>], refused: &[u8], target: &Pat
             .map(|index| &agents[index][..]);
         let guest = built
             .with_context(|| format!("no {} build", suite.arch))
-            .and_then(|agent| kernel_guest(*suite, agent, refused, target, &mut report));
+            .and_then(|agent| kernel_guest(*suite, agent, lane, &mut report));
         if let Err(err) = guest {
             report.record("build and boot the guest", Err(err));
         }
@@ -245,10 +245,10 @@ fn systemd_lane(guests: &[&str], lane: &Lane<'_>) -> Report {
 fn kernel_guest(
     suite: kernels::Suite,
     agent: &[u8],
-    refused: &[u8],
-    target: &Path,
+    lane: &Lane<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let (target, refused) = (lane.target, lane.refused);
     let kernel = kernels::fetch(suite, target)?;
     report.kernel = format!("{} {}", suite.debian, kernel.release);
     let work = target.join(suite.name);

@@ -53,8 +53,7 @@ impl PairTable {
     }
 
     /// The summary the program reads for a packet in these classes.
-    #[cfg(test)]
-    fn entry(&self, src_class: u32, dst_class: u32) -> &PairSummary {
+    pub fn entry(&self, src_class: u32, dst_class: u32) -> &PairSummary {
         let group = (src_class >> self.src_shift) * self.dst_groups + (dst_class >> self.dst_shift);
         &self.summaries[group as usize]
     }
